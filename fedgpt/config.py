@@ -1,0 +1,265 @@
+"""One config tree for every entry point: typed dataclasses mirrored 1:1 by YAML files.
+
+    cfg = load_config("configs/shakespeare_char_cpu.yaml", ["--train.max_steps=200"])
+
+YAML keys are exactly the dataclass field names. Unknown keys, wrong types and
+out-of-range values are collected and raised as one ValueError naming every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHS = ("gpt2", "llama")
+TOKENIZERS = ("char", "gpt2")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "fedtrimmedavg")
+PARTITIONS = ("iid", "speaker", "contiguous", "dirichlet")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt2"  # "gpt2": GPT-2 (LayerNorm, GELU, learned positions); "llama": RMSNorm, SwiGLU, RoPE
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary size; larger values pad the embedding (e.g. 50304)
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 checkpoints have them)
+    rope_theta: float = 10000.0  # RoPE base, "llama" only
+
+
+@dataclass
+class DataConfig:
+    input_file: str = ""  # any UTF-8 text file; "" downloads Tiny Shakespeare into data_dir
+    data_dir: str = "data"  # where the corpus and the encoded train.bin / val.bin are cached
+    tokenizer: str = "char"  # "char" (vocabulary from the corpus) or "gpt2" (tiktoken r50k_base)
+    val_fraction: float = 0.1  # the last fraction of the corpus is held out for validation
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out"  # run directory: checkpoints, metrics.jsonl, loss.png
+    init_from: str = "scratch"  # "scratch", a fedgpt checkpoint path, or "hf:DIR" (Hugging Face GPT-2 weights)
+    max_steps: int = 5000  # optimizer steps
+    batch_size: int = 64  # sequences per micro-batch (per process under DDP)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (global, divided among DDP ranks)
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4  # cosine decay ends here
+    warmup_steps: int = 100
+    lr_decay_steps: int = 0  # 0: decay over max_steps
+    decay_lr: bool = True  # False: constant learning rate after warmup
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250  # steps between evaluations and checkpoints
+    eval_iters: int = 200  # batches per evaluation
+    log_interval: int = 10  # steps between log lines
+    precision: str = "auto"  # "auto": bf16 on CUDA if supported, else fp16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    seed: int = 1337
+    save_optimizer: bool = True  # keep optimizer state in checkpoints (needed for an exact --resume)
+    tensorboard: bool = False  # also log to TensorBoard (needs the tensorboard package)
+
+
+@dataclass
+class FedConfig:
+    num_clients: int = 8
+    rounds: int = 10
+    local_steps: int = 50  # optimizer steps each client runs per round
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0  # FedProx: weight of (mu/2)·||w - w_global||^2
+    server_lr: float = 1e-2  # server learning rate (eta) of FedAdam / FedYogi / FedAdagrad / FedAvgM
+    server_momentum: float = 0.9  # FedAvgM
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5  # "dirichlet" partitions: smaller is more skewed
+    client_val_fraction: float = 0.1  # share of each client's partition kept for its own evaluation
+    fraction_train: float = 1.0  # share of clients sampled each round
+    min_clients: int = 0  # clients that must be connected before round 1; 0: num_clients
+    half_precision: bool = False  # send fp16 arrays on the wire (the global model stays fp32)
+    node_timeout: float = 120.0  # seconds to wait for min_clients before failing
+    round_timeout: float = 3600.0  # seconds to wait for the replies of one round
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_types(section: str) -> dict[str, type]:
+    cls = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "fed": FedConfig}[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: type) -> Any:
+    """Return value as typ, or raise TypeError. Ints are accepted where floats are expected."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise TypeError(f"expected {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(d: dict[str, Any], errors: list[str] | None = None) -> Config:
+    """Build a Config from a nested dict; collect every problem into one ValueError."""
+    own_errors = errors if errors is not None else []
+    cfg = Config()
+    if not isinstance(d, dict):
+        raise ValueError(f"config must be a mapping of sections {list(SECTIONS)}, got {type(d).__name__}")
+    for section, values in d.items():
+        if section not in SECTIONS:
+            own_errors.append(f"{section}: unknown section (expected one of {', '.join(SECTIONS)})")
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            own_errors.append(f"{section}: must be a mapping, got {type(values).__name__}")
+            continue
+        types = _section_types(section)
+        obj = getattr(cfg, section)
+        for key, value in values.items():
+            if key not in types:
+                own_errors.append(f"{section}.{key}: unknown key")
+                continue
+            try:
+                setattr(obj, key, _coerce(value, types[key]))
+            except TypeError as e:
+                own_errors.append(f"{section}.{key}: {e}")
+    own_errors.extend(validate(cfg))
+    if errors is None and own_errors:
+        raise ValueError("invalid config: " + "; ".join(own_errors))
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    """Range and choice checks; returns a list of problems, each naming its key."""
+    m, d, t, f = cfg.model, cfg.data, cfg.train, cfg.fed
+    problems = []
+
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {msg}")
+
+    check(m.arch in ARCHS, "model.arch", f"{m.arch!r} is not one of {', '.join(ARCHS)}")
+    check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 takes the tokenizer's size)")
+    for key in ("block_size", "n_layer", "n_head", "n_embd"):
+        check(getattr(m, key) > 0, f"model.{key}", "must be > 0")
+    check(m.n_head > 0 and m.n_embd % m.n_head == 0, "model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    if m.arch == "llama" and m.n_head > 0 and m.n_embd % m.n_head == 0:
+        check((m.n_embd // m.n_head) % 2 == 0, "model.n_embd", "head size must be even for RoPE")
+    check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    check(m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    check(d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    for key in ("max_steps", "lr_decay_steps", "warmup_steps"):
+        check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
+    for key in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval"):
+        check(getattr(t, key) > 0, f"train.{key}", "must be > 0")
+    check(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+    check(0 <= t.min_lr <= t.learning_rate, "train.min_lr", "must be in [0, train.learning_rate]")
+    check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+    check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    check(t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check(f.num_clients > 0, "fed.num_clients", "must be > 0")
+    check(f.rounds > 0, "fed.rounds", "must be > 0")
+    check(f.local_steps >= 0, "fed.local_steps", "must be >= 0")
+    check(f.strategy in STRATEGIES, "fed.strategy", f"{f.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    check(f.proximal_mu >= 0, "fed.proximal_mu", "must be >= 0")
+    check(f.server_lr > 0, "fed.server_lr", "must be > 0")
+    check(0 <= f.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
+    check(f.partition in PARTITIONS, "fed.partition", f"{f.partition!r} is not one of {', '.join(PARTITIONS)}")
+    check(f.dirichlet_alpha > 0, "fed.dirichlet_alpha", "must be > 0")
+    check(0 < f.client_val_fraction < 1, "fed.client_val_fraction", "must be in (0, 1)")
+    check(0 < f.fraction_train <= 1, "fed.fraction_train", "must be in (0, 1]")
+    check(0 <= f.min_clients <= f.num_clients, "fed.min_clients", "must be in [0, fed.num_clients]")
+    check(f.node_timeout > 0 and f.round_timeout > 0, "fed.node_timeout/round_timeout", "must be > 0")
+    return problems
+
+
+def _parse_scalar(raw: str) -> Any:
+    """YAML scalar parsing, plus floats like 1e-3 that YAML 1.1 leaves as strings."""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ["--train.max_steps=200", "model.n_layer=2"] into {"train": {"max_steps": 200}, ...}.
+
+    Values are parsed as YAML scalars, so 200 is an int, 1e-3 a float, true a bool.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    bad = []
+    for arg in args:
+        body = arg[2:] if arg.startswith("--") else arg
+        key, sep, raw = body.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            bad.append(arg)
+            continue
+        value = _parse_scalar(raw)
+        out.setdefault(section, {})[name] = value
+    if bad:
+        raise ValueError(f"bad override(s) {', '.join(bad)}: write them as --section.key=value, e.g. --train.max_steps=200")
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(merged.get(section), dict) and isinstance(values, dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} not found: pass --config with a path such as configs/shakespeare_char_cpu.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {p} must be a mapping of sections {list(SECTIONS)}")
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        raw = _merge(raw, extra)
+    return from_dict(raw)

@@ -1,0 +1,237 @@
+"""The one training core: every caller (local trainer, ClientApp, benchmarks, tests) trains through `Trainer`.
+
+    trainer = Trainer(model, cfg.train, device)
+    metrics = trainer.train_steps(batches, num_steps=50, total_steps=cfg.train.max_steps)
+    val = evaluate(trainer.model, val_batches, iters=20, ctx=trainer.ctx)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from fedgpt.config import Config, TrainConfig
+from fedgpt.model import GPT
+
+# Dense bf16/fp16 peak of common accelerators, for MFU. CPUs have no meaningful figure here: MFU is not shown.
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; anything else is checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but CUDA is not available: use --train.device=cpu or auto")
+    return dev
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def precision_context(precision: str, device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None, str]:
+    """Autocast context, GradScaler (fp16 only) and the resolved precision name.
+
+    'auto' means bf16 on CUDA where supported, else fp16 on CUDA, and fp32 elsewhere (CPU autocast is slower here).
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext(), None, precision
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"train.precision=fp16 needs a CUDA device (got {device}): use fp32 or bf16")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    ctx = torch.autocast(device_type=device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return ctx, scaler, precision
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_steps (default: total_steps)."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    decay_steps = cfg.lr_decay_steps or total_steps or cfg.max_steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def proximal_term(params: list[torch.Tensor], ref: list[torch.Tensor]) -> torch.Tensor:
+    """Σ‖w − w_ref‖² over all parameters (FedProx multiplies it by mu/2)."""
+    return sum(((p.detach().float() - r.float()) ** 2).sum() for p, r in zip(params, ref, strict=True))
+
+
+@torch.no_grad()
+def add_proximal_grad(params: list[torch.Tensor], ref: list[torch.Tensor], mu: float) -> None:
+    """Add ∇ (mu/2)·‖w − w_ref‖² = mu·(w − w_ref) to each .grad, without building an autograd graph."""
+    for p, r in zip(params, ref, strict=True):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - r.to(p.dtype), alpha=mu)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator, iters: int, ctx: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+    """Mean loss (and perplexity) over `iters` batches; restores the model's training mode."""
+    was_training = model.training
+    model.eval()
+    losses = torch.zeros(iters)
+    for i in range(iters):
+        x, y = next(batches)
+        with ctx or contextlib.nullcontext():
+            _, loss = model(x, y)
+        losses[i] = loss.item()
+    model.train(was_training)
+    mean = losses.mean().item()
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0))}
+
+
+class Trainer:
+    """Model, optimizer, precision and step counter of one process.
+
+    `model` is what runs forward (compiled and/or DDP-wrapped); `raw_model` is the plain GPT whose
+    state_dict goes into checkpoints and onto the wire.
+    """
+
+    def __init__(self, model: GPT, cfg: TrainConfig, device: torch.device, ddp_rank: int | None = None,
+                 log: Callable[[str], None] | None = print):
+        self.cfg = cfg
+        self.device = device
+        self.raw_model = model.to(device)
+        self.optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+        self.ctx, self.scaler, self.precision = precision_context(cfg.precision, device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.model: nn.Module = torch.compile(model) if cfg.compile else model
+        self.ddp = ddp_rank is not None
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.step = 0  # optimizer steps taken, drives the LR schedule
+        self.log = log
+        self.peak = peak_flops(device)
+
+    def load_global(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load weights into the model in place (keeps any compiled graph valid)."""
+        self.raw_model.load_state_dict(state_dict)
+
+    def train_steps(self, batches: Iterator, num_steps: int, total_steps: int | None = None, grad_accum_steps: int | None = None,
+                    mu: float = 0.0, ref: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """Run `num_steps` optimizer steps. Returns loss (mean), tokens, seconds, tokens_per_s, grad_norm, lr.
+
+        total_steps sizes the cosine schedule (default cfg.max_steps); mu > 0 adds FedProx's proximal term
+        against `ref` (the parameters of raw_model in order, e.g. the global model of this round).
+        """
+        cfg = self.cfg
+        accum = grad_accum_steps or cfg.grad_accum_steps
+        params = list(self.raw_model.parameters())
+        if mu > 0 and ref is None:
+            raise ValueError("mu > 0 needs ref, the reference parameters of the proximal term")
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        lr, grad_norm = 0.0, torch.zeros(())
+        t0 = time.perf_counter()
+        t_log, steps_since_log = t0, 0
+        for _ in range(num_steps):
+            lr = lr_at(self.step, cfg, total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(accum):
+                x, y = next(batches)
+                # Under DDP, all-reduce gradients only on the last micro-step.
+                sync = not self.ddp or micro == accum - 1
+                with self.ctx, (contextlib.nullcontext() if sync else self.model.no_sync()):
+                    _, loss = self.model(x, y)
+                    loss = loss / accum
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                loss_sum += loss.detach()
+                tokens += x.numel()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if mu > 0:
+                add_proximal_grad(params, ref, mu)
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            steps_since_log += 1
+            if self.log is not None and self.step % cfg.log_interval == 0:
+                now = time.perf_counter()
+                self.log(self.format_log(loss.item() * accum, lr, float(grad_norm), (now - t_log) / steps_since_log, x.numel() * accum))
+                t_log, steps_since_log = now, 0
+        seconds = time.perf_counter() - t0
+        mean_loss = (loss_sum / max(1, num_steps)).item()
+        return {"loss": mean_loss, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+                "grad_norm": float(grad_norm), "lr": lr, "steps": num_steps}
+
+    def format_log(self, loss: float, lr: float, grad_norm: float, dt: float, tokens_per_step: int) -> str:
+        """One fixed-field line: step, loss, lr, grad norm, ms/step, tokens/s, MFU."""
+        world = torch.distributed.get_world_size() if self.ddp else 1
+        tps = tokens_per_step * world / dt
+        mfu = "-" if self.peak is None else f"{100 * self.raw_model.estimate_mfu(tokens_per_step, dt, self.peak):.1f}%"
+        return (f"step {self.step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:6.3f} | "
+                f"{dt * 1000:7.1f} ms/step | {tps:9.0f} tok/s | mfu {mfu}")
+
+
+def build_model(cfg: Config, tokenizer_meta: dict, vocab_size: int) -> GPT:
+    """The GPT that cfg.train.init_from asks for: "scratch", a fedgpt checkpoint path, or "hf:DIR" (GPT-2 weights).
+
+    Checks that the model can read the tokenizer's ids; a checkpoint or HF model is cropped to model.block_size
+    when that is smaller than its own context.
+    """
+    from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
+
+    init, m = cfg.train.init_from, cfg.model
+    if init == "scratch":
+        if m.vocab_size and m.vocab_size < vocab_size:
+            raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}: "
+                             "set it to 0 (use the tokenizer's) or larger")
+        mcfg = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size)
+        return GPT(mcfg)
+    if init.startswith("hf:"):
+        if tokenizer_meta.get("kind") != "gpt2":
+            raise ValueError(f"train.init_from={init} loads GPT-2 weights, which need data.tokenizer=gpt2 (got {tokenizer_meta.get('kind')})")
+        model = GPT.from_hf(init[3:], dropout=m.dropout)
+    else:
+        ckpt = load_checkpoint(init)
+        if ckpt["tokenizer"] != tokenizer_meta:
+            raise ValueError(f"checkpoint {init} was trained with another tokenizer ({ckpt['tokenizer'].get('kind')}) "
+                             f"than data.tokenizer={tokenizer_meta.get('kind')}: use the same data settings")
+        model = model_from_checkpoint(ckpt, dropout=m.dropout)
+    if model.cfg.vocab_size < vocab_size:
+        raise ValueError(f"{init} has vocab_size {model.cfg.vocab_size} < the tokenizer's {vocab_size}")
+    if m.block_size < model.cfg.block_size:
+        model.crop_block_size(m.block_size)
+    return model

@@ -1,0 +1,60 @@
+"""Shared fixtures: offline copies of the corpus and the GPT-2 BPE, tiny configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared holds pre-seeded copies of what fedgpt downloads (the build machines are offline).
+SHARED = Path(os.environ.get("FEDGPT_SHARED", REPO.parent / "shared"))
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (Ray simulation, deployment, torchrun)")
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_file() -> Path:
+    """Path of the Tiny Shakespeare corpus, as the download step would have written it."""
+    seeded = REPO / "data" / "tinyshakespeare" / "input.txt"
+    if not seeded.is_file():
+        if not SHAKESPEARE.is_file():
+            pytest.fail(f"Tiny Shakespeare not found at {seeded} or {SHAKESPEARE}: run .ci/run or download it")
+        seeded.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SHAKESPEARE, seeded)
+    return seeded
+
+
+@pytest.fixture(scope="session")
+def data_dir(shakespeare_file: Path) -> Path:
+    """The repo's data/ directory with the corpus in place (encoded caches are shared between tests)."""
+    return shakespeare_file.parent.parent
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """A ~20 kB UTF-8 corpus in Shakespeare's speaker format, in a fresh directory."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000] if SHAKESPEARE.is_file() else "ALICE:\nhello there.\n\nBOB:\nhi.\n\n" * 700
+    p = tmp_path / "small.txt"
+    p.write_text(text, encoding="utf-8")
+    return p
