@@ -84,6 +84,7 @@ class FedConfig:
     dirichlet_alpha: float = 0.5  # "dirichlet" partitions: smaller is more skewed
     client_val_fraction: float = 0.1  # share of each client's partition kept for its own evaluation
     fraction_train: float = 1.0  # share of clients sampled each round
+    client_eval_interval: int = 0  # rounds between evaluations on the clients' own val slices (and the last round); 0: never
     min_clients: int = 0  # clients that must be connected before round 1; 0: num_clients
     half_precision: bool = False  # send fp16 arrays on the wire (the global model stays fp32)
     node_timeout: float = 120.0  # seconds to wait for min_clients before failing
@@ -199,6 +200,7 @@ def validate(cfg: Config) -> list[str]:
     check(f.dirichlet_alpha > 0, "fed.dirichlet_alpha", "must be > 0")
     check(0 < f.client_val_fraction < 1, "fed.client_val_fraction", "must be in (0, 1)")
     check(0 < f.fraction_train <= 1, "fed.fraction_train", "must be in (0, 1]")
+    check(f.client_eval_interval >= 0, "fed.client_eval_interval", "must be >= 0 (0: never)")
     check(0 <= f.min_clients <= f.num_clients, "fed.min_clients", "must be in [0, fed.num_clients]")
     check(f.node_timeout > 0 and f.round_timeout > 0, "fed.node_timeout/round_timeout", "must be > 0")
     return problems

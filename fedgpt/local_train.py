@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         dist.barrier()
 
     out_dir = Path(tc.out_dir)
+    torch.manual_seed(tc.seed)  # same initial weights in every process and every run
     resume = load_checkpoint(out_dir / "last.pt") if args.resume else None
     if args.resume:
         check_compatible(resume, _model_config_for(cfg, ds.tokenizer.vocab_size), out_dir / "last.pt")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(cfg, ds.tokenizer.meta(), ds.tokenizer.vocab_size)
     if model.cfg.block_size < cfg.model.block_size:
         raise ValueError(f"model.block_size={cfg.model.block_size} is larger than the model's context ({model.cfg.block_size})")
-    torch.manual_seed(tc.seed + rank)
+    torch.manual_seed(tc.seed + rank)  # dropout masks differ between ranks
     say(f"model: {model.cfg.arch}, {model.num_params() / 1e6:.2f}M parameters | data: {len(ds.train):,} train / "
         f"{len(ds.val):,} val tokens ({ds.tokenizer.meta()['kind']}) | device {device} | {world} process(es)")
 

@@ -1,0 +1,128 @@
+"""ClientApp logic: train and evaluate one partition on the shared core.
+
+Everything a client needs arrives in the message's ConfigRecord (the run config as JSON, the tokenizer the
+server expects, the round); the node adds its partition id and, in deployment, where its data lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedgpt.config import Config, from_dict
+from fedgpt.data import Batches, load_dataset
+from fedgpt.model import GPT
+from fedgpt.partition import ClientPartition, partition
+from fedgpt.train import Trainer, evaluate, resolve_device
+from fedgpt.wire import check_keys, from_record, tied_aliases, to_record
+
+
+@dataclass
+class ClientState:
+    cfg: Config
+    part: ClientPartition
+    trainer: Trainer
+    aliases: dict[str, str]
+    partition_id: int
+
+
+# One entry per (run config, partition) in this process. In a Ray actor it lives across rounds, so later rounds
+# neither rebuild nor recompile the model nor re-partition; in deployment each message is a new process and the
+# on-disk token cache of fedgpt.data does the saving.
+_CACHE: dict[str, ClientState] = {}
+
+
+def run_config(msg: Message) -> tuple[Config, dict, ConfigRecord]:
+    record = msg.content["config"]
+    return from_dict(json.loads(record["fedgpt-config"])), json.loads(record["tokenizer"]), record
+
+
+def client_state(msg: Message, context: Context) -> ClientState:
+    """Build (or fetch from the per-process cache) this node's model, trainer and partition."""
+    cfg, tokenizer_meta, record = run_config(msg)
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError('node config lacks partition-id / num-partitions: start the SuperNode with '
+                         '--node-config "partition-id=0 num-partitions=2"')
+    pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    # Deployed apps do not run from the repository: a node says where its data lives.
+    if "data-dir" in node:
+        cfg.data.data_dir = str(node["data-dir"])
+    if "input-file" in node:
+        cfg.data.input_file = str(node["input-file"])
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer_meta, pid, n]).encode()).hexdigest()
+    if key in _CACHE:
+        return _CACHE[key]
+    threads = int(record.get("client-threads", 0))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    ds = load_dataset(cfg.data)
+    if ds.tokenizer.meta() != tokenizer_meta:
+        raise ValueError(f"client {pid}: its corpus/tokenizer ({ds.tokenizer.meta().get('kind')}, vocab {ds.tokenizer.vocab_size}) "
+                         f"differs from the server's ({tokenizer_meta.get('kind')}): give every node the same corpus "
+                         "(node-config data-dir / input-file) and data.tokenizer")
+    parts = partition(ds.train, n, cfg.fed.partition, turns=ds.turns, seed=cfg.train.seed, block_size=cfg.model.block_size,
+                      val_fraction=cfg.fed.client_val_fraction, alpha=cfg.fed.dirichlet_alpha)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed + pid)
+    model = GPT(cfg.model)
+    state = ClientState(cfg, parts[pid], Trainer(model, cfg.train, device, log=None), tied_aliases(model), pid)
+    _CACHE.clear()  # one run at a time per process: drop models of earlier runs
+    _CACHE[key] = state
+    return state
+
+
+def load_global(st: ClientState, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    weights = from_record(arrays, st.aliases)
+    check_keys(weights, st.trainer.raw_model.state_dict(), f"the server (to client {st.partition_id})")
+    st.trainer.load_global(weights)
+    return weights
+
+
+def handshake(msg: Message, context: Context) -> Message:
+    """Answer the server's pre-flight query: this node's partition and data sizes (errors surface before round 1)."""
+    st = client_state(msg, context)
+    node = context.node_config
+    reply = ConfigRecord({"partition-id": st.partition_id, "num-partitions": int(node["num-partitions"]),
+                          "train-tokens": int(len(st.part.train)), "val-tokens": int(len(st.part.val))})
+    return Message(RecordDict({"info": reply}), reply_to=msg)
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Run fed.local_steps optimizer steps from the global weights; reply with weights and metrics."""
+    st = client_state(msg, context)
+    cfg, record = st.cfg, msg.content["config"]
+    rnd = int(record["server-round"])
+    mu = float(record.get("proximal-mu", 0.0))
+    received = load_global(st, msg.content["arrays"])
+    trainer = st.trainer
+    trainer.optimizer.state.clear()  # fresh AdamW moments each round: the weights changed under them
+    trainer.step = (rnd - 1) * cfg.fed.local_steps  # the LR schedule spans all rounds
+    ref = [p.detach().clone() for p in trainer.raw_model.parameters()] if mu > 0 else None
+    # A new, deterministic stream of windows per (client, round), identical whichever process serves it.
+    batches = Batches(st.part.train, cfg.model.block_size, cfg.train.batch_size, trainer.device,
+                      seed=cfg.train.seed * 100_003 + st.partition_id * 1_009 + rnd)
+    t_start = time.time()
+    m = trainer.train_steps(batches, cfg.fed.local_steps, total_steps=cfg.fed.rounds * cfg.fed.local_steps, mu=mu, ref=ref)
+    half = cfg.fed.half_precision
+    arrays = to_record(trainer.raw_model.state_dict(), st.aliases, half=half, base=received if half else None)
+    metrics = MetricRecord({"train-loss": m["loss"], "train-seconds": m["seconds"], "train-tokens": m["tokens"],
+                            "train-start": t_start,
+                            "num-examples": max(1, m["tokens"])})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Loss of the global weights on this client's own validation slice."""
+    st = client_state(msg, context)
+    cfg = st.cfg
+    load_global(st, msg.content["arrays"])
+    batches = Batches(st.part.val, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=cfg.train.seed)
+    res = evaluate(st.trainer.raw_model, batches, cfg.train.eval_iters, st.trainer.ctx)
+    metrics = MetricRecord({"val-loss": res["loss"], "num-examples": int(len(st.part.val))})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

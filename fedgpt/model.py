@@ -1,0 +1,427 @@
+"""Decoder-only transformers in one file: GPT-2 (nanoGPT-style) and a Llama-style variant.
+
+    model = GPT(ModelConfig(arch="gpt2", vocab_size=65))
+    logits, loss = model(idx, targets)           # (B, T, vocab), scalar
+    out = model.generate(idx, max_new_tokens=100, top_k=200)
+    model = GPT.from_hf("path/to/gpt2")         # local Hugging Face GPT-2 directory, no network
+
+Both architectures share one module layout (transformer.wte/h/ln_f, lm_head, and inside each
+block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj), so parameter names match
+nanoGPT and Hugging Face GPT-2, and the same init and weight-decay rules apply to both.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from fedgpt.config import ARCHS, ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding; GPT.forward appends to it in place."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int):
+        self.batch_size, self.n_head, self.max_len, self.head_size = batch_size, n_head, max_len, head_size
+        # Allocated on the first write of each layer, with the dtype and device of the keys that arrive:
+        # under autocast they are bf16/fp16, and a float32 cache would hand SDPA mixed dtypes.
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, max_len, hs)
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.pos = 0  # positions filled so far, the same in every layer
+
+    def __len__(self) -> int:
+        return self.pos
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
+        if self.k[layer] is None:
+            shape = (self.batch_size, self.n_head, self.max_len, self.head_size)
+            self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos + T, hs)
+
+
+def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the RoPE rotation angles, each (length, head_size // 2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by position; cos and sin are (T, hs // 2)."""
+    # Rotates the two halves of each head against each other (Hugging Face Llama's layout, not
+    # Meta's interleaved pairs), so Llama checkpoints in HF format would load without permuting q and k.
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
+        self.layer_idx = layer_idx
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
+        mask = None
+        if past > 0 and T > 1:
+            # SDPA's is_causal aligns the triangle top-left when Lq != Lk, which would hide the cache
+            # from the new queries; query i (at position past + i) may see keys 0 .. past + i.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        # past == 0: plain causal (flash on CUDA). past > 0 and T == 1: the one new token sees everything.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        # nanoGPT uses exact GELU; GPT-2 was trained with the tanh approximation ("gelu_new" in
+        # Hugging Face), and matching it keeps from_hf logits equal to the original model's.
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+def swiglu_hidden(n_embd: int) -> int:
+    """SwiGLU width: 8/3 of n_embd keeps the parameter count of a 4x GELU MLP; rounded up to 64 for fast matmuls."""
+    return 64 * math.ceil(int(8 * n_embd / 3) / 64)
+
+
+class SwiGLU(nn.Module):
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = swiglu_hidden(cfg.n_embd)
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)  # gate (w1) and up (w3) fused
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # down (w2)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
+    return nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+
+
+class Block(nn.Module):
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.arch == "llama" else MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+@functools.cache
+def _fused_adamw_supported(device_type: str) -> bool:
+    """Whether this torch has a fused AdamW kernel for device_type (CPU since torch 2.4)."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=device_type, requires_grad=True)], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+class GPT(nn.Module):
+    """A decoder-only language model; cfg.arch picks GPT-2 or Llama-style blocks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size}: set it to the tokenizer's vocabulary size before building GPT")
+        if cfg.arch not in ARCHS:
+            raise ValueError(f"model.arch={cfg.arch!r} is not one of {', '.join(ARCHS)}")
+        head_size = cfg.n_embd // cfg.n_head
+        if cfg.arch == "llama" and head_size % 2:
+            raise ValueError(f"model.n_embd / model.n_head = {head_size}: RoPE needs an even head size")
+        self.cfg = cfg
+
+        layers = {"wte": nn.Embedding(cfg.vocab_size, cfg.n_embd)}
+        if cfg.arch == "gpt2":
+            layers["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        layers["drop"] = nn.Dropout(cfg.dropout)
+        layers["h"] = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        layers["ln_f"] = make_norm(cfg)
+        self.transformer = nn.ModuleDict(layers)  # parameter order as in nanoGPT and HF GPT-2
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Weight tying: one Parameter, so it is counted, decayed and averaged across clients once.
+        self.transformer.wte.weight = self.lm_head.weight
+        if cfg.arch == "llama":
+            # Derived from the config, so kept out of state_dict (checkpoints and federated updates).
+            cos, sin = rope_tables(head_size, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs // 2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
+        # since each layer adds two of them and the stream's variance would otherwise grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without position embeddings (token embeddings are lm_head too)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache for up to max_len (default block_size) positions."""
+        c = self.cfg
+        return KVCache(c.n_layer, batch_size, c.n_head, min(max_len or c.block_size, c.block_size), c.n_embd // c.n_head)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for every position, and the mean cross-entropy when targets are given."""
+        B, T = idx.size()
+        past = 0 if kv_cache is None else kv_cache.pos
+        if past + T > self.cfg.block_size:
+            raise ValueError(f"sequence length {past + T} exceeds model.block_size={self.cfg.block_size}")
+        if kv_cache is not None and (past + T > kv_cache.max_len or B != kv_cache.batch_size):
+            raise ValueError(f"KV cache holds {kv_cache.batch_size} rows of {kv_cache.max_len} positions, "
+                             f"got {B} rows reaching position {past + T}")
+
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.cfg.arch == "gpt2":
+            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over B
+        else:
+            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])  # each (T, hs // 2)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if kv_cache is not None:
+            kv_cache.pos += T  # only now: every layer wrote at the same offset
+
+        loss = None
+        if targets is not None:
+            # float32 loss even under autocast: log-softmax over a large vocabulary loses precision in bf16.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                             device_type: str) -> torch.optim.AdamW:
+        """AdamW that decays matrices and embeddings, not biases or norm weights; fused where torch has it."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # Without fused, torch picks foreach by itself where it is supported (CUDA).
+        extra = {"fused": True} if _fused_adamw_supported(device_type) else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float = 312e12) -> float:
+        """Model flops utilization: achieved flops per second over peak_flops (A100 bf16 by default)."""
+        # PaLM appendix B: 6N per token for the matmuls forward and backward, plus attention over T positions.
+        c = self.cfg
+        L, H, Q, T = c.n_layer, c.n_head, c.n_embd // c.n_head, c.block_size
+        flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
+        return flops_per_token * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eot_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations of idx (B, T); returns (B, T + n_generated).
+
+        temperature 0 is greedy. Prompts longer than block_size are cropped to their last block_size
+        tokens for conditioning (the output still starts with the whole prompt). Stops early once every
+        row has produced eot_id; finished rows are padded with eot_id.
+        """
+        if max_new_tokens <= 0:
+            return idx
+        was_training = self.training
+        self.eval()
+        bs = self.cfg.block_size
+        cache = self.make_kv_cache(idx.size(0))
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        logits, _ = self(idx[:, -bs:], kv_cache=cache)  # prefill
+        for i in range(max_new_tokens):
+            next_id = self._sample(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if eot_id is not None:
+                next_id = next_id.masked_fill(finished.unsqueeze(1), eot_id)
+                finished |= next_id.squeeze(1) == eot_id
+            idx = torch.cat((idx, next_id), dim=1)
+            if bool(finished.all()) or i == max_new_tokens - 1:
+                break
+            if cache.pos < bs:
+                logits, _ = self(next_id, kv_cache=cache)
+            else:
+                # Cache full: positions would have to shift (learned wpe, RoPE angles), so re-run the
+                # last block_size tokens from scratch, exactly as a cache-free cropped loop would.
+                cache.reset()
+                logits, _ = self(idx[:, -bs:], kv_cache=cache)
+        self.train(was_training)
+        return idx
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """One token id per row (B, 1) from last-position logits (B, vocab)."""
+        logits = logits.float()
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            # Drop a token when the ones before it already reach top_p; the most likely one always stays.
+            drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p
+            drop_sorted[:, 0] = False
+            drop = drop_sorted.scatter(1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+
+    @classmethod
+    def from_hf(cls, path: str | Path, dropout: float = 0.0) -> GPT:
+        """Load Hugging Face GPT-2 weights from a local save_pretrained directory (no network, no transformers)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"Hugging Face model directory {path} not found: pass a local directory written by save_pretrained")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{config_file} not found: expected a Hugging Face GPT-2 directory (config.json + weights)")
+        hf = json.loads(config_file.read_text())
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(f"{config_file}: expected model_type 'gpt2', got {hf.get('model_type')!r}")
+        standard = (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
+                    and hf.get("n_inner") in (None, 4 * hf["n_embd"])
+                    and hf.get("scale_attn_weights", True) and not hf.get("scale_attn_by_inverse_layer_idx", False))
+        if not standard:
+            raise ValueError(f"{config_file}: expected the standard GPT-2 block "
+                             "(gelu_new, n_inner = 4 * n_embd, default attention scaling)")
+
+        cfg = ModelConfig(arch="gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                          n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
+        model = cls(cfg)
+        eps = hf.get("layer_norm_epsilon", 1e-5)
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = eps
+
+        ours = model.state_dict()
+        loaded = {}
+        for key, t in _read_hf_weights(path).items():
+            key = key.removeprefix("transformer.")
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue  # causal-mask buffers, and the head that is tied to wte
+            if key.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+                t = t.t()  # HF Conv1D stores (in, out); nn.Linear wants (out, in)
+            loaded["transformer." + key] = t
+        expected = {k for k in ours if k != "lm_head.weight"}
+        missing, unexpected = sorted(expected - loaded.keys()), sorted(loaded.keys() - expected)
+        wrong = [k for k in expected & loaded.keys() if loaded[k].shape != ours[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{path}: weights do not match GPT-2 config.json: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+        with torch.no_grad():
+            for k, t in loaded.items():
+                ours[k].copy_(t)
+        return model
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a save_pretrained directory: model.safetensors or pytorch_model.bin, sharded or not."""
+    for name, read in (("model.safetensors", read_safetensors), ("pytorch_model.bin", _read_torch_bin)):
+        if (path / name).is_file():
+            return read(path / name)
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: t for shard in shards for k, t in read(path / shard).items()}
+    raise ValueError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin (or their .index.json)")
+
+
+def _read_torch_bin(file: Path) -> dict[str, torch.Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file (F32, F16, BF16 tensors) without the safetensors package."""
+    # Layout: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+    # then the raw little-endian tensor bytes; data_offsets are relative to the end of the header.
+    data = bytearray(Path(file).read_bytes())  # writable, so torch.frombuffer can share it without a warning
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, expected one of {', '.join(_SAFETENSORS_DTYPES)}")
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        if count == 0:
+            out[name] = torch.empty(info["shape"], dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + start).view(info["shape"])
+    return out

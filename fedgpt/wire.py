@@ -1,0 +1,61 @@
+"""What crosses the wire: model weights as a Flower ArrayRecord, tied weights once, optionally fp16.
+
+Downlink (server -> client): the global weights, fp32 or fp16.
+Uplink (client -> server): the trained weights in fp32, or with half precision the fp16 *difference* from the
+weights the client received; the server adds it to its fp32 global model, so rounding never accumulates.
+Flower's ArrayRecord rejects bf16, so half precision means fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: canonical} for state_dict entries that share storage (lm_head.weight -> transformer.wte.weight)."""
+    seen: dict[int, str] = {}
+    aliases = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        ptr = v.data_ptr()
+        if ptr in seen:
+            aliases[k] = seen[ptr]
+        else:
+            seen[ptr] = k
+    return aliases
+
+
+def to_record(state: dict[str, torch.Tensor], aliases: dict[str, str], half: bool = False,
+              base: dict[str, torch.Tensor] | None = None) -> ArrayRecord:
+    """Pack weights (minus tied aliases); with `base`, pack state - base instead (the uplink delta)."""
+    out = {}
+    for k, v in state.items():
+        if k in aliases:
+            continue
+        v = v.detach().float().cpu()
+        if base is not None:
+            v = v - base[k].float()
+        out[k] = v.half() if half else v
+    return ArrayRecord(out)
+
+
+def from_record(record: ArrayRecord, aliases: dict[str, str], base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Unpack to fp32 tensors, adding `base` back for a delta, and restore tied aliases."""
+    state = {k: v.float() for k, v in record.to_torch_state_dict().items()}
+    if base is not None:
+        state = {k: base[k].float() + v for k, v in state.items()}
+    for alias, canonical in aliases.items():
+        state[alias] = state[canonical]
+    return state
+
+
+def check_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], who: str) -> None:
+    """Raise ValueError if weights from `who` do not fit the expected model (another architecture or vocabulary)."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or extra or shapes:
+        raise ValueError(f"{who} sent weights of another model (missing {missing[:3]}, unexpected {extra[:3]}, "
+                         f"shapes {shapes[:3]}): every client must use the server's model config and tokenizer")

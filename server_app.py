@@ -1,0 +1,18 @@
+"""fedgpt ServerApp: aggregation, central validation and checkpoints each round (`flwr run .`)."""
+
+import json
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedgpt.server import FederatedRun, config_from_run_config
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, opts = config_from_run_config(context.run_config, app_dir=Path(__file__).parent)
+    summary = FederatedRun(cfg, **opts).run(grid)
+    print(json.dumps(summary))
