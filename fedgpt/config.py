@@ -28,10 +28,10 @@ class ModelConfig:
     arch: str = "gpt2"  # "gpt2": GPT-2 (LayerNorm, GELU, learned positions); "llama": RMSNorm, SwiGLU, RoPE
     vocab_size: int = 0  # 0: the tokenizer's vocabulary size; larger values pad the embedding (e.g. 50304)
     block_size: int = 256  # context length in tokens
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads; n_embd must be divisible by it
+    n_embd: int = 384  # embedding width
+    dropout: float = 0.0  # on embeddings, attention and residual branches; the global model is evaluated without it
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 checkpoints have them)
     rope_theta: float = 10000.0  # RoPE base, "llama" only
 
@@ -51,14 +51,14 @@ class TrainConfig:
     max_steps: int = 5000  # optimizer steps
     batch_size: int = 64  # sequences per micro-batch (per process under DDP)
     grad_accum_steps: int = 1  # micro-batches per optimizer step (global, divided among DDP ranks)
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup_steps
     min_lr: float = 1e-4  # cosine decay ends here
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup
     lr_decay_steps: int = 0  # 0: decay over max_steps
     decay_lr: bool = True  # False: constant learning rate after warmup
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
+    weight_decay: float = 0.1  # AdamW decay of matrices and embeddings (not biases or norms)
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.99  # AdamW
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250  # steps between evaluations and checkpoints
     eval_iters: int = 200  # batches per evaluation
@@ -66,21 +66,21 @@ class TrainConfig:
     precision: str = "auto"  # "auto": bf16 on CUDA if supported, else fp16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
-    seed: int = 1337
+    seed: int = 1337  # initial weights, batches, partitions
     save_optimizer: bool = True  # keep optimizer state in checkpoints (needed for an exact --resume)
     tensorboard: bool = False  # also log to TensorBoard (needs the tensorboard package)
 
 
 @dataclass
 class FedConfig:
-    num_clients: int = 8
-    rounds: int = 10
+    num_clients: int = 8  # clients = partitions of the training split (simulation: SuperNodes)
+    rounds: int = 10  # federated rounds
     local_steps: int = 50  # optimizer steps each client runs per round
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, fedtrimmedavg
     proximal_mu: float = 0.0  # FedProx: weight of (mu/2)·||w - w_global||^2
     server_lr: float = 1e-2  # server learning rate (eta) of FedAdam / FedYogi / FedAdagrad / FedAvgM
     server_momentum: float = 0.9  # FedAvgM
-    partition: str = "iid"
+    partition: str = "iid"  # iid, speaker (whole roles per client), contiguous (regions), dirichlet (size skew)
     dirichlet_alpha: float = 0.5  # "dirichlet" partitions: smaller is more skewed
     client_val_fraction: float = 0.1  # share of each client's partition kept for its own evaluation
     fraction_train: float = 1.0  # share of clients sampled each round
@@ -265,3 +265,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         raw = _merge(raw, extra)
     return from_dict(raw)
+
+
+def reference_markdown() -> str:
+    """A markdown table of every config field with its default and the comment beside it in this file."""
+    import inspect
+    import re
+
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("fed", FedConfig)):
+        comments = dict(re.findall(r"^\s+(\w+): [^=]+=[^#\n]*(?:#\s*(.*))?$", inspect.getsource(cls), re.M))
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {comments.get(f.name, '').replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
