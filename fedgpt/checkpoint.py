@@ -33,9 +33,9 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """Strip torch.compile's "_orig_mod." and DDP's "module." prefixes."""
     out = {}
     for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
+        # in any order and number: DDP around a compiled model gives "module._orig_mod."
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
         out[k.replace("._orig_mod.", ".")] = v
     return out
 

@@ -231,7 +231,9 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
         if not sep or not dot or not name:
             bad.append(arg)
             continue
-        value = _parse_scalar(raw)
+        types = _section_types(section) if section in SECTIONS else {}
+        # A string field keeps the text as typed: --train.out_dir=2024 is a directory, not a number.
+        value = raw if types.get(name) is str else _parse_scalar(raw)
         out.setdefault(section, {})[name] = value
     if bad:
         raise ValueError(f"bad override(s) {', '.join(bad)}: write them as --section.key=value, e.g. --train.max_steps=200")

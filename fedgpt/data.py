@@ -46,6 +46,10 @@ PARAGRAPH_SEP = re.compile(r"(\n\s*\n)")
 # --- download -------------------------------------------------------------------------------------------------------
 
 
+class DataUnavailableError(RuntimeError):
+    """The corpus or the BPE ranks could not be fetched (offline, unreachable); the message says where to put them."""
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -83,9 +87,9 @@ def download_shakespeare(data_dir: str | Path) -> Path:
             data = resp.read()
     except (urllib.error.URLError, OSError) as e:  # URLError, HTTPError, timeouts, connection resets
         reason = getattr(e, "reason", None) or e
-        raise RuntimeError(f"could not download Tiny Shakespeare from {url} ({reason}); {put_it}") from None
+        raise DataUnavailableError(f"could not download Tiny Shakespeare from {url} ({reason}); {put_it}") from None
     if len(data) != SHAKESPEARE_BYTES or _sha256(data) != SHAKESPEARE_SHA256:
-        raise RuntimeError(
+        raise DataUnavailableError(
             f"downloaded {len(data):,} bytes from {url} with sha256 {_sha256(data)}, expected {SHAKESPEARE_BYTES:,} "
             f"bytes with sha256 {SHAKESPEARE_SHA256}; {put_it}"
         )
@@ -168,7 +172,7 @@ def _load_tiktoken(encoding: str, cache_dir: str | Path | None):
     except (OSError, ImportError, ValueError) as e:  # requests' errors are OSErrors; ValueError: hash mismatch
         where = cache or os.path.join(tempfile.gettempdir(), "data-gym-cache")
         reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise RuntimeError(
+        raise DataUnavailableError(
             f"could not load the tiktoken encoding {encoding!r} ({reason}); tiktoken downloads it on first use: "
             f"offline, copy a filled tiktoken cache into {where} or set TIKTOKEN_CACHE_DIR to one"
         ) from None

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from fedgpt.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
 from fedgpt.config import Config, load_config
-from fedgpt.data import Batches, load_dataset
+from fedgpt.data import DataUnavailableError, Batches, load_dataset
 from fedgpt.metrics import MetricsLog
 from fedgpt.train import Trainer, build_model, evaluate, resolve_device
 
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(tc.seed)  # same initial weights in every process and every run
     resume = load_checkpoint(out_dir / "last.pt") if args.resume else None
     if args.resume:
+        _check_resumable(resume, out_dir / "last.pt", world)
         check_compatible(resume, _model_config_for(cfg, ds.tokenizer.vocab_size), out_dir / "last.pt")
         model = model_from_checkpoint(resume, dropout=cfg.model.dropout)
     else:
@@ -165,6 +166,20 @@ def _model_config_for(cfg: Config, vocab_size: int):
     return dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
 
 
+def _check_resumable(ckpt: dict, path: Path, world: int) -> None:
+    """--resume needs the optimizer and data-stream state that only a local_train checkpoint saved with them has."""
+    if ckpt.get("round") is not None:
+        raise ValueError(f"{path} is from a federated run (round {ckpt['round']}): resume it with the ServerApp, "
+                         f"or start a new local run from its weights with --train.init_from={path} and another out_dir")
+    if ckpt.get("optimizer") is None:
+        raise ValueError(f"{path} was saved with train.save_optimizer=false, so --resume cannot continue it exactly: "
+                         f"start a new run from its weights with --train.init_from={path} and another out_dir")
+    saved = len(ckpt["extra"].get("rng", []))
+    if saved != world:
+        raise ValueError(f"{path} was written by {saved} process(es) and this run has {world}: resume with the same "
+                         f"number of processes (the per-rank random state must match)")
+
+
 def _tensorboard(out_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -176,5 +191,5 @@ def _tensorboard(out_dir: Path):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
+    except (ValueError, DataUnavailableError) as e:
         sys.exit(f"error: {e}")

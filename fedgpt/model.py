@@ -12,6 +12,7 @@ nanoGPT and Hugging Face GPT-2, and the same init and weight-decay rules apply t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -183,7 +184,7 @@ class GPT(nn.Module):
         head_size = cfg.n_embd // cfg.n_head
         if cfg.arch == "llama" and head_size % 2:
             raise ValueError(f"model.n_embd / model.n_head = {head_size}: RoPE needs an even head size")
-        self.cfg = cfg
+        self.cfg = dataclasses.replace(cfg)  # own copy: crop_block_size must not change the caller's config
 
         layers = {"wte": nn.Embedding(cfg.vocab_size, cfg.n_embd)}
         if cfg.arch == "gpt2":
@@ -259,6 +260,15 @@ class GPT(nn.Module):
             # float32 loss even under autocast: log-softmax over a large vocabulary loses precision in bf16.
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context (e.g. GPT-2's 1024 to 256 for fine-tuning on a small corpus)."""
+        assert 0 < block_size <= self.cfg.block_size
+        self.cfg.block_size = block_size
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
                              device_type: str) -> torch.optim.AdamW:

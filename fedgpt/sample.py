@@ -11,7 +11,7 @@ import sys
 import torch
 
 from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fedgpt.data import get_tokenizer
+from fedgpt.data import DataUnavailableError, get_tokenizer
 from fedgpt.train import resolve_device
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         texts = sample(a.checkpoint, a.prompt, a.num_samples, a.max_new_tokens, a.temperature, a.top_k or None, a.top_p, a.seed, a.device)
-    except ValueError as e:
+    except (ValueError, DataUnavailableError) as e:
         sys.exit(f"error: {e}")
     for text in texts:
         print(text)

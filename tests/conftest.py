@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# One thread per process: tiny models gain nothing from more, and test processes share the machine's cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 # ../shared holds pre-seeded copies of what fedgpt downloads (the build machines are offline).
 SHARED = Path(os.environ.get("FEDGPT_SHARED", REPO.parent / "shared"))
@@ -16,6 +19,9 @@ TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
 
 
 def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "slow: takes more than ~20 s (Ray simulation, deployment, torchrun)")
     if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():

@@ -1,0 +1,134 @@
+"""fedgpt.config: every YAML in configs/, dotted overrides, one ValueError naming every bad key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from fedgpt.config import SECTIONS, Config, load_config, parse_overrides
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny.yaml", "shakespeare_char.yaml", "shakespeare_char_cpu.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_yaml_loads_and_its_keys_are_dataclass_fields(path: Path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert set(raw) <= set(SECTIONS), f"{path.name}: unknown sections {set(raw) - set(SECTIONS)}"
+    for section, values in raw.items():
+        fields = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        assert set(values) <= fields, f"{path.name}: {section} has unknown keys {set(values) - fields}"
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{path.name}: {section}.{key}"
+
+
+def test_defaults_without_a_file():
+    cfg = load_config()
+    assert cfg == Config()
+    assert set(cfg.to_dict()) == {"model", "data", "train", "fed"}
+
+
+def test_overrides_parse_ints_floats_bools_strings():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        "--train.max_steps=7", "--train.learning_rate=1e-3", "--train.min_lr=5.0e-5", "--model.dropout=0.25",
+        "--train.compile=true", "--model.bias=True", "--train.decay_lr=false", "--data.tokenizer=gpt2",
+        "--train.out_dir=runs/x", "train.seed=3", "--fed.node_timeout=5"])
+    t = cfg.train
+    assert t.max_steps == 7 and type(t.max_steps) is int
+    assert t.learning_rate == 1e-3 and type(t.learning_rate) is float
+    assert t.min_lr == 5e-5
+    assert cfg.model.dropout == 0.25
+    assert t.compile is True and cfg.model.bias is True and t.decay_lr is False
+    assert cfg.data.tokenizer == "gpt2" and t.out_dir == "runs/x"
+    assert t.seed == 3
+    assert cfg.fed.node_timeout == 5.0 and type(cfg.fed.node_timeout) is float  # ints are accepted for floats
+    assert cfg.model.n_layer == 2  # untouched keys keep the file's values
+
+
+def test_parse_overrides_shapes():
+    assert parse_overrides(["--train.learning_rate=1e-3", "model.n_layer=2", "--data.input_file="]) == {
+        "train": {"learning_rate": 1e-3}, "model": {"n_layer": 2}, "data": {"input_file": ""}}
+    with pytest.raises(ValueError, match="--section.key=value") as e:
+        parse_overrides(["--max_steps=3", "--train.max_steps"])
+    assert "--max_steps=3" in str(e.value) and "--train.max_steps" in str(e.value)
+
+
+def test_one_error_names_every_offending_key(tmp_path: Path):
+    bad = {
+        "model": {"n_layer": 0, "n_heads": 4, "dropout": 1.5, "arch": "rnn"},
+        "train": {"max_steps": "many", "learning_rate": -1.0, "compile": 1, "batch_size": 2.5},
+        "data": {"tokenizer": "bytes"},
+        "fed": {"strategy": "fedsgd", "fraction_train": 0.0},
+        "optim": {"lr": 1},
+    }
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    msg = str(e.value)
+    for key in ("model.n_layer", "model.n_heads", "model.dropout", "model.arch", "train.max_steps", "train.learning_rate",
+                "train.compile", "train.batch_size", "data.tokenizer", "fed.strategy", "fed.fraction_train", "optim"):
+        assert key in msg, f"{key} missing from: {msg}"
+    assert "unknown key" in msg and "unknown section" in msg
+
+
+def test_overrides_errors_are_collected_too():
+    with pytest.raises(ValueError) as e:
+        load_config(REPO / "configs" / "tiny.yaml", ["--train.max_stepz=3", "--model.n_head=5", "--train.min_lr=1.0", "--bogus.x=1"])
+    msg = str(e.value)
+    for key in ("train.max_stepz", "model.n_embd", "train.min_lr", "bogus"):
+        assert key in msg, f"{key} missing from: {msg}"
+
+
+def test_missing_file_and_invalid_yaml(tmp_path: Path):
+    with pytest.raises(ValueError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  n_layer: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(listing)
+    section = tmp_path / "section.yaml"
+    section.write_text("model: 3\n")
+    with pytest.raises(ValueError, match="model: must be a mapping"):
+        load_config(section)
+
+
+def test_empty_yaml_is_the_defaults(tmp_path: Path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing\n")
+    assert load_config(p) == Config()
+
+
+def test_shakespeare_char_is_nanogpts_gpu_recipe():
+    cfg = load_config(REPO / "configs" / "shakespeare_char.yaml")
+    m, t = cfg.model, cfg.train
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (6, 6, 384, 256)
+    assert (t.batch_size, m.dropout) == (64, 0.2)
+    assert (t.learning_rate, t.min_lr, t.warmup_steps, t.max_steps) == (1e-3, 1e-4, 100, 5000)
+    assert (t.beta2, t.eval_interval, t.eval_iters, t.grad_accum_steps) == (0.99, 250, 200, 1)
+    assert cfg.data.tokenizer == "char"
+
+
+def test_shakespeare_char_cpu_is_nanogpts_baby_gpt():
+    cfg = load_config(REPO / "configs" / "shakespeare_char_cpu.yaml")
+    m, t = cfg.model, cfg.train
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (4, 4, 128, 64)
+    assert (t.batch_size, m.dropout) == (12, 0.0)
+    assert (t.max_steps, t.eval_interval, t.eval_iters) == (2000, 250, 20)
+    assert t.lr_decay_steps in (0, 2000)  # 0 decays over max_steps = nanoGPT's lr_decay_iters=2000
+    assert (t.learning_rate, t.min_lr) == (1e-3, 1e-4)
+    assert t.compile is False and cfg.data.tokenizer == "char"
