@@ -15,13 +15,14 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-
-from flwr.app import Context  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from fedgpt.config import PARTITIONS, STRATEGIES, load_config  # noqa: E402
-from fedgpt.server import FederatedRun  # noqa: E402
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+
+    from fedgpt.server import FederatedRun
 
 
 def parse_args(argv=None):
@@ -54,7 +55,10 @@ def main(argv=None) -> dict:
     if not any(o.lstrip("-").startswith("train.out_dir=") for o in overrides):
         cfg.train.out_dir = f"out/fed_{cfg.fed.partition}_{cfg.fed.strategy}"
 
+    # torch and Flower take seconds to import: flag and config mistakes are reported before that.
     import torch
+
+    from fedgpt.server import FederatedRun
 
     gpus = args.client_gpus if args.client_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
     cpus = os.cpu_count() or 1
@@ -63,8 +67,23 @@ def main(argv=None) -> dict:
     # Everything that can fail on bad input (data, partition, model, resume) fails here, before Ray starts.
     run = FederatedRun(cfg, resume=args.resume, slots=min(slots, cfg.fed.num_clients), client_threads=max(1, int(args.client_cpus)),
                        t_start=T0)
-    outcome = {}
 
+    import client_app  # an importable module: its per-process cache survives between rounds in a Ray actor
+
+    init_args = {"address": args.ray_address} if args.ray_address else {"num_cpus": cpus, "include_dashboard": False}
+    backend_config = {"client_resources": {"num_cpus": args.client_cpus, "num_gpus": gpus}, "init_args": init_args}
+    summary = {**simulate(run, client_app.app, cfg.fed.num_clients, backend_config), "out_dir": cfg.train.out_dir}
+    print(json.dumps(summary))
+    return summary
+
+
+def simulate(run: "FederatedRun", client_app: "ClientApp", num_supernodes: int, backend_config: dict) -> dict:
+    """Run `run` in a ServerApp against `num_supernodes` simulated SuperNodes serving `client_app`; its summary."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    outcome = {}
     server = ServerApp()
 
     @server.main()
@@ -75,16 +94,10 @@ def main(argv=None) -> dict:
             outcome["error"] = e
             raise
 
-    import client_app  # an importable module: its per-process cache survives between rounds in a Ray actor
-
-    init_args = {"address": args.ray_address} if args.ray_address else {"num_cpus": cpus, "include_dashboard": False}
-    run_simulation(server_app=server, client_app=client_app.app, num_supernodes=cfg.fed.num_clients,
-                   backend_config={"client_resources": {"num_cpus": args.client_cpus, "num_gpus": gpus}, "init_args": init_args})
+    run_simulation(server_app=server, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend_config)
     if "error" in outcome:
         raise outcome["error"]
-    summary = {**outcome.get("summary", {}), "out_dir": cfg.train.out_dir}
-    print(json.dumps(summary))
-    return summary
+    return outcome.get("summary", {})
 
 
 if __name__ == "__main__":

@@ -25,15 +25,14 @@ from fedgpt.wire import check_keys, from_record, tied_aliases, to_record
 @dataclass
 class ClientState:
     cfg: Config
-    part: ClientPartition
+    parts: list[ClientPartition]  # every client's partition: any of them may be served by this process
     trainer: Trainer
     aliases: dict[str, str]
-    partition_id: int
 
 
-# One entry per (run config, partition) in this process. In a Ray actor it lives across rounds, so later rounds
-# neither rebuild nor recompile the model nor re-partition; in deployment each message is a new process and the
-# on-disk token cache of fedgpt.data does the saving.
+# One entry per run in this process. In a Ray actor it lives across rounds and serves whichever partitions land on
+# the actor: the model is rebuilt (and recompiled) never, the corpus re-partitioned never; weights arrive with every
+# message anyway. In deployment each message is a new process and the on-disk token cache of fedgpt.data does the saving.
 _CACHE: dict[str, ClientState] = {}
 
 
@@ -42,8 +41,8 @@ def run_config(msg: Message) -> tuple[Config, dict, ConfigRecord]:
     return from_dict(json.loads(record["fedgpt-config"])), json.loads(record["tokenizer"]), record
 
 
-def client_state(msg: Message, context: Context) -> ClientState:
-    """Build (or fetch from the per-process cache) this node's model, trainer and partition."""
+def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
+    """This process's model, trainer and partitions for the message's run (cached), and this node's partition id."""
     cfg, tokenizer_meta, record = run_config(msg)
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
@@ -55,9 +54,9 @@ def client_state(msg: Message, context: Context) -> ClientState:
         cfg.data.data_dir = str(node["data-dir"])
     if "input-file" in node:
         cfg.data.input_file = str(node["input-file"])
-    key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer_meta, pid, n]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer_meta, n]).encode()).hexdigest()
     if key in _CACHE:
-        return _CACHE[key]
+        return _CACHE[key], pid
     threads = int(record.get("client-threads", 0))
     if threads > 0:
         torch.set_num_threads(threads)
@@ -69,60 +68,59 @@ def client_state(msg: Message, context: Context) -> ClientState:
     parts = partition(ds.train, n, cfg.fed.partition, turns=ds.turns, seed=cfg.train.seed, block_size=cfg.model.block_size,
                       val_fraction=cfg.fed.client_val_fraction, alpha=cfg.fed.dirichlet_alpha)
     device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed + pid)
-    model = GPT(cfg.model)
-    state = ClientState(cfg, parts[pid], Trainer(model, cfg.train, device, log=None), tied_aliases(model), pid)
-    _CACHE.clear()  # one run at a time per process: drop models of earlier runs
+    model = GPT(cfg.model)  # initial weights do not matter: the global model arrives with every message
+    state = ClientState(cfg, parts, Trainer(model, cfg.train, device, log=None), tied_aliases(model))
+    _CACHE.clear()  # one run at a time per process: drop the model of an earlier run
     _CACHE[key] = state
-    return state
+    return state, pid
 
 
-def load_global(st: ClientState, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+def load_global(st: ClientState, arrays: ArrayRecord, pid: int) -> dict[str, torch.Tensor]:
     weights = from_record(arrays, st.aliases)
-    check_keys(weights, st.trainer.raw_model.state_dict(), f"the server (to client {st.partition_id})")
+    check_keys(weights, st.trainer.raw_model.state_dict(), f"the server (to client {pid})")
     st.trainer.load_global(weights)
     return weights
 
 
 def handshake(msg: Message, context: Context) -> Message:
     """Answer the server's pre-flight query: this node's partition and data sizes (errors surface before round 1)."""
-    st = client_state(msg, context)
-    node = context.node_config
-    reply = ConfigRecord({"partition-id": st.partition_id, "num-partitions": int(node["num-partitions"]),
-                          "train-tokens": int(len(st.part.train)), "val-tokens": int(len(st.part.val))})
+    st, pid = client_state(msg, context)
+    part = st.parts[pid]
+    reply = ConfigRecord({"partition-id": pid, "num-partitions": len(st.parts),
+                          "train-tokens": int(len(part.train)), "val-tokens": int(len(part.val))})
     return Message(RecordDict({"info": reply}), reply_to=msg)
 
 
 def train(msg: Message, context: Context) -> Message:
     """Run fed.local_steps optimizer steps from the global weights; reply with weights and metrics."""
-    st = client_state(msg, context)
-    cfg, record = st.cfg, msg.content["config"]
+    st, pid = client_state(msg, context)
+    cfg, record, part = st.cfg, msg.content["config"], st.parts[pid]
     rnd = int(record["server-round"])
     mu = float(record.get("proximal-mu", 0.0))
-    received = load_global(st, msg.content["arrays"])
+    received = load_global(st, msg.content["arrays"], pid)
     trainer = st.trainer
     trainer.optimizer.state.clear()  # fresh AdamW moments each round: the weights changed under them
     trainer.step = (rnd - 1) * cfg.fed.local_steps  # the LR schedule spans all rounds
     ref = [p.detach().clone() for p in trainer.raw_model.parameters()] if mu > 0 else None
     # A new, deterministic stream of windows per (client, round), identical whichever process serves it.
-    batches = Batches(st.part.train, cfg.model.block_size, cfg.train.batch_size, trainer.device,
-                      seed=cfg.train.seed * 100_003 + st.partition_id * 1_009 + rnd)
+    seed = cfg.train.seed * 100_003 + pid * 1_009 + rnd
+    torch.manual_seed(seed)  # dropout masks too: reproducible whichever process serves this partition
+    batches = Batches(part.train, cfg.model.block_size, cfg.train.batch_size, trainer.device, seed=seed)
     t_start = time.time()
     m = trainer.train_steps(batches, cfg.fed.local_steps, total_steps=cfg.fed.rounds * cfg.fed.local_steps, mu=mu, ref=ref)
     half = cfg.fed.half_precision
     arrays = to_record(trainer.raw_model.state_dict(), st.aliases, half=half, base=received if half else None)
     metrics = MetricRecord({"train-loss": m["loss"], "train-seconds": m["seconds"], "train-tokens": m["tokens"],
-                            "train-start": t_start,
-                            "num-examples": max(1, m["tokens"])})
+                            "train-start": t_start, "num-examples": max(1, m["tokens"])})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Loss of the global weights on this client's own validation slice."""
-    st = client_state(msg, context)
-    cfg = st.cfg
-    load_global(st, msg.content["arrays"])
-    batches = Batches(st.part.val, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=cfg.train.seed)
+    st, pid = client_state(msg, context)
+    cfg, part = st.cfg, st.parts[pid]
+    load_global(st, msg.content["arrays"], pid)
+    batches = Batches(part.val, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=cfg.train.seed)
     res = evaluate(st.trainer.raw_model, batches, cfg.train.eval_iters, st.trainer.ctx)
-    metrics = MetricRecord({"val-loss": res["loss"], "num-examples": int(len(st.part.val))})
+    metrics = MetricRecord({"val-loss": res["loss"], "num-examples": int(len(part.val))})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -114,6 +114,7 @@ class FederatedRun:
         self.out_dir = Path(cfg.train.out_dir)
         self.ds = load_dataset(cfg.data)
         tok = self.ds.tokenizer
+        torch.manual_seed(cfg.train.seed)  # the same initial global model in every run with this config
         self.model = build_model(cfg, tok.meta(), tok.vocab_size)
         cfg.model = dataclasses.replace(self.model.cfg, dropout=cfg.model.dropout)  # vocab resolved: clients build the same model
         self.device = resolve_device(cfg.train.device)
@@ -128,6 +129,7 @@ class FederatedRun:
         self.strategy = make_strategy(cfg.fed)
         self.global_state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
         self.round, self.best_val, self.tokens = 0, float("inf"), 0
+        self.partition_of: dict[int, int] = {}  # node id -> partition id, from the pre-flight check
         self.metrics = MetricsLog(self.out_dir / "rounds.jsonl", plot=self.out_dir / "loss.png", x="round")
         if resume:
             self._resume()
@@ -186,6 +188,7 @@ class FederatedRun:
             if not r.has_error():
                 info = r.content["info"]
                 ids.append(info["partition-id"])
+                self.partition_of[r.metadata.src_node_id] = int(info["partition-id"])
                 if info["num-partitions"] != fed.num_clients:
                     errors.append(f"node {r.metadata.src_node_id} has num-partitions={info['num-partitions']} "
                                   f"but fed.num_clients={fed.num_clients}")
@@ -208,6 +211,43 @@ class FederatedRun:
         bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
         replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
         t_replies = time.time()
+        ok, bytes_received = self.aggregate(rnd, replies)
+        metrics = [r.content["metrics"] for r in ok]
+        tokens = sum(int(m["train-tokens"]) for m in metrics)
+        self.tokens += tokens
+        client_val = self.client_evaluate(grid, rnd)
+        t_eval = time.time()
+        val = self.evaluate_global()
+        self.round = rnd
+        train_s = [float(m["train-seconds"]) for m in metrics]
+        round_s = t_replies - t0 + (time.time() - t_eval)  # messaging, client work and aggregation; central eval excluded
+        busy = sum(train_s) / max(1, min(len(train_s), self.slots))
+        row = {"round": rnd, "val_loss": val, "best_val_loss": min(self.best_val, val),
+               "train_loss": sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(1, tokens) if metrics else None,
+               "client_val_loss": client_val, "clients_ok": len(ok), "clients_failed": len(msgs) - len(ok),
+               "tokens": self.tokens, "bytes_sent": bytes_sent, "bytes_received": bytes_received,
+               "round_s": round(round_s, 3), "client_train_s": round(sum(train_s), 3),
+               "outside_training_share": round(max(0.0, 1 - busy / round_s), 4) if round_s > 0 and metrics else None,
+               "eval_s": round(time.time() - t_eval, 3), "elapsed_s": round(time.time() - self.t_start, 3)}
+        if rnd == 1 and metrics:
+            row["startup_s"] = round(min(float(m["train-start"]) for m in metrics) - self.t_start, 3)
+        # The row before the checkpoint: a run killed in between redoes this round on resume instead of losing its row.
+        self.metrics.append(row)
+        self.save(val)
+        self.log(f"round {rnd:3d} | val {val:.4f} | train {row['train_loss'] or float('nan'):.4f} | clients {len(ok)} ok "
+                 f"{row['clients_failed']} failed | {row['round_s']:.2f} s | sent {bytes_sent / 1e6:.2f} MB | "
+                 f"received {bytes_received / 1e6:.2f} MB")
+        return row
+
+    def aggregate(self, rnd: int, replies: list[Message]) -> tuple[list[Message], int]:
+        """Unpack the train replies, drop failed or misfit ones, and move the global model to the strategy's aggregate.
+
+        Returns the replies used (fp32 weights in their ArrayRecord) and the bytes received.
+        """
+        half = self.cfg.fed.half_precision
+        # Replies arrive in completion order; a fixed order (by partition) makes the float sums, and so the run,
+        # reproducible.
+        replies = sorted(replies, key=lambda r: (self.partition_of.get(r.metadata.src_node_id, -1), r.metadata.src_node_id))
         ok, bytes_received = [], 0
         for r in replies:
             if r.has_error():
@@ -227,31 +267,7 @@ class FederatedRun:
         if agg is not None:
             new = from_record(agg, self.aliases)  # FedAdam & co. return float64: back to fp32
             self.global_state = {k: new[k].float() for k in self.global_state}
-        metrics = [r.content["metrics"] for r in ok]
-        tokens = sum(int(m["train-tokens"]) for m in metrics)
-        self.tokens += tokens
-        client_val = self.client_evaluate(grid, rnd)
-        t_eval = time.time()
-        val = self.evaluate_global()
-        self.round = rnd
-        self.save(val)
-        train_s = [float(m["train-seconds"]) for m in metrics]
-        round_s = t_replies - t0 + (time.time() - t_eval)  # messaging, client work and aggregation; central eval excluded
-        busy = sum(train_s) / max(1, min(len(train_s), self.slots))
-        row = {"round": rnd, "val_loss": val, "best_val_loss": self.best_val,
-               "train_loss": sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(1, tokens) if metrics else None,
-               "client_val_loss": client_val, "clients_ok": len(ok), "clients_failed": len(msgs) - len(ok),
-               "tokens": self.tokens, "bytes_sent": bytes_sent, "bytes_received": bytes_received,
-               "round_s": round(round_s, 3), "client_train_s": round(sum(train_s), 3),
-               "outside_training_share": round(max(0.0, 1 - busy / round_s), 4) if round_s > 0 and metrics else None,
-               "eval_s": round(time.time() - t_eval, 3), "elapsed_s": round(time.time() - self.t_start, 3)}
-        if rnd == 1 and metrics:
-            row["startup_s"] = round(min(float(m["train-start"]) for m in metrics) - self.t_start, 3)
-        self.metrics.append(row)
-        self.log(f"round {rnd:3d} | val {val:.4f} | train {row['train_loss'] or float('nan'):.4f} | clients {len(ok)} ok "
-                 f"{row['clients_failed']} failed | {row['round_s']:.2f} s | sent {bytes_sent / 1e6:.2f} MB | "
-                 f"received {bytes_received / 1e6:.2f} MB")
-        return row
+        return ok, bytes_received
 
     def client_evaluate(self, grid: Grid, rnd: int) -> float | None:
         every, fed = self.cfg.fed.client_eval_interval, self.cfg.fed
@@ -267,9 +283,9 @@ class FederatedRun:
         self.preflight(grid)
         if self.round == 0:
             val = self.evaluate_global()
-            self.save(val)
-            self.metrics.append({"round": 0, "val_loss": val, "best_val_loss": self.best_val, "tokens": 0,
+            self.metrics.append({"round": 0, "val_loss": val, "best_val_loss": val, "tokens": 0,
                                  "elapsed_s": round(time.time() - self.t_start, 3)})
+            self.save(val)
             self.log(f"round   0 | val {val:.4f}")
         rows = [self.run_round(grid, rnd) for rnd in range(self.round + 1, self.cfg.fed.rounds + 1)]
         return summarize_run(rows, self.best_val, self.t_start)
@@ -277,13 +293,20 @@ class FederatedRun:
 
 def config_from_run_config(run_config: dict, app_dir: Path) -> tuple[Config, dict]:
     """Config and run options from Flower's run config: `config` (YAML path, relative to the app), `overrides`
-    (space-separated dotted overrides, e.g. "fed.rounds=3 model.n_layer=2"), `resume`, `client-threads`."""
+    (space-separated dotted overrides, e.g. "fed.rounds=3 model.n_layer=2"), `resume`, `client-threads`.
+    Relative data and output paths are made absolute against the working directory."""
     from fedgpt.config import load_config
 
     path = Path(str(run_config.get("config", "configs/shakespeare_char_cpu.yaml")))
     if not path.is_absolute():
         path = app_dir / path
     cfg = load_config(path, str(run_config.get("overrides", "")).split())
+    # A deployed app's code lives in $FLWR_HOME/apps/..., but Flower keeps the working directory flower-superlink was
+    # started in: relative paths mean that directory. Made absolute, they show in the checkpoint's config, and
+    # clients without a node-config data-dir on this machine read the same corpus.
+    d, t = cfg.data, cfg.train
+    d.data_dir, t.out_dir = str(Path(d.data_dir).resolve()), str(Path(t.out_dir).resolve())
+    d.input_file = str(Path(d.input_file).expanduser().resolve()) if d.input_file else ""
     opts = {"resume": bool(run_config.get("resume", False)), "client_threads": int(run_config.get("client-threads", 0))}
     return cfg, opts
 

@@ -1,0 +1,334 @@
+"""Federation on real Flower and Ray with the tiny model: aggregation, wire format, FedProx, failing clients, resume
+after a kill, and bad input. Simulations run in this process (simulate.main / simulate.simulate) or as
+`python simulate.py` subprocesses where exit codes, stderr or a kill are under test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import DEFAULT_TTL, ArrayRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+import simulate
+from fedgpt.checkpoint import load_checkpoint
+from fedgpt.config import ModelConfig, load_config
+from fedgpt.model import GPT
+from fedgpt.server import FederatedRun
+from fedgpt.wire import from_record, tied_aliases, to_record
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+os.environ.update(QUIET)  # the simulations run in this process
+ENV = {**os.environ, **QUIET}
+ROUND_FIELDS = {"round", "val_loss", "train_loss", "clients_ok", "clients_failed", "bytes_sent", "bytes_received", "round_s"}
+
+
+def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY), f"--data.data_dir={data_dir}", f"--train.out_dir={out_dir}", *extra]
+
+
+def tiny_run(data_dir: Path, out_dir: Path, *overrides: str) -> FederatedRun:
+    return FederatedRun(load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out_dir}", *overrides]), log=print)
+
+
+def backend_config() -> dict:
+    """What simulate.main passes on a CPU machine: one CPU per client, as many clients at once as cores."""
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+
+
+def rounds(out_dir: Path) -> list[dict]:
+    """rows of rounds.jsonl; a line still being written is left out."""
+    path = out_dir / "rounds.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid` (a `python simulate.py` started with start_new_session=True and its Ray daemons)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, s, stat in (line.split()[:3] for line in out.splitlines()) if int(s) == sid and not stat.startswith("Z")]
+
+
+def kill_session(sid: int, grace: float = 10.0) -> list[int]:
+    """SIGKILL what is left of session `sid`; returns the pids that outlived `grace` seconds."""
+    deadline = time.monotonic() + grace
+    while (pids := session_pids(sid)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    return session_pids(sid)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left():
+    """A failing test must not leave this process's Ray instance to the next one."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fedavg_out(data_dir, tmp_path_factory) -> Path:
+    """A 3-client, 2-round FedAvg simulation of the tiny model through `simulate.main`."""
+    out = tmp_path_factory.mktemp("fedavg")
+    summary = simulate.main(tiny_args(data_dir, out))
+    assert summary["rounds"] == 2
+    return out
+
+
+# --- aggregation and wire format, no simulation --------------------------------------------------------------------
+
+
+def train_instruction(node: int) -> Message:
+    """A TRAIN message to `node` as the SuperLink stamps it (outside a ServerApp, Message() has no run to take ids from)."""
+    meta = Metadata(run_id=1, message_id=f"train-{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
+    return Message(RecordDict(), metadata=meta)
+
+
+def train_reply(node: int, arrays: dict[str, torch.Tensor], tokens: int, loss: float) -> Message:
+    """A client's train reply as it reaches the ServerApp."""
+    metrics = MetricRecord({"num-examples": tokens, "train-tokens": tokens, "train-loss": loss, "train-seconds": 1.0,
+                            "train-start": 0.0})
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=train_instruction(node))
+
+
+def test_fedavg_is_token_weighted_mean(data_dir, tmp_path):
+    run = tiny_run(data_dir, tmp_path)
+    canonical = {k: v for k, v in run.global_state.items() if k not in run.aliases}
+    g = torch.Generator().manual_seed(0)
+    clients = [{k: torch.randn(v.shape, generator=g) for k, v in canonical.items()} for _ in range(3)]
+    tokens = [128, 384, 1024]
+    replies = [train_reply(node, arrays, n, 4.0) for node, arrays, n in zip((11, 12, 13), clients, tokens)]
+    failed = Message(Error(code=0, reason="Traceback ...\nRuntimeError: out of memory"), reply_to=train_instruction(14))
+    run.partition_of = {11: 2, 12: 0, 13: 1, 14: 3}
+    received = sum(r.content["arrays"].count_bytes() for r in replies)
+
+    ok, nbytes = run.aggregate(1, [replies[2], failed, replies[0], replies[1]])
+
+    assert len(ok) == 3 and nbytes == received
+    assert [r.metadata.src_node_id for r in ok] == [12, 13, 11]  # by partition id, whatever the arrival order
+    for k in canonical:
+        expected = sum(n * c[k] for n, c in zip(tokens, clients)) / sum(tokens)
+        torch.testing.assert_close(run.global_state[k], expected, rtol=1e-6, atol=1e-6)
+        assert run.global_state[k].dtype == torch.float32
+    assert torch.equal(run.global_state["lm_head.weight"], run.global_state["transformer.wte.weight"])
+    # Another arrival order gives the same bits: the sums run in partition order.
+    first = run.global_state
+    run.aggregate(1, [replies[1], replies[0], replies[2]])
+    assert all(torch.equal(first[k], run.global_state[k]) for k in first)
+
+
+def test_aggregate_keeps_global_model_when_all_clients_fail(data_dir, tmp_path):
+    run = tiny_run(data_dir, tmp_path)
+    before = {k: v.clone() for k, v in run.global_state.items()}
+    failed = [Message(Error(code=0, reason="boom"), reply_to=train_instruction(n)) for n in (1, 2)]
+    assert run.aggregate(1, failed) == ([], 0)
+    assert all(torch.equal(before[k], run.global_state[k]) for k in before)
+
+
+@pytest.fixture
+def gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65))
+
+
+def test_wire_sends_tied_weights_once(gpt):
+    aliases = tied_aliases(gpt)
+    assert aliases == {"lm_head.weight": "transformer.wte.weight"}
+    sd = gpt.state_dict()
+    record = to_record(sd, aliases)
+    assert "lm_head.weight" not in record and "transformer.wte.weight" in record
+    back = from_record(record, aliases)
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    torch.manual_seed(1)
+    other = GPT(gpt.cfg)
+    other.load_state_dict(back)
+    assert other.lm_head.weight is other.transformer.wte.weight  # still tied after loading
+    assert torch.equal(other.lm_head.weight, sd["lm_head.weight"])
+
+
+def test_wire_fp16_delta_round_trip(gpt):
+    aliases = tied_aliases(gpt)
+    base = {k: v.clone() for k, v in gpt.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    trained = {k: v + 1e-2 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    trained["lm_head.weight"] = trained["transformer.wte.weight"]
+    record = to_record(trained, aliases, half=True, base=base)
+    assert all(a.dtype == "float16" for a in record.values())
+    back = from_record(record, aliases, base=base)
+    for k, v in trained.items():
+        delta = v - base[k]
+        assert torch.equal(back[k], base[k] + delta.half().float())  # exactly the fp16-rounded delta
+        assert (back[k] - v).abs().max() <= delta.abs().max() * 2**-11 + 1e-6  # fp16 keeps 11 significant bits
+    fp32 = to_record(trained, aliases)
+    assert record.count_bytes() <= 0.5 * fp32.count_bytes() + 256 * len(record)  # + np.save's per-array header
+
+
+# --- simulations ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_simulation_trains_and_writes_run(fedavg_out):
+    rows = rounds(fedavg_out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["val_loss"] < rows[0]["val_loss"]
+    for r in rows[1:]:
+        assert ROUND_FIELDS <= set(r), ROUND_FIELDS - set(r)
+        assert (r["clients_ok"], r["clients_failed"]) == (3, 0)
+        assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["round_s"] > 0
+    for name in ("last.pt", "best.pt", "loss.png", "partition.json"):
+        assert (fedavg_out / name).is_file(), name
+    assert load_checkpoint(fedavg_out / "last.pt")["round"] == 2
+    assert json.loads((fedavg_out / "partition.json").read_text())["num_clients"] == 3
+    res = subprocess.run([sys.executable, "-m", "fedgpt.sample", "--checkpoint", str(fedavg_out / "best.pt"), "--max-new-tokens", "20"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip(), "fedgpt.sample printed nothing"
+
+
+@pytest.mark.slow
+def test_fedprox_with_zero_mu_equals_fedavg(fedavg_out, data_dir, tmp_path):
+    simulate.main(tiny_args(data_dir, tmp_path, "--strategy", "fedprox", "--mu", "0"))
+    prox, avg = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(fedavg_out / "last.pt")
+    assert prox["config"]["fed"]["strategy"] == "fedprox"
+    for k, v in avg["model"].items():
+        assert torch.equal(prox["model"][k], v), k
+    assert [r["val_loss"] for r in rounds(tmp_path)] == [r["val_loss"] for r in rounds(fedavg_out)]
+
+
+@pytest.mark.slow
+def test_failing_client_does_not_stop_the_run(data_dir, tmp_path):
+    import flaky_client_app
+
+    summary = simulate.simulate(tiny_run(data_dir, tmp_path), flaky_client_app.app, 3, backend_config())
+    assert summary["rounds"] == 2
+    rows = rounds(tmp_path)
+    assert (rows[1]["clients_ok"], rows[1]["clients_failed"]) == (2, 1)
+    assert (rows[2]["clients_ok"], rows[2]["clients_failed"]) == (3, 0)
+    assert load_checkpoint(tmp_path / "last.pt")["round"] == 2
+
+
+@pytest.mark.slow
+def test_node_with_another_corpus_fails_preflight(data_dir, small_corpus, tmp_path, monkeypatch):
+    import other_corpus_client_app
+
+    monkeypatch.setenv("FEDGPT_TEST_OTHER_CORPUS", str(small_corpus))  # Ray's workers inherit it
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"pre-flight check failed: .*corpus/tokenizer .* differs from the server's"):
+        simulate.simulate(tiny_run(data_dir, out), other_corpus_client_app.app, 3, backend_config())
+    assert rounds(out) == [] and not (out / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_too_few_nodes_fail_clearly(data_dir, tmp_path):
+    import client_app
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="only 2 of 3 nodes connected after 5 s"):
+        simulate.simulate(tiny_run(data_dir, tmp_path, "--fed.node_timeout=5"), client_app.app, 2, backend_config())
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+def test_resume_after_kill(data_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "simulate.py", *tiny_args(data_dir, out, "--fed.rounds=6")]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r["round"] >= 2 for r in rounds(out)):
+            assert proc.poll() is None, "the run ended before round 2:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no round 2 after 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: Ray's daemons and actors too
+        proc.wait(timeout=30)
+    finally:
+        left = kill_session(proc.pid)
+    assert not left, f"processes of the killed run still alive: {left}"
+    k = load_checkpoint(out / "last.pt")["round"]  # a round's row is written just before its checkpoint: k >= 1
+    assert 1 <= k < 6, f"last.pt is from round {k}: killed too late to test a resume"
+    before = (out / "rounds.jsonl").read_text()
+
+    # Another model config: one clear line, before any round, nothing written.
+    bad = subprocess.run([*cmd, "--resume", "--model.n_embd=64"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("error: ")
+    assert "was written with another config" in bad.stderr and "model.n_embd: 32 -> 64" in bad.stderr
+    assert "Traceback" not in bad.stderr and "run_simulation" not in bad.stdout + bad.stderr
+    assert (out / "rounds.jsonl").read_text() == before
+
+    proc = subprocess.Popen([*cmd, "--resume"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        left = kill_session(proc.pid)
+    assert proc.returncode == 0, output[-3000:]
+    assert f"resumed from {out / 'last.pt'} at round {k}" in output
+    assert [r["round"] for r in rounds(out)] == list(range(7))
+    assert load_checkpoint(out / "last.pt")["round"] == 6
+    assert not left, f"Ray processes left after a finished run: {left}"
+
+
+# --- bad input: `python simulate.py` fails with one line before Ray starts --------------------------------------------
+
+BAD_INPUT = {
+    "strategy flag": (["--strategy", "foo"], "argument --strategy: invalid choice: 'foo'"),
+    "strategy key": (["--fed.strategy=foo"], "fed.strategy: 'foo' is not one of"),
+    "partition": (["--fed.partition=foo"], "fed.partition: 'foo' is not one of"),
+    "too many clients": (["--num-clients", "5000", "--model.block_size=64"], "client 0 of 5000 gets 225 train / 25 val tokens"),
+    "negative mu": (["--mu", "-1"], "fed.proximal_mu: must be >= 0"),
+    "non-numeric mu": (["--fed.proximal_mu=abc"], "fed.proximal_mu: expected float, got str 'abc'"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(data_dir, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, float]]:
+    """Every BAD_INPUT case run at once (each spends its seconds importing torch and flwr)."""
+    out = tmp_path_factory.mktemp("bad")
+    procs = {name: (subprocess.Popen([sys.executable, "simulate.py", *tiny_args(data_dir, out / name.replace(" ", "_"), *args)],
+                                     cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.monotonic())
+             for name, (args, _) in BAD_INPUT.items()}
+    results = {}
+    for name, (p, t0) in procs.items():
+        stdout, stderr = p.communicate(timeout=180)
+        results[name] = (subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), time.monotonic() - t0)
+    return results
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_before_any_round(case, bad_input_runs):
+    res, seconds = bad_input_runs[case]
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.stderr
+    assert BAD_INPUT[case][1] in lines[-1]
+    if case == "strategy flag":  # argparse: usage, then the error
+        assert lines[-1].startswith("python simulate.py: error: ")
+    else:
+        assert lines == [lines[-1]] and lines[-1].startswith("error: "), res.stderr
+    # Before Ray: run_simulation warns as it starts, the ServerApp logs while it waits for nodes.
+    assert "run_simulation" not in res.stderr and "waiting for nodes" not in res.stdout
+    assert seconds < 120
