@@ -15,6 +15,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from fedgpt.config import PARTITIONS, STRATEGIES, load_config  # noqa: E402
@@ -55,26 +56,59 @@ def main(argv=None) -> dict:
     if not any(o.lstrip("-").startswith("train.out_dir=") for o in overrides):
         cfg.train.out_dir = f"out/fed_{cfg.fed.partition}_{cfg.fed.strategy}"
 
-    # torch and Flower take seconds to import: flag and config mistakes are reported before that.
-    import torch
-
-    from fedgpt.server import FederatedRun
-
-    gpus = args.client_gpus if args.client_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
     cpus = os.cpu_count() or 1
-    # Clients that can train at once: Ray schedules by CPUs, or by GPUs when clients ask for them.
-    slots = max(1, int(cpus // args.client_cpus)) if gpus == 0 else max(1, int(torch.cuda.device_count() // gpus))
-    # Everything that can fail on bad input (data, partition, model, resume) fails here, before Ray starts.
-    run = FederatedRun(cfg, resume=args.resume, slots=min(slots, cfg.fed.num_clients), client_threads=max(1, int(args.client_cpus)),
-                       t_start=T0)
+    init_args = {"address": args.ray_address} if args.ray_address else {"num_cpus": cpus, "include_dashboard": False}
+
+    # Everything that can fail on bad input (data, partition, model, resume) fails in prepare(), before any round.
+    # It runs beside Ray's start-up (seconds of processes starting), which must stay on the main thread.
+    prepared: dict = {}
+
+    def prepare() -> None:
+        try:
+            import torch
+
+            from fedgpt.server import FederatedRun
+
+            gpus = args.client_gpus if args.client_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
+            # Clients that can train at once: Ray schedules by CPUs, or by GPUs when clients ask for them.
+            slots = max(1, int(cpus // args.client_cpus)) if gpus == 0 else max(1, int(torch.cuda.device_count() // gpus))
+            prepared["gpus"] = gpus
+            prepared["run"] = FederatedRun(cfg, resume=args.resume, slots=min(slots, cfg.fed.num_clients),
+                                           client_threads=max(1, int(args.client_cpus)), t_start=T0)
+        except BaseException as e:
+            prepared["error"] = e
+
+    worker = threading.Thread(target=prepare, name="prepare")
+    worker.start()
+    start_ray(init_args)
+    worker.join()
+    if "error" in prepared:
+        import ray
+
+        ray.shutdown()
+        raise prepared["error"]
+    run, gpus = prepared["run"], prepared["gpus"]
 
     import client_app  # an importable module: its per-process cache survives between rounds in a Ray actor
 
-    init_args = {"address": args.ray_address} if args.ray_address else {"num_cpus": cpus, "include_dashboard": False}
     backend_config = {"client_resources": {"num_cpus": args.client_cpus, "num_gpus": gpus}, "init_args": init_args}
     summary = {**simulate(run, client_app.app, cfg.fed.num_clients, backend_config), "out_dir": cfg.train.out_dir}
     print(json.dumps(summary))
     return summary
+
+
+def start_ray(init_args: dict) -> None:
+    """Start Ray as Flower would (Flower skips ray.init when Ray is already up), so start-up can overlap our own."""
+    import logging
+    import warnings
+
+    import ray
+
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")  # about GPU env vars; not ours to act on
+    # Ray workers import client_app and fedgpt: they get this process's import path, like Flower gives them.
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = path
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level=logging.WARNING, **init_args)
 
 
 def simulate(run: "FederatedRun", client_app: "ClientApp", num_supernodes: int, backend_config: dict) -> dict:

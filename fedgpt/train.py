@@ -119,7 +119,7 @@ class Trainer:
         self.cfg = cfg
         self.device = device
         self.raw_model = model.to(device)
-        self.optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+        self._optimizer: torch.optim.Optimizer | None = None
         self.ctx, self.scaler, self.precision = precision_context(cfg.precision, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -133,6 +133,14 @@ class Trainer:
         self.step = 0  # optimizer steps taken, drives the LR schedule
         self.log = log
         self.peak = peak_flops(device)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW, built on first use: evaluation-only callers (a ClientApp answering a query) never pay for it."""
+        if self._optimizer is None:
+            c = self.cfg
+            self._optimizer = self.raw_model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), self.device.type)
+        return self._optimizer
 
     def load_global(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load weights into the model in place (keeps any compiled graph valid)."""

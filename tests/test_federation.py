@@ -292,7 +292,7 @@ def test_resume_after_kill(data_dir, tmp_path):
     assert not left, f"Ray processes left after a finished run: {left}"
 
 
-# --- bad input: `python simulate.py` fails with one line before Ray starts --------------------------------------------
+# --- bad input: `python simulate.py` fails with one line before any round ------------------------------------------------
 
 BAD_INPUT = {
     "strategy flag": (["--strategy", "foo"], "argument --strategy: invalid choice: 'foo'"),
@@ -329,6 +329,6 @@ def test_bad_input_fails_before_any_round(case, bad_input_runs):
         assert lines[-1].startswith("python simulate.py: error: ")
     else:
         assert lines == [lines[-1]] and lines[-1].startswith("error: "), res.stderr
-    # Before Ray: run_simulation warns as it starts, the ServerApp logs while it waits for nodes.
+    # Before the simulation: run_simulation warns as it starts, the ServerApp logs while it waits for nodes.
     assert "run_simulation" not in res.stderr and "waiting for nodes" not in res.stdout
     assert seconds < 120
