@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedgpt.config import ModelConfig
-from fedgpt.model import GPT, swiglu_hidden
+from fedgpt.model import GPT, _SigmoidTanhGELU, gelu_tanh, swiglu_hidden
 
 ARCHS = ["gpt2", "llama"]
 V = 50
@@ -262,6 +262,18 @@ def test_from_hf_parity(hf_model, tmp_path, fmt):
         want = hf_model(idx).logits
     got, _ = model(idx)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_cpu_gelu_equals_torch_tanh_gelu():
+    # The CPU float32 path computes the tanh GELU through sigmoid (faster); values and gradients must match F.gelu's.
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4).requires_grad_()
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    got = gelu_tanh(x)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0], atol=1e-5, rtol=1e-5)
+    xd = torch.randn(64, dtype=torch.float64, requires_grad=True)  # gelu_tanh sends float64 to F.gelu: check the Function itself
+    assert torch.autograd.gradcheck(_SigmoidTanhGELU.apply, (xd,))
 
 
 def test_from_hf_errors(tmp_path):
