@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,19 @@ def small_corpus(tmp_path: Path) -> Path:
     p = tmp_path / "small.txt"
     p.write_text(text, encoding="utf-8")
     return p
+
+
+def run_concurrently(cmds: dict[str, list[str]], env: dict[str, str], timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+    """Run commands at once from the repo root (each is mostly interpreter start-up) and collect their results."""
+    procs = {k: subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, c in cmds.items()}
+    out = {}
+    try:
+        for k, p in procs.items():
+            stdout, stderr = p.communicate(timeout=timeout)
+            out[k] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_concurrently
 
 from fedgpt.checkpoint import load_checkpoint, model_config_of, save_checkpoint
 from fedgpt.metrics import read_jsonl
@@ -38,19 +38,7 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def run_all(cmds: dict[str, list[str]], timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
-    """Run commands concurrently (each is mostly interpreter start-up) and collect their results."""
-    procs = {k: subprocess.Popen(c, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in cmds.items()}
-    out = {}
-    try:
-        for k, p in procs.items():
-            stdout, stderr = p.communicate(timeout=timeout)
-            out[k] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-    return out
+    return run_concurrently(cmds, env(), timeout)
 
 
 def check_ok(r: subprocess.CompletedProcess) -> None:

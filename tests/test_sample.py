@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import run_concurrently
 
 from fedgpt import local_train
 from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
@@ -20,14 +20,6 @@ from fedgpt.sample import sample
 SEP = "\n" + "-" * 40 + "\n"
 TINY = ["--config", "configs/tiny.yaml", "--train.max_steps=4", "--train.eval_interval=4", "--train.eval_iters=1",
         "--train.device=cpu", "--train.log_interval=1000"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def train(out: Path, data_dir: Path, *extra: str) -> Path:
@@ -65,18 +57,7 @@ def cli_runs(char_ckpt: Path, bpe_ckpt: Path, tmp_path_factory) -> dict[str, sub
         "bad_prompt": cli("--checkpoint", str(char_ckpt), "--prompt", "ROMEO: \u4f60\u597d \u00a7"),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # TIKTOKEN_CACHE_DIR comes from conftest
-    procs = {k: subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in cmds.items()}
-    out = {}
-    try:
-        for k, p in procs.items():
-            stdout, stderr = p.communicate(timeout=300)
-            out[k] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-    return out
+    return run_concurrently(cmds, env)
 
 
 def samples_of(stdout: str) -> list[str]:

@@ -39,15 +39,6 @@ def repeat(*batches):
         yield from batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls are faster on one thread, and the test machines are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def flat(model: GPT) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
