@@ -16,14 +16,13 @@ A checkpoint is one dict saved with torch.save:
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedgpt.config import ModelConfig
+from fedgpt.files import atomic_write
 
 FORMAT = "fedgpt-checkpoint"
 VERSION = 1
@@ -41,19 +40,8 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save, written atomically: a crash never leaves half a checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], model_config: ModelConfig,

@@ -17,7 +17,6 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from fedgpt.config import TOKENIZERS, DataConfig
+from fedgpt.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +52,6 @@ class DataUnavailableError(RuntimeError):
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write to a unique temp name in the same directory, fsync, then os.replace: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def download_shakespeare(data_dir: str | Path) -> Path:
@@ -94,7 +80,7 @@ def download_shakespeare(data_dir: str | Path) -> Path:
             f"bytes with sha256 {SHAKESPEARE_SHA256}; {put_it}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -325,9 +311,9 @@ def _encode_to_cache(text: str, tokenizer: Tokenizer, cfg: DataConfig, source: P
     cache_dir.mkdir(parents=True, exist_ok=True)
     # meta.json goes first and comes back last: a crash in between leaves no cache that looks valid
     (cache_dir / "meta.json").unlink(missing_ok=True)
-    _write_atomic(cache_dir / "train.bin", memoryview(stream[:n_train]))
-    _write_atomic(cache_dir / "val.bin", memoryview(stream[n_train:]))
-    _write_atomic(cache_dir / "turns.json", json.dumps({"speakers": list(speakers), "turns": turns}).encode())
+    atomic_write_bytes(cache_dir / "train.bin", memoryview(stream[:n_train]))
+    atomic_write_bytes(cache_dir / "val.bin", memoryview(stream[n_train:]))
+    atomic_write_bytes(cache_dir / "turns.json", json.dumps({"speakers": list(speakers), "turns": turns}).encode())
     meta = {
         "tokenizer": tokenizer.meta(),
         "vocab_size": tokenizer.vocab_size,
@@ -339,7 +325,7 @@ def _encode_to_cache(text: str, tokenizer: Tokenizer, cfg: DataConfig, source: P
         "val_tokens": n - n_train,
         "format_version": FORMAT_VERSION,
     }
-    _write_atomic(cache_dir / "meta.json", json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(cache_dir / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
 
 

@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+from fedgpt.files import atomic_write, atomic_write_bytes
 
 
 class MetricsLog:
@@ -26,7 +18,7 @@ class MetricsLog:
     def truncate(self, last_x: int) -> None:
         """Keep only rows with x <= last_x (a resumed run redoes what came after its checkpoint)."""
         self.rows = [r for r in self.rows if r[self.x] <= last_x]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
@@ -61,8 +53,5 @@ def plot_losses(rows: list[dict], path: Path, x: str = "step") -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)

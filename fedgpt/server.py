@@ -23,7 +23,8 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMed
 from fedgpt.checkpoint import load_checkpoint, save_checkpoint
 from fedgpt.config import Config, FedConfig
 from fedgpt.data import Batches, load_dataset
-from fedgpt.metrics import MetricsLog, atomic_write_text
+from fedgpt.files import atomic_write_bytes
+from fedgpt.metrics import MetricsLog
 from fedgpt.partition import format_summary, partition, summarize
 from fedgpt.train import build_model, evaluate, resolve_device
 from fedgpt.wire import check_keys, from_record, tied_aliases, to_record
@@ -135,7 +136,7 @@ class FederatedRun:
             self._resume()
         else:
             self.metrics.truncate(-1)
-        atomic_write_text(self.out_dir / "partition.json", json.dumps(self.summary, indent=1))
+        atomic_write_bytes(self.out_dir / "partition.json", json.dumps(self.summary, indent=1).encode())
         log(format_summary(self.summary))
 
     def _resume(self) -> None:
