@@ -76,8 +76,9 @@ def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
 
 
 def load_global(st: ClientState, arrays: ArrayRecord, pid: int) -> dict[str, torch.Tensor]:
-    weights = from_record(arrays, st.aliases)
-    check_keys(weights, st.trainer.raw_model.state_dict(), f"the server (to client {pid})")
+    own, who = st.trainer.raw_model.state_dict(), f"the server (to client {pid})"
+    weights = from_record(arrays, st.aliases, like=own, who=who)
+    check_keys(weights, own, who)
     st.trainer.load_global(weights)
     return weights
 

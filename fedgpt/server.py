@@ -98,6 +98,21 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, log=print) -> list[i
     return nodes
 
 
+def exchange(grid: Grid, msgs: list[Message], timeout: float, poll_s: float = 0.1) -> list[Message]:
+    """Send `msgs` and collect their replies until all are in or `timeout` passes: Grid.send_and_receive, except
+    that it polls every `poll_s` (Flower's deployment grid sleeps 3 s between pulls, up to 3 s lost per exchange)."""
+    pending = set(grid.push_messages(msgs))
+    end, replies = time.monotonic() + timeout, []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= end:
+            break
+        time.sleep(poll_s)
+    return replies
+
+
 def error_reason(msg: Message) -> str:
     """The last line of a client's error (Flower sends the whole traceback)."""
     reason = (msg.error.reason or "").strip().splitlines()
@@ -180,7 +195,7 @@ class FederatedRun:
         fed = self.cfg.fed
         nodes = wait_for_nodes(grid, fed.min_clients or fed.num_clients, fed.node_timeout, self.log)
         msgs = [Message(RecordDict({"config": self.train_config()}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        replies = list(grid.send_and_receive(msgs, timeout=fed.node_timeout))
+        replies = exchange(grid, msgs, fed.node_timeout)
         errors = [f"node {r.metadata.src_node_id}: {error_reason(r)}" for r in replies if r.has_error()]
         if len(replies) < len(msgs):
             errors.append(f"{len(msgs) - len(replies)} node(s) did not answer within {fed.node_timeout:.0f} s")
@@ -210,7 +225,7 @@ class FederatedRun:
         for m in msgs:
             m.content["arrays"] = sent_arrays
         bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
-        replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
+        replies = exchange(grid, msgs, fed.round_timeout)
         t_replies = time.time()
         ok, bytes_received = self.aggregate(rnd, replies)
         metrics = [r.content["metrics"] for r in ok]
@@ -256,9 +271,9 @@ class FederatedRun:
                 continue
             bytes_received += r.content["arrays"].count_bytes()
             try:
-                state = from_record(r.content["arrays"], {}, base=self.global_state if half else None)
-                check_keys(state, {k: v for k, v in self.global_state.items() if k not in self.aliases},
-                           f"node {r.metadata.src_node_id}")
+                expected, who = {k: v for k, v in self.global_state.items() if k not in self.aliases}, f"node {r.metadata.src_node_id}"
+                state = from_record(r.content["arrays"], {}, base=self.global_state if half else None, like=expected, who=who)
+                check_keys(state, expected, who)
             except ValueError as e:
                 self.log(f"round {rnd}: reply dropped: {e}")
                 continue
@@ -276,7 +291,7 @@ class FederatedRun:
             return None
         arrays = to_record(self.global_state, self.aliases, half=fed.half_precision)
         msgs = self.strategy.configure_evaluate(rnd, arrays, self.train_config(), grid)
-        agg = self.strategy.aggregate_evaluate(rnd, grid.send_and_receive(msgs, timeout=fed.round_timeout))
+        agg = self.strategy.aggregate_evaluate(rnd, exchange(grid, list(msgs), fed.round_timeout))
         return float(agg["val-loss"]) if agg is not None else None
 
     def run(self, grid: Grid) -> dict:

@@ -4,6 +4,7 @@ after a kill, and bad input. Simulations run in this process (simulate.main / si
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -175,14 +176,24 @@ def test_wire_fp16_delta_round_trip(gpt):
     trained = {k: v + 1e-2 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     trained["lm_head.weight"] = trained["transformer.wte.weight"]
     record = to_record(trained, aliases, half=True, base=base)
-    assert all(a.dtype == "float16" for a in record.values())
-    back = from_record(record, aliases, base=base)
+    assert len(record) == 1 and all(a.dtype == "float16" for a in record.values())
+    back = from_record(record, aliases, base=base, like=base)
     for k, v in trained.items():
         delta = v - base[k]
         assert torch.equal(back[k], base[k] + delta.half().float())  # exactly the fp16-rounded delta
         assert (back[k] - v).abs().max() <= delta.abs().max() * 2**-11 + 1e-6  # fp16 keeps 11 significant bits
     fp32 = to_record(trained, aliases)
-    assert record.count_bytes() <= 0.5 * fp32.count_bytes() + 256 * len(record)  # + np.save's per-array header
+    params = sum(v.numel() for k, v in base.items() if k not in aliases)
+    assert record.count_bytes() < 0.5 * fp32.count_bytes()  # fp32 pays a header per tensor, fp16 one
+    assert record.count_bytes() <= 2 * params + 256  # half the fp32 weights, plus one np.save header
+
+
+def test_wire_fp16_from_another_model_is_refused(gpt):
+    aliases = tied_aliases(gpt)
+    record = to_record(gpt.state_dict(), aliases, half=True)
+    smaller = GPT(dataclasses.replace(gpt.cfg, n_layer=1)).state_dict()
+    with pytest.raises(ValueError, match="node 7 sent .* fp16 values for a model of"):
+        from_record(record, aliases, like=smaller, who="node 7")
 
 
 # --- simulations ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""A real Flower deployment on loopback: one SuperLink, N SuperNodes and `flwr run .`, each its own process.
+
+Used by the deployment test and by `python -m fedgpt.bench deploy`. Every process is started with a marker in its
+environment, which Flower's own children (SuperExec, ServerApp and ClientApp processes) inherit: stop() finds and
+ends all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live next to this Python
+MARKER = "FEDGPT_DEPLOYMENT"
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Live processes whose environment holds this marker (zombies have no environment)."""
+    needle = f"{MARKER}={marker}".encode() + b"\0"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                pass
+    return pids
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on port {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+class Deployment:
+    """Processes of one loopback deployment, each with its own FLWR_HOME and working directory under `root`."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None):
+        self.root = root
+        self.extra_env = env or {}
+        self.marker = uuid.uuid4().hex
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.link_port: int | None = None
+
+    def env(self, home: Path) -> dict[str, str]:
+        return {**os.environ, **QUIET, **self.extra_env, "FLWR_HOME": str(home), MARKER: self.marker,
+                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        home = self.root / name
+        home.mkdir(parents=True)
+        log = (self.root / f"{name}.log").open("wb")
+        # Not the repository as working directory: deployed apps must not depend on it.
+        self.procs[name] = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=home, env=self.env(home), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        return self.procs[name]
+
+    def start_federation(self, data_dir: Path, supernodes: int = 2, timeout: float = 60) -> None:
+        """A SuperLink and `supernodes` SuperNodes (partition-id 0..N-1), all reading the corpus under `data_dir`."""
+        self.link_port, *node_ports = free_ports(1 + supernodes)
+        link = self.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.link_port),
+                                        "--disable-runtime-dependency-installation"])
+        wait_for_port(self.link_port, link, timeout)
+        for pid, port in enumerate(node_ports):
+            # TOML-style values: a quoted string for the path (absolute: the app runs from $FLWR_HOME/apps/...).
+            self.start(f"supernode{pid}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
+                                           "--host", "127.0.0.1", "--port", str(port), "--node-config",
+                                           f"partition-id={pid} num-partitions={supernodes} data-dir='{data_dir.resolve()}'"])
+
+    def flwr(self, args: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+        """Run the `flwr` CLI against this deployment's SuperLink (connection name "loopback")."""
+        home = self.root / "cli"
+        if not home.is_dir():
+            home.mkdir(parents=True)
+            (home / "config.toml").write_text(f'[superlink.loopback]\naddress = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=cwd, env=self.env(home), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} (last 3000 chars)\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.root.glob("*.log")))
+
+    def stop(self, grace: float = 15.0) -> list[int]:
+        """Terminate every process, then kill what is left after `grace` seconds; returns the pids still alive."""
+        for p in reversed(self.procs.values()):
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+        # SuperExecs leave when their parent does; ServerApp / ClientApp processes end with their run.
+        while (left := marked_pids(self.marker)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            t = time.monotonic()
+            while (left := marked_pids(self.marker)) and time.monotonic() - t < 5:
+                time.sleep(0.2)
+        return left
