@@ -3,6 +3,7 @@
     python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml
     python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml --nanogpt ../nanoGPT --repeats 5
     python -m fedgpt.bench train --config configs/tiny.yaml --steps 5 --warmup 2 --repeats 1 --out /tmp/b.json
+    python -m fedgpt.bench fed | comm | deploy ...   (federation benchmarks: see fedgpt/bench_fed.py)
 
 Each repeat times `steps` calls of Trainer.train_steps(batches, 1) after `warmup` untimed steps; with --nanogpt the
 repeats alternate (fedgpt, nanoGPT, fedgpt, ...) so that both see the same machine load. nanoGPT runs from a temporary
@@ -31,8 +32,10 @@ from typing import Any
 
 import torch
 
+from fedgpt import bench_fed
 from fedgpt.config import Config, load_config
 from fedgpt.data import Batches, load_dataset
+from fedgpt.files import atomic_write_bytes
 from fedgpt.train import Trainer, build_model, peak_flops, resolve_device, reuse_freed_cpu_memory
 
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms", re.MULTILINE)
@@ -281,17 +284,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     t.add_argument("--threads", type=int, default=0, help="torch threads for both runs; 0: torch's default")
     t.add_argument("--nanogpt", help="path of a karpathy/nanoGPT checkout to run at identical settings (copied, not modified)")
     t.add_argument("--out", help="JSON result file (default results/bench-train-<time>.json)")
+    bench_fed.add_parsers(sub)
     return p.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
-    res = bench_train(args, overrides, command=" ".join(["python -m fedgpt.bench", *argv]))
-    out = Path(args.out or f"results/bench-train-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    command = " ".join(["python -m fedgpt.bench", *argv])
+    if args.bench == "train":
+        res = bench_train(args, overrides, command=command)
+        table = markdown(res)
+    else:
+        figures = bench_fed.run(args.bench, args, overrides)
+        res = {"bench": args.bench, "config": args.config, "overrides": overrides, "command": command,
+               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+               "torch": torch.__version__, "python": platform.python_version(), **figures}
+        table = bench_fed.markdown(args.bench, res)
+    out = Path(args.out or f"results/bench-{args.bench}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(markdown(res))
+    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
+    print(table)
     print(f"wrote {out}")
     return res
 
@@ -299,5 +312,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, NanoGPTError) as e:
+    except (ValueError, RuntimeError) as e:  # NanoGPTError is a RuntimeError
         sys.exit(f"error: {e}")

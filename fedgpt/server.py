@@ -226,7 +226,6 @@ class FederatedRun:
             m.content["arrays"] = sent_arrays
         bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
         replies = exchange(grid, msgs, fed.round_timeout)
-        t_replies = time.time()
         ok, bytes_received = self.aggregate(rnd, replies)
         metrics = [r.content["metrics"] for r in ok]
         tokens = sum(int(m["train-tokens"]) for m in metrics)
@@ -236,7 +235,7 @@ class FederatedRun:
         val = self.evaluate_global()
         self.round = rnd
         train_s = [float(m["train-seconds"]) for m in metrics]
-        round_s = t_replies - t0 + (time.time() - t_eval)  # messaging, client work and aggregation; central eval excluded
+        round_s = t_eval - t0  # messaging, client work, aggregation and client evaluation; central evaluation excluded
         busy = sum(train_s) / max(1, min(len(train_s), self.slots))
         row = {"round": rnd, "val_loss": val, "best_val_loss": min(self.best_val, val),
                "train_loss": sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(1, tokens) if metrics else None,
@@ -246,7 +245,8 @@ class FederatedRun:
                "outside_training_share": round(max(0.0, 1 - busy / round_s), 4) if round_s > 0 and metrics else None,
                "eval_s": round(time.time() - t_eval, 3), "elapsed_s": round(time.time() - self.t_start, 3)}
         if rnd == 1 and metrics:
-            row["startup_s"] = round(min(float(m["train-start"]) for m in metrics) - self.t_start, 3)
+            first = min(float(m["train-start"]) for m in metrics)
+            row.update(startup_s=round(first - self.t_start, 3), first_step_at=first)  # first_step_at: Unix time
         # The row before the checkpoint: a run killed in between redoes this round on resume instead of losing its row.
         self.metrics.append(row)
         self.save(val)

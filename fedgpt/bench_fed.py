@@ -1,0 +1,236 @@
+"""Federation benchmarks: simulation overhead, communication, deployment overhead.
+
+    python -m fedgpt.bench fed --config configs/shakespeare_char_cpu.yaml
+    python -m fedgpt.bench comm --config configs/shakespeare_char_cpu.yaml
+    python -m fedgpt.bench deploy --config configs/shakespeare_char_cpu.yaml
+
+Each runs the real entry points as a user would (`python simulate.py ...`, a SuperLink with SuperNodes and
+`flwr run .`) in subprocesses, then reads the per-round rows the ServerApp writes (rounds.jsonl). Start-up is
+timed from the moment the command is launched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedgpt.config import load_config
+from fedgpt.deploy import QUIET, REPO, Deployment
+
+
+@dataclass
+class SimRun:
+    rows: list[dict]  # rounds.jsonl, round 0 (the initial evaluation) first
+    launched_at: float  # Unix time the command was started
+    wall_s: float
+    log: Path
+
+    @property
+    def rounds(self) -> list[dict]:
+        return [r for r in self.rows if r["round"] > 0]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_simulation(args: list[str], out_dir: Path, log: Path, timeout: float = 3600) -> SimRun:
+    """`python simulate.py ARGS --train.out_dir=OUT_DIR` from the repository root; its rounds."""
+    cmd = [sys.executable, "simulate.py", *args, f"--train.out_dir={out_dir}"]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **QUIET}, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    wall = time.time() - t0
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} exited with {rc}; its output is in {log}")
+    return SimRun(read_jsonl(out_dir / "rounds.jsonl"), t0, wall, log)
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def round_figures(run: SimRun) -> dict[str, Any]:
+    """Per-round overhead figures of a run: medians over its rounds, and start-up from the launch."""
+    rs = run.rounds
+    train_s = sum(r["round_s"] for r in rs)
+    return {
+        "rounds": len(rs),
+        "startup_s": round(rs[0]["first_step_at"] - run.launched_at, 2) if rs and "first_step_at" in rs[0] else None,
+        "median_round_s": median([r["round_s"] for r in rs]),
+        "median_outside_training_share": median([r["outside_training_share"] for r in rs if r.get("outside_training_share") is not None]),
+        "outside_training_share_by_round": [r.get("outside_training_share") for r in rs],
+        "median_eval_s": median([r["eval_s"] for r in rs]),
+        "tokens": rs[-1]["tokens"] if rs else 0,
+        "tokens_per_s_rounds": round(rs[-1]["tokens"] / train_s, 1) if rs and train_s > 0 else None,
+        "tokens_per_s_wall": round(rs[-1]["tokens"] / run.wall_s, 1) if rs else None,
+        "wall_s": round(run.wall_s, 1),
+        "final_val_loss": rs[-1]["val_loss"] if rs else None,
+    }
+
+
+def local_trainer_throughput(config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
+    """Tokens/s of the local trainer's step (Trainer.train_steps) on the same config, with torch's default threads."""
+    import torch
+
+    from fedgpt.bench import FedgptRunner
+
+    runner = FedgptRunner(load_config(config, overrides))
+    ms = statistics.median(runner.run(steps, warmup))
+    return {"ms_per_step": round(ms, 2), "tokens_per_s": round(runner.tokens_per_step / (ms / 1000), 1),
+            "threads": torch.get_num_threads()}
+
+
+def sim_args(a: argparse.Namespace) -> list[str]:
+    return ["--config", a.config, f"--fed.num_clients={a.num_clients}", f"--fed.rounds={a.rounds}",
+            f"--fed.local_steps={a.local_steps}"]
+
+
+def bench_fed(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
+    """Start-up, per-round time outside client training, and aggregate tokens/s against the local trainer."""
+    local = local_trainer_throughput(a.config, overrides, a.trainer_steps, warmup=5)
+    print(f"local trainer: {local['ms_per_step']:.1f} ms/step, {local['tokens_per_s']:,.0f} tokens/s ({local['threads']} threads)", flush=True)
+    run = run_simulation(sim_args(a) + overrides, work / "fed", work / "fed.log")
+    fig = round_figures(run)
+    ratio = fig["tokens_per_s_rounds"] / local["tokens_per_s"] if fig["tokens_per_s_rounds"] else None
+    return {"local_trainer": local, "simulation": fig, "tokens_per_s_ratio": round(ratio, 3) if ratio else None,
+            "tokens_per_s_ratio_wall": round(fig["tokens_per_s_wall"] / local["tokens_per_s"], 3)}
+
+
+def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
+    """Bytes per client per round, fp32 against fp16 transport, and the central val loss each reaches."""
+    import torch
+
+    from fedgpt.data import load_dataset
+    from fedgpt.train import build_model
+    from fedgpt.wire import tied_aliases
+
+    cfg = load_config(a.config, overrides)
+    tok = load_dataset(cfg.data).tokenizer
+    model = build_model(cfg, tok.meta(), tok.vocab_size)
+    aliases = tied_aliases(model)
+    params = sum(v.numel() for k, v in model.state_dict().items() if k not in aliases and v.is_floating_point())
+    fp32_bytes = params * torch.tensor([], dtype=torch.float32).element_size()
+    out: dict[str, Any] = {"params": params, "fp32_model_bytes": fp32_bytes}
+    for name, half in (("fp32", "false"), ("fp16", "true")):
+        run = run_simulation(sim_args(a) + overrides + [f"--fed.half_precision={half}"], work / name, work / f"{name}.log")
+        rs = run.rounds
+        down = median([r["bytes_sent"] / (r["clients_ok"] + r["clients_failed"]) for r in rs])
+        up = median([r["bytes_received"] / r["clients_ok"] for r in rs if r["clients_ok"]])
+        out[name] = {"downlink_bytes_per_client": down, "uplink_bytes_per_client": up,
+                     "downlink_vs_fp32_model": round(down / fp32_bytes, 5), "uplink_vs_fp32_model": round(up / fp32_bytes, 5),
+                     "final_val_loss": rs[-1]["val_loss"], "wall_s": round(run.wall_s, 1)}
+        print(f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; val {rs[-1]['val_loss']:.4f}", flush=True)
+    out["fp16_vs_fp32_transport"] = round(out["fp16"]["uplink_bytes_per_client"] / out["fp32"]["uplink_bytes_per_client"], 5)
+    out["val_loss_difference"] = round(out["fp16"]["final_val_loss"] - out["fp32"]["final_val_loss"], 6)
+    return out
+
+
+def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
+    """Seconds per round of a real deployment on loopback: SuperLink, a.supernodes SuperNodes, `flwr run .`."""
+    cfg = load_config(a.config, overrides)
+    data_dir = Path(cfg.data.data_dir).resolve()
+    dep = Deployment(work / "flwr")
+    out_dir = work / "deploy"
+    run_overrides = " ".join([f"fed.num_clients={a.supernodes}", f"fed.rounds={a.rounds}", f"fed.local_steps={a.local_steps}",
+                              f"train.out_dir={out_dir}", f"data.data_dir={data_dir}", *(o.lstrip("-") for o in overrides)])
+    run_config = f"config='{Path(a.config).resolve()}' client-threads=1 overrides='{run_overrides}'"
+    try:
+        t0 = time.time()
+        dep.start_federation(data_dir, supernodes=a.supernodes)
+        t_up = time.time()
+        res = dep.flwr(["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=a.timeout)
+        wall = time.time() - t0
+        if res.returncode != 0 or not (out_dir / "rounds.jsonl").is_file():
+            raise RuntimeError(f"flwr run exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}")
+    finally:
+        dep.stop()
+    run = SimRun(read_jsonl(out_dir / "rounds.jsonl"), t_up, wall, work / "flwr")
+    rs = run.rounds
+    between = [b["elapsed_s"] - a_["elapsed_s"] for a_, b in zip(run.rows, run.rows[1:])]
+    fig = round_figures(run)
+    fig.update(median_round_wall_s=median(between[1:]) if len(between) > 1 else None,
+               round_s_by_round=[r["round_s"] for r in rs], supernodes=a.supernodes, local_steps=a.local_steps,
+               federation_start_s=round(t_up - t0, 2))
+    return fig
+
+
+def markdown(kind: str, res: dict[str, Any]) -> str:
+    """One result as a markdown table."""
+    if kind == "fed":
+        s, loc = res["simulation"], res["local_trainer"]
+        rows = [("start-up: launch to first client step (s)", s["startup_s"]),
+                ("round time, central eval excluded (s, median)", s["median_round_s"]),
+                ("share of a round outside client training (median)", _pct(s["median_outside_training_share"])),
+                ("central evaluation per round (s, median)", s["median_eval_s"]),
+                ("simulation tokens/s over rounds", s["tokens_per_s_rounds"]),
+                ("simulation tokens/s over the whole run", s["tokens_per_s_wall"]),
+                (f"local trainer tokens/s ({loc['threads']} threads)", loc["tokens_per_s"]),
+                ("simulation / local trainer (rounds; whole run)", f"{res['tokens_per_s_ratio']}x; {res['tokens_per_s_ratio_wall']}x")]
+    elif kind == "comm":
+        f32, f16 = res["fp32"], res["fp16"]
+        rows = [("parameters (tied weights once)", f"{res['params']:,}"), ("fp32 model (MB)", f"{res['fp32_model_bytes'] / 1e6:.3f}"),
+                ("downlink per client per round (MB): fp32 / fp16", _mb(f32["downlink_bytes_per_client"], f16["downlink_bytes_per_client"])),
+                ("uplink per client per round (MB): fp32 / fp16", _mb(f32["uplink_bytes_per_client"], f16["uplink_bytes_per_client"])),
+                ("fp16 uplink / fp32 model", f"{f16['uplink_vs_fp32_model']:.5f}x"),
+                ("fp16 / fp32 transport", f"{res['fp16_vs_fp32_transport']:.5f}x"),
+                ("final val loss: fp32 / fp16", f"{f32['final_val_loss']:.4f} / {f16['final_val_loss']:.4f}"),
+                ("val loss difference (fp16 - fp32)", f"{res['val_loss_difference']:+.6f}")]
+    else:
+        rows = [("SuperNodes, local steps", f"{res['supernodes']}, {res['local_steps']}"),
+                ("round time, central eval excluded (s, median)", res["median_round_s"]),
+                ("round time, by round (s)", ", ".join(f"{x:.2f}" for x in res["round_s_by_round"])),
+                ("wall time between rounds (s, median)", res["median_round_wall_s"]),
+                ("start-up: federation up to first client step (s)", res["startup_s"]),
+                ("starting SuperLink and SuperNodes (s)", res["federation_start_s"])]
+    lines = [f"| {kind} | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _mb(a: float, b: float) -> str:
+    return f"{a / 1e6:.4f} / {b / 1e6:.4f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    for name, help_, rounds, steps in (("fed", "8-client simulation: start-up, per-round overhead, tokens/s vs the local trainer", 3, 50),
+                                       ("comm", "bytes per client per round, fp32 vs fp16 transport, and the val loss each reaches", 5, 25),
+                                       ("deploy", "seconds per round of a loopback deployment (SuperLink + SuperNodes, flwr run)", 5, 0)):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", default="configs/shakespeare_char_cpu.yaml", help="YAML config (default: %(default)s)")
+        p.add_argument("--rounds", type=int, default=rounds, help="rounds (default: %(default)s)")
+        p.add_argument("--local-steps", type=int, default=steps, help="local steps per client per round (default: %(default)s)")
+        if name == "deploy":
+            p.add_argument("--supernodes", type=int, default=2, help="SuperNodes = clients (default: %(default)s)")
+            p.add_argument("--timeout", type=float, default=900, help="seconds for the whole run (default: %(default)s)")
+        else:
+            p.add_argument("--num-clients", type=int, default=8, help="clients (default: %(default)s)")
+        if name == "fed":
+            p.add_argument("--trainer-steps", type=int, default=30, help="timed local-trainer steps (default: %(default)s)")
+        p.add_argument("--keep", help="directory for the runs' outputs and logs (default: a temporary one, removed)")
+        p.add_argument("--out", help="JSON result file (default results/bench-<kind>-<time>.json)")
+
+
+def run(kind: str, a: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    fn = {"fed": bench_fed, "comm": bench_comm, "deploy": bench_deploy}[kind]
+    if a.rounds < 1 or a.local_steps < 0:
+        raise ValueError(f"--rounds={a.rounds} must be >= 1 and --local-steps={a.local_steps} >= 0")
+    if a.keep:
+        work = Path(a.keep).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        return fn(a, overrides, work)
+    with tempfile.TemporaryDirectory(prefix=f"fedgpt-bench-{kind}-") as tmp:
+        return fn(a, overrides, Path(tmp))
