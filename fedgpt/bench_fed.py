@@ -12,7 +12,6 @@ timed from the moment the command is launched.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any
 
 from fedgpt.config import load_config
 from fedgpt.deploy import QUIET, REPO, Deployment
+from fedgpt.metrics import read_jsonl
 
 
 @dataclass
@@ -37,10 +37,6 @@ class SimRun:
     @property
     def rounds(self) -> list[dict]:
         return [r for r in self.rows if r["round"] > 0]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_simulation(args: list[str], out_dir: Path, log: Path, timeout: float = 3600) -> SimRun:

@@ -1,0 +1,89 @@
+"""The federation benchmarks and the results table, run as a user runs them, on the tiny model.
+
+Figures that must hold whatever the machine's speed: token counts, byte counts against the model's size, and that
+every run of the results table trained on the same number of tokens. No timing assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from fedgpt.results import END, START, write_doc
+
+TINY_TOKENS_PER_STEP = 8 * 16  # configs/tiny.yaml: batch_size x block_size
+
+
+def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny(data_dir: Path, tmp_path: Path, kind: str, *args: str) -> dict:
+    out = tmp_path / f"{kind}.json"
+    res = run_module("fedgpt.bench", kind, "--config", "configs/tiny.yaml", *args, "--out", str(out), f"--data.data_dir={data_dir}")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"| {kind} |" in res.stdout  # the markdown table
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_fed_counts_every_client_token(data_dir, tmp_path):
+    r = tiny(data_dir, tmp_path, "fed", "--num-clients", "2", "--rounds", "2", "--local-steps", "3", "--trainer-steps", "3")
+    sim = r["simulation"]
+    assert sim["tokens"] == 2 * 2 * 3 * TINY_TOKENS_PER_STEP
+    assert sim["rounds"] == 2 and 0 < sim["startup_s"] < sim["wall_s"]
+    assert all(0 <= s <= 1 for s in sim["outside_training_share_by_round"])
+    assert r["local_trainer"]["tokens_per_s"] > 0 and r["tokens_per_s_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_bench_comm_fp16_halves_the_bytes(data_dir, tmp_path):
+    r = tiny(data_dir, tmp_path, "comm", "--num-clients", "2", "--rounds", "2", "--local-steps", "2")
+    params, f32, f16 = r["params"], r["fp32"], r["fp16"]
+    assert r["fp32_model_bytes"] == 4 * params
+    for way in ("downlink", "uplink"):
+        assert f32[f"{way}_bytes_per_client"] >= 4 * params  # every weight once (tied ones too), plus headers
+        assert 2 * params <= f16[f"{way}_bytes_per_client"] <= 2 * params + 256  # one flat fp16 array: one header
+    assert r["fp16_vs_fp32_transport"] < 0.5
+    assert abs(r["val_loss_difference"]) < 0.05
+
+
+@pytest.mark.slow
+def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
+    r = tiny(data_dir, tmp_path, "deploy", "--rounds", "2", "--local-steps", "0")
+    assert r["supernodes"] == 2 and r["rounds"] == 2 and r["tokens"] == 0
+    assert len(r["round_s_by_round"]) == 2 and all(s > 0 for s in r["round_s_by_round"])
+
+
+@pytest.mark.slow
+def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# Results\n\nintro\n\n{START}\nold table\n{END}\n\n## Discussion\nkept\n")
+    res = run_module("fedgpt.results", "--config", "configs/tiny.yaml", "--num-clients", "2", "--rounds", "2", "--local-steps", "3",
+                     "--only", "centralized", "fedavg_iid", "--runs-dir", str(tmp_path / "runs"), "--doc", str(doc),
+                     f"--data.data_dir={data_dir}")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert [r["name"] for r in results] == ["centralized", "fedavg_iid"]
+    assert {r["tokens"] for r in results} == {2 * 2 * 3 * TINY_TOKENS_PER_STEP}
+    text = doc.read_text()
+    assert "old table" not in text and text.endswith("## Discussion\nkept\n") and "intro" in text
+    for r in results:
+        assert f"| {r['label']} | {r['final_val_loss']:.4f} |" in text
+    assert (doc.parent / "results" / "val_vs_tokens.png").stat().st_size > 0
+
+
+def test_results_doc_without_markers_is_refused(tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n")
+    with pytest.raises(ValueError, match="lacks the"):
+        write_doc(doc, "table")
+    assert doc.read_text() == "# Results\n"
