@@ -39,16 +39,22 @@ class SimRun:
         return [r for r in self.rows if r["round"] > 0]
 
 
-def run_simulation(args: list[str], out_dir: Path, log: Path, timeout: float = 3600) -> SimRun:
-    """`python simulate.py ARGS --train.out_dir=OUT_DIR` from the repository root; its rounds."""
-    cmd = [sys.executable, "simulate.py", *args, f"--train.out_dir={out_dir}"]
+def run_logged(cmd: list[str], log: Path, timeout: float | None = None) -> tuple[float, float]:
+    """Run `cmd` from the repository root with Flower kept offline, its output into `log`; (Unix start time, wall s).
+
+    A non-zero exit raises RuntimeError naming the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with log.open("w") as f:
         rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **QUIET}, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-    wall = time.time() - t0
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd[1:])} exited with {rc}; its output is in {log}")
+    return t0, time.time() - t0
+
+
+def run_simulation(args: list[str], out_dir: Path, log: Path, timeout: float = 3600) -> SimRun:
+    """`python simulate.py ARGS --train.out_dir=OUT_DIR` from the repository root; its rounds."""
+    t0, wall = run_logged([sys.executable, "simulate.py", *args, f"--train.out_dir={out_dir}"], log, timeout)
     return SimRun(read_jsonl(out_dir / "rounds.jsonl"), t0, wall, log)
 
 
@@ -59,7 +65,7 @@ def median(xs: list[float]) -> float | None:
 def round_figures(run: SimRun) -> dict[str, Any]:
     """Per-round overhead figures of a run: medians over its rounds, and start-up from the launch."""
     rs = run.rounds
-    train_s = sum(r["round_s"] for r in rs)
+    rounds_s = sum(r["round_s"] for r in rs)
     return {
         "rounds": len(rs),
         "startup_s": round(rs[0]["first_step_at"] - run.launched_at, 2) if rs and "first_step_at" in rs[0] else None,
@@ -68,7 +74,7 @@ def round_figures(run: SimRun) -> dict[str, Any]:
         "outside_training_share_by_round": [r.get("outside_training_share") for r in rs],
         "median_eval_s": median([r["eval_s"] for r in rs]),
         "tokens": rs[-1]["tokens"] if rs else 0,
-        "tokens_per_s_rounds": round(rs[-1]["tokens"] / train_s, 1) if rs and train_s > 0 else None,
+        "tokens_per_s_rounds": round(rs[-1]["tokens"] / rounds_s, 1) if rs and rounds_s > 0 else None,
         "tokens_per_s_wall": round(rs[-1]["tokens"] / run.wall_s, 1) if rs else None,
         "wall_s": round(run.wall_s, 1),
         "final_val_loss": rs[-1]["val_loss"] if rs else None,
@@ -105,8 +111,6 @@ def bench_fed(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[s
 
 def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
     """Bytes per client per round, fp32 against fp16 transport, and the central val loss each reaches."""
-    import torch
-
     from fedgpt.data import load_dataset
     from fedgpt.train import build_model
     from fedgpt.wire import tied_aliases
@@ -116,7 +120,7 @@ def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[
     model = build_model(cfg, tok.meta(), tok.vocab_size)
     aliases = tied_aliases(model)
     params = sum(v.numel() for k, v in model.state_dict().items() if k not in aliases and v.is_floating_point())
-    fp32_bytes = params * torch.tensor([], dtype=torch.float32).element_size()
+    fp32_bytes = 4 * params
     out: dict[str, Any] = {"params": params, "fp32_model_bytes": fp32_bytes}
     for name, half in (("fp32", "false"), ("fp16", "true")):
         run = run_simulation(sim_args(a) + overrides + [f"--fed.half_precision={half}"], work / name, work / f"{name}.log")

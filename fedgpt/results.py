@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedgpt.bench_fed import run_logged
 from fedgpt.config import load_config
+from fedgpt.deploy import REPO
 from fedgpt.files import atomic_write, atomic_write_bytes
 from fedgpt.metrics import read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -51,30 +49,22 @@ def experiments() -> list[Experiment]:
     ]
 
 
-def command(e: Experiment, a: argparse.Namespace, overrides: list[str], out_dir: Path) -> list[str]:
-    cfg = load_config(a.config, overrides)
+def command(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: int, out_dir: Path) -> list[str]:
+    """The run's command line; `warmup` is the federated runs' scaled warm-up."""
     seq_steps = a.rounds * a.local_steps  # steps of each client's schedule
     if e.central:
         return [sys.executable, "-m", "fedgpt.local_train", "--config", a.config, *overrides, *e.args,
                 f"--train.max_steps={a.num_clients * seq_steps}", "--train.lr_decay_steps=0", f"--train.out_dir={out_dir}"]
-    warmup = round(cfg.train.warmup_steps * seq_steps / max(1, cfg.train.max_steps))
     return [sys.executable, "simulate.py", "--config", a.config, *overrides, *e.args, "--num-clients", str(a.num_clients),
             "--rounds", str(a.rounds), "--local-steps", str(a.local_steps), f"--train.warmup_steps={warmup}",
             f"--train.out_dir={out_dir}"]
 
 
-def run(e: Experiment, a: argparse.Namespace, overrides: list[str]) -> dict:
+def run(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: int) -> dict:
     out_dir = Path(a.runs_dir).resolve() / e.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = command(e, a, overrides, out_dir)
+    cmd = command(e, a, overrides, warmup, out_dir)
     print(f"[{e.name}] {' '.join(cmd[1:])}", flush=True)
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    t0 = time.time()
-    with (out_dir / "run.log").open("w") as log:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.time() - t0
-    if rc != 0:
-        raise RuntimeError(f"{e.name} exited with {rc}: see {out_dir / 'run.log'}")
+    _, wall = run_logged(cmd, out_dir / "run.log")
     info = {"name": e.name, "command": " ".join(["python", *cmd[1:]]).replace(str(REPO) + "/", ""), "wall_s": round(wall, 1)}
     atomic_write_bytes(out_dir / "run.json", json.dumps(info, indent=1).encode())
     print(f"[{e.name}] done in {wall:.0f} s", flush=True)
@@ -157,11 +147,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a, overrides = parse_args(argv)
     if min(a.num_clients, a.rounds, a.local_steps) < 1:
         raise ValueError(f"--num-clients, --rounds and --local-steps must be >= 1 (got {a.num_clients}, {a.rounds}, {a.local_steps})")
-    load_config(a.config, overrides)  # a bad config or override fails here, before any run
+    tc = load_config(a.config, overrides).train  # a bad config or override fails here, before any run
+    warmup = round(tc.warmup_steps * a.rounds * a.local_steps / max(1, tc.max_steps))  # the same share of the schedule
     exps = experiments()
     for e in exps:
         if not a.only or e.name in a.only:
-            run(e, a, overrides)
+            run(e, a, overrides, warmup)
     runs_dir = Path(a.runs_dir).resolve()
     res = [r for e in exps if (r := collect(e, runs_dir)) is not None]
     doc = Path(a.doc)
