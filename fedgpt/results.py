@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedgpt.bench_fed import run_logged
-from fedgpt.config import load_config
+from fedgpt.config import TrainConfig, load_config
 from fedgpt.deploy import REPO
 from fedgpt.files import atomic_write, atomic_write_bytes
 from fedgpt.metrics import read_jsonl
@@ -33,6 +34,7 @@ class Experiment:
     label: str
     args: list[str]  # extra flags: for simulate.py, or for fedgpt.local_train when central
     central: bool = False
+    parallel: bool = False  # central, but with the federation's parallelism: clients x batch per step, rounds x local steps
 
 
 def experiments() -> list[Experiment]:
@@ -40,6 +42,7 @@ def experiments() -> list[Experiment]:
         Experiment("centralized", "centralized (local trainer)", [], central=True),
         Experiment("centralized_lr1e-3", "centralized, nanoGPT's lr 1e-3", ["--train.learning_rate=1e-3", "--train.min_lr=1e-4"],
                    central=True),
+        Experiment("centralized_parallel", "centralized, clients x the batch for rounds x local steps", [], central=True, parallel=True),
         Experiment("fedavg_iid", "FedAvg, IID", ["--iid", "--strategy", "fedavg"]),
         Experiment("fedavg_speaker", "FedAvg, non-IID (speaker)", ["--non-iid", "speaker", "--strategy", "fedavg"]),
         *[Experiment(f"fedprox_speaker_mu{mu}", f"FedProx mu={mu}, non-IID (speaker)", ["--non-iid", "speaker", "--mu", str(mu)])
@@ -49,9 +52,16 @@ def experiments() -> list[Experiment]:
     ]
 
 
-def command(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: int, out_dir: Path) -> list[str]:
-    """The run's command line; `warmup` is the federated runs' scaled warm-up."""
+def command(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: int, out_dir: Path, tc: TrainConfig) -> list[str]:
+    """The run's command line; `warmup` is the federated runs' scaled warm-up, `tc` the config's train section."""
     seq_steps = a.rounds * a.local_steps  # steps of each client's schedule
+    if e.parallel:
+        # What synchronous data parallelism over the clients does with the same tokens; evaluated once per "round",
+        # on about as many val windows as the other runs (evaluation batches are training-batch sized).
+        return [sys.executable, "-m", "fedgpt.local_train", "--config", a.config, *overrides, *e.args,
+                f"--train.batch_size={a.num_clients * tc.batch_size}", f"--train.max_steps={seq_steps}",
+                f"--train.warmup_steps={warmup}", "--train.lr_decay_steps=0", f"--train.eval_interval={a.local_steps}",
+                f"--train.eval_iters={math.ceil(tc.eval_iters / a.num_clients)}", f"--train.out_dir={out_dir}"]
     if e.central:
         return [sys.executable, "-m", "fedgpt.local_train", "--config", a.config, *overrides, *e.args,
                 f"--train.max_steps={a.num_clients * seq_steps}", "--train.lr_decay_steps=0", f"--train.out_dir={out_dir}"]
@@ -60,9 +70,9 @@ def command(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: 
             f"--train.out_dir={out_dir}"]
 
 
-def run(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: int) -> dict:
+def run(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: int, tc: TrainConfig) -> dict:
     out_dir = Path(a.runs_dir).resolve() / e.name
-    cmd = command(e, a, overrides, warmup, out_dir)
+    cmd = command(e, a, overrides, warmup, out_dir, tc)
     print(f"[{e.name}] {' '.join(cmd[1:])}", flush=True)
     _, wall = run_logged(cmd, out_dir / "run.log")
     info = {"name": e.name, "command": " ".join(["python", *cmd[1:]]).replace(str(REPO) + "/", ""), "wall_s": round(wall, 1)}
@@ -92,7 +102,8 @@ def table(res: list[dict], a: argparse.Namespace) -> str:
         lines.append(f"| {r['label']} | {r['final_val_loss']:.4f} | {diff} | {r['best_val_loss']:.4f} | {r['tokens'] / 1e6:.3f} | "
                      f"{r['wall_s']:.0f} |")
     lines += ["", f"Config `{a.config}`; federated runs: {a.num_clients} clients x {a.rounds} rounds x {a.local_steps} local steps; "
-              f"centralized: {a.num_clients * a.rounds * a.local_steps} steps. Commands:", ""]
+              f"centralized: {a.num_clients * a.rounds * a.local_steps} steps; centralized with the federation's parallelism: "
+              f"{a.rounds * a.local_steps} steps of {a.num_clients}x the batch. Commands:", ""]
     lines += [f"- {r['name']}: `{r['command']}`" for r in res]
     return "\n".join(lines)
 
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     exps = experiments()
     for e in exps:
         if not a.only or e.name in a.only:
-            run(e, a, overrides, warmup)
+            run(e, a, overrides, warmup, tc)
     runs_dir = Path(a.runs_dir).resolve()
     res = [r for e in exps if (r := collect(e, runs_dir)) is not None]
     doc = Path(a.doc)

@@ -68,11 +68,11 @@ def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
     doc.parent.mkdir()
     doc.write_text(f"# Results\n\nintro\n\n{START}\nold table\n{END}\n\n## Discussion\nkept\n")
     res = run_module("fedgpt.results", "--config", "configs/tiny.yaml", "--num-clients", "2", "--rounds", "2", "--local-steps", "3",
-                     "--only", "centralized", "fedavg_iid", "--runs-dir", str(tmp_path / "runs"), "--doc", str(doc),
+                     "--only", "centralized", "centralized_parallel", "fedavg_iid", "--runs-dir", str(tmp_path / "runs"), "--doc", str(doc),
                      f"--data.data_dir={data_dir}")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((tmp_path / "runs" / "results.json").read_text())
-    assert [r["name"] for r in results] == ["centralized", "fedavg_iid"]
+    assert [r["name"] for r in results] == ["centralized", "centralized_parallel", "fedavg_iid"]
     assert {r["tokens"] for r in results} == {2 * 2 * 3 * TINY_TOKENS_PER_STEP}
     text = doc.read_text()
     assert "old table" not in text and text.endswith("## Discussion\nkept\n") and "intro" in text
