@@ -105,10 +105,13 @@ def start_ray(init_args: dict) -> None:
     import ray
 
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")  # about GPU env vars; not ours to act on
-    # Ray workers import client_app and fedgpt: they get this process's import path, like Flower gives them.
+    # Ray workers import client_app and fedgpt: they get this process's import path, like Flower gives them. A local
+    # Ray inherits it from the environment; a runtime_env (what Flower passes) would also keep Ray from handing the
+    # workers it pre-started at init to the clients, and each client would wait about a second for a fresh one.
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = path
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level=logging.WARNING, **init_args)
+    runtime_env = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}} if "address" in init_args else {}
+    ray.init(logging_level=logging.WARNING, **runtime_env, **init_args)
 
 
 def simulate(run: "FederatedRun", client_app: "ClientApp", num_supernodes: int, backend_config: dict) -> dict:

@@ -12,6 +12,7 @@ timed from the moment the command is launched.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -102,11 +103,20 @@ def bench_fed(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[s
     """Start-up, per-round time outside client training, and aggregate tokens/s against the local trainer."""
     local = local_trainer_throughput(a.config, overrides, a.trainer_steps, warmup=5)
     print(f"local trainer: {local['ms_per_step']:.1f} ms/step, {local['tokens_per_s']:,.0f} tokens/s ({local['threads']} threads)", flush=True)
+    floor = startup_floor(a.num_clients, work / "floor.log")
+    print(f"start-up floor (Flower + Ray + a torch ClientApp): {floor:.2f} s", flush=True)
     run = run_simulation(sim_args(a) + overrides, work / "fed", work / "fed.log")
     fig = round_figures(run)
     ratio = fig["tokens_per_s_rounds"] / local["tokens_per_s"] if fig["tokens_per_s_rounds"] else None
-    return {"local_trainer": local, "simulation": fig, "tokens_per_s_ratio": round(ratio, 3) if ratio else None,
+    return {"local_trainer": local, "simulation": fig, "startup_floor_s": floor, "tokens_per_s_ratio": round(ratio, 3) if ratio else None,
             "tokens_per_s_ratio_wall": round(fig["tokens_per_s_wall"] / local["tokens_per_s"], 3)}
+
+
+def startup_floor(num_clients: int, log: Path) -> float:
+    """Seconds from launch to the first message handled by a simulation that does nothing but start (fedgpt.bench_floor)."""
+    t0, _ = run_logged([sys.executable, "-m", "fedgpt.bench_floor", "--num-clients", str(num_clients)], log, timeout=600)
+    result = json.loads(log.read_text().strip().splitlines()[-1])
+    return round(result["first_message_at"] - t0, 2)
 
 
 def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
@@ -170,6 +180,7 @@ def markdown(kind: str, res: dict[str, Any]) -> str:
     if kind == "fed":
         s, loc = res["simulation"], res["local_trainer"]
         rows = [("start-up: launch to first client step (s)", s["startup_s"]),
+                ("start-up floor: Flower + Ray + a ClientApp that only imports torch (s)", res["startup_floor_s"]),
                 ("round time, central eval excluded (s, median)", s["median_round_s"]),
                 ("share of a round outside client training (median)", _pct(s["median_outside_training_share"])),
                 ("central evaluation per round (s, median)", s["median_eval_s"]),

@@ -41,6 +41,7 @@ def test_bench_fed_counts_every_client_token(data_dir, tmp_path):
     assert sim["rounds"] == 2 and 0 < sim["startup_s"] < sim["wall_s"]
     assert all(0 <= s <= 1 for s in sim["outside_training_share_by_round"])
     assert r["local_trainer"]["tokens_per_s"] > 0 and r["tokens_per_s_ratio"] > 0
+    assert 0 < r["startup_floor_s"] < 600  # the floor simulation ran, and every one of its clients answered
 
 
 @pytest.mark.slow
