@@ -114,7 +114,7 @@ def plot(res: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for r in res:
         xs, ys = zip(*r["curve"])
         ax.plot([x / 1e6 for x in xs], ys, marker=".", label=r["label"], linestyle="-" if "centralized" in r["name"] else "--")
@@ -124,7 +124,7 @@ def plot(res: list[dict], path: Path) -> None:
     if later:  # the initial loss (~4.2) would squash the part worth seeing
         ax.set_ylim(top=max(later) + 0.05)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: inside, it hides curves
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
