@@ -33,6 +33,7 @@ def main(num_clients: int) -> dict:
     from flwr.simulation import run_simulation
 
     from fedgpt import bench_floor  # the app by module name: Ray actors import it (and torch), as with client_app
+    from fedgpt.server import exchange, wait_for_nodes
     from simulate import start_ray
 
     init_args = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
@@ -41,10 +42,9 @@ def main(num_clients: int) -> dict:
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        while len(nodes := list(grid.get_node_ids())) < num_clients:
-            time.sleep(0.05)
+        nodes = wait_for_nodes(grid, num_clients, timeout=120, log=lambda _: None)
         msgs = [Message(RecordDict({"c": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
-        handled.extend(r.content["t"]["handled-at"] for r in grid.send_and_receive(msgs) if not r.has_error())
+        handled.extend(r.content["t"]["handled-at"] for r in exchange(grid, msgs, timeout=120) if not r.has_error())
 
     run_simulation(server_app=server, client_app=bench_floor.app, num_supernodes=num_clients,
                    backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}, "init_args": init_args})

@@ -62,15 +62,14 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 class Deployment:
     """Processes of one loopback deployment, each with its own FLWR_HOME and working directory under `root`."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None):
+    def __init__(self, root: Path):
         self.root = root
-        self.extra_env = env or {}
         self.marker = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
         self.link_port: int | None = None
 
     def env(self, home: Path) -> dict[str, str]:
-        return {**os.environ, **QUIET, **self.extra_env, "FLWR_HOME": str(home), MARKER: self.marker,
+        return {**os.environ, **QUIET, "FLWR_HOME": str(home), MARKER: self.marker,
                 "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:

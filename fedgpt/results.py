@@ -55,16 +55,15 @@ def experiments() -> list[Experiment]:
 def command(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: int, out_dir: Path, tc: TrainConfig) -> list[str]:
     """The run's command line; `warmup` is the federated runs' scaled warm-up, `tc` the config's train section."""
     seq_steps = a.rounds * a.local_steps  # steps of each client's schedule
+    local_train = [sys.executable, "-m", "fedgpt.local_train", "--config", a.config, *overrides, *e.args]
     if e.parallel:
         # What synchronous data parallelism over the clients does with the same tokens; evaluated once per "round",
         # on about as many val windows as the other runs (evaluation batches are training-batch sized).
-        return [sys.executable, "-m", "fedgpt.local_train", "--config", a.config, *overrides, *e.args,
-                f"--train.batch_size={a.num_clients * tc.batch_size}", f"--train.max_steps={seq_steps}",
-                f"--train.warmup_steps={warmup}", "--train.lr_decay_steps=0", f"--train.eval_interval={a.local_steps}",
-                f"--train.eval_iters={math.ceil(tc.eval_iters / a.num_clients)}", f"--train.out_dir={out_dir}"]
+        return local_train + [f"--train.batch_size={a.num_clients * tc.batch_size}", f"--train.max_steps={seq_steps}",
+                              f"--train.warmup_steps={warmup}", "--train.lr_decay_steps=0", f"--train.eval_interval={a.local_steps}",
+                              f"--train.eval_iters={math.ceil(tc.eval_iters / a.num_clients)}", f"--train.out_dir={out_dir}"]
     if e.central:
-        return [sys.executable, "-m", "fedgpt.local_train", "--config", a.config, *overrides, *e.args,
-                f"--train.max_steps={a.num_clients * seq_steps}", "--train.lr_decay_steps=0", f"--train.out_dir={out_dir}"]
+        return local_train + [f"--train.max_steps={a.num_clients * seq_steps}", "--train.lr_decay_steps=0", f"--train.out_dir={out_dir}"]
     return [sys.executable, "simulate.py", "--config", a.config, *overrides, *e.args, "--num-clients", str(a.num_clients),
             "--rounds", str(a.rounds), "--local-steps", str(a.local_steps), f"--train.warmup_steps={warmup}",
             f"--train.out_dir={out_dir}"]
