@@ -13,7 +13,6 @@ nanoGPT and Hugging Face GPT-2, and the same init and weight-decay rules apply t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from fedgpt.config import ARCHS, ModelConfig
+from fedgpt.optim import FusedAdamW, fused_supported
 
 
 class KVCache:
@@ -190,16 +190,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-@functools.cache
-def _fused_adamw_supported(device_type: str) -> bool:
-    """Whether this torch has a fused AdamW kernel for device_type (CPU since torch 2.4)."""
-    try:
-        torch.optim.AdamW([torch.zeros(1, device=device_type, requires_grad=True)], fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return False
-    return True
-
-
 class GPT(nn.Module):
     """A decoder-only language model; cfg.arch picks GPT-2 or Llama-style blocks."""
 
@@ -299,16 +289,16 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str) -> torch.optim.AdamW:
+                             device_type: str) -> FusedAdamW | torch.optim.AdamW:
         """AdamW that decays matrices and embeddings, not biases or norm weights; fused where torch has it."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # Without fused, torch picks foreach by itself where it is supported (CUDA).
-        extra = {"fused": True} if _fused_adamw_supported(device_type) else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        if fused_supported(device_type):
+            return FusedAdamW(groups, lr=learning_rate, betas=betas)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)  # torch picks foreach where supported (CUDA)
 
     def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float = 312e12) -> float:
         """Model flops utilization: achieved flops per second over peak_flops (A100 bf16 by default)."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from fedgpt.config import Config, TrainConfig
 from fedgpt.model import GPT
+from fedgpt.optim import FusedAdamW
 
 # Dense bf16/fp16 peak of common accelerators, for MFU. CPUs have no meaningful figure here: MFU is not shown.
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
@@ -135,7 +136,7 @@ class Trainer:
         self.cfg = cfg
         self.device = device
         self.raw_model = model.to(device)
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer: FusedAdamW | torch.optim.Optimizer | None = None
         self.ctx, self.scaler, self.precision = precision_context(cfg.precision, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -153,7 +154,7 @@ class Trainer:
         self.peak = peak_flops(device)
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
+    def optimizer(self) -> FusedAdamW | torch.optim.Optimizer:
         """AdamW, built on first use: evaluation-only callers (a ClientApp answering a query) never pay for it."""
         if self._optimizer is None:
             c = self.cfg
@@ -210,7 +211,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             self.step += 1
             steps_since_log += 1
             if self.log is not None and self.step % cfg.log_interval == 0:

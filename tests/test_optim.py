@@ -1,0 +1,106 @@
+"""fedgpt.optim: FusedAdamW is torch's fused AdamW step for step, shares its state dicts, and imports no torch._dynamo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from fedgpt.config import ModelConfig
+from fedgpt.model import GPT
+from fedgpt.optim import FusedAdamW, fused_supported
+
+V = 40
+pytestmark = pytest.mark.skipif(not fused_supported("cpu"), reason="this torch has no fused AdamW kernel on CPU")
+
+
+def tiny(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=V, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=False)).train()
+
+
+def groups(model: GPT) -> list[dict]:
+    return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def train(model: GPT, opt, steps: int, first: int = 0) -> None:
+    for i in range(first, first + steps):
+        xy = torch.randint(0, V, (4, 17), generator=torch.Generator().manual_seed(i))
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * (i + 1) / 8  # a schedule: the lr changes every step
+        _, loss = model(xy[:, :-1], xy[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def assert_equal(a: GPT, b: GPT) -> None:
+    for (name, x), y in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def pair() -> tuple[GPT, FusedAdamW, GPT, torch.optim.AdamW]:
+    ours, theirs = tiny(), tiny()
+    return (ours, FusedAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95)),
+            theirs, torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=True))
+
+
+def test_steps_are_bitwise_torch_fused_adamw():
+    ours, opt, theirs, ref = pair()
+    train(ours, opt, 6)
+    train(theirs, ref, 6)
+    assert_equal(ours, theirs)
+    assert not torch.equal(next(ours.parameters()), next(tiny().parameters())), "training must have moved the weights"
+
+
+@pytest.mark.parametrize("direction", ["torch to ours", "ours to torch"])
+def test_state_dicts_load_either_way(direction):
+    ours, opt, theirs, ref = pair()
+    train(ours, opt, 3)
+    train(theirs, ref, 3)
+    # Carry the state across into a fresh optimizer of the other kind; both must continue identically.
+    src, dst_kind = (ref, "ours") if direction == "torch to ours" else (opt, "torch")
+    model = tiny()
+    model.load_state_dict(theirs.state_dict())
+    dst = (FusedAdamW(groups(model), lr=0.0, betas=(0.5, 0.5)) if dst_kind == "ours"
+           else torch.optim.AdamW(groups(model), lr=0.0, betas=(0.5, 0.5), fused=True))
+    dst.load_state_dict(src.state_dict())
+    assert dst.param_groups[0]["betas"] == (0.9, 0.95) and dst.param_groups[0]["weight_decay"] == 0.1
+    train(model, dst, 3, first=3)
+    train(theirs, ref, 3, first=3)
+    assert_equal(model, theirs)
+
+
+def test_load_refuses_other_groups():
+    ours, opt, _, _ = pair()
+    train(ours, opt, 1)
+    other = FusedAdamW([{"params": list(tiny().parameters())}], lr=1e-2, betas=(0.9, 0.95))
+    with pytest.raises(ValueError, match="other parameter groups"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_training_never_imports_torch_dynamo():
+    # The point of FusedAdamW: a process that builds the model, trains and checkpoints pays no torch._dynamo import.
+    code = """
+import sys, torch
+from fedgpt.config import ModelConfig, TrainConfig
+from fedgpt.model import GPT
+from fedgpt.optim import FusedAdamW
+from fedgpt.train import Trainer
+model = GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16))
+trainer = Trainer(model, TrainConfig(batch_size=2, max_steps=4, warmup_steps=0, grad_clip=1.0), torch.device("cpu"))
+def batches():
+    while True:
+        xy = torch.randint(0, 40, (2, 17))
+        yield xy[:, :-1], xy[:, 1:]
+trainer.train_steps(batches(), 2)
+assert isinstance(trainer.optimizer, FusedAdamW), type(trainer.optimizer)
+print("torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "training imported torch._dynamo (1.5-2 s of start-up in every client process)"
