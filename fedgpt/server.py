@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -173,22 +174,43 @@ class FederatedRun:
         return ConfigRecord({"fedgpt-config": json.dumps(self.cfg.to_dict()), "tokenizer": json.dumps(self.ds.tokenizer.meta()),
                              "client-threads": self.client_threads})
 
-    def evaluate_global(self) -> float:
-        self.model.load_state_dict(self.global_state)
+    def evaluate_global(self, state: dict[str, torch.Tensor]) -> float:
+        self.model.load_state_dict(state)
         tc = self.cfg.train
         batches = Batches(self.ds.val, self.cfg.model.block_size, tc.batch_size, self.device, seed=tc.seed)
         return evaluate(self.model, batches, tc.eval_iters)["loss"]
 
-    def save(self, val_loss: float) -> None:
+    def snapshot(self) -> dict:
+        """What a round's checkpoint holds of the run, taken when the round ends: its evaluation runs later."""
+        return {"round": self.round, "state": self.global_state, "tokens": self.tokens, "strategy": strategy_state(self.strategy)}
+
+    def save(self, val_loss: float, snap: dict) -> None:
         improved = val_loss < self.best_val
         self.best_val = min(self.best_val, val_loss)
-        common = dict(model_state=self.global_state, model_config=self.model.cfg, tokenizer=self.ds.tokenizer.meta(),
-                      config=self.cfg.to_dict(), step=self.round * self.cfg.fed.local_steps, round=self.round,
+        rnd = snap["round"]
+        common = dict(model_state=snap["state"], model_config=self.model.cfg, tokenizer=self.ds.tokenizer.meta(),
+                      config=self.cfg.to_dict(), step=rnd * self.cfg.fed.local_steps, round=rnd,
                       best_val_loss=self.best_val, val_loss=val_loss)
-        save_checkpoint(self.out_dir / "last.pt", **common,
-                        extra={"tokens": self.tokens, "strategy": strategy_state(self.strategy)})
+        save_checkpoint(self.out_dir / "last.pt", **common, extra={"tokens": snap["tokens"], "strategy": snap["strategy"]})
         if improved:
             save_checkpoint(self.out_dir / "best.pt", **common)
+
+    def finish_round(self, snap: dict, row: dict) -> dict:
+        """Central evaluation of a round's global model, then its metrics row, checkpoints and log line."""
+        t_eval = time.time()
+        val = self.evaluate_global(snap["state"])
+        row.update(val_loss=val, best_val_loss=min(self.best_val, val), eval_s=round(time.time() - t_eval, 3),
+                   elapsed_s=round(time.time() - self.t_start, 3))
+        # The row before the checkpoint: a run killed in between redoes this round on resume instead of losing its row.
+        self.metrics.append(row)
+        self.save(val, snap)
+        if row["round"] == 0:
+            self.log(f"round   0 | val {val:.4f}")
+        else:
+            self.log(f"round {row['round']:3d} | val {val:.4f} | train {row['train_loss'] or float('nan'):.4f} | clients "
+                     f"{row['clients_ok']} ok {row['clients_failed']} failed | {row['round_s']:.2f} s | sent "
+                     f"{row['bytes_sent'] / 1e6:.2f} MB | received {row['bytes_received'] / 1e6:.2f} MB")
+        return row
 
     def preflight(self, grid: Grid) -> list[int]:
         """Wait for the nodes, then ask each for its partition: data or config problems surface before round 1."""
@@ -231,28 +253,21 @@ class FederatedRun:
         tokens = sum(int(m["train-tokens"]) for m in metrics)
         self.tokens += tokens
         client_val = self.client_evaluate(grid, rnd)
-        t_eval = time.time()
-        val = self.evaluate_global()
+        t_end = time.time()
         self.round = rnd
         train_s = [float(m["train-seconds"]) for m in metrics]
-        round_s = t_eval - t0  # messaging, client work, aggregation and client evaluation; central evaluation excluded
+        round_s = t_end - t0  # messaging, client work, aggregation and client evaluation; central evaluation excluded
         busy = sum(train_s) / max(1, min(len(train_s), self.slots))
-        row = {"round": rnd, "val_loss": val, "best_val_loss": min(self.best_val, val),
+        row = {"round": rnd, "val_loss": None, "best_val_loss": None,  # filled in by finish_round
                "train_loss": sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(1, tokens) if metrics else None,
                "client_val_loss": client_val, "clients_ok": len(ok), "clients_failed": len(msgs) - len(ok),
                "tokens": self.tokens, "bytes_sent": bytes_sent, "bytes_received": bytes_received,
                "round_s": round(round_s, 3), "client_train_s": round(sum(train_s), 3),
                "outside_training_share": round(max(0.0, 1 - busy / round_s), 4) if round_s > 0 and metrics else None,
-               "eval_s": round(time.time() - t_eval, 3), "elapsed_s": round(time.time() - self.t_start, 3)}
+               "eval_s": None, "elapsed_s": None}
         if rnd == 1 and metrics:
             first = min(float(m["train-start"]) for m in metrics)
             row.update(startup_s=round(first - self.t_start, 3), first_step_at=first)  # first_step_at: Unix time
-        # The row before the checkpoint: a run killed in between redoes this round on resume instead of losing its row.
-        self.metrics.append(row)
-        self.save(val)
-        self.log(f"round {rnd:3d} | val {val:.4f} | train {row['train_loss'] or float('nan'):.4f} | clients {len(ok)} ok "
-                 f"{row['clients_failed']} failed | {row['round_s']:.2f} s | sent {bytes_sent / 1e6:.2f} MB | "
-                 f"received {bytes_received / 1e6:.2f} MB")
         return row
 
     def aggregate(self, rnd: int, replies: list[Message]) -> tuple[list[Message], int]:
@@ -295,16 +310,25 @@ class FederatedRun:
         return float(agg["val-loss"]) if agg is not None else None
 
     def run(self, grid: Grid) -> dict:
-        """Pre-flight, round-0 evaluation, then rounds until fed.rounds; returns a summary of timings and losses."""
+        """Pre-flight, then rounds until fed.rounds; returns a summary of timings and losses.
+
+        The central evaluation of each global model (round 0's too) runs in a thread while the next round trains:
+        clients do not wait for the server's validation, which on its own hardware then costs no wall time.
+        Rows, checkpoints and log lines still follow round by round.
+        """
         self.preflight(grid)
-        if self.round == 0:
-            val = self.evaluate_global()
-            self.metrics.append({"round": 0, "val_loss": val, "best_val_loss": val, "tokens": 0,
-                                 "elapsed_s": round(time.time() - self.t_start, 3)})
-            self.save(val)
-            self.log(f"round   0 | val {val:.4f}")
-        rows = [self.run_round(grid, rnd) for rnd in range(self.round + 1, self.cfg.fed.rounds + 1)]
-        return summarize_run(rows, self.best_val, self.t_start)
+        rows = []
+        with ThreadPoolExecutor(1, thread_name_prefix="central-eval") as evaluator:
+            pending = evaluator.submit(self.finish_round, self.snapshot(), {"round": 0, "val_loss": None, "best_val_loss": None,
+                                                                             "tokens": 0}) if self.round == 0 else None
+            for rnd in range(self.round + 1, self.cfg.fed.rounds + 1):
+                row = self.run_round(grid, rnd)
+                if pending is not None:
+                    rows.append(pending.result())  # at most one round behind; re-raises what went wrong there
+                pending = evaluator.submit(self.finish_round, self.snapshot(), row)
+            if pending is not None:
+                rows.append(pending.result())
+        return summarize_run([r for r in rows if r["round"] > 0], self.best_val, self.t_start)
 
 
 def config_from_run_config(run_config: dict, app_dir: Path) -> tuple[Config, dict]:

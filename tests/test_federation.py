@@ -147,6 +147,22 @@ def test_aggregate_keeps_global_model_when_all_clients_fail(data_dir, tmp_path):
     assert all(torch.equal(before[k], run.global_state[k]) for k in before)
 
 
+def test_round_is_evaluated_and_saved_as_it_ended(data_dir, tmp_path):
+    # finish_round runs while the next round trains: it must score and save its snapshot, not the run as it is now.
+    run = tiny_run(data_dir, tmp_path)
+    snap = run.snapshot()
+    expected = run.evaluate_global(snap["state"])
+    run.global_state = {k: torch.zeros_like(v) for k, v in run.global_state.items()}  # the next round's aggregate
+    run.round, run.tokens = 1, 999
+
+    row = run.finish_round(snap, {"round": 0, "val_loss": None, "best_val_loss": None, "tokens": 0})
+
+    assert row["val_loss"] == expected and rounds(tmp_path) == [row]
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert (ckpt["round"], ckpt["val_loss"], ckpt["extra"]["tokens"]) == (0, expected, 0)
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in snap["state"].items())
+
+
 @pytest.fixture
 def gpt() -> GPT:
     torch.manual_seed(0)
@@ -226,6 +242,15 @@ def test_fedprox_with_zero_mu_equals_fedavg(fedavg_out, data_dir, tmp_path):
     for k, v in avg["model"].items():
         assert torch.equal(prox["model"][k], v), k
     assert [r["val_loss"] for r in rounds(tmp_path)] == [r["val_loss"] for r in rounds(fedavg_out)]
+
+
+@pytest.mark.slow
+def test_overlapped_evaluation_matches_a_run_that_ends_there(fedavg_out, data_dir, tmp_path):
+    # In the 2-round run, round 1 was evaluated while round 2 trained; a 1-round run evaluates it with nothing beside.
+    simulate.main(tiny_args(data_dir, tmp_path, "--rounds", "1"))
+    one, two = rounds(tmp_path), rounds(fedavg_out)
+    assert [r["val_loss"] for r in one] == [r["val_loss"] for r in two[:2]]
+    assert load_checkpoint(tmp_path / "last.pt")["val_loss"] == one[1]["val_loss"]
 
 
 @pytest.mark.slow
