@@ -181,9 +181,9 @@ def markdown(kind: str, res: dict[str, Any]) -> str:
         s, loc = res["simulation"], res["local_trainer"]
         rows = [("start-up: launch to first client step (s)", s["startup_s"]),
                 ("start-up floor: Flower + Ray + a ClientApp that only imports torch (s)", res["startup_floor_s"]),
-                ("round time, central eval excluded (s, median)", s["median_round_s"]),
+                ("round time: send to aggregate, central eval beside the next (s, median)", s["median_round_s"]),
                 ("share of a round outside client training (median)", _pct(s["median_outside_training_share"])),
-                ("central evaluation per round (s, median)", s["median_eval_s"]),
+                ("central evaluation per round, beside the next round (s, median)", s["median_eval_s"]),
                 ("simulation tokens/s over rounds", s["tokens_per_s_rounds"]),
                 ("simulation tokens/s over the whole run", s["tokens_per_s_wall"]),
                 (f"local trainer tokens/s ({loc['threads']} threads)", loc["tokens_per_s"]),
@@ -199,7 +199,7 @@ def markdown(kind: str, res: dict[str, Any]) -> str:
                 ("val loss difference (fp16 - fp32)", f"{res['val_loss_difference']:+.6f}")]
     else:
         rows = [("SuperNodes, local steps", f"{res['supernodes']}, {res['local_steps']}"),
-                ("round time, central eval excluded (s, median)", res["median_round_s"]),
+                ("round time: send to aggregate, central eval beside the next (s, median)", res["median_round_s"]),
                 ("round time, by round (s)", ", ".join(f"{x:.2f}" for x in res["round_s_by_round"])),
                 ("wall time between rounds (s, median)", res["median_round_wall_s"]),
                 ("start-up: federation up to first client step (s)", res["startup_s"]),

@@ -256,7 +256,7 @@ class FederatedRun:
         t_end = time.time()
         self.round = rnd
         train_s = [float(m["train-seconds"]) for m in metrics]
-        round_s = t_end - t0  # messaging, client work, aggregation and client evaluation; central evaluation excluded
+        round_s = t_end - t0  # messaging, client work, aggregation and client evaluation; central evaluation runs beside the next round
         busy = sum(train_s) / max(1, min(len(train_s), self.slots))
         row = {"round": rnd, "val_loss": None, "best_val_loss": None,  # filled in by finish_round
                "train_loss": sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(1, tokens) if metrics else None,
