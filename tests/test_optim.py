@@ -104,3 +104,24 @@ print("torch._dynamo" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False", "training imported torch._dynamo (1.5-2 s of start-up in every client process)"
+
+
+def test_grad_scaler_drives_it_like_torch():
+    # fp16 training (CUDA) steps through torch.amp.GradScaler, which only needs param_groups and step(); CPU's
+    # scaler runs the same code. Both optimizers see scaled gradients, unscale, step; an inf gradient skips the step.
+    ours, opt, theirs, ref = pair()
+    for model, o in ((ours, opt), (theirs, ref)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for i in range(3):
+            xy = torch.randint(0, V, (4, 17), generator=torch.Generator().manual_seed(i))
+            scaler.scale(model(xy[:, :-1], xy[:, 1:])[1]).backward()
+            scaler.unscale_(o)
+            scaler.step(o)
+            scaler.update()
+            o.zero_grad()
+    assert_equal(ours, theirs)
+    before = [p.detach().clone() for p in ours.parameters()]
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(next(ours.parameters()).sum() * float("inf")).backward()
+    scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters())), "a step with inf gradients must be skipped"
