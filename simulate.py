@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
         cfg.train.out_dir = f"out/fed_{cfg.fed.partition}_{cfg.fed.strategy}"
 
     cpus = os.cpu_count() or 1
-    init_args = {"address": args.ray_address} if args.ray_address else {"num_cpus": cpus, "include_dashboard": False}
+    init_args = ray_init_args(args.ray_address)
 
     # Everything that can fail on bad input (data, partition, model, resume) fails in prepare(), before any round.
     # It runs beside Ray's start-up (seconds of processes starting), which must stay on the main thread.
@@ -95,6 +95,11 @@ def main(argv=None) -> dict:
     summary = {**simulate(run, client_app.app, cfg.fed.num_clients, backend_config), "out_dir": cfg.train.out_dir}
     print(json.dumps(summary))
     return summary
+
+
+def ray_init_args(address: str | None = None) -> dict:
+    """ray.init arguments: join the cluster at `address`, or start a local Ray over this machine's cores."""
+    return {"address": address} if address else {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
 
 
 def start_ray(init_args: dict) -> None:

@@ -13,7 +13,6 @@ T0 = time.time()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 
 import torch  # noqa: E402, F401  (what every process of a torch ClientApp pays)
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
@@ -34,9 +33,9 @@ def main(num_clients: int) -> dict:
 
     from fedgpt import bench_floor  # the app by module name: Ray actors import it (and torch), as with client_app
     from fedgpt.server import exchange, wait_for_nodes
-    from simulate import start_ray
+    from simulate import ray_init_args, start_ray
 
-    init_args = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+    init_args = ray_init_args()
     start_ray(init_args)
     server, handled = ServerApp(), []
 

@@ -43,7 +43,7 @@ def tiny_run(data_dir: Path, out_dir: Path, *overrides: str) -> FederatedRun:
 def backend_config() -> dict:
     """What simulate.main passes on a CPU machine: one CPU per client, as many clients at once as cores."""
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+            "init_args": simulate.ray_init_args()}
 
 
 def rounds(out_dir: Path) -> list[dict]:
