@@ -52,9 +52,10 @@ def experiments() -> list[Experiment]:
     ]
 
 
-def command(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: int, out_dir: Path, tc: TrainConfig) -> list[str]:
-    """The run's command line; `warmup` is the federated runs' scaled warm-up, `tc` the config's train section."""
+def command(e: Experiment, a: argparse.Namespace, overrides: list[str], out_dir: Path, tc: TrainConfig) -> list[str]:
+    """The run's command line; `tc` is the config's train section."""
     seq_steps = a.rounds * a.local_steps  # steps of each client's schedule
+    warmup = round(tc.warmup_steps * seq_steps / max(1, tc.max_steps))  # the same share of the schedule
     local_train = [sys.executable, "-m", "fedgpt.local_train", "--config", a.config, *overrides, *e.args]
     if e.parallel:
         # What synchronous data parallelism over the clients does with the same tokens; evaluated once per "round",
@@ -69,9 +70,9 @@ def command(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: 
             f"--train.out_dir={out_dir}"]
 
 
-def run(e: Experiment, a: argparse.Namespace, overrides: list[str], warmup: int, tc: TrainConfig) -> dict:
+def run(e: Experiment, a: argparse.Namespace, overrides: list[str], tc: TrainConfig) -> dict:
     out_dir = Path(a.runs_dir).resolve() / e.name
-    cmd = command(e, a, overrides, warmup, out_dir, tc)
+    cmd = command(e, a, overrides, out_dir, tc)
     print(f"[{e.name}] {' '.join(cmd[1:])}", flush=True)
     _, wall = run_logged(cmd, out_dir / "run.log")
     info = {"name": e.name, "command": " ".join(["python", *cmd[1:]]).replace(str(REPO) + "/", ""), "wall_s": round(wall, 1)}
@@ -158,11 +159,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if min(a.num_clients, a.rounds, a.local_steps) < 1:
         raise ValueError(f"--num-clients, --rounds and --local-steps must be >= 1 (got {a.num_clients}, {a.rounds}, {a.local_steps})")
     tc = load_config(a.config, overrides).train  # a bad config or override fails here, before any run
-    warmup = round(tc.warmup_steps * a.rounds * a.local_steps / max(1, tc.max_steps))  # the same share of the schedule
     exps = experiments()
     for e in exps:
         if not a.only or e.name in a.only:
-            run(e, a, overrides, warmup, tc)
+            run(e, a, overrides, tc)
     runs_dir = Path(a.runs_dir).resolve()
     res = [r for e in exps if (r := collect(e, runs_dir)) is not None]
     doc = Path(a.doc)
