@@ -122,17 +122,21 @@ def startup_floor(num_clients: int, log: Path) -> float:
     return round(result["first_message_at"] - t0, 2)
 
 
-def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
-    """Bytes per client per round, fp32 against fp16 transport, and the central val loss each reaches."""
+def wire_params(cfg) -> int:
+    """Floating-point values of the model that cfg builds, as they cross the wire (tied weights once)."""
     from fedgpt.data import load_dataset
     from fedgpt.train import build_model
     from fedgpt.wire import tied_aliases
 
-    cfg = load_config(a.config, overrides)
     tok = load_dataset(cfg.data).tokenizer
     model = build_model(cfg, tok.meta(), tok.vocab_size)
     aliases = tied_aliases(model)
-    params = sum(v.numel() for k, v in model.state_dict().items() if k not in aliases and v.is_floating_point())
+    return sum(v.numel() for k, v in model.state_dict().items() if k not in aliases and v.is_floating_point())
+
+
+def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
+    """Bytes per client per round, fp32 against fp16 transport, and the central val loss each reaches."""
+    params = wire_params(load_config(a.config, overrides))
     fp32_bytes = 4 * params
     out: dict[str, Any] = {"params": params, "fp32_model_bytes": fp32_bytes}
     for name, half in (("fp32", "false"), ("fp16", "true")):
@@ -150,7 +154,16 @@ def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[
 
 
 def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
-    """Seconds per round of a real deployment on loopback: SuperLink, a.supernodes SuperNodes, `flwr run .`."""
+    """Seconds per round of a real deployment on loopback (SuperLink, a.supernodes SuperNodes, `flwr run .`), then of
+    its floor on the same federation: the same rounds with fedgpt.bench_floor's apps, Flower and torch alone."""
+    from fedgpt.bench_floor import deployment_floor_app
+
+    # The floor's ServerApp and ClientApp processes import fedgpt.bench_floor from outside this checkout.
+    found = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('fedgpt') is not None)"], cwd=work,
+                           capture_output=True, text=True).stdout.strip()
+    if found != "True":
+        raise RuntimeError("bench deploy runs its floor from the installed fedgpt package: install it with pip install -e . "
+                           "(the README's install command)")
     cfg = load_config(a.config, overrides)
     data_dir = Path(cfg.data.data_dir).resolve()
     dep = Deployment(work / "flwr")
@@ -158,6 +171,8 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
     run_overrides = " ".join([f"fed.num_clients={a.supernodes}", f"fed.rounds={a.rounds}", f"fed.local_steps={a.local_steps}",
                               f"train.out_dir={out_dir}", f"data.data_dir={data_dir}", *(o.lstrip("-") for o in overrides)])
     run_config = f"config='{Path(a.config).resolve()}' client-threads=1 overrides='{run_overrides}'"
+    floor_out = work / "floor.json"
+    floor_app = deployment_floor_app(work / "floor_app", a.supernodes, a.rounds, wire_params(cfg), floor_out)
     try:
         t0 = time.time()
         dep.start_federation(data_dir, supernodes=a.supernodes)
@@ -166,15 +181,21 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
         wall = time.time() - t0
         if res.returncode != 0 or not (out_dir / "rounds.jsonl").is_file():
             raise RuntimeError(f"flwr run exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}")
+        # The floor on the same SuperLink and SuperNodes: Flower's part of a round, with a ClientApp that only has torch.
+        res = dep.flwr(["run", str(floor_app), "loopback", "--stream"], timeout=a.timeout)
+        if res.returncode != 0 or not floor_out.is_file():
+            raise RuntimeError(f"the deployment floor exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}")
     finally:
         dep.stop()
+    floor = json.loads(floor_out.read_text())["round_s"]
     run = SimRun(read_jsonl(out_dir / "rounds.jsonl"), t_up, wall, work / "flwr")
     rs = run.rounds
     between = [b["elapsed_s"] - a_["elapsed_s"] for a_, b in zip(run.rows, run.rows[1:])]
     fig = round_figures(run)
     fig.update(median_round_wall_s=median(between[1:]) if len(between) > 1 else None,
                round_s_by_round=[r["round_s"] for r in rs], supernodes=a.supernodes, local_steps=a.local_steps,
-               federation_start_s=round(t_up - t0, 2))
+               federation_start_s=round(t_up - t0, 2), floor_round_s_by_round=floor, floor_median_round_s=median(floor))
+    fig["median_round_over_floor_s"] = round(fig["median_round_s"] - fig["floor_median_round_s"], 3)
     return fig
 
 
@@ -205,6 +226,9 @@ def markdown(kind: str, res: dict[str, Any]) -> str:
         rows = [("SuperNodes, local steps", f"{res['supernodes']}, {res['local_steps']}"),
                 ("round time: send to aggregate, central eval beside the next (s, median)", res["median_round_s"]),
                 ("round time, by round (s)", ", ".join(f"{x:.2f}" for x in res["round_s_by_round"])),
+                ("floor: the same rounds with Flower and a ClientApp that only has torch (s, median)", res["floor_median_round_s"]),
+                ("floor, by round (s)", ", ".join(f"{x:.2f}" for x in res["floor_round_s_by_round"])),
+                ("round time over the floor: fedgpt's own part (s, median)", res["median_round_over_floor_s"]),
                 ("wall time between rounds (s, median)", res["median_round_wall_s"]),
                 ("start-up: federation up to first client step (s)", res["startup_s"]),
                 ("starting SuperLink and SuperNodes (s)", res["federation_start_s"])]
