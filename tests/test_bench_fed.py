@@ -61,6 +61,9 @@ def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
     r = tiny(data_dir, tmp_path, "deploy", "--rounds", "2", "--local-steps", "0")
     assert r["supernodes"] == 2 and r["rounds"] == 2 and r["tokens"] == 0
     assert len(r["round_s_by_round"]) == 2 and all(s > 0 for s in r["round_s_by_round"])
+    # the floor ran the same rounds on the same federation, every node sending the weights back
+    assert len(r["floor_round_s_by_round"]) == 2 and all(s > 0 for s in r["floor_round_s_by_round"])
+    assert r["median_round_over_floor_s"] == pytest.approx(r["median_round_s"] - r["floor_median_round_s"], abs=1e-3)
 
 
 @pytest.mark.slow
