@@ -192,7 +192,7 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
     rs = run.rounds
     between = [b["elapsed_s"] - a_["elapsed_s"] for a_, b in zip(run.rows, run.rows[1:])]
     fig = round_figures(run)
-    fig.update(median_round_wall_s=median(between[1:]) if len(between) > 1 else None,
+    fig.update(median_round_wall_s=round(median(between[1:]), 3) if len(between) > 1 else None,
                round_s_by_round=[r["round_s"] for r in rs], supernodes=a.supernodes, local_steps=a.local_steps,
                federation_start_s=round(t_up - t0, 2), floor_round_s_by_round=floor, floor_median_round_s=median(floor))
     fig["median_round_over_floor_s"] = round(fig["median_round_s"] - fig["floor_median_round_s"], 3)

@@ -240,10 +240,10 @@ class FederatedRun:
     def run_round(self, grid: Grid, rnd: int) -> dict:
         fed, half = self.cfg.fed, self.cfg.fed.half_precision
         t0 = time.time()
-        # The strategy sees fp32 arrays (its own state stays fp32); the wire may carry fp16.
-        arrays = to_record(self.global_state, self.aliases)
+        # The strategy sees one fp32 array per tensor (its own state keeps them); the wire carries one flat array.
+        arrays = to_record(self.global_state, self.aliases, flat=False)
         msgs = list(self.strategy.configure_train(rnd, arrays, self.train_config(), grid))
-        sent_arrays = to_record(self.global_state, self.aliases, half=True) if half else arrays
+        sent_arrays = to_record(self.global_state, self.aliases, half=half)
         for m in msgs:
             m.content["arrays"] = sent_arrays
         bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)

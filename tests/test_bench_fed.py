@@ -52,7 +52,7 @@ def test_bench_comm_fp16_halves_the_bytes(data_dir, tmp_path):
     for way in ("downlink", "uplink"):
         assert f32[f"{way}_bytes_per_client"] >= 4 * params  # every weight once (tied ones too), plus headers
         assert 2 * params <= f16[f"{way}_bytes_per_client"] <= 2 * params + 256  # one flat fp16 array: one header
-    assert r["fp16_vs_fp32_transport"] < 0.5
+    assert r["fp16_vs_fp32_transport"] <= 0.5 + 128 / r["fp32_model_bytes"]  # half, but for one array header
     assert abs(r["val_loss_difference"]) < 0.05
 
 
