@@ -79,7 +79,7 @@ clientapp = "fedgpt.bench_floor:app"
 nodes = {nodes}
 rounds = {rounds}
 params = {params}
-out = "{out.resolve()}"
+out = {json.dumps(str(out.resolve()))}
 """)
     return directory
 
