@@ -1,4 +1,4 @@
-"""Corpus -> tokenizer -> cached uint16 token files with speaker turns -> random (x, y) batches.
+"""Corpus -> cached uint16 token files with speaker turns -> random (x, y) batches.
 
     ds = load_dataset(cfg.data)    # encodes once into data/input-char/{train,val}.bin, turns.json, meta.json
     batches = Batches(ds.train, block_size=256, batch_size=64, device="cuda", seed=1337)
@@ -12,12 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
-import urllib.error
-import urllib.request
-from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -27,13 +22,12 @@ import numpy as np
 import torch
 
 from fedgpt.config import TOKENIZERS, DataConfig
+from fedgpt.download import download_shakespeare
 from fedgpt.files import atomic_write_bytes
+from fedgpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-SHAKESPEARE_BYTES = 1_115_394
 FORMAT_VERSION = 1  # bump when the layout of the encoded cache changes; old caches are then re-encoded
 MAX_UINT16_VOCAB = 65536
 
@@ -41,160 +35,6 @@ MAX_UINT16_VOCAB = 65536
 SPEAKER_HEADER = re.compile(r"([A-Z][A-Za-z' .-]*):")
 # Paragraphs are separated by one or more blank lines (lines holding only whitespace).
 PARAGRAPH_SEP = re.compile(r"(\n\s*\n)")
-
-
-# --- download -------------------------------------------------------------------------------------------------------
-
-
-class DataUnavailableError(RuntimeError):
-    """The corpus or the BPE ranks could not be fetched (offline, unreachable); the message says where to put them."""
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def download_shakespeare(data_dir: str | Path) -> Path:
-    """Return data_dir/tinyshakespeare/input.txt, downloading and checksumming it unless it is already there."""
-    path = (Path(data_dir) / "tinyshakespeare" / "input.txt").resolve()
-    if path.is_file():
-        actual = _sha256(path.read_bytes())
-        if actual != SHAKESPEARE_SHA256:
-            raise ValueError(
-                f"{path} exists but its sha256 is {actual}, not Tiny Shakespeare's {SHAKESPEARE_SHA256}: "
-                f"delete it to download it again, or pass --data.input_file={path} to train on it as your own corpus"
-            )
-        return path
-    url = SHAKESPEARE_URL  # read at call time so tests can point it elsewhere
-    put_it = f"put the file (sha256 {SHAKESPEARE_SHA256}) at {path}, or pass --data.input_file=PATH"
-    log.info("downloading Tiny Shakespeare from %s to %s", url, path)
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            data = resp.read()
-    except (urllib.error.URLError, OSError) as e:  # URLError, HTTPError, timeouts, connection resets
-        reason = getattr(e, "reason", None) or e
-        raise DataUnavailableError(f"could not download Tiny Shakespeare from {url} ({reason}); {put_it}") from None
-    if len(data) != SHAKESPEARE_BYTES or _sha256(data) != SHAKESPEARE_SHA256:
-        raise DataUnavailableError(
-            f"downloaded {len(data):,} bytes from {url} with sha256 {_sha256(data)}, expected {SHAKESPEARE_BYTES:,} "
-            f"bytes with sha256 {SHAKESPEARE_SHA256}; {put_it}"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-    return path
-
-
-# --- tokenizers -----------------------------------------------------------------------------------------------------
-
-
-def _as_list(ids: Iterable[int]) -> list[int]:
-    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
-
-
-class Tokenizer:
-    """Text <-> token ids. meta() is JSON-serialisable and rebuilds the tokenizer through get_tokenizer()."""
-
-    vocab_size: int
-    eot_id: int | None = None
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
-
-    def meta(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class CharTokenizer(Tokenizer):
-    """One token per character; the vocabulary is the sorted set of the corpus's characters."""
-
-    def __init__(self, chars: str):
-        if not chars or len(set(chars)) != len(chars):
-            raise ValueError(f"a char vocabulary must be non-empty and without repeats, got {chars!r}")
-        self.chars = chars
-        self.vocab_size = len(chars)
-        self.eot_id = None
-        self._stoi = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self._stoi[c] for c in text]
-        except KeyError:
-            unknown = "".join(sorted(set(text) - self._stoi.keys()))
-            raise ValueError(
-                f"{len(unknown)} character(s) not in the {self.vocab_size}-character vocabulary: {unknown!r}"
-            ) from None
-
-    def decode(self, ids: Iterable[int]) -> str:
-        try:
-            return "".join([self.chars[i] for i in _as_list(ids)])
-        except IndexError:
-            bad = sorted({i for i in _as_list(ids) if not 0 <= i < self.vocab_size})
-            raise ValueError(f"token id(s) {bad[:10]} outside the {self.vocab_size}-character vocabulary") from None
-
-    def meta(self) -> dict[str, Any]:
-        return {"kind": "char", "chars": self.chars}
-
-
-def _load_tiktoken(encoding: str, cache_dir: str | Path | None):
-    """tiktoken.get_encoding(encoding) with its download cache in TIKTOKEN_CACHE_DIR if set, else cache_dir."""
-    import tiktoken
-
-    if encoding not in tiktoken.list_encoding_names():
-        raise ValueError(f"unknown tiktoken encoding {encoding!r}; GPT-2's is 'r50k_base'")
-    # tiktoken reads TIKTOKEN_CACHE_DIR when it loads an encoding (then keeps it in memory), so set it only meanwhile.
-    env = os.environ.get("TIKTOKEN_CACHE_DIR")
-    cache = env if env is not None else (str(Path(cache_dir).resolve()) if cache_dir is not None else None)
-    try:
-        if env is None and cache is not None:
-            os.environ["TIKTOKEN_CACHE_DIR"] = cache
-        return tiktoken.get_encoding(encoding)
-    except (OSError, ImportError, ValueError) as e:  # requests' errors are OSErrors; ValueError: hash mismatch
-        where = cache or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise DataUnavailableError(
-            f"could not load the tiktoken encoding {encoding!r} ({reason}); tiktoken downloads it on first use: "
-            f"offline, copy a filled tiktoken cache into {where} or set TIKTOKEN_CACHE_DIR to one"
-        ) from None
-    finally:
-        if env is None:
-            os.environ.pop("TIKTOKEN_CACHE_DIR", None)
-
-
-class BPETokenizer(Tokenizer):
-    """GPT-2's byte-level BPE (tiktoken "r50k_base", 50,257 ids, <|endoftext|> = 50256)."""
-
-    def __init__(self, encoding: str = "r50k_base", cache_dir: str | Path | None = None):
-        self.encoding = encoding
-        self._enc = _load_tiktoken(encoding, cache_dir)
-        self.vocab_size = self._enc.n_vocab
-        self.eot_id = self._enc.eot_token
-
-    def encode(self, text: str) -> list[int]:
-        # encode_ordinary: a literal "<|endoftext|>" in the corpus is plain text, not the special token
-        return self._enc.encode_ordinary(text)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._enc.decode(_as_list(ids))
-
-    def meta(self) -> dict[str, Any]:
-        return {"kind": "gpt2", "encoding": self.encoding}
-
-
-def get_tokenizer(meta: dict[str, Any], cache_dir: str | Path | None = None) -> Tokenizer:
-    """Rebuild a tokenizer from its meta() (e.g. from a checkpoint); cache_dir: where tiktoken may download to."""
-    kind = meta.get("kind") if isinstance(meta, dict) else None
-    if kind == "char":
-        return CharTokenizer(meta["chars"])
-    if kind == "gpt2":
-        return BPETokenizer(meta.get("encoding", "r50k_base"), cache_dir=cache_dir)
-    raise ValueError(f"unknown tokenizer {meta!r}: expected a dict with 'kind' 'char' or 'gpt2'")
 
 
 # --- dataset --------------------------------------------------------------------------------------------------------
@@ -342,7 +182,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     data_dir = Path(cfg.data_dir)
     source = Path(cfg.input_file).expanduser().resolve() if cfg.input_file else download_shakespeare(data_dir)
     raw = _read_source(source)
-    sha = _sha256(raw)
+    sha = hashlib.sha256(raw).hexdigest()
     cache_dir = data_dir / f"{source.stem}-{cfg.tokenizer}"
     tiktoken_dir = data_dir / "tiktoken_cache"
 

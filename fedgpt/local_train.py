@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from fedgpt.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
 from fedgpt.config import Config, load_config
-from fedgpt.data import Batches, DataUnavailableError, load_dataset
+from fedgpt.data import Batches, load_dataset
+from fedgpt.download import DataUnavailableError
 from fedgpt.metrics import MetricsLog
 from fedgpt.train import Trainer, build_model, evaluate, resolve_device
 

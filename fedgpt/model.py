@@ -1,9 +1,9 @@
 """Decoder-only transformers in one file: GPT-2 (nanoGPT-style) and a Llama-style variant.
 
-    model = GPT(ModelConfig(arch="gpt2", vocab_size=65))
-    logits, loss = model(idx, targets)           # (B, T, vocab), scalar
-    out = model.generate(idx, max_new_tokens=100, top_k=200)
-    model = GPT.from_hf("path/to/gpt2")         # local Hugging Face GPT-2 directory, no network
+    model = GPT(ModelConfig(arch="gpt2", vocab_size=65))    # ModelConfig: fedgpt/config.py, one field per knob
+    logits, loss = model(idx, targets)                      # (B, T, vocab), scalar
+
+Generation and its KV cache live in fedgpt/generate.py, Hugging Face loading in fedgpt/hf.py.
 
 Both architectures share one module layout (transformer.wte/h/ln_f, lm_head, and inside each
 block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj), so parameter names match
@@ -13,45 +13,19 @@ nanoGPT and Hugging Face GPT-2, and the same init and weight-decay rules apply t
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from fedgpt.config import ARCHS, ModelConfig
+from fedgpt.ops import gelu_tanh
 from fedgpt.optim import FusedAdamW, fused_supported
 
-
-class KVCache:
-    """Keys and values of every layer for incremental decoding; GPT.forward appends to it in place."""
-
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int):
-        self.batch_size, self.n_head, self.max_len, self.head_size = batch_size, n_head, max_len, head_size
-        # Allocated on the first write of each layer, with the dtype and device of the keys that arrive:
-        # under autocast they are bf16/fp16, and a float32 cache would hand SDPA mixed dtypes.
-        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, max_len, hs)
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-        self.pos = 0  # positions filled so far, the same in every layer
-
-    def __len__(self) -> int:
-        return self.pos
-
-    def reset(self) -> None:
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
-        if self.k[layer] is None:
-            shape = (self.batch_size, self.n_head, self.max_len, self.head_size)
-            self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos + T, hs)
+if TYPE_CHECKING:
+    from fedgpt.generate import KVCache
 
 
 def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,35 +79,6 @@ class CausalSelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
-
-
-# The tanh GELU, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), is x·sigmoid(K0·x + K1·x³) since 1 + tanh(z) = 2·sigmoid(2z).
-GELU_K0 = 2 * math.sqrt(2 / math.pi)
-GELU_K1 = GELU_K0 * 0.044715
-
-
-class _SigmoidTanhGELU(torch.autograd.Function):
-    """The tanh GELU through sigmoid: ATen's CPU tanh is slow, and this forward plus backward takes about half of F.gelu's time."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s = torch.addcmul(x.new_tensor(GELU_K0), x, x, value=GELU_K1).mul_(x).sigmoid_()  # sigmoid(K0 x + K1 x³)
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, s = ctx.saved_tensors
-        p = torch.addcmul(x.new_tensor(GELU_K0), x, x, value=3 * GELU_K1).mul_(x)  # x·(K0 + 3·K1·x²)
-        return torch.addcmul(s, s, s, value=-1).mul_(p).add_(s).mul_(grad)  # grad·(s + s·(1 - s)·p)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """F.gelu(x, approximate="tanh"), faster for float32 on CPU (equal to within float32 rounding)."""
-    # Elsewhere ATen's single fused kernel wins (CUDA, reduced precision), and torch.compile fuses F.gelu itself.
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-        return _SigmoidTanhGELU.apply(x)
-    return F.gelu(x, approximate="tanh")
 
 
 class MLP(nn.Module):
@@ -242,11 +187,6 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty cache for up to max_len (default block_size) positions."""
-        c = self.cfg
-        return KVCache(c.n_layer, batch_size, c.n_head, min(max_len or c.block_size, c.block_size), c.n_embd // c.n_head)
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for every position, and the mean cross-entropy when targets are given."""
@@ -308,148 +248,3 @@ class GPT(nn.Module):
         flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
         return flops_per_token * tokens_per_iter / dt / peak_flops
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eot_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations of idx (B, T); returns (B, T + n_generated).
-
-        temperature 0 is greedy. Prompts longer than block_size are cropped to their last block_size
-        tokens for conditioning (the output still starts with the whole prompt). Stops early once every
-        row has produced eot_id; finished rows are padded with eot_id.
-        """
-        if max_new_tokens <= 0:
-            return idx
-        was_training = self.training
-        self.eval()
-        bs = self.cfg.block_size
-        cache = self.make_kv_cache(idx.size(0))
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        logits, _ = self(idx[:, -bs:], kv_cache=cache)  # prefill
-        for i in range(max_new_tokens):
-            next_id = self._sample(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            if eot_id is not None:
-                next_id = next_id.masked_fill(finished.unsqueeze(1), eot_id)
-                finished |= next_id.squeeze(1) == eot_id
-            idx = torch.cat((idx, next_id), dim=1)
-            if bool(finished.all()) or i == max_new_tokens - 1:
-                break
-            if cache.pos < bs:
-                logits, _ = self(next_id, kv_cache=cache)
-            else:
-                # Cache full: positions would have to shift (learned wpe, RoPE angles), so re-run the
-                # last block_size tokens from scratch, exactly as a cache-free cropped loop would.
-                cache.reset()
-                logits, _ = self(idx[:, -bs:], kv_cache=cache)
-        self.train(was_training)
-        return idx
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-        """One token id per row (B, 1) from last-position logits (B, vocab)."""
-        logits = logits.float()
-        if temperature == 0:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
-        if top_k is not None:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            # Drop a token when the ones before it already reach top_p; the most likely one always stays.
-            drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p
-            drop_sorted[:, 0] = False
-            drop = drop_sorted.scatter(1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = F.softmax(logits, dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator)
-
-    @classmethod
-    def from_hf(cls, path: str | Path, dropout: float = 0.0) -> GPT:
-        """Load Hugging Face GPT-2 weights from a local save_pretrained directory (no network, no transformers)."""
-        path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"Hugging Face model directory {path} not found: pass a local directory written by save_pretrained")
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ValueError(f"{config_file} not found: expected a Hugging Face GPT-2 directory (config.json + weights)")
-        hf = json.loads(config_file.read_text())
-        if hf.get("model_type") != "gpt2":
-            raise ValueError(f"{config_file}: expected model_type 'gpt2', got {hf.get('model_type')!r}")
-        standard = (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
-                    and hf.get("n_inner") in (None, 4 * hf["n_embd"])
-                    and hf.get("scale_attn_weights", True) and not hf.get("scale_attn_by_inverse_layer_idx", False))
-        if not standard:
-            raise ValueError(f"{config_file}: expected the standard GPT-2 block "
-                             "(gelu_new, n_inner = 4 * n_embd, default attention scaling)")
-
-        cfg = ModelConfig(arch="gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                          n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
-        model = cls(cfg)
-        eps = hf.get("layer_norm_epsilon", 1e-5)
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.eps = eps
-
-        ours = model.state_dict()
-        loaded = {}
-        for key, t in _read_hf_weights(path).items():
-            key = key.removeprefix("transformer.")
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # causal-mask buffers, and the head that is tied to wte
-            if key.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
-                t = t.t()  # HF Conv1D stores (in, out); nn.Linear wants (out, in)
-            loaded["transformer." + key] = t
-        expected = {k for k in ours if k != "lm_head.weight"}
-        missing, unexpected = sorted(expected - loaded.keys()), sorted(loaded.keys() - expected)
-        wrong = [k for k in expected & loaded.keys() if loaded[k].shape != ours[k].shape]
-        if missing or unexpected or wrong:
-            raise ValueError(f"{path}: weights do not match GPT-2 config.json: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
-        with torch.no_grad():
-            for k, t in loaded.items():
-                ours[k].copy_(t)
-        return model
-
-
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a save_pretrained directory: model.safetensors or pytorch_model.bin, sharded or not."""
-    for name, read in (("model.safetensors", read_safetensors), ("pytorch_model.bin", _read_torch_bin)):
-        if (path / name).is_file():
-            return read(path / name)
-        index = path / f"{name}.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: t for shard in shards for k, t in read(path / shard).items()}
-    raise ValueError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin (or their .index.json)")
-
-
-def _read_torch_bin(file: Path) -> dict[str, torch.Tensor]:
-    return torch.load(file, map_location="cpu", weights_only=True)
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file (F32, F16, BF16 tensors) without the safetensors package."""
-    # Layout: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}},
-    # then the raw little-endian tensor bytes; data_offsets are relative to the end of the header.
-    data = bytearray(Path(file).read_bytes())  # writable, so torch.frombuffer can share it without a warning
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    header.pop("__metadata__", None)
-    out = {}
-    for name, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, expected one of {', '.join(_SAFETENSORS_DTYPES)}")
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        start, end = info["data_offsets"]
-        count = (end - start) // dtype.itemsize
-        if count == 0:
-            out[name] = torch.empty(info["shape"], dtype=dtype)
-        else:
-            out[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + start).view(info["shape"])
-    return out

@@ -11,7 +11,9 @@ import sys
 import torch
 
 from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fedgpt.data import DataUnavailableError, get_tokenizer
+from fedgpt.download import DataUnavailableError
+from fedgpt.generate import generate
+from fedgpt.tokenizer import get_tokenizer
 from fedgpt.train import resolve_device
 
 
@@ -31,7 +33,7 @@ def sample(checkpoint: str, prompt: str = "", num_samples: int = 1, max_new_toke
         ids = ids[-(model.cfg.block_size - 1):]  # keep the end of a long prompt; the model sees only block_size tokens
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eot_id=tok.eot_id, generator=gen)
+    y = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eot_id=tok.eot_id, generator=gen)
     start = 0 if prompt else 1  # drop the synthetic start token
     return [tok.decode([t for t in row[start:].tolist() if t != tok.eot_id]) for row in y]
 

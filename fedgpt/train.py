@@ -250,7 +250,9 @@ def build_model(cfg: Config, tokenizer_meta: dict, vocab_size: int) -> GPT:
     if init.startswith("hf:"):
         if tokenizer_meta.get("kind") != "gpt2":
             raise ValueError(f"train.init_from={init} loads GPT-2 weights, which need data.tokenizer=gpt2 (got {tokenizer_meta.get('kind')})")
-        model = GPT.from_hf(init[3:], dropout=m.dropout)
+        from fedgpt.hf import from_hf
+
+        model = from_hf(init[3:], dropout=m.dropout)
     else:
         ckpt = load_checkpoint(init)
         if ckpt["tokenizer"] != tokenizer_meta:

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedgpt import data
+from fedgpt import data, download
 from fedgpt.config import DataConfig
-from fedgpt.data import Batches, BPETokenizer, CharTokenizer, download_shakespeare, get_tokenizer, load_dataset
+from fedgpt.data import Batches, load_dataset
+from fedgpt.download import download_shakespeare
+from fedgpt.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer
 
 SHAKESPEARE_CHARS = 1_115_394
 SHAKESPEARE_BPE_TOKENS = 338_025  # equals tiktoken's encoding of the whole text (nanoGPT reports the same total)
@@ -29,7 +31,7 @@ def shakespeare_text(shakespeare_file: Path) -> str:
 @pytest.fixture
 def offline(monkeypatch):
     """Point the download at a closed port, so any attempt to use the network fails loudly."""
-    monkeypatch.setattr(data, "SHAKESPEARE_URL", CLOSED_PORT_URL)
+    monkeypatch.setattr(download, "SHAKESPEARE_URL", CLOSED_PORT_URL)
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -92,7 +94,7 @@ def test_load_dataset_shakespeare_char(data_dir, shakespeare_file, shakespeare_t
         "vocab_size": 65,
         "eot_id": None,
         "source": str(shakespeare_file.resolve()),
-        "source_sha256": data.SHAKESPEARE_SHA256,
+        "source_sha256": download.SHAKESPEARE_SHA256,
         "val_fraction": 0.1,
         "train_tokens": 1_003_854,
         "val_tokens": 111_540,
@@ -229,7 +231,7 @@ def test_download_offline_says_where_to_put_the_file(tmp_path, offline):
     msg = str(err.value)
     assert "\n" not in msg and CLOSED_PORT_URL in msg
     assert str((tmp_path / "data" / "tinyshakespeare" / "input.txt").resolve()) in msg
-    assert data.SHAKESPEARE_SHA256 in msg and "--data.input_file=PATH" in msg
+    assert download.SHAKESPEARE_SHA256 in msg and "--data.input_file=PATH" in msg
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no partial file
 
 

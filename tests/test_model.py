@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from fedgpt.config import ModelConfig
-from fedgpt.model import GPT, _SigmoidTanhGELU, gelu_tanh, swiglu_hidden
+from fedgpt.generate import KVCache, generate
+from fedgpt.hf import from_hf
+from fedgpt.model import GPT, swiglu_hidden
+from fedgpt.ops import _SigmoidTanhGELU, gelu_tanh
 from fedgpt.optim import FusedAdamW
 
 ARCHS = ["gpt2", "llama"]
@@ -55,14 +58,14 @@ def test_kv_cache_matches_full_sequence(arch):
     idx = randint(2, 16)
     full, _ = model(idx)
 
-    cache = model.make_kv_cache(2)
+    cache = KVCache.for_model(model, 2)
     steps = [model(idx[:, :5], kv_cache=cache)[0]]
     steps += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(5, 16)]
     assert len(cache) == 16
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
     # a multi-token chunk at an offset must be causal inside the chunk and see the whole cache
-    cache = model.make_kv_cache(2)
+    cache = KVCache.for_model(model, 2)
     chunks = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 5), (5, 9), (9, 16))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
 
@@ -75,7 +78,7 @@ def test_generate_greedy_matches_naive_loop(arch):
     model = tiny(arch)
     prompt = randint(2, 4)
     # 4 + 20 > block_size: the cache fills and generate falls back to re-running the last 16 tokens
-    out = model.generate(prompt, max_new_tokens=20, temperature=0)
+    out = generate(model, prompt, max_new_tokens=20, temperature=0)
     assert out.shape == (2, 24)
     assert torch.equal(out, naive_greedy(model, prompt, 20))
 
@@ -83,11 +86,11 @@ def test_generate_greedy_matches_naive_loop(arch):
 def test_generate_top_k_1_and_tiny_top_p_are_greedy():
     model = tiny("gpt2")
     prompt = randint(3, 5)
-    greedy = model.generate(prompt, 8, temperature=0)
+    greedy = generate(model, prompt, 8, temperature=0)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(model.generate(prompt, 8, temperature=1.5, top_k=1, generator=g), greedy)
-    assert torch.equal(model.generate(prompt, 8, temperature=1.5, top_p=1e-6, generator=g), greedy)
-    sampled = model.generate(prompt, 8, temperature=1.0, top_k=10, top_p=0.9, generator=g)
+    assert torch.equal(generate(model, prompt, 8, temperature=1.5, top_k=1, generator=g), greedy)
+    assert torch.equal(generate(model, prompt, 8, temperature=1.5, top_p=1e-6, generator=g), greedy)
+    sampled = generate(model, prompt, 8, temperature=1.0, top_k=10, top_p=0.9, generator=g)
     assert sampled.shape == (3, 13) and torch.equal(sampled[:, :5], prompt)
     assert ((sampled >= 0) & (sampled < V)).all()
 
@@ -95,10 +98,10 @@ def test_generate_top_k_1_and_tiny_top_p_are_greedy():
 def test_generate_stops_at_eot():
     model = tiny("llama")
     prompt = randint(2, 3)
-    greedy = model.generate(prompt, 12, temperature=0)
+    greedy = generate(model, prompt, 12, temperature=0)
     new = greedy[:, 3:]
     eot = int(new[0, 2])  # row 0 emits it at its third step
-    out = model.generate(prompt, 12, temperature=0, eot_id=eot)
+    out = generate(model, prompt, 12, temperature=0, eot_id=eot)
     firsts = [(row == eot).nonzero()[0].item() if (row == eot).any() else None for row in new]
     n_gen = 12 if None in firsts else max(firsts) + 1
     assert out.shape == (2, 3 + n_gen)
@@ -107,14 +110,14 @@ def test_generate_stops_at_eot():
         assert torch.equal(out[r, 3:3 + stop], new[r, :stop])
         assert (out[r, 3 + stop:] == eot).all(), "finished rows are padded with eot_id"
     # a single row stops right after emitting it
-    assert model.generate(prompt[:1], 12, temperature=0, eot_id=eot).shape == (1, 3 + firsts[0] + 1)
+    assert generate(model, prompt[:1], 12, temperature=0, eot_id=eot).shape == (1, 3 + firsts[0] + 1)
 
 
 def test_generate_crops_long_prompt():
     """Prompts longer than block_size are cropped for conditioning; the output keeps the whole prompt."""
     model = tiny("gpt2")
     prompt = randint(1, 20)
-    out = model.generate(prompt, 3, temperature=0)
+    out = generate(model, prompt, 3, temperature=0)
     assert out.shape == (1, 23) and torch.equal(out[:, :20], prompt)
     assert torch.equal(out, naive_greedy(model, prompt, 3))
 
@@ -224,7 +227,7 @@ def test_loss_ignores_minus_one_and_autocast():
     torch.testing.assert_close(loss, want)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, loss = model(x, y)
-        cache = model.make_kv_cache(2)
+        cache = KVCache.for_model(model, 2)
         model(x[:, :5], kv_cache=cache)
         model(x[:, 5:6], kv_cache=cache)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -256,7 +259,7 @@ def test_from_hf_parity(hf_model, tmp_path, fmt):
         hf_model.save_pretrained(tmp_path, **({"max_shard_size": "20KB"} if fmt == "sharded_safetensors" else {}))
     if fmt == "sharded_safetensors":
         assert (tmp_path / "model.safetensors.index.json").is_file()
-    model = GPT.from_hf(tmp_path).eval()
+    model = from_hf(tmp_path).eval()
     assert model.cfg.arch == "gpt2" and model.cfg.block_size == 16 and model.cfg.vocab_size == V
     idx = randint(2, 16)
     with torch.no_grad():
@@ -280,13 +283,13 @@ def test_cpu_gelu_equals_torch_tanh_gelu():
 def test_from_hf_errors(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(ValueError, match=str(missing)):
-        GPT.from_hf(missing)
+        from_hf(missing)
     with pytest.raises(ValueError, match="config.json"):
-        GPT.from_hf(tmp_path)
+        from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="expected model_type 'gpt2', got 'llama'"):
-        GPT.from_hf(tmp_path)
+        from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8, "n_positions": 8, "vocab_size": 10}))
     with pytest.raises(ValueError, match="model.safetensors or pytorch_model.bin"):
-        GPT.from_hf(tmp_path)
+        from_hf(tmp_path)

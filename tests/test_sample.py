@@ -14,8 +14,8 @@ from conftest import run_concurrently
 
 from fedgpt import local_train
 from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fedgpt.data import get_tokenizer
 from fedgpt.sample import sample
+from fedgpt.tokenizer import get_tokenizer
 
 SEP = "\n" + "-" * 40 + "\n"
 TINY = ["--config", "configs/tiny.yaml", "--train.max_steps=4", "--train.eval_interval=4", "--train.eval_iters=1",
