@@ -1,9 +1,9 @@
-"""fedgpt ClientApp: local training of the shared GPT core on this node's partition."""
+"""fedgpt ClientApp: local training of the shared GPT core on this node's partition (fedgpt/fed/client.py)."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedgpt import client
+from fedgpt.fed import client
 
 app = ClientApp()
 
@@ -15,9 +15,9 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return client.train(msg, context)
+    return client.fit(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return client.evaluate_local(msg, context)
+    return client.evaluate_partition(msg, context)

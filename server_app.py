@@ -6,7 +6,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedgpt.server import FederatedRun, config_from_run_config
+from fedgpt.fed.run_config import config_from_run_config
+from fedgpt.fed.server import FederatedRun
 
 app = ServerApp()
 

@@ -16,6 +16,7 @@ A checkpoint is one dict saved with torch.save:
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,25 @@ def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], m
     }, path)
 
 
+class CheckpointWriter:
+    """The one place last.pt and best.pt are written: last.pt after every evaluation (with what a resume needs),
+    best.pt whenever the validation loss improves (weights and configs only)."""
+
+    def __init__(self, out_dir: str | Path, best_val_loss: float = math.inf):
+        self.out_dir, self.best_val_loss = Path(out_dir), best_val_loss
+
+    def save(self, val_loss: float, *, optimizer: dict | None = None, extra: dict | None = None, **common: Any) -> bool:
+        """Write last.pt, and best.pt if val_loss is the best so far; True if it was. `common`: save_checkpoint's
+        model_state, model_config, tokenizer, config, step and round."""
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        common.update(val_loss=val_loss, best_val_loss=self.best_val_loss)
+        save_checkpoint(self.out_dir / "last.pt", **common, optimizer=optimizer, extra=extra)
+        if improved:
+            save_checkpoint(self.out_dir / "best.pt", **common)
+        return improved
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read and check a checkpoint; a missing, truncated or foreign file gives one clear ValueError."""
     path = Path(path)
@@ -94,11 +114,25 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", dropou
     return model.to(device)
 
 
+def architecture_diff(theirs: ModelConfig, ours: ModelConfig, *, initialising: bool = False) -> list[str]:
+    """"model.key: checkpoint X vs config Y" for each architecture field where two model configs differ.
+
+    Dropout may always differ. When `initialising` a new run from a checkpoint, the config may also ask for a shorter
+    context (the model is cropped) and leave vocab_size at 0 (the checkpoint's).
+    """
+    diffs = []
+    for f in dataclasses.fields(ModelConfig):
+        a, b = getattr(theirs, f.name), getattr(ours, f.name)
+        allowed = (f.name == "dropout" or (f.name == "rope_theta" and ours.arch == "gpt2")
+                   or (initialising and f.name == "block_size" and b <= a) or (initialising and f.name == "vocab_size" and b == 0))
+        if a != b and not allowed:
+            diffs.append(f"model.{f.name}: checkpoint {a!r} vs config {b!r}")
+    return diffs
+
+
 def check_compatible(ckpt: dict, model_config: ModelConfig, path: str | Path) -> None:
     """Raise if a checkpoint's architecture differs from the configured one (dropout may differ)."""
-    theirs = model_config_of(ckpt)
-    diffs = [f"model.{f.name}: checkpoint {getattr(theirs, f.name)!r} vs config {getattr(model_config, f.name)!r}"
-             for f in dataclasses.fields(ModelConfig) if f.name != "dropout" and getattr(theirs, f.name) != getattr(model_config, f.name)]
+    diffs = architecture_diff(model_config_of(ckpt), model_config)
     if diffs:
         raise ValueError(f"checkpoint {path} has another architecture ({'; '.join(diffs)}): "
                          "use the checkpoint's model settings or start from scratch")

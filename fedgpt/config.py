@@ -19,7 +19,13 @@ import yaml
 ARCHS = ("gpt2", "llama")
 TOKENIZERS = ("char", "gpt2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "fedtrimmedavg")
+# Every strategy fed.strategy may name (fedgpt/fed/strategies.py builds them), with the server learning rate it
+# takes when fed.server_lr is 0; None: it has none. Flower's own eta=0.1 makes a GPT diverge in its first rounds.
+STRATEGY_SERVER_LR: dict[str, float | None] = {
+    "fedavg": None, "fedprox": None, "fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-2, "fedavgm": 1.0,
+    "fedmedian": None, "fedtrimmedavg": None,
+}
+STRATEGIES = tuple(STRATEGY_SERVER_LR)
 PARTITIONS = ("iid", "speaker", "contiguous", "dirichlet")
 
 
@@ -78,7 +84,7 @@ class FedConfig:
     local_steps: int = 50  # optimizer steps each client runs per round
     strategy: str = "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, fedtrimmedavg
     proximal_mu: float = 0.0  # FedProx: weight of (mu/2)·||w - w_global||^2
-    server_lr: float = 1e-2  # server learning rate (eta) of FedAdam / FedYogi / FedAdagrad / FedAvgM
+    server_lr: float = 0.0  # server learning rate (eta); 0: the strategy's own (adaptive 1e-2, fedavgm 1.0)
     server_momentum: float = 0.9  # FedAvgM
     partition: str = "iid"  # iid, speaker (whole roles per client), contiguous (regions), dirichlet (size skew)
     dirichlet_alpha: float = 0.5  # "dirichlet" partitions: smaller is more skewed
@@ -194,7 +200,7 @@ def validate(cfg: Config) -> list[str]:
     check(f.local_steps >= 0, "fed.local_steps", "must be >= 0")
     check(f.strategy in STRATEGIES, "fed.strategy", f"{f.strategy!r} is not one of {', '.join(STRATEGIES)}")
     check(f.proximal_mu >= 0, "fed.proximal_mu", "must be >= 0")
-    check(f.server_lr > 0, "fed.server_lr", "must be > 0")
+    check(f.server_lr >= 0, "fed.server_lr", "must be >= 0 (0: the strategy's default)")
     check(0 <= f.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
     check(f.partition in PARTITIONS, "fed.partition", f"{f.partition!r} is not one of {', '.join(PARTITIONS)}")
     check(f.dirichlet_alpha > 0, "fed.dirichlet_alpha", "must be > 0")
@@ -204,6 +210,20 @@ def validate(cfg: Config) -> list[str]:
     check(0 <= f.min_clients <= f.num_clients, "fed.min_clients", "must be in [0, fed.num_clients]")
     check(f.node_timeout > 0 and f.round_timeout > 0, "fed.node_timeout/round_timeout", "must be > 0")
     return problems
+
+
+# Keys that change how a run executes, not what it computes: they may differ when a run is resumed or its folder
+# is reused.
+RUN_NEUTRAL = frozenset({"train.device", "train.compile", "train.log_interval", "train.tensorboard",
+                         "fed.node_timeout", "fed.round_timeout", "fed.min_clients"})
+
+
+def config_diff(a: dict, b: dict, ignore: frozenset[str] = RUN_NEUTRAL) -> list[str]:
+    """["section.key: old -> new", ...] for every key where config dicts a and b differ, but those in `ignore`."""
+    flat = lambda d: {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
+    fa, fb = flat(a), flat(b)
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
+            if k not in ignore and fa.get(k) != fb.get(k)]
 
 
 def _parse_scalar(raw: str) -> Any:

@@ -235,21 +235,21 @@ class Trainer:
 def build_model(cfg: Config, tokenizer_meta: dict, vocab_size: int) -> GPT:
     """The GPT that cfg.train.init_from asks for: "scratch", a fedgpt checkpoint path, or "hf:DIR" (GPT-2 weights).
 
-    Checks that the model can read the tokenizer's ids; a checkpoint or HF model is cropped to model.block_size
-    when that is smaller than its own context.
+    Checks that the model can read the tokenizer's ids and that a checkpoint's architecture is the one model.*
+    describes; a checkpoint or HF model is cropped to model.block_size when that is smaller than its own context.
     """
-    from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
+    from fedgpt.checkpoint import architecture_diff, load_checkpoint, model_from_checkpoint
 
     init, m = cfg.train.init_from, cfg.model
     if init == "scratch":
         if m.vocab_size and m.vocab_size < vocab_size:
             raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}: "
                              "set it to 0 (use the tokenizer's) or larger")
-        mcfg = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size)
-        return GPT(mcfg)
+        return GPT(dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size))
     if init.startswith("hf:"):
         if tokenizer_meta.get("kind") != "gpt2":
-            raise ValueError(f"train.init_from={init} loads GPT-2 weights, which need data.tokenizer=gpt2 (got {tokenizer_meta.get('kind')})")
+            raise ValueError(f"train.init_from={init} loads GPT-2 weights, which need data.tokenizer=gpt2 "
+                             f"(got {tokenizer_meta.get('kind')})")
         from fedgpt.hf import from_hf
 
         model = from_hf(init[3:], dropout=m.dropout)
@@ -259,6 +259,10 @@ def build_model(cfg: Config, tokenizer_meta: dict, vocab_size: int) -> GPT:
             raise ValueError(f"checkpoint {init} was trained with another tokenizer ({ckpt['tokenizer'].get('kind')}) "
                              f"than data.tokenizer={tokenizer_meta.get('kind')}: use the same data settings")
         model = model_from_checkpoint(ckpt, dropout=m.dropout)
+    diffs = architecture_diff(model.cfg, m, initialising=True)
+    if diffs:
+        raise ValueError(f"train.init_from={init} is another architecture than the config's ({'; '.join(diffs)}): "
+                         "set model.* to the checkpoint's (a smaller block_size is fine)")
     if model.cfg.vocab_size < vocab_size:
         raise ValueError(f"{init} has vocab_size {model.cfg.vocab_size} < the tokenizer's {vocab_size}")
     if m.block_size < model.cfg.block_size:

@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedgpt import client
+from fedgpt.fed import client
 
 FAIL_PARTITION, FAIL_ROUND = 1, 1
 
@@ -20,4 +20,4 @@ def train(msg: Message, context: Context) -> Message:
     pid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
     if (pid, rnd) == (FAIL_PARTITION, FAIL_ROUND):
         raise RuntimeError(f"planned failure of partition {pid} in round {rnd}")
-    return client.train(msg, context)
+    return client.fit(msg, context)

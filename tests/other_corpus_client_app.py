@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedgpt import client
+from fedgpt.fed import client
 
 app = ClientApp()
 

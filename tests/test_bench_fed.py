@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from fedgpt.results import END, START, write_doc
+from fedgpt.bench.results import END, START, write_doc
 
 TINY_TOKENS_PER_STEP = 8 * 16  # configs/tiny.yaml: batch_size x block_size
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fedgpt.deploy import Deployment
-from fedgpt.server import config_from_run_config
+from fedgpt.bench.loopback import Deployment
+from fedgpt.fed.run_config import config_from_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 240  # seconds for `flwr run --stream`; 2 rounds take ~60-100 s on 2 busy cores (a fresh ClientApp process per message)
@@ -26,7 +26,7 @@ def test_run_config_paths_become_absolute_against_the_working_directory(tmp_path
     monkeypatch.chdir(tmp_path)
     cfg, opts = config_from_run_config({"config": "configs/tiny.yaml", "overrides": "fed.rounds=3 train.out_dir=out/x",
                                         "resume": False, "client-threads": 1}, app_dir=REPO)
-    assert cfg.fed.rounds == 3 and opts == {"resume": False, "client_threads": 1}
+    assert cfg.fed.rounds == 3 and opts == {"resume": False, "overwrite": False, "client_threads": 1}
     assert cfg.train.out_dir == str(tmp_path / "out" / "x")
     assert cfg.data.data_dir == str(tmp_path / "data")
     assert cfg.data.input_file == ""  # empty still means "download Tiny Shakespeare"
@@ -50,7 +50,7 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(deployment: Deployment, dat
     run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"  # 1 thread: 3 processes share the cores
 
     t0 = time.monotonic()
-    res = deployment.flwr(["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT)
+    res = deployment.flwr(["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO)
     took = time.monotonic() - t0
     context = f"flwr run exited {res.returncode} after {took:.0f} s\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{deployment.logs()}"
     assert res.returncode == 0, context

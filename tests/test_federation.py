@@ -17,12 +17,14 @@ import pytest
 import torch
 from flwr.app import DEFAULT_TTL, ArrayRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-import simulate
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.config import ModelConfig, load_config
+from fedgpt.fed import simulation
+from fedgpt.fed.rounds import RoundRow
+from fedgpt.fed.server import FederatedRun
+from fedgpt.fed.wire import from_record, tied_aliases, to_record
 from fedgpt.model import GPT
-from fedgpt.server import FederatedRun
-from fedgpt.wire import from_record, tied_aliases, to_record
+from simulate import main as simulate_main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -43,7 +45,7 @@ def tiny_run(data_dir: Path, out_dir: Path, *overrides: str) -> FederatedRun:
 def backend_config() -> dict:
     """What simulate.main passes on a CPU machine: one CPU per client, as many clients at once as cores."""
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": simulate.ray_init_args()}
+            "init_args": simulation.ray_init_args()}
 
 
 def rounds(out_dir: Path) -> list[dict]:
@@ -91,7 +93,7 @@ def no_ray_left():
 def fedavg_out(data_dir, tmp_path_factory) -> Path:
     """A 3-client, 2-round FedAvg simulation of the tiny model through `simulate.main`."""
     out = tmp_path_factory.mktemp("fedavg")
-    summary = simulate.main(tiny_args(data_dir, out))
+    summary = simulate_main(tiny_args(data_dir, out))
     assert summary["rounds"] == 2
     return out
 
@@ -151,16 +153,16 @@ def test_round_is_evaluated_and_saved_as_it_ended(data_dir, tmp_path):
     # finish_round runs while the next round trains: it must score and save its snapshot, not the run as it is now.
     run = tiny_run(data_dir, tmp_path)
     snap = run.snapshot()
-    expected = run.evaluate_global(snap["state"])
+    expected = run.evaluator.loss(snap.state)
     run.global_state = {k: torch.zeros_like(v) for k, v in run.global_state.items()}  # the next round's aggregate
     run.round, run.tokens = 1, 999
 
-    row = run.finish_round(snap, {"round": 0, "val_loss": None, "best_val_loss": None, "tokens": 0})
+    row = run.finish_round(snap, RoundRow(0))
 
-    assert row["val_loss"] == expected and rounds(tmp_path) == [row]
+    assert row.val_loss == expected and rounds(tmp_path) == [row.as_dict()]
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert (ckpt["round"], ckpt["val_loss"], ckpt["extra"]["tokens"]) == (0, expected, 0)
-    assert all(torch.equal(ckpt["model"][k], v) for k, v in snap["state"].items())
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in snap.state.items())
 
 
 @pytest.fixture
@@ -241,7 +243,7 @@ def test_simulation_trains_and_writes_run(fedavg_out):
 
 @pytest.mark.slow
 def test_fedprox_with_zero_mu_equals_fedavg(fedavg_out, data_dir, tmp_path):
-    simulate.main(tiny_args(data_dir, tmp_path, "--strategy", "fedprox", "--mu", "0"))
+    simulate_main(tiny_args(data_dir, tmp_path, "--strategy", "fedprox", "--mu", "0"))
     prox, avg = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(fedavg_out / "last.pt")
     assert prox["config"]["fed"]["strategy"] == "fedprox"
     for k, v in avg["model"].items():
@@ -252,7 +254,7 @@ def test_fedprox_with_zero_mu_equals_fedavg(fedavg_out, data_dir, tmp_path):
 @pytest.mark.slow
 def test_overlapped_evaluation_matches_a_run_that_ends_there(fedavg_out, data_dir, tmp_path):
     # In the 2-round run, round 1 was evaluated while round 2 trained; a 1-round run evaluates it with nothing beside.
-    simulate.main(tiny_args(data_dir, tmp_path, "--rounds", "1"))
+    simulate_main(tiny_args(data_dir, tmp_path, "--rounds", "1"))
     one, two = rounds(tmp_path), rounds(fedavg_out)
     assert [r["val_loss"] for r in one] == [r["val_loss"] for r in two[:2]]
     assert load_checkpoint(tmp_path / "last.pt")["val_loss"] == one[1]["val_loss"]
@@ -262,7 +264,7 @@ def test_overlapped_evaluation_matches_a_run_that_ends_there(fedavg_out, data_di
 def test_failing_client_does_not_stop_the_run(data_dir, tmp_path):
     import flaky_client_app
 
-    summary = simulate.simulate(tiny_run(data_dir, tmp_path), flaky_client_app.app, 3, backend_config())
+    summary = simulation.simulate(tiny_run(data_dir, tmp_path), flaky_client_app.app, 3, backend_config())
     assert summary["rounds"] == 2
     rows = rounds(tmp_path)
     assert (rows[1]["clients_ok"], rows[1]["clients_failed"]) == (2, 1)
@@ -277,7 +279,7 @@ def test_node_with_another_corpus_fails_preflight(data_dir, small_corpus, tmp_pa
     monkeypatch.setenv("FEDGPT_TEST_OTHER_CORPUS", str(small_corpus))  # Ray's workers inherit it
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match=r"pre-flight check failed: .*corpus/tokenizer .* differs from the server's"):
-        simulate.simulate(tiny_run(data_dir, out), other_corpus_client_app.app, 3, backend_config())
+        simulation.simulate(tiny_run(data_dir, out), other_corpus_client_app.app, 3, backend_config())
     assert rounds(out) == [] and not (out / "last.pt").exists()
 
 
@@ -287,7 +289,7 @@ def test_too_few_nodes_fail_clearly(data_dir, tmp_path):
 
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="only 2 of 3 nodes connected after 5 s"):
-        simulate.simulate(tiny_run(data_dir, tmp_path, "--fed.node_timeout=5"), client_app.app, 2, backend_config())
+        simulation.simulate(tiny_run(data_dir, tmp_path, "--fed.node_timeout=5"), client_app.app, 2, backend_config())
     assert time.monotonic() - t0 < 30
 
 

@@ -164,7 +164,7 @@ BAD = {
     "missing_input": r"input file /nonexistent/corpus.txt not found",
     "not_utf8": r"latin1.txt is not UTF-8 text",
     "too_small": r"only \d+ tokens, need more than block_size=16",
-    "block_size": r"model.block_size=32 is larger than the model's context \(16\)",
+    "block_size": r"another architecture than the config's \(model.block_size: checkpoint 16 vs config 32\)",
     "resume_nothing": r"last.pt not found",
     "unknown_key": r"invalid config: (?=.*train.max_stepz: unknown key)(?=.*model.n_layerz: unknown key)",
     "resume_no_optimizer": r"saved with train.save_optimizer=false.*--train.init_from=",

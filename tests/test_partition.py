@@ -9,7 +9,7 @@ import pytest
 
 from fedgpt.config import DataConfig
 from fedgpt.data import Turn, load_dataset
-from fedgpt.partition import SCHEMES, ClientPartition, format_summary, partition, summarize
+from fedgpt.fed.partition import SCHEMES, ClientPartition, format_summary, partition, summarize
 
 SYN_TRAIN = 120_000  # synthetic train tokens; the synthetic turns run on into a "val" part up to SYN_FULL
 SYN_FULL = 133_000

@@ -13,7 +13,15 @@ import torch
 from fedgpt.checkpoint import save_checkpoint
 from fedgpt.config import Config, ModelConfig, TrainConfig
 from fedgpt.model import GPT
-from fedgpt.train import Trainer, add_proximal_grad, build_model, evaluate, lr_at, precision_context, proximal_term
+from fedgpt.train import (
+    Trainer,
+    add_proximal_grad,
+    build_model,
+    evaluate,
+    lr_at,
+    precision_context,
+    proximal_term,
+)
 
 V = 40
 CPU = torch.device("cpu")
@@ -237,3 +245,21 @@ def test_build_model_from_a_checkpoint(tmp_path: Path):
         build_model(tiny_config(init_from=str(path)), {"kind": "gpt2", "encoding": "r50k_base"}, 50257)
     with pytest.raises(ValueError, match="not found"):
         build_model(tiny_config(init_from=str(tmp_path / "missing.pt")), CHAR_META, 26)
+
+
+def test_build_model_refuses_a_checkpoint_of_another_architecture(tmp_path: Path):
+    torch.manual_seed(0)
+    src = GPT(ModelConfig(vocab_size=26, block_size=16, n_layer=2, n_head=4, n_embd=32))
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model_state=src.state_dict(), model_config=src.cfg, tokenizer=CHAR_META, config=Config().to_dict())
+    wider, longer = tiny_config(init_from=str(path)), tiny_config(init_from=str(path))
+    wider.model.n_embd, wider.model.n_layer = 64, 3
+    longer.model.block_size = 32  # more context than the checkpoint learned positions for
+    with pytest.raises(ValueError, match=r"another architecture .*model.n_layer: checkpoint 2 vs config 3; "
+                                         r"model.n_embd: checkpoint 32 vs config 64"):
+        build_model(wider, CHAR_META, 26)
+    with pytest.raises(ValueError, match="model.block_size: checkpoint 16 vs config 32"):
+        build_model(longer, CHAR_META, 26)
+    dropout = tiny_config(init_from=str(path))
+    dropout.model.dropout = 0.2  # dropout is training, not architecture
+    assert build_model(dropout, CHAR_META, 26).cfg.dropout == 0.2

@@ -1,7 +1,7 @@
-"""ClientApp logic: train and evaluate one partition on the shared core.
+"""The ClientApp's work: answer the pre-flight query, train one partition on the shared core, evaluate it.
 
-Everything a client needs arrives in the message's ConfigRecord (the run config as JSON, the tokenizer the
-server expects, the round); the node adds its partition id and, in deployment, where its data lives.
+Everything a client needs arrives in the message's ConfigRecord (the run config as JSON, the tokenizer the server
+expects, the round); the node adds its partition id and, in deployment, where its data lives.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedgpt.config import Config, from_dict
 from fedgpt.data import Batches, load_dataset
+from fedgpt.fed.partition import ClientPartition, client_partitions
+from fedgpt.fed.wire import check_keys, from_record, tied_aliases, to_record
 from fedgpt.model import GPT
-from fedgpt.partition import ClientPartition, partition
 from fedgpt.train import Trainer, evaluate, resolve_device
-from fedgpt.wire import check_keys, from_record, tied_aliases, to_record
 
 
 @dataclass
@@ -48,7 +48,7 @@ def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError('node config lacks partition-id / num-partitions: start the SuperNode with '
                          '--node-config "partition-id=0 num-partitions=2"')
-    pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    partition_id, n = int(node["partition-id"]), int(node["num-partitions"])
     # Deployed apps do not run from the repository: a node says where its data lives.
     if "data-dir" in node:
         cfg.data.data_dir = str(node["data-dir"])
@@ -56,27 +56,25 @@ def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
         cfg.data.input_file = str(node["input-file"])
     key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer_meta, n]).encode()).hexdigest()
     if key in _CACHE:
-        return _CACHE[key], pid
+        return _CACHE[key], partition_id
     threads = int(record.get("client-threads", 0))
     if threads > 0:
         torch.set_num_threads(threads)
     ds = load_dataset(cfg.data)
     if ds.tokenizer.meta() != tokenizer_meta:
-        raise ValueError(f"client {pid}: its corpus/tokenizer ({ds.tokenizer.meta().get('kind')}, vocab {ds.tokenizer.vocab_size}) "
-                         f"differs from the server's ({tokenizer_meta.get('kind')}): give every node the same corpus "
-                         "(node-config data-dir / input-file) and data.tokenizer")
-    parts = partition(ds.train, n, cfg.fed.partition, turns=ds.turns, seed=cfg.train.seed, block_size=cfg.model.block_size,
-                      val_fraction=cfg.fed.client_val_fraction, alpha=cfg.fed.dirichlet_alpha)
-    device = resolve_device(cfg.train.device)
+        raise ValueError(f"client {partition_id}: its corpus/tokenizer ({ds.tokenizer.meta().get('kind')}, vocab "
+                         f"{ds.tokenizer.vocab_size}) differs from the server's ({tokenizer_meta.get('kind')}): give every "
+                         "node the same corpus (node-config data-dir / input-file) and data.tokenizer")
     model = GPT(cfg.model)  # initial weights do not matter: the global model arrives with every message
-    state = ClientState(cfg, parts, Trainer(model, cfg.train, device, log=None), tied_aliases(model))
+    device = resolve_device(cfg.train.device)
+    state = ClientState(cfg, client_partitions(cfg, ds, n), Trainer(model, cfg.train, device, log=None), tied_aliases(model))
     _CACHE.clear()  # one run at a time per process: drop the model of an earlier run
     _CACHE[key] = state
-    return state, pid
+    return state, partition_id
 
 
-def load_global(st: ClientState, arrays: ArrayRecord, pid: int) -> dict[str, torch.Tensor]:
-    own, who = st.trainer.raw_model.state_dict(), f"the server (to client {pid})"
+def load_global(st: ClientState, arrays: ArrayRecord, partition_id: int) -> dict[str, torch.Tensor]:
+    own, who = st.trainer.raw_model.state_dict(), f"the server (to client {partition_id})"
     weights = from_record(arrays, st.aliases, like=own, who=who)
     check_keys(weights, own, who)
     st.trainer.load_global(weights)
@@ -85,26 +83,26 @@ def load_global(st: ClientState, arrays: ArrayRecord, pid: int) -> dict[str, tor
 
 def handshake(msg: Message, context: Context) -> Message:
     """Answer the server's pre-flight query: this node's partition and data sizes (errors surface before round 1)."""
-    st, pid = client_state(msg, context)
-    part = st.parts[pid]
-    reply = ConfigRecord({"partition-id": pid, "num-partitions": len(st.parts),
+    st, partition_id = client_state(msg, context)
+    part = st.parts[partition_id]
+    reply = ConfigRecord({"partition-id": partition_id, "num-partitions": len(st.parts),
                           "train-tokens": int(len(part.train)), "val-tokens": int(len(part.val))})
     return Message(RecordDict({"info": reply}), reply_to=msg)
 
 
-def train(msg: Message, context: Context) -> Message:
+def fit(msg: Message, context: Context) -> Message:
     """Run fed.local_steps optimizer steps from the global weights; reply with weights and metrics."""
-    st, pid = client_state(msg, context)
-    cfg, record, part = st.cfg, msg.content["config"], st.parts[pid]
+    st, partition_id = client_state(msg, context)
+    cfg, record, part = st.cfg, msg.content["config"], st.parts[partition_id]
     rnd = int(record["server-round"])
     mu = float(record.get("proximal-mu", 0.0))
-    received = load_global(st, msg.content["arrays"], pid)
+    received = load_global(st, msg.content["arrays"], partition_id)
     trainer = st.trainer
     trainer.optimizer.state.clear()  # fresh AdamW moments each round: the weights changed under them
     trainer.step = (rnd - 1) * cfg.fed.local_steps  # the LR schedule spans all rounds
     ref = [p.detach().clone() for p in trainer.raw_model.parameters()] if mu > 0 else None
     # A new, deterministic stream of windows per (client, round), identical whichever process serves it.
-    seed = cfg.train.seed * 100_003 + pid * 1_009 + rnd
+    seed = cfg.train.seed * 100_003 + partition_id * 1_009 + rnd
     torch.manual_seed(seed)  # dropout masks too: reproducible whichever process serves this partition
     batches = Batches(part.train, cfg.model.block_size, cfg.train.batch_size, trainer.device, seed=seed)
     t_start = time.time()
@@ -116,11 +114,11 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
-def evaluate_local(msg: Message, context: Context) -> Message:
+def evaluate_partition(msg: Message, context: Context) -> Message:
     """Loss of the global weights on this client's own validation slice."""
-    st, pid = client_state(msg, context)
-    cfg, part = st.cfg, st.parts[pid]
-    load_global(st, msg.content["arrays"], pid)
+    st, partition_id = client_state(msg, context)
+    cfg, part = st.cfg, st.parts[partition_id]
+    load_global(st, msg.content["arrays"], partition_id)
     batches = Batches(part.val, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=cfg.train.seed)
     res = evaluate(st.trainer.raw_model, batches, cfg.train.eval_iters, st.trainer.ctx)
     metrics = MetricRecord({"val-loss": res["loss"], "num-examples": int(len(part.val))})

@@ -1,9 +1,7 @@
 """Split one train token array among federated clients: IID chunks, whole speaking roles, contiguous regions, or
 Dirichlet-sized shares.
 
-    parts = partition(ds.train, cfg.fed.num_clients, cfg.fed.partition, turns=ds.turns, seed=cfg.train.seed,
-                      block_size=cfg.model.block_size, val_fraction=cfg.fed.client_val_fraction,
-                      alpha=cfg.fed.dirichlet_alpha)
+    parts = client_partitions(cfg, ds)       # the split cfg.fed describes, as every federated process computes it
     x = parts[3].train                       # client 3's training tokens; parts[3].val is its own held-out tail
     print(format_summary(summarize(parts, ds.train, ds.tokenizer.vocab_size)))
 
@@ -21,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedgpt.config import PARTITIONS
+from fedgpt.config import PARTITIONS, Config
 
 if TYPE_CHECKING:
-    from fedgpt.data import Turn
+    from fedgpt.data import Dataset, Turn
 
 SCHEMES = PARTITIONS  # "iid", "speaker", "contiguous", "dirichlet"
 
@@ -230,6 +228,13 @@ def partition(
         n_val = _val_len(len(tokens), val_fraction)
         parts.append(ClientPartition(c, s, tokens[:-n_val], tokens[-n_val:], speakers[c], scheme))
     return parts
+
+
+def client_partitions(cfg: Config, ds: Dataset, num_clients: int | None = None) -> list[ClientPartition]:
+    """The split cfg.fed describes of ds's train tokens: the server and every client compute the same one."""
+    f = cfg.fed
+    return partition(ds.train, num_clients or f.num_clients, f.partition, turns=ds.turns, seed=cfg.train.seed,
+                     block_size=cfg.model.block_size, val_fraction=f.client_val_fraction, alpha=f.dirichlet_alpha)
 
 
 def _js_bits(p: np.ndarray, q: np.ndarray) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,62 +22,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedgpt.bench.common import app_dir, run_logged
+from fedgpt.bench.loopback import Deployment
 from fedgpt.config import load_config
-from fedgpt.deploy import QUIET, REPO, Deployment
-from fedgpt.metrics import read_jsonl
+from fedgpt.fed.rounds import RoundRow, median, read_rounds
 
 
 @dataclass
 class SimRun:
-    rows: list[dict]  # rounds.jsonl, round 0 (the initial evaluation) first
+    rows: list[RoundRow]  # rounds.jsonl, round 0 (the initial evaluation) first
     launched_at: float  # Unix time the command was started
     wall_s: float
     log: Path
 
     @property
-    def rounds(self) -> list[dict]:
-        return [r for r in self.rows if r["round"] > 0]
+    def rounds(self) -> list[RoundRow]:
+        return [r for r in self.rows if r.round > 0]
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float | None = None) -> tuple[float, float]:
-    """Run `cmd` from the repository root with Flower kept offline, its output into `log`; (Unix start time, wall s).
-
-    A non-zero exit raises RuntimeError naming the log."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with log.open("w") as f:
-        rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **QUIET}, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-    if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd[1:])} exited with {rc}; its output is in {log}")
-    return t0, time.time() - t0
-
-
-def run_simulation(args: list[str], out_dir: Path, log: Path, timeout: float = 3600) -> SimRun:
-    """`python simulate.py ARGS --train.out_dir=OUT_DIR` from the repository root; its rounds."""
-    t0, wall = run_logged([sys.executable, "simulate.py", *args, f"--train.out_dir={out_dir}"], log, timeout)
-    return SimRun(read_jsonl(out_dir / "rounds.jsonl"), t0, wall, log)
-
-
-def median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
+def run_simulate_py(app: Path, args: list[str], out_dir: Path, log: Path, timeout: float = 3600) -> SimRun:
+    """`python simulate.py ARGS --train.out_dir=OUT_DIR` in the app directory; its rounds."""
+    t0, wall = run_logged([sys.executable, "simulate.py", *args, f"--train.out_dir={out_dir}"], log, app, timeout)
+    return SimRun(read_rounds(out_dir / "rounds.jsonl"), t0, wall, log)
 
 
 def round_figures(run: SimRun) -> dict[str, Any]:
     """Per-round overhead figures of a run: medians over its rounds, and start-up from the launch."""
     rs = run.rounds
-    rounds_s = sum(r["round_s"] for r in rs)
+    rounds_s = sum(r.round_s for r in rs)
+    tokens = rs[-1].tokens if rs else 0
     return {
         "rounds": len(rs),
-        "startup_s": round(rs[0]["first_step_at"] - run.launched_at, 2) if rs and "first_step_at" in rs[0] else None,
-        "median_round_s": median([r["round_s"] for r in rs]),
-        "median_outside_training_share": median([r["outside_training_share"] for r in rs if r.get("outside_training_share") is not None]),
-        "outside_training_share_by_round": [r.get("outside_training_share") for r in rs],
-        "median_eval_s": median([r["eval_s"] for r in rs]),
-        "tokens": rs[-1]["tokens"] if rs else 0,
-        "tokens_per_s_rounds": round(rs[-1]["tokens"] / rounds_s, 1) if rs and rounds_s > 0 else None,
-        "tokens_per_s_wall": round(rs[-1]["tokens"] / run.wall_s, 1) if rs else None,
+        "startup_s": round(rs[0].first_step_at - run.launched_at, 2) if rs and rs[0].first_step_at else None,
+        "median_round_s": median([r.round_s for r in rs]),
+        "median_outside_training_share": median([r.outside_training_share for r in rs if r.outside_training_share is not None]),
+        "outside_training_share_by_round": [r.outside_training_share for r in rs],
+        "median_eval_s": median([r.eval_s for r in rs]),
+        "tokens": tokens,
+        "tokens_per_s_rounds": round(tokens / rounds_s, 1) if rs and rounds_s > 0 else None,
+        "tokens_per_s_wall": round(tokens / run.wall_s, 1) if rs else None,
         "wall_s": round(run.wall_s, 1),
-        "final_val_loss": rs[-1]["val_loss"] if rs else None,
+        "final_val_loss": rs[-1].val_loss if rs else None,
     }
 
 
@@ -86,7 +70,7 @@ def local_trainer_throughput(config: str, overrides: list[str], steps: int, warm
     """Tokens/s of the local trainer's step (Trainer.train_steps) on the same config, with torch's default threads."""
     import torch
 
-    from fedgpt.bench import FedgptRunner
+    from fedgpt.bench.step import FedgptRunner
 
     runner = FedgptRunner(load_config(config, overrides))
     ms = statistics.median(runner.run(steps, warmup))
@@ -95,17 +79,19 @@ def local_trainer_throughput(config: str, overrides: list[str], steps: int, warm
 
 
 def sim_args(a: argparse.Namespace) -> list[str]:
-    return ["--config", a.config, f"--fed.num_clients={a.num_clients}", f"--fed.rounds={a.rounds}",
+    return ["--config", str(Path(a.config).resolve()), f"--fed.num_clients={a.num_clients}", f"--fed.rounds={a.rounds}",
             f"--fed.local_steps={a.local_steps}"]
 
 
 def bench_fed(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
     """Start-up, per-round time outside client training, and aggregate tokens/s against the local trainer."""
+    app = app_dir(a.app_dir)
     local = local_trainer_throughput(a.config, overrides, a.trainer_steps, warmup=5)
-    print(f"local trainer: {local['ms_per_step']:.1f} ms/step, {local['tokens_per_s']:,.0f} tokens/s ({local['threads']} threads)", flush=True)
-    floor = startup_floor(a.num_clients, work / "floor.log")
+    print(f"local trainer: {local['ms_per_step']:.1f} ms/step, {local['tokens_per_s']:,.0f} tokens/s "
+          f"({local['threads']} threads)", flush=True)
+    floor = startup_floor(app, a.num_clients, work / "floor.log")
     print(f"start-up floor (Flower + Ray + a torch ClientApp): {floor:.2f} s", flush=True)
-    run = run_simulation(sim_args(a) + overrides, work / "fed", work / "fed.log")
+    run = run_simulate_py(app, sim_args(a) + overrides, work / "fed", work / "fed.log")
     fig = round_figures(run)
     ratio = fig["tokens_per_s_rounds"] / local["tokens_per_s"] if fig["tokens_per_s_rounds"] else None
     # fedgpt's own part of the start-up: the floor starts Flower, Ray and torch the same way, and nothing else.
@@ -115,9 +101,10 @@ def bench_fed(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[s
             "tokens_per_s_ratio_wall": round(fig["tokens_per_s_wall"] / local["tokens_per_s"], 3)}
 
 
-def startup_floor(num_clients: int, log: Path) -> float:
-    """Seconds from launch to the first message handled by a simulation that does nothing but start (fedgpt.bench_floor)."""
-    t0, _ = run_logged([sys.executable, "-m", "fedgpt.bench_floor", "--num-clients", str(num_clients)], log, timeout=600)
+def startup_floor(app: Path, num_clients: int, log: Path) -> float:
+    """Seconds from launch to the first message handled by a simulation that does nothing but start."""
+    cmd = [sys.executable, "-m", "fedgpt.bench.floor", "--num-clients", str(num_clients)]
+    t0, _ = run_logged(cmd, log, app, timeout=600)
     result = json.loads(log.read_text().strip().splitlines()[-1])
     return round(result["first_message_at"] - t0, 2)
 
@@ -125,8 +112,8 @@ def startup_floor(num_clients: int, log: Path) -> float:
 def wire_params(cfg) -> int:
     """Floating-point values of the model that cfg builds, as they cross the wire (tied weights once)."""
     from fedgpt.data import load_dataset
+    from fedgpt.fed.wire import tied_aliases
     from fedgpt.train import build_model
-    from fedgpt.wire import tied_aliases
 
     tok = load_dataset(cfg.data).tokenizer
     model = build_model(cfg, tok.meta(), tok.vocab_size)
@@ -136,18 +123,21 @@ def wire_params(cfg) -> int:
 
 def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
     """Bytes per client per round, fp32 against fp16 transport, and the central val loss each reaches."""
+    app = app_dir(a.app_dir)
     params = wire_params(load_config(a.config, overrides))
     fp32_bytes = 4 * params
     out: dict[str, Any] = {"params": params, "fp32_model_bytes": fp32_bytes}
     for name, half in (("fp32", "false"), ("fp16", "true")):
-        run = run_simulation(sim_args(a) + overrides + [f"--fed.half_precision={half}"], work / name, work / f"{name}.log")
+        run = run_simulate_py(app, sim_args(a) + overrides + [f"--fed.half_precision={half}"], work / name,
+                              work / f"{name}.log")
         rs = run.rounds
-        down = median([r["bytes_sent"] / (r["clients_ok"] + r["clients_failed"]) for r in rs])
-        up = median([r["bytes_received"] / r["clients_ok"] for r in rs if r["clients_ok"]])
+        down = median([r.bytes_sent / (r.clients_ok + r.clients_failed) for r in rs])
+        up = median([r.bytes_received / r.clients_ok for r in rs if r.clients_ok])
         out[name] = {"downlink_bytes_per_client": down, "uplink_bytes_per_client": up,
                      "downlink_vs_fp32_model": round(down / fp32_bytes, 5), "uplink_vs_fp32_model": round(up / fp32_bytes, 5),
-                     "final_val_loss": rs[-1]["val_loss"], "wall_s": round(run.wall_s, 1)}
-        print(f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; val {rs[-1]['val_loss']:.4f}", flush=True)
+                     "final_val_loss": rs[-1].val_loss, "wall_s": round(run.wall_s, 1)}
+        print(f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; "
+              f"val {rs[-1].val_loss:.4f}", flush=True)
     out["fp16_vs_fp32_transport"] = round(out["fp16"]["uplink_bytes_per_client"] / out["fp32"]["uplink_bytes_per_client"], 5)
     out["val_loss_difference"] = round(out["fp16"]["final_val_loss"] - out["fp32"]["final_val_loss"], 6)
     return out
@@ -155,46 +145,52 @@ def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[
 
 def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
     """Seconds per round of a real deployment on loopback (SuperLink, a.supernodes SuperNodes, `flwr run .`), then of
-    its floor on the same federation: the same rounds with fedgpt.bench_floor's apps, Flower and torch alone."""
-    from fedgpt.bench_floor import deployment_floor_app
+    its floor on the same federation: the same rounds with fedgpt.bench.floor's apps, Flower and torch alone."""
+    from fedgpt.bench.floor import deployment_floor_app
 
-    # The floor's ServerApp and ClientApp processes import fedgpt.bench_floor from outside this checkout.
-    found = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('fedgpt') is not None)"], cwd=work,
-                           capture_output=True, text=True).stdout.strip()
-    if found != "True":
-        raise RuntimeError("bench deploy runs its floor from the installed fedgpt package: install it with pip install -e . "
-                           "(the README's install command)")
+    app = app_dir(a.app_dir)
+    _check_installed(work)
     cfg = load_config(a.config, overrides)
-    data_dir = Path(cfg.data.data_dir).resolve()
-    dep = Deployment(work / "flwr")
-    out_dir = work / "deploy"
+    data_dir, out_dir, floor_out = Path(cfg.data.data_dir).resolve(), work / "deploy", work / "floor.json"
     run_overrides = " ".join([f"fed.num_clients={a.supernodes}", f"fed.rounds={a.rounds}", f"fed.local_steps={a.local_steps}",
                               f"train.out_dir={out_dir}", f"data.data_dir={data_dir}", *(o.lstrip("-") for o in overrides)])
     run_config = f"config='{Path(a.config).resolve()}' client-threads=1 overrides='{run_overrides}'"
-    floor_out = work / "floor.json"
     floor_app = deployment_floor_app(work / "floor_app", a.supernodes, a.rounds, wire_params(cfg), floor_out)
+    dep = Deployment(work / "flwr")
     try:
         t0 = time.time()
         dep.start_federation(data_dir, supernodes=a.supernodes)
         t_up = time.time()
-        res = dep.flwr(["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=a.timeout)
+        res = dep.flwr(["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=a.timeout, cwd=app)
         wall = time.time() - t0
         if res.returncode != 0 or not (out_dir / "rounds.jsonl").is_file():
             raise RuntimeError(f"flwr run exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}")
         # The floor on the same SuperLink and SuperNodes: Flower's part of a round, with a ClientApp that only has torch.
-        res = dep.flwr(["run", str(floor_app), "loopback", "--stream"], timeout=a.timeout)
+        res = dep.flwr(["run", str(floor_app), "loopback", "--stream"], timeout=a.timeout, cwd=work)
         if res.returncode != 0 or not floor_out.is_file():
-            raise RuntimeError(f"the deployment floor exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}")
+            raise RuntimeError(f"the deployment floor exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n"
+                               f"{dep.logs()}")
     finally:
         dep.stop()
-    floor = json.loads(floor_out.read_text())["round_s"]
-    run = SimRun(read_jsonl(out_dir / "rounds.jsonl"), t_up, wall, work / "flwr")
-    rs = run.rounds
-    between = [b["elapsed_s"] - a_["elapsed_s"] for a_, b in zip(run.rows, run.rows[1:])]
+    return _deploy_figures(a, SimRun(read_rounds(out_dir / "rounds.jsonl"), t_up, wall, work / "flwr"),
+                           json.loads(floor_out.read_text())["round_s"], t_up - t0)
+
+
+def _check_installed(work: Path) -> None:
+    """The floor's ServerApp and ClientApp processes import fedgpt.bench.floor from outside this checkout."""
+    code = "import importlib.util as u; print(u.find_spec('fedgpt') is not None)"
+    found = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True).stdout.strip()
+    if found != "True":
+        raise RuntimeError("bench deploy runs its floor from the installed fedgpt package: install it with pip install -e . "
+                           "(the README's install command)")
+
+
+def _deploy_figures(a: argparse.Namespace, run: SimRun, floor: list[float], federation_start_s: float) -> dict[str, Any]:
+    between = [b.elapsed_s - a_.elapsed_s for a_, b in zip(run.rows, run.rows[1:])]
     fig = round_figures(run)
     fig.update(median_round_wall_s=round(median(between[1:]), 3) if len(between) > 1 else None,
-               round_s_by_round=[r["round_s"] for r in rs], supernodes=a.supernodes, local_steps=a.local_steps,
-               federation_start_s=round(t_up - t0, 2), floor_round_s_by_round=floor, floor_median_round_s=median(floor))
+               round_s_by_round=[r.round_s for r in run.rounds], supernodes=a.supernodes, local_steps=a.local_steps,
+               federation_start_s=round(federation_start_s, 2), floor_round_s_by_round=floor, floor_median_round_s=median(floor))
     fig["median_round_over_floor_s"] = round(fig["median_round_s"] - fig["floor_median_round_s"], 3)
     return fig
 
@@ -259,6 +255,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--num-clients", type=int, default=8, help="clients (default: %(default)s)")
         if name == "fed":
             p.add_argument("--trainer-steps", type=int, default=30, help="timed local-trainer steps (default: %(default)s)")
+        p.add_argument("--app-dir", default=".", help="the fedgpt app directory (default: the current one)")
         p.add_argument("--keep", help="directory for the runs' outputs and logs (default: a temporary one, removed)")
         p.add_argument("--out", help="JSON result file (default results/bench-<kind>-<time>.json)")
 

@@ -1,6 +1,7 @@
 """A real Flower deployment on loopback: one SuperLink, N SuperNodes and `flwr run .`, each its own process.
 
-Used by the deployment test and by `python -m fedgpt.bench deploy`. Every process is started with a marker in its
+A harness for the deployment tests and `python -m fedgpt.bench deploy`, not deployment code: docs/deployment.md
+is the recipe for a real one. Every process is started with a marker in its
 environment, which Flower's own children (SuperExec, ServerApp and ClientApp processes) inherit: stop() finds and
 ends all of them.
 """
@@ -16,10 +17,10 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from fedgpt.bench.common import QUIET
+
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live next to this Python
 MARKER = "FEDGPT_DEPLOYMENT"
-QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
 def free_ports(n: int) -> list[int]:
@@ -87,14 +88,15 @@ class Deployment:
         link = self.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.link_port),
                                         "--disable-runtime-dependency-installation"])
         wait_for_port(self.link_port, link, timeout)
-        for pid, port in enumerate(node_ports):
+        for i, port in enumerate(node_ports):
             # TOML-style values: a quoted string for the path (absolute: the app runs from $FLWR_HOME/apps/...).
-            self.start(f"supernode{pid}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
-                                           "--host", "127.0.0.1", "--port", str(port), "--node-config",
-                                           f"partition-id={pid} num-partitions={supernodes} data-dir='{data_dir.resolve()}'"])
+            node_config = f"partition-id={i} num-partitions={supernodes} data-dir='{data_dir.resolve()}'"
+            self.start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
+                                         "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config])
 
-    def flwr(self, args: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
-        """Run the `flwr` CLI against this deployment's SuperLink (connection name "loopback")."""
+    def flwr(self, args: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+        """Run the `flwr` CLI in `cwd` (the app directory, for `flwr run .`) against this deployment's SuperLink
+        (connection name "loopback")."""
         home = self.root / "cli"
         if not home.is_dir():
             home.mkdir(parents=True)

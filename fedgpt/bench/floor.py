@@ -1,6 +1,6 @@
 """Floors: what Flower, Ray and torch cost with none of fedgpt's own work, to read fedgpt's figures against.
 
-    python -m fedgpt.bench_floor --num-clients 8
+    python -m fedgpt.bench.floor --num-clients 8
 
 Simulation start-up: starts Ray as simulate.py does and a Flower simulation whose ClientApp only imports torch and
 answers one message per node; prints, as JSON, the seconds from the interpreter's start to the first message handled.
@@ -42,8 +42,8 @@ server = ServerApp()
 @server.main()
 def deployment_floor(grid: Grid, context: Context) -> None:
     """`rounds` rounds of one float32 array of `params` values to each of `nodes` nodes and back; round seconds to `out`."""
+    from fedgpt.fed.grid import exchange, wait_for_nodes
     from fedgpt.files import atomic_write_bytes
-    from fedgpt.server import exchange, wait_for_nodes
 
     c = context.run_config
     nodes = wait_for_nodes(grid, int(c["nodes"]), timeout=120, log=lambda _: None)
@@ -65,15 +65,15 @@ def deployment_floor_app(directory: Path, nodes: int, rounds: int, params: int, 
     (directory / "pyproject.toml").write_text(f"""[project]
 name = "fedgpt-deployment-floor"
 version = "1.0.0"
-description = "Flower and a torch ClientApp, with none of fedgpt's work (fedgpt.bench_floor)"
+description = "Flower and a torch ClientApp, with none of fedgpt's work (fedgpt.bench.floor)"
 license = "MIT"
 
 [tool.flwr.app]
 publisher = "fedgpt"
 
 [tool.flwr.app.components]
-serverapp = "fedgpt.bench_floor:server"
-clientapp = "fedgpt.bench_floor:app"
+serverapp = "fedgpt.bench.floor:server"
+clientapp = "fedgpt.bench.floor:app"
 
 [tool.flwr.app.config]
 nodes = {nodes}
@@ -87,9 +87,11 @@ out = {json.dumps(str(out.resolve()))}
 def main(num_clients: int) -> dict:
     from flwr.simulation import run_simulation
 
-    from fedgpt import bench_floor  # the app by module name: Ray actors import it (and torch), as with client_app
-    from fedgpt.server import exchange, wait_for_nodes
-    from simulate import ray_init_args, start_ray
+    from fedgpt.bench import (
+        floor,  # the app by module name: Ray actors import it (and torch), as with client_app
+    )
+    from fedgpt.fed.grid import exchange, wait_for_nodes
+    from fedgpt.fed.simulation import ray_init_args, start_ray
 
     init_args = ray_init_args()
     start_ray(init_args)
@@ -101,7 +103,7 @@ def main(num_clients: int) -> dict:
         msgs = [Message(RecordDict({"c": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
         handled.extend(r.content["t"]["handled-at"] for r in exchange(grid, msgs, timeout=120) if not r.has_error())
 
-    run_simulation(server_app=sim_server, client_app=bench_floor.app, num_supernodes=num_clients,
+    run_simulation(server_app=sim_server, client_app=floor.app, num_supernodes=num_clients,
                    backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}, "init_args": init_args})
     if len(handled) != num_clients:
         raise RuntimeError(f"{len(handled)} of {num_clients} floor clients answered")
@@ -110,6 +112,6 @@ def main(num_clients: int) -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m fedgpt.bench_floor", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedgpt.bench.floor", description=__doc__.splitlines()[0])
     p.add_argument("--num-clients", type=int, default=8)
     print(json.dumps(main(p.parse_args().num_clients)))

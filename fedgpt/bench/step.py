@@ -3,7 +3,6 @@
     python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml
     python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml --nanogpt ../nanoGPT --repeats 5
     python -m fedgpt.bench train --config configs/tiny.yaml --steps 5 --warmup 2 --repeats 1 --out /tmp/b.json
-    python -m fedgpt.bench fed | comm | deploy ...   (federation benchmarks: see fedgpt/bench_fed.py)
 
 Each repeat times `steps` calls of Trainer.train_steps(batches, 1) after `warmup` untimed steps; with --nanogpt the
 repeats alternate (fedgpt, nanoGPT, fedgpt, ...) so that both see the same machine load. nanoGPT runs from a temporary
@@ -14,7 +13,6 @@ itself is never modified. nanoGPT is not a dependency of fedgpt.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import platform
@@ -32,10 +30,8 @@ from typing import Any
 
 import torch
 
-from fedgpt import bench_fed
 from fedgpt.config import Config, load_config
 from fedgpt.data import Batches, load_dataset
-from fedgpt.files import atomic_write_bytes
 from fedgpt.train import Trainer, build_model, peak_flops, resolve_device, reuse_freed_cpu_memory
 
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms", re.MULTILINE)
@@ -117,28 +113,28 @@ class NanoGPTError(RuntimeError):
 class NanoGPTRunner:
     """nanoGPT's train.py in a temporary copy of a checkout, fed fedgpt's tokens, at fedgpt's settings."""
 
-    def __init__(self, checkout: Path, fed: FedgptRunner, workdir: Path):
+    def __init__(self, checkout: Path, ours: FedgptRunner, workdir: Path):
         missing = [f for f in ("train.py", "model.py", "configurator.py") if not (checkout / f).is_file()]
         if missing:
             raise ValueError(f"--nanogpt {checkout} is not a nanoGPT checkout (missing {', '.join(missing)}): "
                              "pass the directory of a clone of https://github.com/karpathy/nanoGPT")
-        m, tc = fed.cfg.model, fed.cfg.train
+        m, tc = ours.cfg.model, ours.cfg.train
         if m.arch != "gpt2":
             raise ValueError(f"model.arch={m.arch}: nanoGPT only has the gpt2 architecture, nothing to compare with")
         self.root = workdir / "nanoGPT"
         shutil.copytree(checkout, self.root, ignore=shutil.ignore_patterns(".git", "*.bin", "*.pkl", "out*"))
         data = self.root / "data" / "fedgpt_bench"
         data.mkdir(parents=True)
-        fed.ds.train.tofile(data / "train.bin")  # the same uint16 token stream fedgpt samples from
-        fed.ds.val.tofile(data / "val.bin")
+        ours.ds.train.tofile(data / "train.bin")  # the same uint16 token stream fedgpt samples from
+        ours.ds.val.tofile(data / "val.bin")
         with open(data / "meta.pkl", "wb") as f:
-            pickle.dump({"vocab_size": fed.trainer.raw_model.cfg.vocab_size}, f)
+            pickle.dump({"vocab_size": ours.trainer.raw_model.cfg.vocab_size}, f)
         self.peak_rss_mb: float | None = None
         # The same torch thread count as this process (nanoGPT takes torch's default, OMP_NUM_THREADS).
         self.env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         self.args = {
-            "dataset": "fedgpt_bench", "out_dir": str(workdir / "nanogpt_out"), "device": str(fed.device),
-            "dtype": NANOGPT_DTYPES[fed.trainer.precision], "compile": tc.compile, "log_interval": 1,
+            "dataset": "fedgpt_bench", "out_dir": str(workdir / "nanogpt_out"), "device": str(ours.device),
+            "dtype": NANOGPT_DTYPES[ours.trainer.precision], "compile": tc.compile, "log_interval": 1,
             "eval_iters": min(tc.eval_iters, 20), "always_save_checkpoint": False, "wandb_log": False,
             "block_size": m.block_size, "batch_size": tc.batch_size, "gradient_accumulation_steps": tc.grad_accum_steps,
             "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "dropout": float(m.dropout), "bias": m.bias,
@@ -171,12 +167,12 @@ class NanoGPTRunner:
         return step_ms
 
 
-def differences(cfg: Config, fed: FedgptRunner) -> list[str]:
+def differences(cfg: Config, ours: FedgptRunner) -> list[str]:
     """What the two runs do differently, beyond the shared model shape, tokens, batch, precision, AdamW groups and clip."""
-    tc, cpu = cfg.train, fed.device.type == "cpu"
+    tc, cpu = cfg.train, ours.device.type == "cpu"
     out = [
         "GELU: fedgpt the tanh approximation (GPT-2's gelu_new, for Hugging Face parity)"
-        + (", computed as x*sigmoid(...) on CPU float32" if cpu and fed.trainer.precision == "fp32" else "") + "; nanoGPT exact erf GELU",
+        + (", computed as x*sigmoid(...) on CPU float32" if cpu and ours.trainer.precision == "fp32" else "") + "; nanoGPT exact erf GELU",
         "batches: both sample random windows of the same token stream, with different random generators",
         "init: same scheme (normal 0.02, scaled c_proj), different seeds",
         "timing: fedgpt times each Trainer.train_steps(batches, 1) call (ends in loss.item()); nanoGPT prints its own "
@@ -187,8 +183,8 @@ def differences(cfg: Config, fed: FedgptRunner) -> list[str]:
         if reuse_freed_cpu_memory():
             out.append("allocator: fedgpt's Trainer makes glibc malloc reuse freed blocks (no page faults per step); "
                        "nanoGPT runs with glibc's defaults")
-        if fed.trainer.precision != "fp32":
-            out.append(f"precision: fedgpt {fed.trainer.precision} autocast on CPU; nanoGPT ignores dtype on CPU (fp32)")
+        if ours.trainer.precision != "fp32":
+            out.append(f"precision: fedgpt {ours.trainer.precision} autocast on CPU; nanoGPT ignores dtype on CPU (fp32)")
     if tc.compile:
         out.append("torch.compile: both compile their model (train.compile=true)")
     return out
@@ -202,47 +198,47 @@ def bench_train(args: argparse.Namespace, overrides: list[str], command: str = "
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, overrides)
-    fed = FedgptRunner(cfg)
+    ours = FedgptRunner(cfg)
     with tempfile.TemporaryDirectory(prefix="fedgpt-bench-") as tmp:
-        nano = NanoGPTRunner(Path(args.nanogpt).expanduser().resolve(), fed, Path(tmp)) if args.nanogpt else None
-        fed_ms, nano_ms = [], []
+        nano = NanoGPTRunner(Path(args.nanogpt).expanduser().resolve(), ours, Path(tmp)) if args.nanogpt else None
+        ours_ms, nano_ms = [], []
         for r in range(args.repeats):
-            fed_ms.append(fed.run(args.steps, args.warmup))
-            print(f"repeat {r + 1}/{args.repeats}: fedgpt {statistics.median(fed_ms[-1]):.2f} ms/step", end="", flush=True)
+            ours_ms.append(ours.run(args.steps, args.warmup))
+            print(f"repeat {r + 1}/{args.repeats}: fedgpt {statistics.median(ours_ms[-1]):.2f} ms/step", end="", flush=True)
             if nano is not None:
                 nano_ms.append(nano.run(args.steps, args.warmup))
                 print(f" | nanoGPT {statistics.median(nano_ms[-1]):.2f} ms/step", end="")
             print(flush=True)
 
-    tps = fed.tokens_per_step
-    fed_res = _summary([t for rep in fed_ms for t in rep], tps)
-    mfu = fed.mfu(fed_res["ms_per_step"])
-    mem, mem_kind = fed.peak_memory()
-    fed_res.update(mfu=None if mfu is None else round(mfu, 4), peak_memory_mb=round(mem, 1), peak_memory_kind=mem_kind,
-                   repeat_ms_per_step=[round(statistics.median(rep), 3) for rep in fed_ms])
+    tps = ours.tokens_per_step
+    ours_res = _summary([t for rep in ours_ms for t in rep], tps)
+    mfu = ours.mfu(ours_res["ms_per_step"])
+    mem, mem_kind = ours.peak_memory()
+    ours_res.update(mfu=None if mfu is None else round(mfu, 4), peak_memory_mb=round(mem, 1), peak_memory_kind=mem_kind,
+                   repeat_ms_per_step=[round(statistics.median(rep), 3) for rep in ours_ms])
     result: dict[str, Any] = {
         "bench": "train", "config": args.config, "overrides": overrides, "command": command,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(fed.device),
-        "device_name": torch.cuda.get_device_name(fed.device) if fed.device.type == "cuda" else platform.processor() or platform.machine(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(ours.device),
+        "device_name": torch.cuda.get_device_name(ours.device) if ours.device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "precision": fed.trainer.precision, "compile": cfg.train.compile, "steps": args.steps, "warmup": args.warmup,
-        "repeats": args.repeats, "tokens_per_step": tps, "params": fed.trainer.raw_model.num_params(), "fedgpt": fed_res,
+        "precision": ours.trainer.precision, "compile": cfg.train.compile, "steps": args.steps, "warmup": args.warmup,
+        "repeats": args.repeats, "tokens_per_step": tps, "params": ours.trainer.raw_model.num_params(), "fedgpt": ours_res,
     }
     if nano is None:
         result.update(nanogpt=None, nanogpt_skipped=NO_NANOGPT)
     else:
         nano_res = _summary([t for rep in nano_ms for t in rep], tps)
-        nmfu = fed.mfu(nano_res["ms_per_step"])  # same model shape, so the same flops per token
-        cpu_rss = fed.device.type == "cpu" and nano.peak_rss_mb is not None
+        nmfu = ours.mfu(nano_res["ms_per_step"])  # same model shape, so the same flops per token
+        cpu_rss = ours.device.type == "cpu" and nano.peak_rss_mb is not None
         nano_res.update(mfu=None if nmfu is None else round(nmfu, 4), peak_memory_mb=nano.peak_rss_mb if cpu_rss else None,
                         peak_memory_kind="peak RSS of the nanoGPT process" if cpu_rss else "not measured",
                         repeat_ms_per_step=[round(statistics.median(rep), 3) for rep in nano_ms],
                         checkout=str(Path(args.nanogpt).resolve()), command=" ".join(nano.command(args.steps, args.warmup)))
-        pairs = [statistics.median(n) / statistics.median(f) for f, n in zip(fed_ms, nano_ms)]
+        pairs = [statistics.median(n) / statistics.median(f) for f, n in zip(ours_ms, nano_ms)]
         # speedup pools every timed step; the median of the per-repeat ratios resists load that comes and goes between repeats.
-        result.update(nanogpt=nano_res, speedup=round(nano_res["ms_per_step"] / fed_res["ms_per_step"], 3),
+        result.update(nanogpt=nano_res, speedup=round(nano_res["ms_per_step"] / ours_res["ms_per_step"], 3),
                       speedup_repeat_median=round(statistics.median(pairs), 3), repeat_speedups=[round(p, 3) for p in pairs],
-                      differences=differences(cfg, fed))
+                      differences=differences(cfg, ours))
     return result
 
 
@@ -272,10 +268,7 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m fedgpt.bench", description=__doc__.splitlines()[0],
-                                epilog="Any config field can be overridden: --train.batch_size=32 --model.n_layer=2")
-    sub = p.add_subparsers(dest="bench", required=True)
+def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="training-step throughput of the core (Trainer.train_steps)")
     t.add_argument("--config", required=True, help="YAML config, e.g. configs/shakespeare_char_cpu.yaml")
     t.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
@@ -284,33 +277,3 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     t.add_argument("--threads", type=int, default=0, help="torch threads for both runs; 0: torch's default")
     t.add_argument("--nanogpt", help="path of a karpathy/nanoGPT checkout to run at identical settings (copied, not modified)")
     t.add_argument("--out", help="JSON result file (default results/bench-train-<time>.json)")
-    bench_fed.add_parsers(sub)
-    return p.parse_known_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else argv
-    args, overrides = parse_args(argv)
-    command = " ".join(["python -m fedgpt.bench", *argv])
-    if args.bench == "train":
-        res = bench_train(args, overrides, command=command)
-        table = markdown(res)
-    else:
-        figures = bench_fed.run(args.bench, args, overrides)
-        res = {"bench": args.bench, "config": args.config, "overrides": overrides, "command": command,
-               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-               "torch": torch.__version__, "python": platform.python_version(), **figures}
-        table = bench_fed.markdown(args.bench, res)
-    out = Path(args.out or f"results/bench-{args.bench}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
-    print(table)
-    print(f"wrote {out}")
-    return res
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, RuntimeError) as e:  # NanoGPTError is a RuntimeError
-        sys.exit(f"error: {e}")

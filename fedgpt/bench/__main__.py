@@ -1,0 +1,57 @@
+"""python -m fedgpt.bench {train,fed,comm,deploy}: run one benchmark, print its table, write its JSON.
+
+    python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml [--nanogpt ../nanoGPT]
+    python -m fedgpt.bench fed | comm | deploy [--config ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedgpt.bench import federation, step
+from fedgpt.files import atomic_write_bytes
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m fedgpt.bench", description=__doc__.splitlines()[0],
+                                epilog="Any config field can be overridden: --train.batch_size=32 --model.n_layer=2")
+    sub = p.add_subparsers(dest="bench", required=True)
+    step.add_parser(sub)
+    federation.add_parsers(sub)
+    return p.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
+    command = " ".join(["python -m fedgpt.bench", *argv])
+    if args.bench == "train":
+        res = step.bench_train(args, overrides, command=command)
+        table = step.markdown(res)
+    else:
+        figures = federation.run(args.bench, args, overrides)
+        res = {"bench": args.bench, "config": args.config, "overrides": overrides, "command": command,
+               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+               "torch": torch.__version__, "python": platform.python_version(), **figures}
+        table = federation.markdown(args.bench, res)
+    out = Path(args.out or f"results/bench-{args.bench}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
+    print(table)
+    print(f"wrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, RuntimeError) as e:  # NanoGPTError is a RuntimeError
+        sys.exit(f"error: {e}")

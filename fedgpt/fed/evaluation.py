@@ -1,0 +1,23 @@
+"""Central evaluation: the global model's loss on the held-out validation split, which no client ever trains on."""
+
+from __future__ import annotations
+
+import torch
+
+from fedgpt.config import Config
+from fedgpt.data import Batches, Dataset
+from fedgpt.model import GPT
+from fedgpt.train import evaluate
+
+
+class CentralEvaluator:
+    """Scores global weights with a model of its own, on the same fixed validation windows every round."""
+
+    def __init__(self, cfg: Config, ds: Dataset, model: GPT, device: torch.device):
+        self.cfg, self.ds, self.model, self.device = cfg, ds, model.to(device), device
+
+    def loss(self, state: dict[str, torch.Tensor]) -> float:
+        self.model.load_state_dict(state)
+        tc = self.cfg.train
+        batches = Batches(self.ds.val, self.cfg.model.block_size, tc.batch_size, self.device, seed=tc.seed)
+        return evaluate(self.model, batches, tc.eval_iters)["loss"]

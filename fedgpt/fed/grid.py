@@ -1,0 +1,74 @@
+"""Talking to the nodes through Flower's Grid: waiting for them, one request/reply exchange, and the pre-flight
+check that every node can serve its partition before round 1."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, log: Callable[[str], None] = print) -> list[int]:
+    """Block until `needed` nodes are connected (Flower samples from those connected *before* waiting)."""
+    t0 = time.monotonic()
+    last = -1
+    while len(nodes := list(grid.get_node_ids())) < needed:
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"only {len(nodes)} of {needed} nodes connected after {timeout:.0f} s: start more "
+                               "SuperNodes, or lower fed.num_clients / fed.min_clients, or raise fed.node_timeout")
+        if len(nodes) != last:
+            log(f"waiting for nodes: {len(nodes)}/{needed} connected")
+            last = len(nodes)
+        time.sleep(0.2)
+    return nodes
+
+
+def exchange(grid: Grid, msgs: list[Message], timeout: float, poll_s: float = 0.1) -> list[Message]:
+    """Send `msgs` and collect their replies until all are in or `timeout` passes.
+
+    Grid.send_and_receive, except that it polls every `poll_s`: Flower's deployment grid sleeps 3 s between pulls.
+    """
+    pending = set(grid.push_messages(msgs))
+    end, replies = time.monotonic() + timeout, []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= end:
+            break
+        time.sleep(poll_s)
+    return replies
+
+
+def error_reason(msg: Message) -> str:
+    """The last line of a client's error (Flower sends the whole traceback)."""
+    reason = (msg.error.reason or "").strip().splitlines()
+    return reason[-1] if reason else f"error code {msg.error.code}"
+
+
+def preflight(grid: Grid, needed: int, num_partitions: int, config: ConfigRecord, timeout: float,
+              log: Callable[[str], None] = print) -> dict[int, dict]:
+    """Wait for the nodes, then ask each what it will serve: {node id: its answer (partition-id, sizes, ...)}.
+
+    Data or config problems on any node (another corpus, a wrong num-partitions, a partition served twice) fail the
+    run here, before round 1, with every problem in one RuntimeError.
+    """
+    nodes = wait_for_nodes(grid, needed, timeout, log)
+    msgs = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies = exchange(grid, msgs, timeout)
+    errors = [f"node {r.metadata.src_node_id}: {error_reason(r)}" for r in replies if r.has_error()]
+    if len(replies) < len(msgs):
+        errors.append(f"{len(msgs) - len(replies)} node(s) did not answer within {timeout:.0f} s")
+    answers = {r.metadata.src_node_id: dict(r.content["info"]) for r in replies if not r.has_error()}
+    for node, info in answers.items():
+        if info["num-partitions"] != num_partitions:
+            errors.append(f"node {node} has num-partitions={info['num-partitions']} but fed.num_clients={num_partitions}")
+    ids = [info["partition-id"] for info in answers.values()]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        errors.append(f"partition-id {dupes} served by more than one node: give each SuperNode its own partition-id")
+    if errors:
+        raise RuntimeError("pre-flight check failed: " + "; ".join(errors))
+    return answers

@@ -1,0 +1,82 @@
+"""What a federated run leaves in its folder, and reads back to resume: rounds.jsonl (one RoundRow per round),
+loss.png, last.pt (with the strategy's state) and best.pt, in the checkpoint format of every fedgpt run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedgpt.checkpoint import CheckpointWriter, load_checkpoint
+from fedgpt.config import RUN_NEUTRAL, Config, ModelConfig, config_diff
+from fedgpt.fed.rounds import RoundRow
+from fedgpt.metrics import MetricsLog
+
+# Config keys that may change when a run is resumed: more rounds, and what does not change results.
+RESUMABLE = RUN_NEUTRAL | {"fed.rounds"}
+
+
+@dataclass
+class Snapshot:
+    """The run as a round left it: what that round's checkpoint holds, taken before its evaluation runs."""
+
+    round: int
+    state: dict[str, torch.Tensor]  # the global model, fp32
+    tokens: int
+    strategy: dict  # the strategy's own state (fedgpt.fed.strategies.strategy_state)
+
+
+class RunRecorder:
+    """Appends round rows, writes checkpoints and log lines, and restores a run from its last.pt."""
+
+    def __init__(self, cfg: Config, model_config: ModelConfig, tokenizer_meta: dict, log: Callable[[str], None] = print):
+        self.cfg, self.model_config, self.tokenizer_meta, self.log = cfg, model_config, tokenizer_meta, log
+        self.out_dir = Path(cfg.train.out_dir)
+        self.metrics = MetricsLog(self.out_dir / "rounds.jsonl", plot=self.out_dir / "loss.png", x="round")
+        self.ckpt = CheckpointWriter(self.out_dir)
+
+    @property
+    def best_val_loss(self) -> float:
+        return self.ckpt.best_val_loss
+
+    def start_fresh(self) -> None:
+        self.metrics.truncate(-1)
+
+    def resume(self) -> Snapshot:
+        """The snapshot last.pt holds; rows after its round are dropped (the resumed run redoes them)."""
+        path = self.out_dir / "last.pt"
+        ckpt = load_checkpoint(path)
+        if ckpt.get("round") is None:
+            raise ValueError(f"{path} is not from a federated run (no round): resume it with "
+                             "python -m fedgpt.local_train --resume")
+        diff = config_diff(ckpt["config"], self.cfg.to_dict(), ignore=RESUMABLE)
+        if diff:
+            raise ValueError(f"{path} was written with another config ({'; '.join(diff)}): use the same config "
+                             "or a new train.out_dir")
+        self.ckpt.best_val_loss = ckpt["best_val_loss"]
+        self.metrics.truncate(ckpt["round"])
+        self.log(f"resumed from {path} at round {ckpt['round']} (best val {self.best_val_loss:.4f})")
+        extra = ckpt["extra"]
+        return Snapshot(ckpt["round"], {k: v.float() for k, v in ckpt["model"].items()}, extra.get("tokens", 0),
+                        extra.get("strategy", {}))
+
+    def record(self, snap: Snapshot, row: RoundRow) -> None:
+        """A round's row, then its checkpoints (a run killed in between redoes the round on resume, row and all)."""
+        row.best_val_loss = min(self.best_val_loss, row.val_loss)
+        self.metrics.append(row.as_dict())
+        self.ckpt.save(row.val_loss, model_state=snap.state, model_config=self.model_config,
+                       tokenizer=self.tokenizer_meta, config=self.cfg.to_dict(), step=snap.round * self.cfg.fed.local_steps,
+                       round=snap.round, extra={"tokens": snap.tokens, "strategy": snap.strategy})
+        self.log(format_round(row))
+
+
+def format_round(row: RoundRow) -> str:
+    """One fixed-field log line per round."""
+    if row.round == 0:
+        return f"round   0 | val {row.val_loss:.4f}"
+    train = f"{row.train_loss:.4f}" if row.train_loss is not None else "-"
+    return (f"round {row.round:3d} | val {row.val_loss:.4f} | train {train} | clients {row.clients_ok} ok "
+            f"{row.clients_failed} failed | {row.round_s:.2f} s | sent {row.bytes_sent / 1e6:.2f} MB | "
+            f"received {row.bytes_received / 1e6:.2f} MB")

@@ -1,0 +1,64 @@
+"""A federated round as one typed row: what the ServerApp appends to rounds.jsonl, and what the benchmarks and the
+results table read back from it.
+
+    rows = read_rounds("out/fed/rounds.jsonl")     # round 0 (the initial model) first
+    print(summarize(rows)["median_round_s"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedgpt.metrics import read_jsonl
+
+
+@dataclass
+class RoundRow:
+    round: int  # 0: the initial global model, evaluated before any training
+    tokens: int = 0  # training tokens of all clients, all rounds so far
+    val_loss: float | None = None  # central validation loss of this round's global model
+    best_val_loss: float | None = None
+    train_loss: float | None = None  # the clients' training losses this round, weighted by their tokens
+    client_val_loss: float | None = None  # on the clients' own validation slices (fed.client_eval_interval)
+    clients_ok: int = 0
+    clients_failed: int = 0
+    bytes_sent: int = 0  # weights and configs, server to clients, all messages of the round
+    bytes_received: int = 0
+    round_s: float | None = None  # send to aggregate, client evaluation included (central runs beside the next round)
+    client_train_s: float | None = None  # the clients' training seconds, summed
+    outside_training_share: float | None = None  # of round_s, with as many clients at once as slots
+    eval_s: float | None = None  # the central evaluation of this round's model
+    elapsed_s: float | None = None  # since launch, when the row was written
+    startup_s: float | None = None  # round 1 only: launch to the first client step
+    first_step_at: float | None = None  # round 1 only: Unix time of the first client step
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RoundRow:
+        """A row as written by any fedgpt version: keys it does not know are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def read_rounds(path: str | Path) -> list[RoundRow]:
+    return [RoundRow.from_dict(d) for d in read_jsonl(path)]
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(rows: list[RoundRow]) -> dict:
+    """Final and best loss, start-up and the medians of a run's trained rounds (round 0 is left out)."""
+    trained = [r for r in rows if r.round > 0]
+    shares = [r.outside_training_share for r in trained if r.outside_training_share is not None]
+    return {"rounds": len(trained), "final_val_loss": trained[-1].val_loss if trained else None,
+            "best_val_loss": min((r.val_loss for r in rows if r.val_loss is not None), default=None),
+            "startup_s": trained[0].startup_s if trained else None,
+            "median_round_s": median([r.round_s for r in trained if r.round_s is not None]),
+            "median_outside_training_share": median(shares)}
