@@ -24,6 +24,7 @@ from fedgpt.fed.rounds import RoundRow
 from fedgpt.fed.server import FederatedRun
 from fedgpt.fed.wire import from_record, tied_aliases, to_record
 from fedgpt.model import GPT
+from fedgpt.rundir import claim_run_dir
 from simulate import main as simulate_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,6 +345,7 @@ BAD_INPUT = {
     "too many clients": (["--num-clients", "5000", "--model.block_size=64"], "client 0 of 5000 gets 225 train / 25 val tokens"),
     "negative mu": (["--mu", "-1"], "fed.proximal_mu: must be >= 0"),
     "non-numeric mu": (["--fed.proximal_mu=abc"], "fed.proximal_mu: expected float, got str 'abc'"),
+    "folder of another run": ([], "holds a local_train run"),
 }
 
 
@@ -351,6 +353,9 @@ BAD_INPUT = {
 def bad_input_runs(data_dir, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, float]]:
     """Every BAD_INPUT case run at once (each spends its seconds importing torch and flwr)."""
     out = tmp_path_factory.mktemp("bad")
+    taken = out / "folder_of_another_run"  # a local trainer's run of the same config already holds it
+    claim_run_dir(taken, "local_train", load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={taken}"]).to_dict(),
+                  resume=False, overwrite=False)
     procs = {name: (subprocess.Popen([sys.executable, "simulate.py", *tiny_args(data_dir, out / name.replace(" ", "_"), *args)],
                                      cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.monotonic())
              for name, (args, _) in BAD_INPUT.items()}

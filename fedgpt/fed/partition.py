@@ -162,6 +162,26 @@ def _speaker(
 # --- entry points ---------------------------------------------------------------------------------------------------
 
 
+def _check_arguments(train_tokens: np.ndarray, num_clients: int, scheme: str, turns: Sequence[Turn] | None,
+                     block_size: int, val_fraction: float, alpha: float, chunk_tokens: int) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown partition scheme {scheme!r} (fed.partition): use one of {', '.join(SCHEMES)}")
+    if num_clients < 1:
+        raise ValueError(f"fed.num_clients={num_clients} must be >= 1")
+    if block_size < 1 or not 0 < val_fraction < 1 or alpha <= 0 or chunk_tokens < 0:
+        raise ValueError(
+            f"need block_size >= 1, 0 < val_fraction < 1, alpha > 0 and chunk_tokens >= 0; got block_size={block_size}, "
+            f"val_fraction={val_fraction}, alpha={alpha}, chunk_tokens={chunk_tokens}"
+        )
+    if np.ndim(train_tokens) != 1:
+        raise ValueError(f"train_tokens must be a 1-D token array, got shape {np.shape(train_tokens)}")
+    if scheme == "speaker" and not turns:
+        raise ValueError(
+            'fed.partition=speaker needs speaker turns, but the corpus has no "NAME:" speaker headers: '
+            "use fed.partition=iid, contiguous or dirichlet"
+        )
+
+
 def partition(
     train_tokens: np.ndarray,
     num_clients: int,
@@ -181,22 +201,7 @@ def partition(
     Dirichlet(alpha)-distributed amounts, at least min_client_tokens per client. Raises ValueError, before copying
     any tokens, if some client would get block_size tokens or fewer in its train or its val part.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown partition scheme {scheme!r} (fed.partition): use one of {', '.join(SCHEMES)}")
-    if num_clients < 1:
-        raise ValueError(f"fed.num_clients={num_clients} must be >= 1")
-    if block_size < 1 or not 0 < val_fraction < 1 or alpha <= 0 or chunk_tokens < 0:
-        raise ValueError(
-            f"need block_size >= 1, 0 < val_fraction < 1, alpha > 0 and chunk_tokens >= 0; got block_size={block_size}, "
-            f"val_fraction={val_fraction}, alpha={alpha}, chunk_tokens={chunk_tokens}"
-        )
-    if np.ndim(train_tokens) != 1:
-        raise ValueError(f"train_tokens must be a 1-D token array, got shape {np.shape(train_tokens)}")
-    if scheme == "speaker" and not turns:
-        raise ValueError(
-            'fed.partition=speaker needs speaker turns, but the corpus has no "NAME:" speaker headers: '
-            "use fed.partition=iid, contiguous or dirichlet"
-        )
+    _check_arguments(train_tokens, num_clients, scheme, turns, block_size, val_fraction, alpha, chunk_tokens)
     n = len(train_tokens)
     rng = np.random.default_rng(seed)
     chunk = chunk_tokens or default_chunk_tokens(n, num_clients, block_size)
