@@ -20,12 +20,19 @@ from fedgpt.fed.simulation import Resources, launch  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python simulate.py", description=__doc__.splitlines()[0],
-                                epilog="Any config field can be overridden: --fed.local_steps=20 --model.n_layer=2")
-    p.add_argument("--config", default="configs/shakespeare_char_cpu.yaml", help="YAML config (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="python simulate.py",
+        description=__doc__.splitlines()[0],
+        epilog="Any config field can be overridden: --fed.local_steps=20 --model.n_layer=2",
+    )
+    p.add_argument(
+        "--config", default="configs/shakespeare_char_cpu.yaml", help="YAML config (default: %(default)s)"
+    )
     split = p.add_mutually_exclusive_group()
     split.add_argument("--iid", action="store_true", help="IID partition (fed.partition=iid)")
-    split.add_argument("--non-iid", choices=[s for s in PARTITIONS if s != "iid"], help="non-IID partition scheme")
+    split.add_argument(
+        "--non-iid", choices=[s for s in PARTITIONS if s != "iid"], help="non-IID partition scheme"
+    )
     p.add_argument("--num-clients", type=int, help="clients (= simulated SuperNodes)")
     p.add_argument("--rounds", type=int)
     p.add_argument("--local-steps", type=int)
@@ -33,24 +40,40 @@ def parse_args(argv=None):
     p.add_argument("--mu", type=float, help="FedProx proximal_mu")
     p.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in train.out_dir")
-    p.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per client; concurrency = Ray CPUs / this (default 1)")
-    p.add_argument("--client-gpus", type=float, default=None, help="GPU fraction per client (default: 1 if CUDA, else 0)")
-    p.add_argument("--ray-address", default=None, help='join an existing Ray cluster, e.g. "auto" or "10.0.0.5:6379"')
+    p.add_argument(
+        "--client-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs per client; concurrency = Ray CPUs / this (default 1)",
+    )
+    p.add_argument(
+        "--client-gpus", type=float, default=None, help="GPU fraction per client (default: 1 if CUDA, else 0)"
+    )
+    p.add_argument(
+        "--ray-address", default=None, help='join an existing Ray cluster, e.g. "auto" or "10.0.0.5:6379"'
+    )
     return p.parse_known_args(argv)
 
 
 def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
-    flags = {"fed.partition": "iid" if args.iid else args.non_iid, "fed.num_clients": args.num_clients,
-             "fed.rounds": args.rounds, "fed.local_steps": args.local_steps, "fed.strategy": args.strategy,
-             "fed.proximal_mu": args.mu}
+    flags = {
+        "fed.partition": "iid" if args.iid else args.non_iid,
+        "fed.num_clients": args.num_clients,
+        "fed.rounds": args.rounds,
+        "fed.local_steps": args.local_steps,
+        "fed.strategy": args.strategy,
+        "fed.proximal_mu": args.mu,
+    }
     flag_overrides = [f"--{k}={v}" for k, v in flags.items() if v is not None]
     if args.mu is not None and args.strategy is None:
         flag_overrides.append("--fed.strategy=fedprox")
     cfg = load_config(args.config, flag_overrides + overrides)
     resources = Resources(args.client_cpus, args.client_gpus, args.ray_address)
     # client_app by module name: Ray actors import it, and its per-process cache lives on between rounds.
-    summary = launch(cfg, "client_app:app", resources, resume=args.resume, overwrite=args.overwrite, t_start=T0)
+    summary = launch(
+        cfg, "client_app:app", resources, resume=args.resume, overwrite=args.overwrite, t_start=T0
+    )
     print(json.dumps(summary))
     return summary
 

@@ -45,31 +45,56 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], model_config: ModelConfig,
-                    tokenizer: dict, config: dict, step: int = 0, round: int | None = None,
-                    best_val_loss: float | None = None, val_loss: float | None = None,
-                    optimizer: dict | None = None, extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    model_config: ModelConfig,
+    tokenizer: dict,
+    config: dict,
+    step: int = 0,
+    round: int | None = None,
+    best_val_loss: float | None = None,
+    val_loss: float | None = None,
+    optimizer: dict | None = None,
+    extra: dict | None = None,
+) -> None:
     """Write a checkpoint atomically; weights are stored as float32 CPU tensors."""
-    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
-             for k, v in clean_state_dict(model_state).items()}
-    atomic_save({
-        "format": FORMAT, "version": VERSION,
-        "model": state, "model_config": dataclasses.asdict(model_config), "tokenizer": tokenizer,
-        "step": step, "round": round, "best_val_loss": best_val_loss, "val_loss": val_loss,
-        "config": config, "optimizer": optimizer, "extra": extra or {},
-    }, path)
+    state = {
+        k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        for k, v in clean_state_dict(model_state).items()
+    }
+    atomic_save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": state,
+            "model_config": dataclasses.asdict(model_config),
+            "tokenizer": tokenizer,
+            "step": step,
+            "round": round,
+            "best_val_loss": best_val_loss,
+            "val_loss": val_loss,
+            "config": config,
+            "optimizer": optimizer,
+            "extra": extra or {},
+        },
+        path,
+    )
 
 
 class CheckpointWriter:
-    """The one place last.pt and best.pt are written: last.pt after every evaluation (with what a resume needs),
-    best.pt whenever the validation loss improves (weights and configs only)."""
+    """The one place last.pt and best.pt are written: last.pt after every evaluation (with what a resume
+    needs), best.pt whenever the validation loss improves (weights and configs only)."""
 
     def __init__(self, out_dir: str | Path, best_val_loss: float = math.inf):
         self.out_dir, self.best_val_loss = Path(out_dir), best_val_loss
 
-    def save(self, val_loss: float, *, optimizer: dict | None = None, extra: dict | None = None, **common: Any) -> bool:
-        """Write last.pt, and best.pt if val_loss is the best so far; True if it was. `common`: save_checkpoint's
-        model_state, model_config, tokenizer, config, step and round."""
+    def save(
+        self, val_loss: float, *, optimizer: dict | None = None, extra: dict | None = None, **common: Any
+    ) -> bool:
+        """Write last.pt, and best.pt if val_loss is the best so far; True if it was. `common`:
+        save_checkpoint's model_state, model_config, tokenizer, config, step and round."""
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
         common.update(val_loss=val_loss, best_val_loss=self.best_val_loss)
@@ -83,17 +108,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read and check a checkpoint; a missing, truncated or foreign file gives one clear ValueError."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} not found: train one with `python -m fedgpt.local_train` or `python simulate.py`")
+        raise ValueError(
+            f"checkpoint {path} not found: train one with `python -m fedgpt.local_train` or `python "
+            "simulate.py`"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or not a torch file: {type(e).__name__}): "
-                         "point to a complete fedgpt checkpoint, e.g. out/last.pt") from None
+        raise ValueError(
+            f"checkpoint {path} is unreadable (truncated or not a torch file: {type(e).__name__}): "
+            "point to a complete fedgpt checkpoint, e.g. out/last.pt"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a fedgpt checkpoint (no format={FORMAT!r} field): for Hugging Face GPT-2 weights "
-                         "use --train.init_from=hf:DIR")
+        raise ValueError(
+            f"{path} is not a fedgpt checkpoint (no format={FORMAT!r} field): for Hugging Face GPT-2 weights "
+            "use --train.init_from=hf:DIR"
+        )
     if ckpt.get("version") != VERSION:
-        raise ValueError(f"{path} is fedgpt checkpoint version {ckpt.get('version')}, this fedgpt reads version {VERSION}")
+        raise ValueError(
+            f"{path} is fedgpt checkpoint version {ckpt.get('version')}, this fedgpt reads version {VERSION}"
+        )
     return ckpt
 
 
@@ -115,16 +149,20 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", dropou
 
 
 def architecture_diff(theirs: ModelConfig, ours: ModelConfig, *, initialising: bool = False) -> list[str]:
-    """"model.key: checkpoint X vs config Y" for each architecture field where two model configs differ.
+    """ "model.key: checkpoint X vs config Y" for each architecture field where two model configs differ.
 
-    Dropout may always differ. When `initialising` a new run from a checkpoint, the config may also ask for a shorter
-    context (the model is cropped) and leave vocab_size at 0 (the checkpoint's).
+    Dropout may always differ. When `initialising` a new run from a checkpoint, the config may also ask for
+    a shorter context (the model is cropped) and leave vocab_size at 0 (the checkpoint's).
     """
     diffs = []
     for f in dataclasses.fields(ModelConfig):
         a, b = getattr(theirs, f.name), getattr(ours, f.name)
-        allowed = (f.name == "dropout" or (f.name == "rope_theta" and ours.arch == "gpt2")
-                   or (initialising and f.name == "block_size" and b <= a) or (initialising and f.name == "vocab_size" and b == 0))
+        allowed = (
+            f.name == "dropout"
+            or (f.name == "rope_theta" and ours.arch == "gpt2")
+            or (initialising and f.name == "block_size" and b <= a)
+            or (initialising and f.name == "vocab_size" and b == 0)
+        )
         if a != b and not allowed:
             diffs.append(f"model.{f.name}: checkpoint {a!r} vs config {b!r}")
     return diffs
@@ -134,5 +172,7 @@ def check_compatible(ckpt: dict, model_config: ModelConfig, path: str | Path) ->
     """Raise if a checkpoint's architecture differs from the configured one (dropout may differ)."""
     diffs = architecture_diff(model_config_of(ckpt), model_config)
     if diffs:
-        raise ValueError(f"checkpoint {path} has another architecture ({'; '.join(diffs)}): "
-                         "use the checkpoint's model settings or start from scratch")
+        raise ValueError(
+            f"checkpoint {path} has another architecture ({'; '.join(diffs)}): "
+            "use the checkpoint's model settings or start from scratch"
+        )

@@ -19,11 +19,18 @@ import yaml
 ARCHS = ("gpt2", "llama")
 TOKENIZERS = ("char", "gpt2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# Every strategy fed.strategy may name (fedgpt/fed/strategies.py builds them), with the server learning rate it
-# takes when fed.server_lr is 0; None: it has none. Flower's own eta=0.1 makes a GPT diverge in its first rounds.
+# Every strategy fed.strategy may name (fedgpt/fed/strategies.py builds them), with the server learning rate
+# it takes when fed.server_lr is 0; None: it has none. Flower's own eta=0.1 makes a GPT diverge in its first
+# rounds.
 STRATEGY_SERVER_LR: dict[str, float | None] = {
-    "fedavg": None, "fedprox": None, "fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-2, "fedavgm": 1.0,
-    "fedmedian": None, "fedtrimmedavg": None,
+    "fedavg": None,
+    "fedprox": None,
+    "fedadam": 1e-2,
+    "fedyogi": 1e-2,
+    "fedadagrad": 1e-2,
+    "fedavgm": 1.0,
+    "fedmedian": None,
+    "fedtrimmedavg": None,
 }
 STRATEGIES = tuple(STRATEGY_SERVER_LR)
 PARTITIONS = ("iid", "speaker", "contiguous", "dirichlet")
@@ -37,7 +44,9 @@ class ModelConfig:
     n_layer: int = 6  # transformer blocks
     n_head: int = 6  # attention heads; n_embd must be divisible by it
     n_embd: int = 384  # embedding width
-    dropout: float = 0.0  # on embeddings, attention and residual branches; the global model is evaluated without it
+    dropout: float = (
+        0.0  # on embeddings, attention and residual branches; the global model is evaluated without it
+    )
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 checkpoints have them)
     rope_theta: float = 10000.0  # RoPE base, "llama" only
 
@@ -53,7 +62,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "out"  # run directory: checkpoints, metrics.jsonl, loss.png
-    init_from: str = "scratch"  # "scratch", a fedgpt checkpoint path, or "hf:DIR" (Hugging Face GPT-2 weights)
+    init_from: str = (
+        "scratch"  # "scratch", a fedgpt checkpoint path, or "hf:DIR" (Hugging Face GPT-2 weights)
+    )
     max_steps: int = 5000  # optimizer steps
     batch_size: int = 64  # sequences per micro-batch (per process under DDP)
     grad_accum_steps: int = 1  # micro-batches per optimizer step (global, divided among DDP ranks)
@@ -82,15 +93,21 @@ class FedConfig:
     num_clients: int = 8  # clients = partitions of the training split (simulation: SuperNodes)
     rounds: int = 10  # federated rounds
     local_steps: int = 50  # optimizer steps each client runs per round
-    strategy: str = "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, fedtrimmedavg
+    strategy: str = (
+        "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, fedtrimmedavg
+    )
     proximal_mu: float = 0.0  # FedProx: weight of (mu/2)·||w - w_global||^2
     server_lr: float = 0.0  # server learning rate (eta); 0: the strategy's own (adaptive 1e-2, fedavgm 1.0)
     server_momentum: float = 0.9  # FedAvgM
-    partition: str = "iid"  # iid, speaker (whole roles per client), contiguous (regions), dirichlet (size skew)
+    partition: str = (
+        "iid"  # iid, speaker (whole roles per client), contiguous (regions), dirichlet (size skew)
+    )
     dirichlet_alpha: float = 0.5  # "dirichlet" partitions: smaller is more skewed
     client_val_fraction: float = 0.1  # share of each client's partition kept for its own evaluation
     fraction_train: float = 1.0  # share of clients sampled each round
-    client_eval_interval: int = 0  # rounds between evaluations on the clients' own val slices (and the last round); 0: never
+    client_eval_interval: int = (
+        0  # rounds between evaluations on the clients' own val slices (and the last round); 0: never
+    )
     min_clients: int = 0  # clients that must be connected before round 1; 0: num_clients
     half_precision: bool = False  # send fp16 arrays on the wire (the global model stays fp32)
     node_timeout: float = 120.0  # seconds to wait for min_clients before failing
@@ -178,12 +195,18 @@ def validate(cfg: Config) -> list[str]:
     check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 takes the tokenizer's size)")
     for key in ("block_size", "n_layer", "n_head", "n_embd"):
         check(getattr(m, key) > 0, f"model.{key}", "must be > 0")
-    check(m.n_head > 0 and m.n_embd % m.n_head == 0, "model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    check(
+        m.n_head > 0 and m.n_embd % m.n_head == 0,
+        "model.n_embd",
+        f"{m.n_embd} is not divisible by model.n_head={m.n_head}",
+    )
     if m.arch == "llama" and m.n_head > 0 and m.n_embd % m.n_head == 0:
         check((m.n_embd // m.n_head) % 2 == 0, "model.n_embd", "head size must be even for RoPE")
     check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     check(m.rope_theta > 0, "model.rope_theta", "must be > 0")
-    check(d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    check(
+        d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}"
+    )
     check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     for key in ("max_steps", "lr_decay_steps", "warmup_steps"):
         check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
@@ -194,7 +217,9 @@ def validate(cfg: Config) -> list[str]:
     check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
     check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    check(t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check(
+        t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {', '.join(PRECISIONS)}"
+    )
     check(f.num_clients > 0, "fed.num_clients", "must be > 0")
     check(f.rounds > 0, "fed.rounds", "must be > 0")
     check(f.local_steps >= 0, "fed.local_steps", "must be >= 0")
@@ -202,7 +227,9 @@ def validate(cfg: Config) -> list[str]:
     check(f.proximal_mu >= 0, "fed.proximal_mu", "must be >= 0")
     check(f.server_lr >= 0, "fed.server_lr", "must be >= 0 (0: the strategy's default)")
     check(0 <= f.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
-    check(f.partition in PARTITIONS, "fed.partition", f"{f.partition!r} is not one of {', '.join(PARTITIONS)}")
+    check(
+        f.partition in PARTITIONS, "fed.partition", f"{f.partition!r} is not one of {', '.join(PARTITIONS)}"
+    )
     check(f.dirichlet_alpha > 0, "fed.dirichlet_alpha", "must be > 0")
     check(0 < f.client_val_fraction < 1, "fed.client_val_fraction", "must be in (0, 1)")
     check(0 < f.fraction_train <= 1, "fed.fraction_train", "must be in (0, 1]")
@@ -212,18 +239,31 @@ def validate(cfg: Config) -> list[str]:
     return problems
 
 
-# Keys that change how a run executes, not what it computes: they may differ when a run is resumed or its folder
-# is reused.
-RUN_NEUTRAL = frozenset({"train.device", "train.compile", "train.log_interval", "train.tensorboard",
-                         "fed.node_timeout", "fed.round_timeout", "fed.min_clients"})
+# Keys that change how a run executes, not what it computes: they may differ when a run is resumed or its
+# folder is reused.
+RUN_NEUTRAL = frozenset(
+    {
+        "train.device",
+        "train.compile",
+        "train.log_interval",
+        "train.tensorboard",
+        "fed.node_timeout",
+        "fed.round_timeout",
+        "fed.min_clients",
+    }
+)
 
 
 def config_diff(a: dict, b: dict, ignore: frozenset[str] = RUN_NEUTRAL) -> list[str]:
-    """["section.key: old -> new", ...] for every key where config dicts a and b differ, but those in `ignore`."""
+    """["section.key: old -> new", ...] for every key where config dicts a and b differ, but those in
+    `ignore`."""
     flat = lambda d: {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
     fa, fb = flat(a), flat(b)
-    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
-            if k not in ignore and fa.get(k) != fb.get(k)]
+    return [
+        f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}"
+        for k in sorted(set(fa) | set(fb))
+        if k not in ignore and fa.get(k) != fb.get(k)
+    ]
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -256,7 +296,9 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
         value = raw if types.get(name) is str else _parse_scalar(raw)
         out.setdefault(section, {})[name] = value
     if bad:
-        raise ValueError(f"bad override(s) {', '.join(bad)}: write them as --section.key=value, e.g. --train.max_steps=200")
+        raise ValueError(
+            f"bad override(s) {', '.join(bad)}: write them as --section.key=value, e.g. --train.max_steps=200"
+        )
     return out
 
 
@@ -276,7 +318,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ValueError(f"config file {p} not found: pass --config with a path such as configs/shakespeare_char_cpu.yaml")
+            raise ValueError(
+                f"config file {p} not found: pass --config with a path such as "
+                "configs/shakespeare_char_cpu.yaml"
+            )
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -295,11 +340,18 @@ def reference_markdown() -> str:
     import re
 
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("fed", FedConfig)):
+    for section, cls in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("train", TrainConfig),
+        ("fed", FedConfig),
+    ):
         comments = dict(re.findall(r"^\s+(\w+): [^=]+=[^#\n]*(?:#\s*(.*))?$", inspect.getsource(cls), re.M))
         for f in dataclasses.fields(cls):
             default = getattr(cls(), f.name)
-            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {comments.get(f.name, '').replace('|', '/')} |")
+            rows.append(
+                f"| `{section}.{f.name}` | `{default!r}` | {comments.get(f.name, '').replace('|', '/')} |"
+            )
     return "\n".join(rows)
 
 

@@ -37,7 +37,8 @@ SPEAKER_HEADER = re.compile(r"([A-Z][A-Za-z' .-]*):")
 PARAGRAPH_SEP = re.compile(r"(\n\s*\n)")
 
 
-# --- dataset --------------------------------------------------------------------------------------------------------
+# --- dataset
+# --------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -83,7 +84,10 @@ def speaker_of(paragraph: str) -> str | None:
 
 def _read_source(path: Path) -> bytes:
     if not path.is_file():
-        raise ValueError(f"input file {path} not found: fix --data.input_file, or leave it empty to download Tiny Shakespeare")
+        raise ValueError(
+            f"input file {path} not found: fix --data.input_file, or leave it empty to download Tiny "
+            "Shakespeare"
+        )
     raw = path.read_bytes()
     if not raw:
         raise ValueError(f"input file {path} is empty: pass a UTF-8 text file with --data.input_file")
@@ -101,7 +105,7 @@ def _decode_utf8(raw: bytes, path: Path) -> str:
 
 
 def _cache_is_valid(cache_dir: Path, sha: str, cfg: DataConfig) -> dict[str, Any] | None:
-    """meta.json's content if the cache in cache_dir was encoded from this source with this config, else None."""
+    """meta.json's content if the cache in cache_dir was encoded from this source and config, else None."""
     try:
         meta = json.loads((cache_dir / "meta.json").read_text())
         ok = (
@@ -118,18 +122,24 @@ def _cache_is_valid(cache_dir: Path, sha: str, cfg: DataConfig) -> dict[str, Any
     return meta if ok else None
 
 
-def _encode_to_cache(text: str, tokenizer: Tokenizer, cfg: DataConfig, source: Path, sha: str, cache_dir: Path) -> dict[str, Any]:
-    """Encode paragraph by paragraph, find the speaker turns, write train.bin, val.bin, turns.json and meta.json."""
+def _encode_to_cache(
+    text: str, tokenizer: Tokenizer, cfg: DataConfig, source: Path, sha: str, cache_dir: Path
+) -> dict[str, Any]:
+    """Encode paragraph by paragraph, find the speaker turns, write train.bin, val.bin, turns.json and
+    meta.json."""
     if tokenizer.vocab_size > MAX_UINT16_VOCAB:
         raise ValueError(f"vocabulary of {tokenizer.vocab_size} ids does not fit the uint16 token files")
     # Encoding each paragraph on its own makes every turn's token span exact for BPE too (no token straddles a
-    # paragraph boundary); for chars it equals encoding the whole text. Each paragraph is further cut where GPT-2's
-    # pre-tokenizer cuts the whole text, so the BPE stream also equals encoding the whole text whenever paragraphs
-    # start with a non-blank character (as in Tiny Shakespeare). Without it "\n\n" ending a paragraph would
-    # become one token (628) instead of the two "\n" (198, 198) that the same text gets when a prompt is encoded.
+    # paragraph boundary); for chars it equals encoding the whole text. Each paragraph is further cut where
+    # GPT-2's pre-tokenizer cuts the whole text, so the BPE stream also equals encoding the whole text
+    # whenever paragraphs start with a non-blank character (as in Tiny Shakespeare). Without it "\n\n" ending
+    # a paragraph would become one token (628) instead of the two "\n" (198, 198) that the same text gets when
+    # a prompt is encoded.
     pieces = split_paragraphs(text)
     cuts = [_pretokenized(piece, last=i == len(pieces) - 1) for i, piece in enumerate(pieces)]
-    parts = [tokenizer.encode(part) for cut in cuts for part in cut]  # (tiktoken's threaded batch API is slower)
+    parts = [
+        tokenizer.encode(part) for cut in cuts for part in cut
+    ]  # (tiktoken's threaded batch API is slower)
     ids = [a + b + c for a, b, c in zip(parts[0::3], parts[1::3], parts[2::3], strict=True)]
     bounds = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(t) for t in ids], out=bounds[1:])
@@ -138,7 +148,8 @@ def _encode_to_cache(text: str, tokenizer: Tokenizer, cfg: DataConfig, source: P
     n_train = int(n * (1 - cfg.val_fraction))
     if not 0 < n_train < n:
         raise ValueError(
-            f"{source} has only {n:,} token(s): with data.val_fraction={cfg.val_fraction} the train or validation "
+            f"{source} has only {n:,} token(s): with data.val_fraction={cfg.val_fraction} the train or "
+            "validation "
             "split would be empty; use a larger corpus"
         )
     speakers: dict[str, int] = {}
@@ -153,7 +164,9 @@ def _encode_to_cache(text: str, tokenizer: Tokenizer, cfg: DataConfig, source: P
     (cache_dir / "meta.json").unlink(missing_ok=True)
     atomic_write_bytes(cache_dir / "train.bin", memoryview(stream[:n_train]))
     atomic_write_bytes(cache_dir / "val.bin", memoryview(stream[n_train:]))
-    atomic_write_bytes(cache_dir / "turns.json", json.dumps({"speakers": list(speakers), "turns": turns}).encode())
+    atomic_write_bytes(
+        cache_dir / "turns.json", json.dumps({"speakers": list(speakers), "turns": turns}).encode()
+    )
     meta = {
         "tokenizer": tokenizer.meta(),
         "vocab_size": tokenizer.vocab_size,
@@ -174,7 +187,7 @@ def _memmap(path: Path) -> np.ndarray:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Tokenize cfg.input_file (or Tiny Shakespeare) once into data_dir/<stem>-<tokenizer>/ and memory-map it."""
+    """Tokenize cfg.input_file (or Tiny Shakespeare) once into data_dir/<stem>-<tokenizer>/; memory-map it."""
     if cfg.tokenizer not in TOKENIZERS:
         raise ValueError(f"data.tokenizer: {cfg.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
     if not 0.0 < cfg.val_fraction < 1.0:
@@ -190,7 +203,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     if meta is None:
         text = _decode_utf8(raw, source)
         log.info("encoding %s with the %s tokenizer into %s", source, cfg.tokenizer, cache_dir)
-        tokenizer = CharTokenizer.from_text(text) if cfg.tokenizer == "char" else BPETokenizer(cache_dir=tiktoken_dir)
+        tokenizer = (
+            CharTokenizer.from_text(text) if cfg.tokenizer == "char" else BPETokenizer(cache_dir=tiktoken_dir)
+        )
         meta = _encode_to_cache(text, tokenizer, cfg, source, sha, cache_dir)
     else:
         tokenizer = get_tokenizer(meta["tokenizer"], cache_dir=tiktoken_dir)
@@ -208,7 +223,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     )
 
 
-# --- batches --------------------------------------------------------------------------------------------------------
+# --- batches
+# --------------------------------------------------------------------------------------------------------
 
 
 class Batches:
@@ -233,7 +249,8 @@ class Batches:
         self.block_size = block_size
         self.batch_size = batch_size
         self.device = torch.device(device)
-        # One copy into RAM as int64 (a memmap, a slice or a concatenation alike): batches then need no conversion.
+        # One copy into RAM as int64 (a memmap, a slice or a concatenation alike): batches then need no
+        # conversion.
         self.data = torch.from_numpy(np.array(tokens, dtype=np.int64))
         self.generator = torch.Generator().manual_seed(seed)
         # x and y gathered together: (2, 1, T) + (B, 1) -> (2, B, T); row 0 is x, row 1 (shifted by one) is y,
@@ -248,7 +265,9 @@ class Batches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(self.num_tokens - self.block_size, (self.batch_size, 1), generator=self.generator)
+        starts = torch.randint(
+            self.num_tokens - self.block_size, (self.batch_size, 1), generator=self.generator
+        )
         xy = self.data[starts + self._window]  # (2, B, T)
         if self.device.type == "cuda":
             xy = xy.pin_memory().to(self.device, non_blocking=True)

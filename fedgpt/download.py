@@ -1,6 +1,6 @@
 """Tiny Shakespeare, fetched once and checked against its sha256; offline, the error says where to put it.
 
-    path = download_shakespeare("data")    # data/tinyshakespeare/input.txt
+path = download_shakespeare("data")    # data/tinyshakespeare/input.txt
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ SHAKESPEARE_BYTES = 1_115_394
 
 
 class DataUnavailableError(RuntimeError):
-    """The corpus or the BPE ranks could not be fetched (offline, unreachable); the message says where to put them."""
+    """The corpus or the BPE ranks could not be fetched (offline, unreachable); the message says where to put
+    them."""
 
 
 def _sha256(data: bytes) -> str:
@@ -29,14 +30,15 @@ def _sha256(data: bytes) -> str:
 
 
 def download_shakespeare(data_dir: str | Path) -> Path:
-    """Return data_dir/tinyshakespeare/input.txt, downloading and checksumming it unless it is already there."""
+    """data_dir/tinyshakespeare/input.txt, downloaded and checksummed unless it is already there."""
     path = (Path(data_dir) / "tinyshakespeare" / "input.txt").resolve()
     if path.is_file():
         actual = _sha256(path.read_bytes())
         if actual != SHAKESPEARE_SHA256:
             raise ValueError(
                 f"{path} exists but its sha256 is {actual}, not Tiny Shakespeare's {SHAKESPEARE_SHA256}: "
-                f"delete it to download it again, or pass --data.input_file={path} to train on it as your own corpus"
+                f"delete it to download it again, or pass --data.input_file={path} to train on it as your "
+                "own corpus"
             )
         return path
     url = SHAKESPEARE_URL  # read at call time so tests can point it elsewhere
@@ -47,10 +49,13 @@ def download_shakespeare(data_dir: str | Path) -> Path:
             data = resp.read()
     except (urllib.error.URLError, OSError) as e:  # URLError, HTTPError, timeouts, connection resets
         reason = getattr(e, "reason", None) or e
-        raise DataUnavailableError(f"could not download Tiny Shakespeare from {url} ({reason}); {put_it}") from None
+        raise DataUnavailableError(
+            f"could not download Tiny Shakespeare from {url} ({reason}); {put_it}"
+        ) from None
     if len(data) != SHAKESPEARE_BYTES or _sha256(data) != SHAKESPEARE_SHA256:
         raise DataUnavailableError(
-            f"downloaded {len(data):,} bytes from {url} with sha256 {_sha256(data)}, expected {SHAKESPEARE_BYTES:,} "
+            f"downloaded {len(data):,} bytes from {url} with sha256 {_sha256(data)}, expected "
+            f"{SHAKESPEARE_BYTES:,} "
             f"bytes with sha256 {SHAKESPEARE_SHA256}; {put_it}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Atomic file writes: every file fedgpt writes (checkpoints, token caches, metrics, plots) goes through here."""
+"""Atomic file writes: every file fedgpt writes (checkpoints, token caches, metrics, plots), through here."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Generation apart from the network: a KV cache and a sampling loop, ids in and ids out (no tokenizer here).
 
-    out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)   # (B, T + new)
-    cache = KVCache.for_model(model, batch_size=2)                               # for model(idx, kv_cache=cache)
+out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)   # (B, T + new)
+cache = KVCache.for_model(model, batch_size=2)                               # for model(idx, kv_cache=cache)
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def generate(
     """Sample continuations of idx (B, T); returns (B, T + n_generated).
 
     temperature 0 is greedy. Prompts longer than block_size are cropped to their last block_size tokens for
-    conditioning (the output still starts with the whole prompt). Stops early once every row has produced eot_id;
-    finished rows are padded with eot_id.
+    conditioning (the output still starts with the whole prompt). Stops early once every row has produced
+    eot_id; finished rows are padded with eot_id.
     """
     if max_new_tokens <= 0:
         return idx
@@ -84,8 +84,8 @@ def generate(
         if cache.pos < bs:
             logits, _ = model(next_id, kv_cache=cache)
         else:
-            # Cache full: positions would have to shift (learned wpe, RoPE angles), so re-run the last block_size
-            # tokens from scratch, exactly as a cache-free cropped loop would.
+            # Cache full: positions would have to shift (learned wpe, RoPE angles), so re-run the last
+            # block_size tokens from scratch, exactly as a cache-free cropped loop would.
             cache.reset()
             logits, _ = model(idx[:, -bs:], kv_cache=cache)
     model.train(was_training)

@@ -1,6 +1,6 @@
 """Hugging Face GPT-2 weights from a local save_pretrained directory, read without network or transformers.
 
-    model = from_hf("data/gpt2")    # config.json + model.safetensors (or pytorch_model.bin, sharded or not)
+model = from_hf("data/gpt2")    # config.json + model.safetensors (or pytorch_model.bin, sharded or not)
 """
 
 from __future__ import annotations
@@ -16,25 +16,43 @@ from fedgpt.model import GPT
 
 
 def from_hf(path: str | Path, dropout: float = 0.0) -> GPT:
-    """Load Hugging Face GPT-2 weights from a local save_pretrained directory (no network, no transformers)."""
+    """Hugging Face GPT-2 weights from a local save_pretrained directory (no network, no transformers)."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"Hugging Face model directory {path} not found: pass a local directory written by save_pretrained")
+        raise ValueError(
+            f"Hugging Face model directory {path} not found: pass a local directory written by "
+            "save_pretrained"
+        )
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{config_file} not found: expected a Hugging Face GPT-2 directory (config.json + weights)")
+        raise ValueError(
+            f"{config_file} not found: expected a Hugging Face GPT-2 directory (config.json + weights)"
+        )
     hf = json.loads(config_file.read_text())
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{config_file}: expected model_type 'gpt2', got {hf.get('model_type')!r}")
-    standard = (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
-                and hf.get("n_inner") in (None, 4 * hf["n_embd"])
-                and hf.get("scale_attn_weights", True) and not hf.get("scale_attn_by_inverse_layer_idx", False))
+    standard = (
+        hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
+        and hf.get("n_inner") in (None, 4 * hf["n_embd"])
+        and hf.get("scale_attn_weights", True)
+        and not hf.get("scale_attn_by_inverse_layer_idx", False)
+    )
     if not standard:
-        raise ValueError(f"{config_file}: expected the standard GPT-2 block "
-                         "(gelu_new, n_inner = 4 * n_embd, default attention scaling)")
+        raise ValueError(
+            f"{config_file}: expected the standard GPT-2 block "
+            "(gelu_new, n_inner = 4 * n_embd, default attention scaling)"
+        )
 
-    cfg = ModelConfig(arch="gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                      n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
+    cfg = ModelConfig(
+        arch="gpt2",
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        dropout=dropout,
+        bias=True,
+    )
     model = GPT(cfg)
     eps = hf.get("layer_norm_epsilon", 1e-5)
     for m in model.modules():
@@ -54,13 +72,14 @@ def from_hf(path: str | Path, dropout: float = 0.0) -> GPT:
     missing, unexpected = sorted(expected - loaded.keys()), sorted(loaded.keys() - expected)
     wrong = [k for k in expected & loaded.keys() if loaded[k].shape != ours[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{path}: weights do not match GPT-2 config.json: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+        raise ValueError(
+            f"{path}: weights do not match GPT-2 config.json: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
     with torch.no_grad():
         for k, t in loaded.items():
             ours[k].copy_(t)
     return model
-
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +91,9 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             return {k: t for shard in shards for k, t in read(path / shard).items()}
-    raise ValueError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin (or their .index.json)")
+    raise ValueError(
+        f"no weights in {path}: expected model.safetensors or pytorch_model.bin (or their .index.json)"
+    )
 
 
 def _read_torch_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -88,17 +109,22 @@ def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
     # then the raw little-endian tensor bytes; data_offsets are relative to the end of the header.
     data = bytearray(Path(file).read_bytes())  # writable, so torch.frombuffer can share it without a warning
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     header.pop("__metadata__", None)
     out = {}
     for name, info in header.items():
         if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, expected one of {', '.join(_SAFETENSORS_DTYPES)}")
+            raise ValueError(
+                f"{file}: tensor {name} has dtype {info['dtype']}, expected one of "
+                f"{', '.join(_SAFETENSORS_DTYPES)}"
+            )
         dtype = _SAFETENSORS_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         count = (end - start) // dtype.itemsize
         if count == 0:
             out[name] = torch.empty(info["shape"], dtype=dtype)
         else:
-            out[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + start).view(info["shape"])
+            out[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + start).view(
+                info["shape"]
+            )
     return out

@@ -1,8 +1,8 @@
 """Non-federated trainer on the shared core; one process or DDP under torchrun.
 
-    python -m fedgpt.local_train --config configs/shakespeare_char_cpu.yaml
-    python -m fedgpt.local_train --config configs/shakespeare_char_cpu.yaml --resume
-    torchrun --standalone --nproc_per_node=2 -m fedgpt.local_train --config configs/shakespeare_char.yaml
+python -m fedgpt.local_train --config configs/shakespeare_char_cpu.yaml
+python -m fedgpt.local_train --config configs/shakespeare_char_cpu.yaml --resume
+torchrun --standalone --nproc_per_node=2 -m fedgpt.local_train --config configs/shakespeare_char.yaml
 """
 
 from __future__ import annotations
@@ -66,10 +66,15 @@ class RankBatches:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m fedgpt.local_train", description=__doc__.splitlines()[0],
-                                epilog="Any config field can be overridden: --train.max_steps=200 --model.n_layer=2")
+    p = argparse.ArgumentParser(
+        prog="python -m fedgpt.local_train",
+        description=__doc__.splitlines()[0],
+        epilog="Any config field can be overridden: --train.max_steps=200 --model.n_layer=2",
+    )
     p.add_argument("--config", help="YAML config (see configs/); defaults apply when omitted")
-    p.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/last.pt exactly where it stopped")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from <train.out_dir>/last.pt exactly where it stopped"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run already in train.out_dir")
     return p.parse_known_args(argv)
 
@@ -85,7 +90,10 @@ def start_processes(cfg: Config) -> Processes:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if cfg.train.grad_accum_steps % world:
-        raise ValueError(f"train.grad_accum_steps={cfg.train.grad_accum_steps} must be divisible by the {world} DDP processes")
+        raise ValueError(
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps} must be divisible by the {world} DDP "
+            "processes"
+        )
     return Processes(rank, world, device, ddp)
 
 
@@ -108,15 +116,22 @@ def main(argv: list[str] | None = None) -> dict:
     if procs.master:
         claim_run_dir(out_dir, "local_train", cfg.to_dict(), resume=args.resume, overwrite=args.overwrite)
     torch.manual_seed(tc.seed + procs.rank)  # dropout masks differ between ranks
-    say(f"model: {model.cfg.arch}, {model.num_params() / 1e6:.2f}M parameters | data: {len(ds.train):,} train / "
-        f"{len(ds.val):,} val tokens ({ds.tokenizer.meta()['kind']}) | device {procs.device} | {procs.world} process(es)")
+    say(
+        f"model: {model.cfg.arch}, {model.num_params() / 1e6:.2f}M parameters | data: {len(ds.train):,} "
+        "train / "
+        f"{len(ds.val):,} val tokens ({ds.tokenizer.meta()['kind']}) | device {procs.device} | {procs.world} "
+        "process(es)"
+    )
 
     trainer = Trainer(model, tc, procs.device, ddp_rank=procs.rank if procs.ddp else None, log=say)
     stream = Batches(ds.train, cfg.model.block_size, tc.batch_size, procs.device, seed=tc.seed)
     run = LocalRun(cfg, ds, trainer, stream, procs, out_dir)
     if resume is not None:
         run.restore(resume)
-        say(f"resumed from {out_dir / 'last.pt'} at step {trainer.step} (best val {run.ckpt.best_val_loss:.4f})")
+        say(
+            f"resumed from {out_dir / 'last.pt'} at step {trainer.step} (best val "
+            f"{run.ckpt.best_val_loss:.4f})"
+        )
     result = run.train()
     say(json.dumps(result))
     return result
@@ -134,13 +149,19 @@ def _model(cfg: Config, ds: Dataset, resume: dict | None, out_dir: Path, world: 
 
 
 class LocalRun:
-    """The training loop of one process: train eval_interval steps, evaluate and checkpoint (rank 0), repeat."""
+    """The training loop of one process: eval_interval steps, then evaluation and checkpoints (rank 0)."""
 
-    def __init__(self, cfg: Config, ds: Dataset, trainer: Trainer, stream: Batches, procs: Processes, out_dir: Path):
+    def __init__(
+        self, cfg: Config, ds: Dataset, trainer: Trainer, stream: Batches, procs: Processes, out_dir: Path
+    ):
         self.cfg, self.ds, self.trainer, self.stream, self.procs = cfg, ds, trainer, stream, procs
         self.batches = RankBatches(stream, procs.rank, procs.world) if procs.ddp else stream
         self.ckpt = CheckpointWriter(out_dir)
-        self.metrics = MetricsLog(out_dir / "metrics.jsonl", plot=out_dir / "loss.png", x="step") if procs.master else None
+        self.metrics = (
+            MetricsLog(out_dir / "metrics.jsonl", plot=out_dir / "loss.png", x="step")
+            if procs.master
+            else None
+        )
         self.writer = _tensorboard(out_dir) if cfg.train.tensorboard and procs.master else None
 
     def restore(self, ckpt: dict) -> None:
@@ -157,13 +178,19 @@ class LocalRun:
     def train(self) -> dict:
         tc, tr = self.cfg.train, self.trainer
         if self.metrics:
-            self.metrics.truncate(tr.step if tr.step else -1)  # a resumed run keeps the rows up to its checkpoint
+            # a resumed run keeps the rows up to its checkpoint
+            self.metrics.truncate(tr.step if tr.step else -1)
         t0 = time.perf_counter()
         if tr.step == 0:
             self.evaluate_and_save(0.0)
         while tr.step < tc.max_steps:
             n = min(tc.eval_interval - tr.step % tc.eval_interval, tc.max_steps - tr.step)
-            tr.train_steps(self.batches, n, total_steps=tc.max_steps, grad_accum_steps=tc.grad_accum_steps // self.procs.world)
+            tr.train_steps(
+                self.batches,
+                n,
+                total_steps=tc.max_steps,
+                grad_accum_steps=tc.grad_accum_steps // self.procs.world,
+            )
             self.evaluate_and_save(time.perf_counter() - t0)
         if self.procs.ddp:
             dist.destroy_process_group()
@@ -180,43 +207,79 @@ class LocalRun:
             dist.all_gather_object(rng, torch.get_rng_state())
         if self.procs.master:
             # Fixed-seed evaluation batches: every evaluation scores the same windows.
-            val = evaluate(tr.raw_model, Batches(self.ds.val, block, tc.batch_size, tr.device, seed=tc.seed), tc.eval_iters, tr.ctx)
-            train = evaluate(tr.raw_model, Batches(self.ds.train, block, tc.batch_size, tr.device, seed=tc.seed + 1),
-                             tc.eval_iters, tr.ctx)
+            val = evaluate(
+                tr.raw_model,
+                Batches(self.ds.val, block, tc.batch_size, tr.device, seed=tc.seed),
+                tc.eval_iters,
+                tr.ctx,
+            )
+            train = evaluate(
+                tr.raw_model,
+                Batches(self.ds.train, block, tc.batch_size, tr.device, seed=tc.seed + 1),
+                tc.eval_iters,
+                tr.ctx,
+            )
             best = min(self.ckpt.best_val_loss, val["loss"])
-            print(f"eval step {tr.step} | train {train['loss']:.4f} | val {val['loss']:.4f} | best {best:.4f}")
-            self.metrics.append({"step": tr.step, "tokens": tr.step * tc.batch_size * tc.grad_accum_steps * block,
-                                 "train_loss": train["loss"], "val_loss": val["loss"],
-                                 "lr": tr.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 3)})
+            print(
+                f"eval step {tr.step} | train {train['loss']:.4f} | val {val['loss']:.4f} | best {best:.4f}"
+            )
+            self.metrics.append(
+                {
+                    "step": tr.step,
+                    "tokens": tr.step * tc.batch_size * tc.grad_accum_steps * block,
+                    "train_loss": train["loss"],
+                    "val_loss": val["loss"],
+                    "lr": tr.optimizer.param_groups[0]["lr"],
+                    "elapsed_s": round(elapsed, 3),
+                }
+            )
             if self.writer:
                 self.writer.add_scalars("loss", {"train": train["loss"], "val": val["loss"]}, tr.step)
-            self.ckpt.save(val["loss"], model_state=tr.raw_model.state_dict(), model_config=tr.raw_model.cfg,
-                           tokenizer=self.ds.tokenizer.meta(), config=self.cfg.to_dict(), step=tr.step,
-                           optimizer=tr.optimizer.state_dict() if tc.save_optimizer else None,
-                           extra={"batches": self.stream.state_dict(), "rng": rng,
-                                  "scaler": tr.scaler.state_dict() if tr.scaler else None})
+            self.ckpt.save(
+                val["loss"],
+                model_state=tr.raw_model.state_dict(),
+                model_config=tr.raw_model.cfg,
+                tokenizer=self.ds.tokenizer.meta(),
+                config=self.cfg.to_dict(),
+                step=tr.step,
+                optimizer=tr.optimizer.state_dict() if tc.save_optimizer else None,
+                extra={
+                    "batches": self.stream.state_dict(),
+                    "rng": rng,
+                    "scaler": tr.scaler.state_dict() if tr.scaler else None,
+                },
+            )
         self.procs.barrier()
 
 
 def _check_resumable(ckpt: dict, path: Path, world: int) -> None:
-    """--resume needs the optimizer and data-stream state that only a local_train checkpoint saved with them has."""
+    """--resume needs the optimizer and data-stream state that only a local_train checkpoint saved with them
+    has."""
     if ckpt.get("round") is not None:
-        raise ValueError(f"{path} is from a federated run (round {ckpt['round']}): resume it with the ServerApp, "
-                         f"or start a new local run from its weights with --train.init_from={path} and another out_dir")
+        raise ValueError(
+            f"{path} is from a federated run (round {ckpt['round']}): resume it with the ServerApp, "
+            f"or start a new local run from its weights with --train.init_from={path} and another out_dir"
+        )
     if ckpt.get("optimizer") is None:
-        raise ValueError(f"{path} was saved with train.save_optimizer=false, so --resume cannot continue it exactly: "
-                         f"start a new run from its weights with --train.init_from={path} and another out_dir")
+        raise ValueError(
+            f"{path} was saved with train.save_optimizer=false, so --resume cannot continue it exactly: "
+            f"start a new run from its weights with --train.init_from={path} and another out_dir"
+        )
     saved = len(ckpt["extra"].get("rng", []))
     if saved != world:
-        raise ValueError(f"{path} was written by {saved} process(es) and this run has {world}: resume with the same "
-                         f"number of processes (the per-rank random state must match)")
+        raise ValueError(
+            f"{path} was written by {saved} process(es) and this run has {world}: resume with the same "
+            f"number of processes (the per-rank random state must match)"
+        )
 
 
 def _tensorboard(out_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise SystemExit("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        raise SystemExit(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
+        ) from None
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 

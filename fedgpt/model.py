@@ -1,6 +1,7 @@
 """Decoder-only transformers in one file: GPT-2 (nanoGPT-style) and a Llama-style variant.
 
-    model = GPT(ModelConfig(arch="gpt2", vocab_size=65))    # ModelConfig: fedgpt/config.py, one field per knob
+    # ModelConfig: fedgpt/config.py, one field per knob
+    model = GPT(ModelConfig(arch="gpt2", vocab_size=65))
     logits, loss = model(idx, targets)                      # (B, T, vocab), scalar
 
 Generation and its KV cache live in fedgpt/generate.py, Hugging Face loading in fedgpt/hf.py.
@@ -46,7 +47,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0
@@ -56,8 +56,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
         self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -75,14 +79,13 @@ class CausalSelfAttention(nn.Module):
             # from the new queries; query i (at position past + i) may see keys 0 .. past + i.
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         # past == 0: plain causal (flash on CUDA). past > 0 and T == 1: the one new token sees everything.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
@@ -96,12 +99,12 @@ class MLP(nn.Module):
 
 
 def swiglu_hidden(n_embd: int) -> int:
-    """SwiGLU width: 8/3 of n_embd keeps the parameter count of a 4x GELU MLP; rounded up to 64 for fast matmuls."""
+    """SwiGLU width: 8/3 of n_embd keeps the parameter count of a 4x GELU MLP; rounded up to 64 for fast
+    matmuls."""
     return 64 * math.ceil(int(8 * n_embd / 3) / 64)
 
 
 class SwiGLU(nn.Module):
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = swiglu_hidden(cfg.n_embd)
@@ -121,7 +124,6 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = make_norm(cfg)
@@ -129,8 +131,12 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = SwiGLU(cfg) if cfg.arch == "llama" else MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -141,7 +147,10 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise ValueError(f"model.vocab_size={cfg.vocab_size}: set it to the tokenizer's vocabulary size before building GPT")
+            raise ValueError(
+                f"model.vocab_size={cfg.vocab_size}: set it to the tokenizer's vocabulary size before "
+                "building GPT"
+            )
         if cfg.arch not in ARCHS:
             raise ValueError(f"model.arch={cfg.arch!r} is not one of {', '.join(ARCHS)}")
         head_size = cfg.n_embd // cfg.n_head
@@ -187,16 +196,19 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for every position, and the mean cross-entropy when targets are given."""
         B, T = idx.size()
         past = 0 if kv_cache is None else kv_cache.pos
         if past + T > self.cfg.block_size:
             raise ValueError(f"sequence length {past + T} exceeds model.block_size={self.cfg.block_size}")
         if kv_cache is not None and (past + T > kv_cache.max_len or B != kv_cache.batch_size):
-            raise ValueError(f"KV cache holds {kv_cache.batch_size} rows of {kv_cache.max_len} positions, "
-                             f"got {B} rows reaching position {past + T}")
+            raise ValueError(
+                f"KV cache holds {kv_cache.batch_size} rows of {kv_cache.max_len} positions, "
+                f"got {B} rows reaching position {past + T}"
+            )
 
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
@@ -204,7 +216,7 @@ class GPT(nn.Module):
             pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
             x = x + self.transformer.wpe(pos)  # (T, C) broadcast over B
         else:
-            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])  # each (T, hs // 2)
+            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])  # each (T, hs // 2)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache)
@@ -216,7 +228,9 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # float32 loss even under autocast: log-softmax over a large vocabulary loses precision in bf16.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
         return logits, loss
 
     def crop_block_size(self, block_size: int) -> None:
@@ -224,12 +238,15 @@ class GPT(nn.Module):
         assert 0 < block_size <= self.cfg.block_size
         self.cfg.block_size = block_size
         if "wpe" in self.transformer:
-            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+            self.transformer.wpe.weight = nn.Parameter(
+                self.transformer.wpe.weight[:block_size].detach().clone()
+            )
         else:
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str) -> FusedAdamW | torch.optim.AdamW:
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> FusedAdamW | torch.optim.AdamW:
         """AdamW that decays matrices and embeddings, not biases or norm weights; fused where torch has it."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
@@ -238,7 +255,8 @@ class GPT(nn.Module):
         ]
         if fused_supported(device_type):
             return FusedAdamW(groups, lr=learning_rate, betas=betas)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)  # torch picks foreach where supported (CUDA)
+        # torch picks foreach where supported (CUDA)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
     def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float = 312e12) -> float:
         """Model flops utilization: achieved flops per second over peak_flops (A100 bf16 by default)."""
@@ -247,4 +265,3 @@ class GPT(nn.Module):
         L, H, Q, T = c.n_layer, c.n_head, c.n_embd // c.n_head, c.block_size
         flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
         return flops_per_token * tokens_per_iter / dt / peak_flops
-

@@ -1,9 +1,10 @@
 """AdamW on torch's fused kernel, without torch.optim's start-up cost.
 
-torch.optim.Optimizer wraps add_param_group in torch._disable_dynamo, so constructing any torch optimizer imports
-torch._dynamo: 1.5-2 s of CPU in every process that trains (each Ray actor of a simulation, and in a deployment each
-ClientApp process, every round). FusedAdamW calls the kernel that torch.optim.AdamW(fused=True) calls, on the same
-state, so its steps are bitwise equal to torch's and state dicts load either way.
+torch.optim.Optimizer wraps add_param_group in torch._disable_dynamo, so constructing any torch optimizer
+imports torch._dynamo: 1.5-2 s of CPU in every process that trains (each Ray actor of a simulation, and in
+a deployment each ClientApp process, every round). FusedAdamW calls the kernel that
+torch.optim.AdamW(fused=True) calls, on the same state, so its steps are bitwise equal to torch's and state
+dicts load either way.
 """
 
 import functools
@@ -11,10 +12,17 @@ import functools
 import torch
 
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")
-# What this optimizer is in torch.optim.AdamW's terms: saved with each group so that torch, loading our state, runs
-# the same fused kernel (torch reads a missing "fused" as not fused).
-TORCH_GROUP = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
-               "fused": True, "decoupled_weight_decay": True}
+# What this optimizer is in torch.optim.AdamW's terms: saved with each group so that torch, loading our state,
+# runs the same fused kernel (torch reads a missing "fused" as not fused).
+TORCH_GROUP = {
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+    "fused": True,
+    "decoupled_weight_decay": True,
+}
 
 
 @functools.cache
@@ -22,8 +30,21 @@ def fused_supported(device_type: str) -> bool:
     """Whether this torch has the fused AdamW kernel for device_type (CPU since torch 2.4)."""
     try:
         p = torch.zeros(1, device=device_type)
-        torch._fused_adamw_([p], [p.clone()], [p.clone()], [p.clone()], [], [torch.zeros((), device=device_type)],
-                            lr=0.0, beta1=0.9, beta2=0.95, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+        torch._fused_adamw_(
+            [p],
+            [p.clone()],
+            [p.clone()],
+            [p.clone()],
+            [],
+            [torch.zeros((), device=device_type)],
+            lr=0.0,
+            beta1=0.9,
+            beta2=0.95,
+            weight_decay=0.0,
+            eps=1e-8,
+            amsgrad=False,
+            maximize=False,
+        )
     except (RuntimeError, NotImplementedError, AttributeError):
         return False
     return True
@@ -37,8 +58,17 @@ class FusedAdamW:
     """
 
     def __init__(self, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float = 1e-8):
-        self.param_groups = [{"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0.0, **g, "params": list(g["params"])}
-                             for g in param_groups]
+        self.param_groups = [
+            {
+                "lr": lr,
+                "betas": tuple(betas),
+                "eps": eps,
+                "weight_decay": 0.0,
+                **g,
+                "params": list(g["params"]),
+            }
+            for g in param_groups
+        ]
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 
     def zero_grad(self) -> None:
@@ -59,16 +89,29 @@ class FusedAdamW:
                 steps = [s["step"] for s in states]
                 torch._foreach_add_(steps, 1)
                 beta1, beta2 = group["betas"]
-                torch._fused_adamw_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                                    [s["exp_avg_sq"] for s in states], [], steps, lr=group["lr"], beta1=beta1,
-                                    beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                                    maximize=False)
+                torch._fused_adamw_(
+                    params,
+                    [p.grad for p in params],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [],
+                    steps,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    amsgrad=False,
+                    maximize=False,
+                )
 
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         # As torch's fused AdamW: the step count is a float32 scalar on the parameter's device.
-        s = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        s = {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
         self.state[p] = s
         return s
 
@@ -77,22 +120,34 @@ class FusedAdamW:
 
     def state_dict(self) -> dict:
         index = self._index()
-        return {"state": {index[p]: dict(s) for p, s in self.state.items()},
-                "param_groups": [{**{k: g[k] for k in GROUP_KEYS}, **TORCH_GROUP, "params": [index[p] for p in g["params"]]}
-                                 for g in self.param_groups]}
+        return {
+            "state": {index[p]: dict(s) for p, s in self.state.items()},
+            "param_groups": [
+                {**{k: g[k] for k in GROUP_KEYS}, **TORCH_GROUP, "params": [index[p] for p in g["params"]]}
+                for g in self.param_groups
+            ],
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this class or of torch.optim.AdamW built over the same groups."""
         groups = state_dict["param_groups"]
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError("optimizer state was saved for other parameter groups: resume with the model it was saved with")
-        by_index = {i: p for saved, g in zip(groups, self.param_groups) for i, p in zip(saved["params"], g["params"])}
+            raise ValueError(
+                "optimizer state was saved for other parameter groups: resume with the model it was saved "
+                "with"
+            )
+        by_index = {
+            i: p for saved, g in zip(groups, self.param_groups) for i, p in zip(saved["params"], g["params"])
+        }
         for saved, g in zip(groups, self.param_groups):
             g.update({k: tuple(saved[k]) if k == "betas" else saved[k] for k in GROUP_KEYS if k in saved})
         self.state = {}
         for i, s in state_dict["state"].items():
             p = by_index[int(i)]
-            # Copies: stepping must not write into the caller's tensors (another optimizer's state, a checkpoint).
-            self.state[p] = {"step": torch.as_tensor(s["step"]).to(p.device, torch.float32, copy=True),
-                             "exp_avg": s["exp_avg"].to(p.device, p.dtype, copy=True),
-                             "exp_avg_sq": s["exp_avg_sq"].to(p.device, p.dtype, copy=True)}
+            # Copies: stepping must not write into the caller's tensors (another optimizer's state, a
+            # checkpoint).
+            self.state[p] = {
+                "step": torch.as_tensor(s["step"]).to(p.device, torch.float32, copy=True),
+                "exp_avg": s["exp_avg"].to(p.device, p.dtype, copy=True),
+                "exp_avg_sq": s["exp_avg_sq"].to(p.device, p.dtype, copy=True),
+            }

@@ -1,4 +1,4 @@
-"""`python -m fedgpt.results`: the results table (fedgpt/bench/results.py), under the command name it has always had."""
+"""`python -m fedgpt.results`: the results table (fedgpt/bench/results.py) under its usual command name."""
 
 from fedgpt.bench.results import main
 

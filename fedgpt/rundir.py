@@ -2,9 +2,10 @@
 
     claim_run_dir(cfg.train.out_dir, "local_train", cfg.to_dict(), resume=False, overwrite=False)
 
-Every run first writes <out_dir>/run.json: its kind and its config. A later run may start in that folder only if it
-is the same run (same kind, same config but for the run-neutral keys of fedgpt.config), continues it (--resume), or
-is told to replace it (--overwrite, which removes the earlier run's outputs first).
+Every run first writes <out_dir>/run.json: its kind and its config. A later run may start in that folder
+only if it is the same run (same kind, same config but for the run-neutral keys of fedgpt.config),
+continues it (--resume), or is told to replace it (--overwrite, which removes the earlier run's outputs
+first).
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ from fedgpt.files import atomic_write_bytes
 
 RUN_FILE = "run.json"
 # What runs write into their folder; --overwrite removes these, and their presence marks a folder as a run's.
-OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "rounds.jsonl", "loss.png", "partition.json", "client_state",
-           "tensorboard")
+OUTPUTS = (
+    "last.pt",
+    "best.pt",
+    "metrics.jsonl",
+    "rounds.jsonl",
+    "loss.png",
+    "partition.json",
+    "client_state",
+    "tensorboard",
+)
 
 
 def claim_run_dir(out_dir: str | Path, kind: str, config: dict, *, resume: bool, overwrite: bool) -> Path:
@@ -34,12 +43,18 @@ def claim_run_dir(out_dir: str | Path, kind: str, config: dict, *, resume: bool,
         elif previous is not None:
             diff = config_diff(previous.get("config", {}), config)
             if previous.get("kind") != kind or diff:
-                what = f"a {previous.get('kind', 'fedgpt')} run" + (f" with other settings ({'; '.join(diff[:4])})" if diff else "")
-                raise ValueError(f"train.out_dir={path} holds {what}: pass --train.out_dir=NEW_FOLDER for this run, "
-                                 "--resume to continue that one, or --overwrite to replace it")
+                what = f"a {previous.get('kind', 'fedgpt')} run" + (
+                    f" with other settings ({'; '.join(diff[:4])})" if diff else ""
+                )
+                raise ValueError(
+                    f"train.out_dir={path} holds {what}: pass --train.out_dir=NEW_FOLDER for this run, "
+                    "--resume to continue that one, or --overwrite to replace it"
+                )
         elif found := [name for name in OUTPUTS if (path / name).exists()]:
-            raise ValueError(f"train.out_dir={path} holds another run's outputs ({', '.join(found)}): pass "
-                             "--train.out_dir=NEW_FOLDER for this run, or --overwrite to replace them")
+            raise ValueError(
+                f"train.out_dir={path} holds another run's outputs ({', '.join(found)}): pass "
+                "--train.out_dir=NEW_FOLDER for this run, or --overwrite to replace them"
+            )
     atomic_write_bytes(path / RUN_FILE, json.dumps({"kind": kind, "config": config}, indent=1).encode())
     return path
 
@@ -50,7 +65,9 @@ def _make_folder(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create train.out_dir={path} ({e.strerror}): pass a folder you can write to") from None
+        raise ValueError(
+            f"cannot create train.out_dir={path} ({e.strerror}): pass a folder you can write to"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"train.out_dir={path} is not writable: pass a folder you can write to")
 

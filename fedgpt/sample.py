@@ -1,6 +1,6 @@
 """Generate text from any fedgpt checkpoint (local trainer or ServerApp).
 
-    python -m fedgpt.sample --checkpoint out/best.pt --prompt "ROMEO:" --num-samples 2 --max-new-tokens 200
+python -m fedgpt.sample --checkpoint out/best.pt --prompt "ROMEO:" --num-samples 2 --max-new-tokens 200
 """
 
 from __future__ import annotations
@@ -17,8 +17,17 @@ from fedgpt.tokenizer import get_tokenizer
 from fedgpt.train import resolve_device
 
 
-def sample(checkpoint: str, prompt: str = "", num_samples: int = 1, max_new_tokens: int = 200, temperature: float = 0.8,
-           top_k: int | None = 200, top_p: float | None = None, seed: int = 1337, device: str = "auto") -> list[str]:
+def sample(
+    checkpoint: str,
+    prompt: str = "",
+    num_samples: int = 1,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    top_p: float | None = None,
+    seed: int = 1337,
+    device: str = "auto",
+) -> list[str]:
     """Return `num_samples` continuations of `prompt` (the prompt included)."""
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
@@ -30,10 +39,21 @@ def sample(checkpoint: str, prompt: str = "", num_samples: int = 1, max_new_toke
     tok = get_tokenizer(ckpt["tokenizer"])
     ids = tok.encode(prompt) if prompt else [tok.eot_id if tok.eot_id is not None else tok.encode("\n")[0]]
     if len(ids) >= model.cfg.block_size:
-        ids = ids[-(model.cfg.block_size - 1):]  # keep the end of a long prompt; the model sees only block_size tokens
+        ids = ids[
+            -(model.cfg.block_size - 1) :
+        ]  # keep the end of a long prompt; the model sees only block_size tokens
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
-    y = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eot_id=tok.eot_id, generator=gen)
+    y = generate(
+        model,
+        x,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eot_id=tok.eot_id,
+        generator=gen,
+    )
     start = 0 if prompt else 1  # drop the synthetic start token
     return [tok.decode([t for t in row[start:].tolist() if t != tok.eot_id]) for row in y]
 
@@ -51,7 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     try:
-        texts = sample(a.checkpoint, a.prompt, a.num_samples, a.max_new_tokens, a.temperature, a.top_k or None, a.top_p, a.seed, a.device)
+        texts = sample(
+            a.checkpoint,
+            a.prompt,
+            a.num_samples,
+            a.max_new_tokens,
+            a.temperature,
+            a.top_k or None,
+            a.top_p,
+            a.seed,
+            a.device,
+        )
     except (ValueError, DataUnavailableError) as e:
         sys.exit(f"error: {e}")
     for text in texts:

@@ -1,8 +1,8 @@
 """Text <-> token ids: one token per character, or GPT-2's byte-level BPE (tiktoken "r50k_base").
 
-    tok = CharTokenizer.from_text(text)          # vocabulary: the sorted characters of the corpus
-    tok = BPETokenizer()                         # 50,257 ids, <|endoftext|> = 50256
-    tok = get_tokenizer(tok.meta())              # rebuilt from its metadata (e.g. from a checkpoint)
+tok = CharTokenizer.from_text(text)          # vocabulary: the sorted characters of the corpus
+tok = BPETokenizer()                         # 50,257 ids, <|endoftext|> = 50256
+tok = get_tokenizer(tok.meta())              # rebuilt from its metadata (e.g. from a checkpoint)
 """
 
 from __future__ import annotations
@@ -65,30 +65,38 @@ class CharTokenizer(Tokenizer):
             return "".join([self.chars[i] for i in _as_list(ids)])
         except IndexError:
             bad = sorted({i for i in _as_list(ids) if not 0 <= i < self.vocab_size})
-            raise ValueError(f"token id(s) {bad[:10]} outside the {self.vocab_size}-character vocabulary") from None
+            raise ValueError(
+                f"token id(s) {bad[:10]} outside the {self.vocab_size}-character vocabulary"
+            ) from None
 
     def meta(self) -> dict[str, Any]:
         return {"kind": "char", "chars": self.chars}
 
 
 def _load_tiktoken(encoding: str, cache_dir: str | Path | None):
-    """tiktoken.get_encoding(encoding) with its download cache in TIKTOKEN_CACHE_DIR if set, else cache_dir."""
+    """tiktoken.get_encoding(encoding), its download cache in TIKTOKEN_CACHE_DIR if set, else in cache_dir."""
     import tiktoken
 
     if encoding not in tiktoken.list_encoding_names():
         raise ValueError(f"unknown tiktoken encoding {encoding!r}; GPT-2's is 'r50k_base'")
-    # tiktoken reads TIKTOKEN_CACHE_DIR when it loads an encoding (then keeps it in memory), so set it only meanwhile.
+    # tiktoken reads TIKTOKEN_CACHE_DIR when it loads an encoding (then keeps it in memory), so set it only
+    # meanwhile.
     env = os.environ.get("TIKTOKEN_CACHE_DIR")
     cache = env if env is not None else (str(Path(cache_dir).resolve()) if cache_dir is not None else None)
     try:
         if env is None and cache is not None:
             os.environ["TIKTOKEN_CACHE_DIR"] = cache
         return tiktoken.get_encoding(encoding)
-    except (OSError, ImportError, ValueError) as e:  # requests' errors are OSErrors; ValueError: hash mismatch
+    except (
+        OSError,
+        ImportError,
+        ValueError,
+    ) as e:  # requests' errors are OSErrors; ValueError: hash mismatch
         where = cache or os.path.join(tempfile.gettempdir(), "data-gym-cache")
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise DataUnavailableError(
-            f"could not load the tiktoken encoding {encoding!r} ({reason}); tiktoken downloads it on first use: "
+            f"could not load the tiktoken encoding {encoding!r} ({reason}); tiktoken downloads it on first "
+            "use: "
             f"offline, copy a filled tiktoken cache into {where} or set TIKTOKEN_CACHE_DIR to one"
         ) from None
     finally:
@@ -117,7 +125,8 @@ class BPETokenizer(Tokenizer):
 
 
 def get_tokenizer(meta: dict[str, Any], cache_dir: str | Path | None = None) -> Tokenizer:
-    """Rebuild a tokenizer from its meta() (e.g. from a checkpoint); cache_dir: where tiktoken may download to."""
+    """Rebuild a tokenizer from its meta() (e.g. from a checkpoint); cache_dir: where tiktoken may download
+    to."""
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind == "char":
         return CharTokenizer(meta["chars"])

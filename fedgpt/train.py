@@ -1,8 +1,8 @@
 """The one training core: every caller (local trainer, ClientApp, benchmarks, tests) trains through `Trainer`.
 
-    trainer = Trainer(model, cfg.train, device)
-    metrics = trainer.train_steps(batches, num_steps=50, total_steps=cfg.train.max_steps)
-    val = evaluate(trainer.model, val_batches, iters=20, ctx=trainer.ctx)
+trainer = Trainer(model, cfg.train, device)
+metrics = trainer.train_steps(batches, num_steps=50, total_steps=cfg.train.max_steps)
+val = evaluate(trainer.model, val_batches, iters=20, ctx=trainer.ctx)
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from fedgpt.model import GPT
 from fedgpt.optim import FusedAdamW
 
 # Dense bf16/fp16 peak of common accelerators, for MFU. CPUs have no meaningful figure here: MFU is not shown.
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
+PEAK_FLOPS = {
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+    "V100": 125e12,
+}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -42,10 +50,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @functools.cache
 def reuse_freed_cpu_memory() -> bool:
-    """Make glibc malloc keep freed blocks up to 32 MiB for reuse; True if it took effect (Linux with glibc only)."""
-    # glibc's dynamic threshold still maps many activation-sized blocks fresh from the kernel and unmaps them when freed,
-    # so each step page-faults them in again: 1,000-2,000 faults, ~10% of a step on the 2-core CPU config. Served from
-    # the heap they are reused step after step; freed memory returns to the OS beyond 256 MiB at the top of the heap.
+    """Make glibc malloc keep freed blocks up to 32 MiB for reuse; True if it took effect (Linux with glibc
+    only)."""
+    # glibc's dynamic threshold still maps many activation-sized blocks fresh from the kernel and unmaps them
+    # when freed, so each step page-faults them in again: 1,000-2,000 faults, ~10% of a step on the 2-core CPU
+    # config. Served from the heap they are reused step after step; freed memory returns to the OS beyond 256
+    # MiB at the top of the heap.
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows)
@@ -61,10 +71,13 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def precision_context(precision: str, device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None, str]:
+def precision_context(
+    precision: str, device: torch.device
+) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None, str]:
     """Autocast context, GradScaler (fp16 only) and the resolved precision name.
 
-    'auto' means bf16 on CUDA where supported, else fp16 on CUDA, and fp32 elsewhere (CPU autocast is slower here).
+    'auto' means bf16 on CUDA where supported, else fp16 on CUDA, and fp32 elsewhere (CPU autocast is
+    slower here).
     """
     if precision == "auto":
         if device.type == "cuda":
@@ -82,7 +95,8 @@ def precision_context(precision: str, device: torch.device) -> tuple[contextlib.
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
-    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_steps (default: total_steps)."""
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_steps (default:
+    total_steps)."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
     if not cfg.decay_lr:
@@ -109,7 +123,9 @@ def add_proximal_grad(params: list[torch.Tensor], ref: list[torch.Tensor], mu: f
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator, iters: int, ctx: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches: Iterator, iters: int, ctx: contextlib.AbstractContextManager | None = None
+) -> dict[str, float]:
     """Mean loss (and perplexity) over `iters` batches; restores the model's training mode."""
     was_training = model.training
     model.eval()
@@ -131,8 +147,14 @@ class Trainer:
     state_dict goes into checkpoints and onto the wire.
     """
 
-    def __init__(self, model: GPT, cfg: TrainConfig, device: torch.device, ddp_rank: int | None = None,
-                 log: Callable[[str], None] | None = print):
+    def __init__(
+        self,
+        model: GPT,
+        cfg: TrainConfig,
+        device: torch.device,
+        ddp_rank: int | None = None,
+        log: Callable[[str], None] | None = print,
+    ):
         self.cfg = cfg
         self.device = device
         self.raw_model = model.to(device)
@@ -155,18 +177,28 @@ class Trainer:
 
     @property
     def optimizer(self) -> FusedAdamW | torch.optim.Optimizer:
-        """AdamW, built on first use: evaluation-only callers (a ClientApp answering a query) never pay for it."""
+        """AdamW, built on first use: evaluation-only callers (a ClientApp answering a query) never pay for
+        it."""
         if self._optimizer is None:
             c = self.cfg
-            self._optimizer = self.raw_model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), self.device.type)
+            self._optimizer = self.raw_model.configure_optimizers(
+                c.weight_decay, c.learning_rate, (c.beta1, c.beta2), self.device.type
+            )
         return self._optimizer
 
     def load_global(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load weights into the model in place (keeps any compiled graph valid)."""
         self.raw_model.load_state_dict(state_dict)
 
-    def train_steps(self, batches: Iterator, num_steps: int, total_steps: int | None = None, grad_accum_steps: int | None = None,
-                    mu: float = 0.0, ref: list[torch.Tensor] | None = None) -> dict[str, float]:
+    def train_steps(
+        self,
+        batches: Iterator,
+        num_steps: int,
+        total_steps: int | None = None,
+        grad_accum_steps: int | None = None,
+        mu: float = 0.0,
+        ref: list[torch.Tensor] | None = None,
+    ) -> dict[str, float]:
         """Run `num_steps` optimizer steps. Returns loss (mean), tokens, seconds, tokens_per_s, grad_norm, lr.
 
         total_steps sizes the cosine schedule (default cfg.max_steps); mu > 0 adds FedProx's proximal term
@@ -191,7 +223,7 @@ class Trainer:
                 x, y = next(batches)
                 # Under DDP, all-reduce gradients only on the last micro-step.
                 sync = not self.ddp or micro == accum - 1
-                with self.ctx, (contextlib.nullcontext() if sync else self.model.no_sync()):
+                with self.ctx, contextlib.nullcontext() if sync else self.model.no_sync():
                     _, loss = self.model(x, y)
                     loss = loss / accum
                 if self.scaler is not None:
@@ -216,53 +248,84 @@ class Trainer:
             steps_since_log += 1
             if self.log is not None and self.step % cfg.log_interval == 0:
                 now = time.perf_counter()
-                self.log(self.format_log(loss.item() * accum, lr, float(grad_norm), (now - t_log) / steps_since_log, x.numel() * accum))
+                self.log(
+                    self.format_log(
+                        loss.item() * accum,
+                        lr,
+                        float(grad_norm),
+                        (now - t_log) / steps_since_log,
+                        x.numel() * accum,
+                    )
+                )
                 t_log, steps_since_log = now, 0
         seconds = time.perf_counter() - t0
         mean_loss = (loss_sum / max(1, num_steps)).item()
-        return {"loss": mean_loss, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-                "grad_norm": float(grad_norm), "lr": lr, "steps": num_steps}
+        return {
+            "loss": mean_loss,
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "steps": num_steps,
+        }
 
     def format_log(self, loss: float, lr: float, grad_norm: float, dt: float, tokens_per_step: int) -> str:
         """One fixed-field line: step, loss, lr, grad norm, ms/step, tokens/s, MFU."""
         world = torch.distributed.get_world_size() if self.ddp else 1
         tps = tokens_per_step * world / dt
-        mfu = "-" if self.peak is None else f"{100 * self.raw_model.estimate_mfu(tokens_per_step, dt, self.peak):.1f}%"
-        return (f"step {self.step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:6.3f} | "
-                f"{dt * 1000:7.1f} ms/step | {tps:9.0f} tok/s | mfu {mfu}")
+        mfu = (
+            "-"
+            if self.peak is None
+            else f"{100 * self.raw_model.estimate_mfu(tokens_per_step, dt, self.peak):.1f}%"
+        )
+        return (
+            f"step {self.step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:6.3f} | "
+            f"{dt * 1000:7.1f} ms/step | {tps:9.0f} tok/s | mfu {mfu}"
+        )
 
 
 def build_model(cfg: Config, tokenizer_meta: dict, vocab_size: int) -> GPT:
-    """The GPT that cfg.train.init_from asks for: "scratch", a fedgpt checkpoint path, or "hf:DIR" (GPT-2 weights).
+    """The GPT that cfg.train.init_from asks for: "scratch", a fedgpt checkpoint path, or "hf:DIR" (GPT-2
+    weights).
 
-    Checks that the model can read the tokenizer's ids and that a checkpoint's architecture is the one model.*
-    describes; a checkpoint or HF model is cropped to model.block_size when that is smaller than its own context.
+    Checks that the model can read the tokenizer's ids and that a checkpoint's architecture is the one
+    model.* describes; a checkpoint or HF model is cropped to model.block_size when that is smaller than
+    its own context.
     """
     from fedgpt.checkpoint import architecture_diff, load_checkpoint, model_from_checkpoint
 
     init, m = cfg.train.init_from, cfg.model
     if init == "scratch":
         if m.vocab_size and m.vocab_size < vocab_size:
-            raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}: "
-                             "set it to 0 (use the tokenizer's) or larger")
+            raise ValueError(
+                f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}: "
+                "set it to 0 (use the tokenizer's) or larger"
+            )
         return GPT(dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size))
     if init.startswith("hf:"):
         if tokenizer_meta.get("kind") != "gpt2":
-            raise ValueError(f"train.init_from={init} loads GPT-2 weights, which need data.tokenizer=gpt2 "
-                             f"(got {tokenizer_meta.get('kind')})")
+            raise ValueError(
+                f"train.init_from={init} loads GPT-2 weights, which need data.tokenizer=gpt2 "
+                f"(got {tokenizer_meta.get('kind')})"
+            )
         from fedgpt.hf import from_hf
 
         model = from_hf(init[3:], dropout=m.dropout)
     else:
         ckpt = load_checkpoint(init)
         if ckpt["tokenizer"] != tokenizer_meta:
-            raise ValueError(f"checkpoint {init} was trained with another tokenizer ({ckpt['tokenizer'].get('kind')}) "
-                             f"than data.tokenizer={tokenizer_meta.get('kind')}: use the same data settings")
+            raise ValueError(
+                f"checkpoint {init} was trained with another tokenizer ({ckpt['tokenizer'].get('kind')}) "
+                f"than data.tokenizer={tokenizer_meta.get('kind')}: use the same data settings"
+            )
         model = model_from_checkpoint(ckpt, dropout=m.dropout)
     diffs = architecture_diff(model.cfg, m, initialising=True)
     if diffs:
-        raise ValueError(f"train.init_from={init} is another architecture than the config's ({'; '.join(diffs)}): "
-                         "set model.* to the checkpoint's (a smaller block_size is fine)")
+        raise ValueError(
+            f"train.init_from={init} is another architecture than the config's ({'; '.join(diffs)}): "
+            "set model.* to the checkpoint's (a smaller block_size is fine)"
+        )
     if model.cfg.vocab_size < vocab_size:
         raise ValueError(f"{init} has vocab_size {model.cfg.vocab_size} < the tokenizer's {vocab_size}")
     if m.block_size < model.cfg.block_size:

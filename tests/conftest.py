@@ -46,7 +46,9 @@ def shakespeare_file() -> Path:
     seeded = REPO / "data" / "tinyshakespeare" / "input.txt"
     if not seeded.is_file():
         if not SHAKESPEARE.is_file():
-            pytest.fail(f"Tiny Shakespeare not found at {seeded} or {SHAKESPEARE}: run .ci/run or download it")
+            pytest.fail(
+                f"Tiny Shakespeare not found at {seeded} or {SHAKESPEARE}: run .ci/run or download it"
+            )
         seeded.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(SHAKESPEARE, seeded)
     return seeded
@@ -61,16 +63,25 @@ def data_dir(shakespeare_file: Path) -> Path:
 @pytest.fixture
 def small_corpus(tmp_path: Path) -> Path:
     """A ~20 kB UTF-8 corpus in Shakespeare's speaker format, in a fresh directory."""
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000] if SHAKESPEARE.is_file() else "ALICE:\nhello there.\n\nBOB:\nhi.\n\n" * 700
+    text = (
+        SHAKESPEARE.read_text(encoding="utf-8")[:20000]
+        if SHAKESPEARE.is_file()
+        else "ALICE:\nhello there.\n\nBOB:\nhi.\n\n" * 700
+    )
     p = tmp_path / "small.txt"
     p.write_text(text, encoding="utf-8")
     return p
 
 
-def run_concurrently(cmds: dict[str, list[str]], env: dict[str, str], timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
-    """Run commands at once from the repo root (each is mostly interpreter start-up) and collect their results."""
-    procs = {k: subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in cmds.items()}
+def run_concurrently(
+    cmds: dict[str, list[str]], env: dict[str, str], timeout: float = 300
+) -> dict[str, subprocess.CompletedProcess]:
+    """Run commands at once from the repo root (each is mostly interpreter start-up) and collect their
+    results."""
+    procs = {
+        k: subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k, c in cmds.items()
+    }
     out = {}
     try:
         for k, p in procs.items():

@@ -1,4 +1,5 @@
-"""A ClientApp for tests/test_federation.py: the client of partition 1 raises in round 1, every other call is fedgpt's."""
+"""A ClientApp for tests/test_federation.py: the client of partition 1 raises in round 1, every other call is
+fedgpt's."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp

@@ -1,5 +1,6 @@
 """A ClientApp for tests/test_federation.py whose node holds another corpus than the server (the file named by
-$FEDGPT_TEST_OTHER_CORPUS, cached next to it), as a SuperNode started with a wrong node-config input-file would."""
+$FEDGPT_TEST_OTHER_CORPUS, cached next to it), as a SuperNode started with a wrong node-config input-file
+would."""
 
 import json
 import os

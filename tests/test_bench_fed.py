@@ -1,7 +1,7 @@
 """The federation benchmarks and the results table, run as a user runs them, on the tiny model.
 
-Figures that must hold whatever the machine's speed: token counts, byte counts against the model's size, and that
-every run of the results table trained on the same number of tokens. No timing assertions.
+Figures that must hold whatever the machine's speed: token counts, byte counts against the model's size,
+and that every run of the results table trained on the same number of tokens. No timing assertions.
 """
 
 from __future__ import annotations
@@ -21,13 +21,34 @@ TINY_TOKENS_PER_STEP = 8 * 16  # configs/tiny.yaml: batch_size x block_size
 
 
 def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny(data_dir: Path, tmp_path: Path, kind: str, *args: str) -> dict:
     out = tmp_path / f"{kind}.json"
-    res = run_module("fedgpt.bench", kind, "--config", "configs/tiny.yaml", *args, "--out", str(out), f"--data.data_dir={data_dir}")
+    res = run_module(
+        "fedgpt.bench",
+        kind,
+        "--config",
+        "configs/tiny.yaml",
+        *args,
+        "--out",
+        str(out),
+        f"--data.data_dir={data_dir}",
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"| {kind} |" in res.stdout  # the markdown table
     return json.loads(out.read_text())
@@ -35,7 +56,19 @@ def tiny(data_dir: Path, tmp_path: Path, kind: str, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_bench_fed_counts_every_client_token(data_dir, tmp_path):
-    r = tiny(data_dir, tmp_path, "fed", "--num-clients", "2", "--rounds", "2", "--local-steps", "3", "--trainer-steps", "3")
+    r = tiny(
+        data_dir,
+        tmp_path,
+        "fed",
+        "--num-clients",
+        "2",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "3",
+        "--trainer-steps",
+        "3",
+    )
     sim = r["simulation"]
     assert sim["tokens"] == 2 * 2 * 3 * TINY_TOKENS_PER_STEP
     assert sim["rounds"] == 2 and 0 < sim["startup_s"] < sim["wall_s"]
@@ -51,7 +84,8 @@ def test_bench_comm_fp16_halves_the_bytes(data_dir, tmp_path):
     assert r["fp32_model_bytes"] == 4 * params
     for way in ("downlink", "uplink"):
         assert f32[f"{way}_bytes_per_client"] >= 4 * params  # every weight once (tied ones too), plus headers
-        assert 2 * params <= f16[f"{way}_bytes_per_client"] <= 2 * params + 256  # one flat fp16 array: one header
+        # one flat fp16 array: one header
+        assert 2 * params <= f16[f"{way}_bytes_per_client"] <= 2 * params + 256
     assert r["fp16_vs_fp32_transport"] <= 0.5 + 128 / r["fp32_model_bytes"]  # half, but for one array header
     assert abs(r["val_loss_difference"]) < 0.05
 
@@ -63,7 +97,9 @@ def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
     assert len(r["round_s_by_round"]) == 2 and all(s > 0 for s in r["round_s_by_round"])
     # the floor ran the same rounds on the same federation, every node sending the weights back
     assert len(r["floor_round_s_by_round"]) == 2 and all(s > 0 for s in r["floor_round_s_by_round"])
-    assert r["median_round_over_floor_s"] == pytest.approx(r["median_round_s"] - r["floor_median_round_s"], abs=1e-3)
+    assert r["median_round_over_floor_s"] == pytest.approx(
+        r["median_round_s"] - r["floor_median_round_s"], abs=1e-3
+    )
 
 
 @pytest.mark.slow
@@ -71,9 +107,26 @@ def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
     doc = tmp_path / "docs" / "results.md"
     doc.parent.mkdir()
     doc.write_text(f"# Results\n\nintro\n\n{START}\nold table\n{END}\n\n## Discussion\nkept\n")
-    res = run_module("fedgpt.results", "--config", "configs/tiny.yaml", "--num-clients", "2", "--rounds", "2", "--local-steps", "3",
-                     "--only", "centralized", "centralized_parallel", "fedavg_iid", "--runs-dir", str(tmp_path / "runs"), "--doc", str(doc),
-                     f"--data.data_dir={data_dir}")
+    res = run_module(
+        "fedgpt.results",
+        "--config",
+        "configs/tiny.yaml",
+        "--num-clients",
+        "2",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "3",
+        "--only",
+        "centralized",
+        "centralized_parallel",
+        "fedavg_iid",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--doc",
+        str(doc),
+        f"--data.data_dir={data_dir}",
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert [r["name"] for r in results] == ["centralized", "centralized_parallel", "fedavg_iid"]

@@ -1,4 +1,5 @@
-"""fedgpt.checkpoint on real files: round trip, atomic writes, truncated and foreign files, prefixes, compatibility."""
+"""fedgpt.checkpoint on real files: round trip, atomic writes, truncated and foreign files, prefixes,
+compatibility."""
 
 from __future__ import annotations
 
@@ -33,8 +34,14 @@ def tiny(seed: int = 0) -> GPT:
 def save(path: Path, model: GPT, **kw) -> None:
     cfg = Config()
     cfg.model = model.cfg
-    save_checkpoint(path, model_state=model.state_dict(), model_config=model.cfg, tokenizer=CHAR_META,
-                    config=cfg.to_dict(), **kw)
+    save_checkpoint(
+        path,
+        model_state=model.state_dict(),
+        model_config=model.cfg,
+        tokenizer=CHAR_META,
+        config=cfg.to_dict(),
+        **kw,
+    )
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -49,7 +56,15 @@ def test_round_trip(tmp_path: Path):
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     opt.step()
     path = tmp_path / "run" / "last.pt"  # the directory is created
-    save(path, model, step=7, best_val_loss=2.5, val_loss=2.75, optimizer=opt.state_dict(), extra={"batches": {"pos": 3}})
+    save(
+        path,
+        model,
+        step=7,
+        best_val_loss=2.5,
+        val_loss=2.75,
+        optimizer=opt.state_dict(),
+        extra={"batches": {"pos": 3}},
+    )
 
     ckpt = load_checkpoint(path)
     assert (ckpt["format"], ckpt["version"]) == (FORMAT, VERSION)
@@ -86,7 +101,8 @@ def test_save_is_atomic(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temp files may be left behind"
     assert load_checkpoint(path)["step"] == 2
 
-    # An exception while saving (a lambda cannot be pickled) must leave the previous file intact, and no temp file.
+    # An exception while saving (a lambda cannot be pickled) must leave the previous file intact, and no temp
+    # file.
     with pytest.raises(Exception):  # noqa: B017 - pickling errors differ between Python versions
         save(path, old, step=3, extra={"bad": lambda: None})
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
@@ -131,19 +147,37 @@ def test_missing_file_is_a_clear_error(tmp_path: Path):
 
 def test_clean_state_dict_strips_prefixes():
     t = torch.zeros(1)
-    got = clean_state_dict({"_orig_mod.lm_head.weight": t, "module.transformer.wte.weight": t,
-                            "module._orig_mod.transformer.ln_f.weight": t, "_orig_mod.module.a": t,
-                            "transformer.h.0._orig_mod.attn.c_attn.weight": t, "plain": t})
-    assert set(got) == {"lm_head.weight", "transformer.wte.weight", "transformer.ln_f.weight", "a",
-                        "transformer.h.0.attn.c_attn.weight", "plain"}
+    got = clean_state_dict(
+        {
+            "_orig_mod.lm_head.weight": t,
+            "module.transformer.wte.weight": t,
+            "module._orig_mod.transformer.ln_f.weight": t,
+            "_orig_mod.module.a": t,
+            "transformer.h.0._orig_mod.attn.c_attn.weight": t,
+            "plain": t,
+        }
+    )
+    assert set(got) == {
+        "lm_head.weight",
+        "transformer.wte.weight",
+        "transformer.ln_f.weight",
+        "a",
+        "transformer.h.0.attn.c_attn.weight",
+        "plain",
+    }
 
 
 def test_compiled_model_saves_plain_keys(tmp_path: Path):
     model = tiny()
     compiled = torch.compile(model)  # lazy: nothing is compiled until it runs, but state_dict has the prefix
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    save_checkpoint(tmp_path / "c.pt", model_state=compiled.state_dict(), model_config=model.cfg, tokenizer=CHAR_META,
-                    config=Config().to_dict())
+    save_checkpoint(
+        tmp_path / "c.pt",
+        model_state=compiled.state_dict(),
+        model_config=model.cfg,
+        tokenizer=CHAR_META,
+        config=Config().to_dict(),
+    )
     ckpt = load_checkpoint(tmp_path / "c.pt")
     assert_same_weights(ckpt["model"], model.state_dict())
     model_from_checkpoint(ckpt)  # load_state_dict is strict: any leftover prefix would fail here

@@ -39,10 +39,22 @@ def test_defaults_without_a_file():
 
 
 def test_overrides_parse_ints_floats_bools_strings():
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        "--train.max_steps=7", "--train.learning_rate=1e-3", "--train.min_lr=5.0e-5", "--model.dropout=0.25",
-        "--train.compile=true", "--model.bias=True", "--train.decay_lr=false", "--data.tokenizer=gpt2",
-        "--train.out_dir=runs/x", "train.seed=3", "--fed.node_timeout=5"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            "--train.max_steps=7",
+            "--train.learning_rate=1e-3",
+            "--train.min_lr=5.0e-5",
+            "--model.dropout=0.25",
+            "--train.compile=true",
+            "--model.bias=True",
+            "--train.decay_lr=false",
+            "--data.tokenizer=gpt2",
+            "--train.out_dir=runs/x",
+            "train.seed=3",
+            "--fed.node_timeout=5",
+        ],
+    )
     t = cfg.train
     assert t.max_steps == 7 and type(t.max_steps) is int
     assert t.learning_rate == 1e-3 and type(t.learning_rate) is float
@@ -57,7 +69,10 @@ def test_overrides_parse_ints_floats_bools_strings():
 
 def test_parse_overrides_shapes():
     assert parse_overrides(["--train.learning_rate=1e-3", "model.n_layer=2", "--data.input_file="]) == {
-        "train": {"learning_rate": 1e-3}, "model": {"n_layer": 2}, "data": {"input_file": ""}}
+        "train": {"learning_rate": 1e-3},
+        "model": {"n_layer": 2},
+        "data": {"input_file": ""},
+    }
     with pytest.raises(ValueError, match="--section.key=value") as e:
         parse_overrides(["--max_steps=3", "--train.max_steps"])
     assert "--max_steps=3" in str(e.value) and "--train.max_steps" in str(e.value)
@@ -76,15 +91,30 @@ def test_one_error_names_every_offending_key(tmp_path: Path):
     with pytest.raises(ValueError) as e:
         load_config(p)
     msg = str(e.value)
-    for key in ("model.n_layer", "model.n_heads", "model.dropout", "model.arch", "train.max_steps", "train.learning_rate",
-                "train.compile", "train.batch_size", "data.tokenizer", "fed.strategy", "fed.fraction_train", "optim"):
+    for key in (
+        "model.n_layer",
+        "model.n_heads",
+        "model.dropout",
+        "model.arch",
+        "train.max_steps",
+        "train.learning_rate",
+        "train.compile",
+        "train.batch_size",
+        "data.tokenizer",
+        "fed.strategy",
+        "fed.fraction_train",
+        "optim",
+    ):
         assert key in msg, f"{key} missing from: {msg}"
     assert "unknown key" in msg and "unknown section" in msg
 
 
 def test_overrides_errors_are_collected_too():
     with pytest.raises(ValueError) as e:
-        load_config(REPO / "configs" / "tiny.yaml", ["--train.max_stepz=3", "--model.n_head=5", "--train.min_lr=1.0", "--bogus.x=1"])
+        load_config(
+            REPO / "configs" / "tiny.yaml",
+            ["--train.max_stepz=3", "--model.n_head=5", "--train.min_lr=1.0", "--bogus.x=1"],
+        )
     msg = str(e.value)
     for key in ("train.max_stepz", "model.n_embd", "train.min_lr", "bogus"):
         assert key in msg, f"{key} missing from: {msg}"

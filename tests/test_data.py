@@ -1,4 +1,5 @@
-"""fedgpt.data on real files: the Tiny Shakespeare corpus, tiktoken's offline cache, temp dirs. Nothing is mocked."""
+"""fedgpt.data on real files: the Tiny Shakespeare corpus, tiktoken's offline cache, temp dirs. Nothing is
+mocked."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ from fedgpt.download import download_shakespeare
 from fedgpt.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer
 
 SHAKESPEARE_CHARS = 1_115_394
-SHAKESPEARE_BPE_TOKENS = 338_025  # equals tiktoken's encoding of the whole text (nanoGPT reports the same total)
+SHAKESPEARE_BPE_TOKENS = (
+    338_025  # equals tiktoken's encoding of the whole text (nanoGPT reports the same total)
+)
 SHAKESPEARE_TURNS = 7_220  # of 7,222 paragraphs; the other two start "Senators, &C:"
 SHAKESPEARE_SPEAKERS = 308
-CLOSED_PORT_URL = "http://127.0.0.1:9/input.txt"  # loopback "discard" port: nothing listens, connecting fails at once
+CLOSED_PORT_URL = (
+    "http://127.0.0.1:9/input.txt"  # loopback "discard" port: nothing listens, connecting fails at once
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,8 @@ def _stamp(path: Path) -> tuple[int, int]:
     return st.st_ino, st.st_mtime_ns
 
 
-# --- tokenizers -----------------------------------------------------------------------------------------------------
+# --- tokenizers
+# -----------------------------------------------------------------------------------------------------
 
 
 def test_char_tokenizer_round_trip(shakespeare_text):
@@ -50,7 +56,9 @@ def test_char_tokenizer_round_trip(shakespeare_text):
     assert tok.decode(ids) == shakespeare_text
     assert tok.decode(np.array(ids[:100], dtype=np.uint16)) == shakespeare_text[:100]
     rebuilt = get_tokenizer(json.loads(json.dumps(tok.meta())))
-    assert rebuilt.meta() == {"kind": "char", "chars": tok.chars} and rebuilt.encode("First") == tok.encode("First")
+    assert rebuilt.meta() == {"kind": "char", "chars": tok.chars} and rebuilt.encode("First") == tok.encode(
+        "First"
+    )
 
 
 def test_char_encode_unknown_characters():
@@ -78,7 +86,8 @@ def test_get_tokenizer_unknown_kind():
         get_tokenizer({"kind": "gpt2", "encoding": "nope"})
 
 
-# --- load_dataset on the real corpus --------------------------------------------------------------------------------
+# --- load_dataset on the real corpus
+# --------------------------------------------------------------------------------
 
 
 def test_load_dataset_shakespeare_char(data_dir, shakespeare_file, shakespeare_text, offline):
@@ -110,7 +119,8 @@ def test_turns_are_exact_token_spans(data_dir, shakespeare_text, tokenizer, offl
     stream = np.concatenate([ds.train, ds.val])
     if tokenizer == "gpt2":
         assert len(stream) == SHAKESPEARE_BPE_TOKENS and ds.meta["eot_id"] == 50256
-        assert stream.tolist() == ds.tokenizer.encode(shakespeare_text)  # paragraph-wise == whole-text encoding
+        # paragraph-wise == whole-text encoding
+        assert stream.tolist() == ds.tokenizer.encode(shakespeare_text)
     assert len(ds.turns) == SHAKESPEARE_TURNS
     assert len({t.speaker for t in ds.turns}) == SHAKESPEARE_SPEAKERS
     assert ds.turns[0] == data.Turn("First Citizen", 0, ds.turns[0].end)
@@ -118,7 +128,9 @@ def test_turns_are_exact_token_spans(data_dir, shakespeare_text, tokenizer, offl
     for turn in ds.turns:
         assert ds.tokenizer.decode(stream[turn.start : turn.end]).startswith(turn.speaker + ":\n")
     spans = np.array([(t.start, t.end) for t in ds.turns])
-    assert (spans[:, 0] < spans[:, 1]).all() and (spans[1:, 0] >= spans[:-1, 1]).all()  # sorted, non-overlapping
+    assert (spans[:, 0] < spans[:, 1]).all() and (
+        spans[1:, 0] >= spans[:-1, 1]
+    ).all()  # sorted, non-overlapping
     assert spans[-1, 1] == len(stream)  # the last turn runs to the end of the corpus
 
 
@@ -132,13 +144,16 @@ def test_split_paragraphs_keeps_every_character():
 
 def test_corpus_without_speaker_headers_has_no_turns(tmp_path):
     corpus = tmp_path / "notes.txt"
-    corpus.write_text("Plain prose, no speakers.\n\nA second paragraph: still nobody talking.\n" * 20, encoding="utf-8")
+    corpus.write_text(
+        "Plain prose, no speakers.\n\nA second paragraph: still nobody talking.\n" * 20, encoding="utf-8"
+    )
     ds = load_dataset(DataConfig(input_file=str(corpus), data_dir=str(tmp_path / "data")))
     assert ds.turns == [] and ds.cache_dir.name == "notes-char"
     assert len(ds.train) + len(ds.val) == len(corpus.read_text(encoding="utf-8"))
 
 
-# --- cache ----------------------------------------------------------------------------------------------------------
+# --- cache
+# ----------------------------------------------------------------------------------------------------------
 
 
 def test_cache_is_reused(small_corpus, tmp_path):
@@ -148,7 +163,11 @@ def test_cache_is_reused(small_corpus, tmp_path):
     stamps = {f: _stamp(first.cache_dir / f) for f in files}
     second = load_dataset(cfg)
     assert {f: _stamp(second.cache_dir / f) for f in files} == stamps
-    assert np.array_equal(first.train, second.train) and first.turns == second.turns and first.meta == second.meta
+    assert (
+        np.array_equal(first.train, second.train)
+        and first.turns == second.turns
+        and first.meta == second.meta
+    )
     assert sorted(p.name for p in first.cache_dir.iterdir()) == sorted(files)  # no temp files left behind
     assert first.cache_dir.name == "small-char" and len(first.turns) > 50
 
@@ -183,7 +202,8 @@ def test_cache_without_meta_is_not_trusted(small_corpus, tmp_path):
     assert _stamp(ds.cache_dir / "train.bin") != stamp and again.meta == ds.meta
 
 
-# --- bad input ------------------------------------------------------------------------------------------------------
+# --- bad input
+# ------------------------------------------------------------------------------------------------------
 
 
 def test_load_dataset_rejects_bad_files(tmp_path):
@@ -207,7 +227,8 @@ def test_load_dataset_rejects_bad_files(tmp_path):
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("meta.json"))
 
 
-# --- download -------------------------------------------------------------------------------------------------------
+# --- download
+# -------------------------------------------------------------------------------------------------------
 
 
 def test_download_uses_a_present_file(tmp_path, shakespeare_file, offline):
@@ -240,7 +261,8 @@ def test_load_dataset_offline_error_comes_from_the_download(tmp_path, offline):
         load_dataset(DataConfig(data_dir=str(tmp_path)))
 
 
-# --- batches --------------------------------------------------------------------------------------------------------
+# --- batches
+# --------------------------------------------------------------------------------------------------------
 
 
 def test_batches_are_shifted_windows_of_the_source():
@@ -272,7 +294,9 @@ def test_batches_are_seeded_and_resumable():
     tokens = np.arange(10_000)
     a, b, c = (Batches(tokens, 32, 8, seed=s) for s in (7, 7, 8))
     first = [next(a) for _ in range(3)]
-    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, [next(b) for _ in range(3)], strict=True))
+    assert all(
+        torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, [next(b) for _ in range(3)], strict=True)
+    )
     assert not torch.equal(first[0][0], next(c)[0])
 
     state = a.state_dict()

@@ -1,7 +1,8 @@
 """fedgpt as a real Flower deployment on loopback: SuperLink, two SuperNodes, `flwr run .`, then sampling.
 
-fedgpt.deploy starts every process with a marker in its environment, which Flower's own children (SuperExec,
-ServerApp and ClientApp processes) inherit: teardown finds and stops all of them, and the test fails if any is left.
+fedgpt.deploy starts every process with a marker in its environment, which Flower's own children
+(SuperExec, ServerApp and ClientApp processes) inherit: teardown finds and stops all of them, and the test
+fails if any is left.
 """
 
 from __future__ import annotations
@@ -19,13 +20,22 @@ from fedgpt.bench.loopback import Deployment
 from fedgpt.fed.run_config import config_from_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT = 240  # seconds for `flwr run --stream`; 2 rounds take ~60-100 s on 2 busy cores (a fresh ClientApp process per message)
+# seconds for `flwr run --stream`; 2 rounds take ~60-100 s on 2 busy cores (a fresh ClientApp process per
+# message)
+RUN_TIMEOUT = 240
 
 
 def test_run_config_paths_become_absolute_against_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg, opts = config_from_run_config({"config": "configs/tiny.yaml", "overrides": "fed.rounds=3 train.out_dir=out/x",
-                                        "resume": False, "client-threads": 1}, app_dir=REPO)
+    cfg, opts = config_from_run_config(
+        {
+            "config": "configs/tiny.yaml",
+            "overrides": "fed.rounds=3 train.out_dir=out/x",
+            "resume": False,
+            "client-threads": 1,
+        },
+        app_dir=REPO,
+    )
     assert cfg.fed.rounds == 3 and opts == {"resume": False, "overwrite": False, "client_threads": 1}
     assert cfg.train.out_dir == str(tmp_path / "out" / "x")
     assert cfg.data.data_dir == str(tmp_path / "data")
@@ -46,19 +56,29 @@ def deployment(tmp_path):
 def test_flwr_run_on_a_superlink_with_two_supernodes(deployment: Deployment, data_dir: Path, tmp_path: Path):
     deployment.start_federation(data_dir, supernodes=2)
     out = tmp_path / "out"
-    overrides = f"fed.num_clients=2 fed.rounds=2 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir}"
-    run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"  # 1 thread: 3 processes share the cores
+    overrides = (
+        f"fed.num_clients=2 fed.rounds=2 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir}"
+    )
+    # 1 thread: 3 processes share the cores
+    run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"
 
     t0 = time.monotonic()
-    res = deployment.flwr(["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO)
+    res = deployment.flwr(
+        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO
+    )
     took = time.monotonic() - t0
-    context = f"flwr run exited {res.returncode} after {took:.0f} s\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{deployment.logs()}"
+    context = (
+        f"flwr run exited {res.returncode} after {took:.0f} s\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n"
+        f"{deployment.logs()}"
+    )
     assert res.returncode == 0, context
     match = re.search(r"Successfully started run (\d+)", res.stdout)
     assert match, context
 
     # --stream returns once the run has finished; the SuperLink says how.
-    ls = deployment.flwr(["ls", "loopback", "--run-id", match.group(1), "--format", "json"], timeout=60, cwd=tmp_path)
+    ls = deployment.flwr(
+        ["ls", "loopback", "--run-id", match.group(1), "--format", "json"], timeout=60, cwd=tmp_path
+    )
     assert ls.returncode == 0, ls.stdout + ls.stderr
     assert json.loads(ls.stdout)["runs"][0]["status"] == "finished:completed", ls.stdout + "\n" + context
 
@@ -68,8 +88,21 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(deployment: Deployment, dat
     assert rows[2]["val_loss"] < rows[0]["val_loss"], rows
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
 
-    sample = subprocess.run([sys.executable, "-m", "fedgpt.sample", "--checkpoint", str(out / "best.pt"), "--max-new-tokens", "20"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    sample = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedgpt.sample",
+            "--checkpoint",
+            str(out / "best.pt"),
+            "--max-new-tokens",
+            "20",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sample.returncode == 0, sample.stderr
     text = sample.stdout.split("-" * 40)[0]
     assert len(text.strip()) > 0, sample.stdout

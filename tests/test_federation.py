@@ -1,5 +1,6 @@
-"""Federation on real Flower and Ray with the tiny model: aggregation, wire format, FedProx, failing clients, resume
-after a kill, and bad input. Simulations run in this process (simulate.main / simulate.simulate) or as
+"""Federation on real Flower and Ray with the tiny model: aggregation, wire format, FedProx, failing clients,
+resume after a kill, and bad input. Simulations run in this process (simulate.main / simulate.simulate) or
+as
 `python simulate.py` subprocesses where exit codes, stderr or a kill are under test."""
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ TINY = REPO / "configs" / "tiny.yaml"
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 os.environ.update(QUIET)  # the simulations run in this process
 ENV = {**os.environ, **QUIET}
-ROUND_FIELDS = {"round", "val_loss", "train_loss", "clients_ok", "clients_failed", "bytes_sent", "bytes_received", "round_s"}
+ROUND_FIELDS = {
+    "round",
+    "val_loss",
+    "train_loss",
+    "clients_ok",
+    "clients_failed",
+    "bytes_sent",
+    "bytes_received",
+    "round_s",
+}
 
 
 def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
@@ -40,13 +50,15 @@ def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
 
 
 def tiny_run(data_dir: Path, out_dir: Path, *overrides: str) -> FederatedRun:
-    return FederatedRun(load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out_dir}", *overrides]), log=print)
+    return FederatedRun(
+        load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out_dir}", *overrides]),
+        log=print,
+    )
 
 
 def backend_config() -> dict:
     """What simulate.main passes on a CPU machine: one CPU per client, as many clients at once as cores."""
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": simulation.ray_init_args()}
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": simulation.ray_init_args()}
 
 
 def rounds(out_dir: Path) -> list[dict]:
@@ -62,9 +74,16 @@ def rounds(out_dir: Path) -> list[dict]:
 
 
 def session_pids(sid: int) -> list[int]:
-    """Live processes of session `sid` (a `python simulate.py` started with start_new_session=True and its Ray daemons)."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat="], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid, s, stat in (line.split()[:3] for line in out.splitlines()) if int(s) == sid and not stat.startswith("Z")]
+    """Live processes of session `sid` (a `python simulate.py` started with start_new_session=True and its Ray
+    daemons)."""
+    out = subprocess.run(
+        ["ps", "-e", "-o", "pid=,sid=,stat="], capture_output=True, text=True, check=True
+    ).stdout
+    return [
+        int(pid)
+        for pid, s, stat in (line.split()[:3] for line in out.splitlines())
+        if int(s) == sid and not stat.startswith("Z")
+    ]
 
 
 def kill_session(sid: int, grace: float = 10.0) -> list[int]:
@@ -99,21 +118,41 @@ def fedavg_out(data_dir, tmp_path_factory) -> Path:
     return out
 
 
-# --- aggregation and wire format, no simulation --------------------------------------------------------------------
+# --- aggregation and wire format, no simulation
+# --------------------------------------------------------------------
 
 
 def train_instruction(node: int) -> Message:
-    """A TRAIN message to `node` as the SuperLink stamps it (outside a ServerApp, Message() has no run to take ids from)."""
-    meta = Metadata(run_id=1, message_id=f"train-{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
+    """A TRAIN message to `node` as the SuperLink stamps it (outside a ServerApp, Message() has no run to take
+    ids from)."""
+    meta = Metadata(
+        run_id=1,
+        message_id=f"train-{node}",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=MessageType.TRAIN,
+    )
     return Message(RecordDict(), metadata=meta)
 
 
 def train_reply(node: int, arrays: dict[str, torch.Tensor], tokens: int, loss: float) -> Message:
     """A client's train reply as it reaches the ServerApp."""
-    metrics = MetricRecord({"num-examples": tokens, "train-tokens": tokens, "train-loss": loss, "train-seconds": 1.0,
-                            "train-start": 0.0})
-    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=train_instruction(node))
+    metrics = MetricRecord(
+        {
+            "num-examples": tokens,
+            "train-tokens": tokens,
+            "train-loss": loss,
+            "train-seconds": 1.0,
+            "train-start": 0.0,
+        }
+    )
+    return Message(
+        RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=train_instruction(node)
+    )
 
 
 def test_fedavg_is_token_weighted_mean(data_dir, tmp_path):
@@ -123,7 +162,9 @@ def test_fedavg_is_token_weighted_mean(data_dir, tmp_path):
     clients = [{k: torch.randn(v.shape, generator=g) for k, v in canonical.items()} for _ in range(3)]
     tokens = [128, 384, 1024]
     replies = [train_reply(node, arrays, n, 4.0) for node, arrays, n in zip((11, 12, 13), clients, tokens)]
-    failed = Message(Error(code=0, reason="Traceback ...\nRuntimeError: out of memory"), reply_to=train_instruction(14))
+    failed = Message(
+        Error(code=0, reason="Traceback ...\nRuntimeError: out of memory"), reply_to=train_instruction(14)
+    )
     run.partition_of = {11: 2, 12: 0, 13: 1, 14: 3}
     received = sum(r.content["arrays"].count_bytes() for r in replies)
 
@@ -151,11 +192,14 @@ def test_aggregate_keeps_global_model_when_all_clients_fail(data_dir, tmp_path):
 
 
 def test_round_is_evaluated_and_saved_as_it_ended(data_dir, tmp_path):
-    # finish_round runs while the next round trains: it must score and save its snapshot, not the run as it is now.
+    # finish_round runs while the next round trains: it must score and save its snapshot, not the run as it is
+    # now.
     run = tiny_run(data_dir, tmp_path)
     snap = run.snapshot()
     expected = run.evaluator.loss(snap.state)
-    run.global_state = {k: torch.zeros_like(v) for k, v in run.global_state.items()}  # the next round's aggregate
+    run.global_state = {
+        k: torch.zeros_like(v) for k, v in run.global_state.items()
+    }  # the next round's aggregate
     run.round, run.tokens = 1, 999
 
     row = run.finish_round(snap, RoundRow(0))
@@ -180,7 +224,9 @@ def test_wire_sends_tied_weights_once(gpt):
     assert "lm_head.weight" not in per_tensor and "transformer.wte.weight" in per_tensor
     record = to_record(sd, aliases)  # the wire: one array, tied weights once
     params = sum(v.numel() for k, v in sd.items() if k not in aliases)
-    assert len(record) == 1 and all(a.dtype == "float32" and tuple(a.shape) == (params,) for a in record.values())
+    assert len(record) == 1 and all(
+        a.dtype == "float32" and tuple(a.shape) == (params,) for a in record.values()
+    )
     for rec, like in ((per_tensor, None), (record, sd)):
         back = from_record(rec, aliases, like=like)
         assert set(back) == set(sd)
@@ -204,10 +250,13 @@ def test_wire_fp16_delta_round_trip(gpt):
     for k, v in trained.items():
         delta = v - base[k]
         assert torch.equal(back[k], base[k] + delta.half().float())  # exactly the fp16-rounded delta
-        assert (back[k] - v).abs().max() <= delta.abs().max() * 2**-11 + 1e-6  # fp16 keeps 11 significant bits
+        assert (
+            back[k] - v
+        ).abs().max() <= delta.abs().max() * 2**-11 + 1e-6  # fp16 keeps 11 significant bits
     fp32 = to_record(trained, aliases)
     params = sum(v.numel() for k, v in base.items() if k not in aliases)
-    assert 0 <= 2 * record.count_bytes() - fp32.count_bytes() <= 256  # one array each: fp16 is half of fp32, but for a header
+    # one array each: fp16 is half of fp32, but for a header
+    assert 0 <= 2 * record.count_bytes() - fp32.count_bytes() <= 256
     assert record.count_bytes() <= 2 * params + 256  # half the fp32 weights, plus one np.save header
 
 
@@ -220,7 +269,8 @@ def test_wire_from_another_model_is_refused(gpt, half):
         from_record(record, aliases, like=smaller, who="node 7")
 
 
-# --- simulations ----------------------------------------------------------------------------------------------------
+# --- simulations
+# ----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -236,8 +286,22 @@ def test_simulation_trains_and_writes_run(fedavg_out):
         assert (fedavg_out / name).is_file(), name
     assert load_checkpoint(fedavg_out / "last.pt")["round"] == 2
     assert json.loads((fedavg_out / "partition.json").read_text())["num_clients"] == 3
-    res = subprocess.run([sys.executable, "-m", "fedgpt.sample", "--checkpoint", str(fedavg_out / "best.pt"), "--max-new-tokens", "20"],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedgpt.sample",
+            "--checkpoint",
+            str(fedavg_out / "best.pt"),
+            "--max-new-tokens",
+            "20",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip(), "fedgpt.sample printed nothing"
 
@@ -254,7 +318,8 @@ def test_fedprox_with_zero_mu_equals_fedavg(fedavg_out, data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_overlapped_evaluation_matches_a_run_that_ends_there(fedavg_out, data_dir, tmp_path):
-    # In the 2-round run, round 1 was evaluated while round 2 trained; a 1-round run evaluates it with nothing beside.
+    # In the 2-round run, round 1 was evaluated while round 2 trained; a 1-round run evaluates it with nothing
+    # beside.
     simulate_main(tiny_args(data_dir, tmp_path, "--rounds", "1"))
     one, two = rounds(tmp_path), rounds(fedavg_out)
     assert [r["val_loss"] for r in one] == [r["val_loss"] for r in two[:2]]
@@ -279,7 +344,9 @@ def test_node_with_another_corpus_fails_preflight(data_dir, small_corpus, tmp_pa
 
     monkeypatch.setenv("FEDGPT_TEST_OTHER_CORPUS", str(small_corpus))  # Ray's workers inherit it
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match=r"pre-flight check failed: .*corpus/tokenizer .* differs from the server's"):
+    with pytest.raises(
+        RuntimeError, match=r"pre-flight check failed: .*corpus/tokenizer .* differs from the server's"
+    ):
         simulation.simulate(tiny_run(data_dir, out), other_corpus_client_app.app, 3, backend_config())
     assert rounds(out) == [] and not (out / "last.pt").exists()
 
@@ -290,7 +357,9 @@ def test_too_few_nodes_fail_clearly(data_dir, tmp_path):
 
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="only 2 of 3 nodes connected after 5 s"):
-        simulation.simulate(tiny_run(data_dir, tmp_path, "--fed.node_timeout=5"), client_app.app, 2, backend_config())
+        simulation.simulate(
+            tiny_run(data_dir, tmp_path, "--fed.node_timeout=5"), client_app.app, 2, backend_config()
+        )
     assert time.monotonic() - t0 < 30
 
 
@@ -299,11 +368,15 @@ def test_resume_after_kill(data_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "simulate.py", *tiny_args(data_dir, out, "--fed.rounds=6")]
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 240
         while not any(r["round"] >= 2 for r in rounds(out)):
-            assert proc.poll() is None, "the run ended before round 2:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+            assert proc.poll() is None, (
+                "the run ended before round 2:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+            )
             assert time.monotonic() < deadline, "no round 2 after 240 s"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)  # the whole group: Ray's daemons and actors too
@@ -311,20 +384,36 @@ def test_resume_after_kill(data_dir, tmp_path):
     finally:
         left = kill_session(proc.pid)
     assert not left, f"processes of the killed run still alive: {left}"
-    k = load_checkpoint(out / "last.pt")["round"]  # a round's row is written just before its checkpoint: k >= 1
+    k = load_checkpoint(out / "last.pt")[
+        "round"
+    ]  # a round's row is written just before its checkpoint: k >= 1
     assert 1 <= k < 6, f"last.pt is from round {k}: killed too late to test a resume"
     before = (out / "rounds.jsonl").read_text()
 
     # Another model config: one clear line, before any round, nothing written.
-    bad = subprocess.run([*cmd, "--resume", "--model.n_embd=64"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*cmd, "--resume", "--model.n_embd=64"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("error: ")
     assert "was written with another config" in bad.stderr and "model.n_embd: 32 -> 64" in bad.stderr
     assert "Traceback" not in bad.stderr and "run_simulation" not in bad.stdout + bad.stderr
     assert (out / "rounds.jsonl").read_text() == before
 
-    proc = subprocess.Popen([*cmd, "--resume"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [*cmd, "--resume"],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=300)
     finally:
@@ -336,13 +425,17 @@ def test_resume_after_kill(data_dir, tmp_path):
     assert not left, f"Ray processes left after a finished run: {left}"
 
 
-# --- bad input: `python simulate.py` fails with one line before any round ------------------------------------------------
+# --- bad input: `python simulate.py` fails with one line before any round
+# ------------------------------------------------
 
 BAD_INPUT = {
     "strategy flag": (["--strategy", "foo"], "argument --strategy: invalid choice: 'foo'"),
     "strategy key": (["--fed.strategy=foo"], "fed.strategy: 'foo' is not one of"),
     "partition": (["--fed.partition=foo"], "fed.partition: 'foo' is not one of"),
-    "too many clients": (["--num-clients", "5000", "--model.block_size=64"], "client 0 of 5000 gets 225 train / 25 val tokens"),
+    "too many clients": (
+        ["--num-clients", "5000", "--model.block_size=64"],
+        "client 0 of 5000 gets 225 train / 25 val tokens",
+    ),
     "negative mu": (["--mu", "-1"], "fed.proximal_mu: must be >= 0"),
     "non-numeric mu": (["--fed.proximal_mu=abc"], "fed.proximal_mu: expected float, got str 'abc'"),
     "folder of another run": ([], "holds a local_train run"),
@@ -354,15 +447,34 @@ def bad_input_runs(data_dir, tmp_path_factory) -> dict[str, tuple[subprocess.Com
     """Every BAD_INPUT case run at once (each spends its seconds importing torch and flwr)."""
     out = tmp_path_factory.mktemp("bad")
     taken = out / "folder_of_another_run"  # a local trainer's run of the same config already holds it
-    claim_run_dir(taken, "local_train", load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={taken}"]).to_dict(),
-                  resume=False, overwrite=False)
-    procs = {name: (subprocess.Popen([sys.executable, "simulate.py", *tiny_args(data_dir, out / name.replace(" ", "_"), *args)],
-                                     cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.monotonic())
-             for name, (args, _) in BAD_INPUT.items()}
+    claim_run_dir(
+        taken,
+        "local_train",
+        load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={taken}"]).to_dict(),
+        resume=False,
+        overwrite=False,
+    )
+    procs = {
+        name: (
+            subprocess.Popen(
+                [sys.executable, "simulate.py", *tiny_args(data_dir, out / name.replace(" ", "_"), *args)],
+                cwd=REPO,
+                env=ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            time.monotonic(),
+        )
+        for name, (args, _) in BAD_INPUT.items()
+    }
     results = {}
     for name, (p, t0) in procs.items():
         stdout, stderr = p.communicate(timeout=180)
-        results[name] = (subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), time.monotonic() - t0)
+        results[name] = (
+            subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr),
+            time.monotonic() - t0,
+        )
     return results
 
 

@@ -1,5 +1,6 @@
-"""The package's rooms keep their boundaries: the core imports neither Flower nor the benchmarks, the federation
-package imports no benchmark, no module imports itself back through others, and nothing depends on a checkout."""
+"""The package's rooms keep their boundaries: the core imports neither Flower nor the benchmarks, the
+federation package imports no benchmark, no module imports itself back through others, and nothing depends
+on a checkout."""
 
 from __future__ import annotations
 
@@ -39,17 +40,21 @@ def test_core_imports_no_flower_no_ray_and_no_benchmark():
     assert {"fedgpt.model", "fedgpt.train", "fedgpt.local_train", "fedgpt.sample", "fedgpt.data"} <= set(core)
     loaded = imported_in_fresh_interpreter(core)
     for forbidden in ("flwr", "ray", "fedgpt.fed", "fedgpt.bench"):
-        assert not [m for m in loaded if m == forbidden or m.startswith(forbidden + ".")], f"the core imports {forbidden}"
+        assert not [m for m in loaded if m == forbidden or m.startswith(forbidden + ".")], (
+            f"the core imports {forbidden}"
+        )
 
 
 def test_federation_package_imports_no_benchmark():
-    loaded = imported_in_fresh_interpreter(modules(PACKAGE / "fed") + ["client_app", "server_app", "simulate"])
+    loaded = imported_in_fresh_interpreter(
+        modules(PACKAGE / "fed") + ["client_app", "server_app", "simulate"]
+    )
     assert "flwr" in loaded  # it is the Flower room
     assert not [m for m in loaded if m.startswith("fedgpt.bench")]
 
 
 def runtime_nodes(tree: ast.AST):
-    """Every node of a module but those under `if TYPE_CHECKING:` (imports for annotations, never executed)."""
+    """Every node of a module but those under `if TYPE_CHECKING:` (imports for annotations, never run)."""
     for node in ast.iter_child_nodes(tree):
         if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
             yield from (n for child in node.orelse for n in ast.walk(child))
@@ -70,7 +75,10 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1]
+                        + ([base] if base else [])
+                    )
                 deps.add(base)
                 deps |= {f"{base}.{a.name}" for a in node.names}  # `from fedgpt.bench import floor`
         graph[name] = {d for d in deps if d.startswith("fedgpt")} - {name}
@@ -84,7 +92,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep, path + [dep])):
                 return cycle
         state[node] = 2

@@ -1,4 +1,5 @@
-"""fedgpt.local_train as a user runs it: subprocesses on the real corpus, kill and --resume, torchrun, bad input."""
+"""fedgpt.local_train as a user runs it: subprocesses on the real corpus, kill and --resume, torchrun, bad
+input."""
 
 from __future__ import annotations
 
@@ -17,10 +18,18 @@ from conftest import REPO, run_concurrently
 from fedgpt.checkpoint import load_checkpoint, model_config_of, save_checkpoint
 from fedgpt.metrics import read_jsonl
 
-# One config for the uninterrupted run, the killed-and-resumed run and the torchrun run. grad_accum_steps=2 so that
-# two DDP processes take one micro-batch each per step.
-TINY = ["--config", "configs/tiny.yaml", "--train.max_steps=60", "--train.eval_interval=10", "--train.eval_iters=4",
-        "--train.grad_accum_steps=2", "--train.log_interval=1000", "--train.device=cpu"]
+# One config for the uninterrupted run, the killed-and-resumed run and the torchrun run. grad_accum_steps=2 so
+# that two DDP processes take one micro-batch each per step.
+TINY = [
+    "--config",
+    "configs/tiny.yaml",
+    "--train.max_steps=60",
+    "--train.eval_interval=10",
+    "--train.eval_iters=4",
+    "--train.grad_accum_steps=2",
+    "--train.log_interval=1000",
+    "--train.device=cpu",
+]
 MAX_STEPS, EVAL_INTERVAL = 60, 10
 
 
@@ -62,7 +71,8 @@ def test_short_run_writes_checkpoints_metrics_and_plot(run_a: Path):
     assert not [p.name for p in run_a.iterdir() if p.name.endswith(".tmp")]
     assert (run_a / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = read_jsonl(run_a / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(0, MAX_STEPS + 1, EVAL_INTERVAL))  # one row per eval, step 0 included
+    # one row per eval, step 0 included
+    assert [r["step"] for r in rows] == list(range(0, MAX_STEPS + 1, EVAL_INTERVAL))
     assert {"step", "tokens", "train_loss", "val_loss", "lr", "elapsed_s"} <= rows[-1].keys()
     assert rows[-1]["tokens"] == MAX_STEPS * 8 * 2 * 16  # steps x batch x accumulation x block
     losses = [r["val_loss"] for r in rows]
@@ -78,7 +88,9 @@ def test_short_run_writes_checkpoints_metrics_and_plot(run_a: Path):
 def test_resume_after_a_kill_reproduces_an_uninterrupted_run(run_a: Path, tmp_path: Path, data_dir: Path):
     out = tmp_path / "run_b"
     cmd = local_train(*TINY, f"--data.data_dir={data_dir}", f"--train.out_dir={out}")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     killed_at = None
     try:
         deadline = time.monotonic() + 240
@@ -94,7 +106,9 @@ def test_resume_after_a_kill_reproduces_an_uninterrupted_run(run_a: Path, tmp_pa
         if proc.poll() is None and killed_at is None:
             proc.kill()
         stderr = proc.communicate(timeout=60)[1]
-    assert killed_at is not None, f"run B ended (exit {proc.returncode}) before it could be killed:\n{stderr[-2000:]}"
+    assert killed_at is not None, (
+        f"run B ended (exit {proc.returncode}) before it could be killed:\n{stderr[-2000:]}"
+    )
     assert proc.returncode == -signal.SIGKILL
     stopped = load_checkpoint(out / "last.pt")["step"]
     assert EVAL_INTERVAL <= stopped < MAX_STEPS, "run B must have been killed mid-run"
@@ -116,8 +130,18 @@ def test_resume_after_a_kill_reproduces_an_uninterrupted_run(run_a: Path, tmp_pa
 
 def test_torchrun_two_processes_equal_one_process(run_a: Path, tmp_path: Path, data_dir: Path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fedgpt.local_train",
-           *TINY, f"--data.data_dir={data_dir}", f"--train.out_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fedgpt.local_train",
+        *TINY,
+        f"--data.data_dir={data_dir}",
+        f"--train.out_dir={out}",
+    ]
     r = run(cmd)
     check_ok(r)
     assert "| 2 process(es)" in r.stdout
@@ -130,7 +154,8 @@ def test_torchrun_two_processes_equal_one_process(run_a: Path, tmp_path: Path, d
     assert [s for s, _ in val_losses(out)] == list(range(0, MAX_STEPS + 1, EVAL_INTERVAL))
 
 
-# --- bad input: one line on stderr, no traceback --------------------------------------------------------------------
+# --- bad input: one line on stderr, no traceback
+# --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +167,16 @@ def bad_runs(run_a: Path, tmp_path_factory, data_dir: Path) -> dict[str, subproc
     ckpt = load_checkpoint(run_a / "last.pt")
     common = {k: ckpt[k] for k in ("tokenizer", "config", "step", "best_val_loss", "val_loss")}
     no_opt, fed = tmp / "no_opt", tmp / "fed"
-    save_checkpoint(no_opt / "last.pt", model_state=ckpt["model"], model_config=model_config_of(ckpt), extra=ckpt["extra"], **common)
-    save_checkpoint(fed / "last.pt", model_state=ckpt["model"], model_config=model_config_of(ckpt), round=3, **common)
+    save_checkpoint(
+        no_opt / "last.pt",
+        model_state=ckpt["model"],
+        model_config=model_config_of(ckpt),
+        extra=ckpt["extra"],
+        **common,
+    )
+    save_checkpoint(
+        fed / "last.pt", model_state=ckpt["model"], model_config=model_config_of(ckpt), round=3, **common
+    )
 
     base = [*TINY, f"--data.data_dir={data_dir}"]
     own = [*TINY, f"--data.data_dir={tmp / 'data'}"]  # corpora of the tests get their caches out of the repo
@@ -151,7 +184,12 @@ def bad_runs(run_a: Path, tmp_path_factory, data_dir: Path) -> dict[str, subproc
         "missing_input": [*own, "--data.input_file=/nonexistent/corpus.txt", f"--train.out_dir={tmp / 'o1'}"],
         "not_utf8": [*own, f"--data.input_file={tmp / 'latin1.txt'}", f"--train.out_dir={tmp / 'o2'}"],
         "too_small": [*own, f"--data.input_file={tmp / 'small.txt'}", f"--train.out_dir={tmp / 'o3'}"],
-        "block_size": [*base, f"--train.init_from={run_a / 'last.pt'}", "--model.block_size=32", f"--train.out_dir={tmp / 'o4'}"],
+        "block_size": [
+            *base,
+            f"--train.init_from={run_a / 'last.pt'}",
+            "--model.block_size=32",
+            f"--train.out_dir={tmp / 'o4'}",
+        ],
         "resume_nothing": [*base, "--resume", f"--train.out_dir={tmp / 'o5'}"],
         "unknown_key": [*base, "--train.max_stepz=3", "--model.n_layerz=1", f"--train.out_dir={tmp / 'o6'}"],
         "resume_no_optimizer": [*base, "--resume", f"--train.out_dir={no_opt}"],

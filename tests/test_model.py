@@ -33,7 +33,7 @@ def randint(*shape: int, seed: int = 1) -> torch.Tensor:
 def naive_greedy(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
     """Greedy decoding without a cache, conditioning on the last block_size tokens."""
     for _ in range(n):
-        logits, _ = model(idx[:, -model.cfg.block_size:])
+        logits, _ = model(idx[:, -model.cfg.block_size :])
         idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     return idx
 
@@ -60,7 +60,7 @@ def test_kv_cache_matches_full_sequence(arch):
 
     cache = KVCache.for_model(model, 2)
     steps = [model(idx[:, :5], kv_cache=cache)[0]]
-    steps += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(5, 16)]
+    steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 16)]
     assert len(cache) == 16
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
@@ -107,8 +107,8 @@ def test_generate_stops_at_eot():
     assert out.shape == (2, 3 + n_gen)
     for r, first in enumerate(firsts):
         stop = n_gen if first is None else first + 1
-        assert torch.equal(out[r, 3:3 + stop], new[r, :stop])
-        assert (out[r, 3 + stop:] == eot).all(), "finished rows are padded with eot_id"
+        assert torch.equal(out[r, 3 : 3 + stop], new[r, :stop])
+        assert (out[r, 3 + stop :] == eot).all(), "finished rows are padded with eot_id"
     # a single row stops right after emitting it
     assert generate(model, prompt[:1], 12, temperature=0, eot_id=eot).shape == (1, 3 + firsts[0] + 1)
 
@@ -153,7 +153,9 @@ def test_param_count_formula():
 def test_init_std(arch):
     torch.manual_seed(0)
     L = 8
-    model = GPT(ModelConfig(arch=arch, vocab_size=V, block_size=16, n_layer=L, n_head=4, n_embd=256, bias=True))
+    model = GPT(
+        ModelConfig(arch=arch, vocab_size=V, block_size=16, n_layer=L, n_head=4, n_embd=256, bias=True)
+    )
     for name, p in model.named_parameters():
         if name.endswith("c_proj.weight"):
             want = 0.02 / math.sqrt(2 * L)
@@ -184,11 +186,15 @@ def test_fused_adamw_on_cpu_matches_plain():
     model = tiny("gpt2")
     opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
     if not isinstance(opt, FusedAdamW):
-        pytest.skip("this torch has no fused AdamW on CPU; configure_optimizers uses the default implementation")
+        pytest.skip(
+            "this torch has no fused AdamW on CPU; configure_optimizers uses the default implementation"
+        )
     ref_model = tiny("gpt2")
     ref_model.load_state_dict(model.state_dict())
-    groups = [{"params": [p for p in ref_model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in ref_model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in ref_model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in ref_model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
     ref = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), foreach=False, fused=False)
     x, y = randint(4, 16), randint(4, 16, seed=2)
     for m, o in ((model, opt), (ref_model, ref)):
@@ -241,10 +247,20 @@ def hf_model():
     os.environ["HF_HUB_OFFLINE"] = "1"
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=16, vocab_size=V,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        n_positions=16,
+        vocab_size=V,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # HF initializes biases to 0 and LayerNorms to 1: perturb all, so every tensor is checked
+    with (
+        torch.no_grad()
+    ):  # HF initializes biases to 0 and LayerNorms to 1: perturb all, so every tensor is checked
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
@@ -256,7 +272,9 @@ def test_from_hf_parity(hf_model, tmp_path, fmt):
         hf_model.config.save_pretrained(tmp_path)
         torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
     else:
-        hf_model.save_pretrained(tmp_path, **({"max_shard_size": "20KB"} if fmt == "sharded_safetensors" else {}))
+        hf_model.save_pretrained(
+            tmp_path, **({"max_shard_size": "20KB"} if fmt == "sharded_safetensors" else {})
+        )
     if fmt == "sharded_safetensors":
         assert (tmp_path / "model.safetensors.index.json").is_file()
     model = from_hf(tmp_path).eval()
@@ -269,14 +287,18 @@ def test_from_hf_parity(hf_model, tmp_path, fmt):
 
 
 def test_cpu_gelu_equals_torch_tanh_gelu():
-    # The CPU float32 path computes the tanh GELU through sigmoid (faster); values and gradients must match F.gelu's.
+    # The CPU float32 path computes the tanh GELU through sigmoid (faster); values and gradients must match
+    # F.gelu's.
     x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4).requires_grad_()
     want = torch.nn.functional.gelu(x, approximate="tanh")
     got = gelu_tanh(x)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     g = torch.randn(4096, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0], atol=1e-5, rtol=1e-5)
-    xd = torch.randn(64, dtype=torch.float64, requires_grad=True)  # gelu_tanh sends float64 to F.gelu: check the Function itself
+    torch.testing.assert_close(
+        torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0], atol=1e-5, rtol=1e-5
+    )
+    # gelu_tanh sends float64 to F.gelu: check the Function itself
+    xd = torch.randn(64, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_SigmoidTanhGELU.apply, (xd,))
 
 
@@ -289,7 +311,10 @@ def test_from_hf_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="expected model_type 'gpt2', got 'llama'"):
         from_hf(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8, "n_positions": 8, "vocab_size": 10}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8, "n_positions": 8, "vocab_size": 10}
+        )
+    )
     with pytest.raises(ValueError, match="model.safetensors or pytorch_model.bin"):
         from_hf(tmp_path)

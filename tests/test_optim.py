@@ -1,4 +1,5 @@
-"""fedgpt.optim: FusedAdamW is torch's fused AdamW step for step, shares its state dicts, and imports no torch._dynamo."""
+"""fedgpt.optim: FusedAdamW is torch's fused AdamW step for step, shares its state dicts, and imports no
+torch._dynamo."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from fedgpt.model import GPT
 from fedgpt.optim import FusedAdamW, fused_supported
 
 V = 40
-pytestmark = pytest.mark.skipif(not fused_supported("cpu"), reason="this torch has no fused AdamW kernel on CPU")
+pytestmark = pytest.mark.skipif(
+    not fused_supported("cpu"), reason="this torch has no fused AdamW kernel on CPU"
+)
 
 
 def tiny(seed: int = 0) -> GPT:
@@ -23,8 +26,10 @@ def tiny(seed: int = 0) -> GPT:
 
 
 def groups(model: GPT) -> list[dict]:
-    return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def train(model: GPT, opt, steps: int, first: int = 0) -> None:
@@ -45,8 +50,12 @@ def assert_equal(a: GPT, b: GPT) -> None:
 
 def pair() -> tuple[GPT, FusedAdamW, GPT, torch.optim.AdamW]:
     ours, theirs = tiny(), tiny()
-    return (ours, FusedAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95)),
-            theirs, torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=True))
+    return (
+        ours,
+        FusedAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95)),
+        theirs,
+        torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=True),
+    )
 
 
 def test_steps_are_bitwise_torch_fused_adamw():
@@ -54,7 +63,9 @@ def test_steps_are_bitwise_torch_fused_adamw():
     train(ours, opt, 6)
     train(theirs, ref, 6)
     assert_equal(ours, theirs)
-    assert not torch.equal(next(ours.parameters()), next(tiny().parameters())), "training must have moved the weights"
+    assert not torch.equal(next(ours.parameters()), next(tiny().parameters())), (
+        "training must have moved the weights"
+    )
 
 
 @pytest.mark.parametrize("direction", ["torch to ours", "ours to torch"])
@@ -66,8 +77,11 @@ def test_state_dicts_load_either_way(direction):
     src, dst_kind = (ref, "ours") if direction == "torch to ours" else (opt, "torch")
     model = tiny()
     model.load_state_dict(theirs.state_dict())
-    dst = (FusedAdamW(groups(model), lr=0.0, betas=(0.5, 0.5)) if dst_kind == "ours"
-           else torch.optim.AdamW(groups(model), lr=0.0, betas=(0.5, 0.5), fused=True))
+    dst = (
+        FusedAdamW(groups(model), lr=0.0, betas=(0.5, 0.5))
+        if dst_kind == "ours"
+        else torch.optim.AdamW(groups(model), lr=0.0, betas=(0.5, 0.5), fused=True)
+    )
     dst.load_state_dict(src.state_dict())
     assert dst.param_groups[0]["betas"] == (0.9, 0.95) and dst.param_groups[0]["weight_decay"] == 0.1
     train(model, dst, 3, first=3)
@@ -84,7 +98,8 @@ def test_load_refuses_other_groups():
 
 
 def test_training_never_imports_torch_dynamo():
-    # The point of FusedAdamW: a process that builds the model, trains and checkpoints pays no torch._dynamo import.
+    # The point of FusedAdamW: a process that builds the model, trains and checkpoints pays no torch._dynamo
+    # import.
     code = """
 import sys, torch
 from fedgpt.config import ModelConfig, TrainConfig
@@ -92,7 +107,8 @@ from fedgpt.model import GPT
 from fedgpt.optim import FusedAdamW
 from fedgpt.train import Trainer
 model = GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16))
-trainer = Trainer(model, TrainConfig(batch_size=2, max_steps=4, warmup_steps=0, grad_clip=1.0), torch.device("cpu"))
+tc = TrainConfig(batch_size=2, max_steps=4, warmup_steps=0, grad_clip=1.0)
+trainer = Trainer(model, tc, torch.device("cpu"))
 def batches():
     while True:
         xy = torch.randint(0, 40, (2, 17))
@@ -103,12 +119,15 @@ print("torch._dynamo" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False", "training imported torch._dynamo (1.5-2 s of start-up in every client process)"
+    assert out.stdout.strip() == "False", (
+        "training imported torch._dynamo (1.5-2 s of start-up in every client process)"
+    )
 
 
 def test_grad_scaler_drives_it_like_torch():
     # fp16 training (CUDA) steps through torch.amp.GradScaler, which only needs param_groups and step(); CPU's
-    # scaler runs the same code. Both optimizers see scaled gradients, unscale, step; an inf gradient skips the step.
+    # scaler runs the same code. Both optimizers see scaled gradients, unscale, step; an inf gradient skips
+    # the step.
     ours, opt, theirs, ref = pair()
     for model, o in ((ours, opt), (theirs, ref)):
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -124,4 +143,6 @@ def test_grad_scaler_drives_it_like_torch():
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(next(ours.parameters()).sum() * float("inf")).backward()
     scaler.step(opt)
-    assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters())), "a step with inf gradients must be skipped"
+    assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters())), (
+        "a step with inf gradients must be skipped"
+    )

@@ -1,4 +1,4 @@
-"""fedgpt.partition on Tiny Shakespeare (char tokens) and on a synthetic array with synthetic speaker turns."""
+"""fedgpt.fed.partition on Tiny Shakespeare (char tokens) and on a synthetic array with speaker turns."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def shakespeare(data_dir):
 
 @pytest.fixture(scope="module")
 def synthetic():
-    """(train tokens, turns): 40 speakers; gaps between some turns, text before the first, one turn across the split,
-    and a speaker ("EPILOGUE") that only speaks in the val part."""
+    """(train tokens, turns): 40 speakers; gaps between some turns, text before the first, one turn across the
+    split, and a speaker ("EPILOGUE") that only speaks in the val part."""
     rng = np.random.default_rng(123)
     tokens = rng.integers(0, 50, size=SYN_TRAIN, dtype=np.uint16)
     turns, pos = [], 37
@@ -110,7 +110,9 @@ def test_speaker_spans_clip_to_train_and_absorb_gaps(synthetic):
     assert "EPILOGUE" not in owner  # speaks only in the val part
     first, crossing = turns[0], next(t for t in turns if t.start < SYN_TRAIN < t.end)
     assert parts[owner[first.speaker]].spans[0, 0] == 0  # the text before the first turn
-    last = parts[owner[crossing.speaker]].spans[-1]  # merged with the turns before it that its client also owns
+    last = parts[owner[crossing.speaker]].spans[
+        -1
+    ]  # merged with the turns before it that its client also owns
     assert last[0] <= crossing.start and last[1] == SYN_TRAIN
 
 
@@ -118,14 +120,20 @@ def test_skew_is_measurable(shakespeare):
     """Unigram JS divergence from the global distribution, 8 clients. Measured (bits): iid 1.5e-4..2.0e-4 over
     seeds 0-9, speaker 1.6e-3, contiguous 2.0e-3."""
     tokens, turns, vocab = shakespeare.train, shakespeare.turns, shakespeare.tokenizer.vocab_size
-    js = {s: summarize(partition(tokens, 8, s, turns=turns, seed=0), tokens, vocab)["mean_js"] for s in SCHEMES}
+    js = {
+        s: summarize(partition(tokens, 8, s, turns=turns, seed=0), tokens, vocab)["mean_js"] for s in SCHEMES
+    }
     assert js["speaker"] >= 4 * js["iid"] and js["contiguous"] >= 4 * js["iid"], js
 
 
 def test_dirichlet_skews_sizes_iid_does_not(shakespeare):
-    """Client size CV, 8 clients, seed 0. Measured: iid 0.004; dirichlet 1.48 (alpha 0.1), 0.63 (0.5), 0.34 (10)."""
+    """Client size CV, 8 clients, seed 0. Measured: iid 0.004; dirichlet 1.48 (alpha 0.1), 0.63 (0.5), 0.34
+    (10)."""
     tokens, vocab = shakespeare.train, shakespeare.tokenizer.vocab_size
-    cv = {a: summarize(partition(tokens, 8, "dirichlet", seed=0, alpha=a), tokens, vocab)["size_cv"] for a in (0.1, 10)}
+    cv = {
+        a: summarize(partition(tokens, 8, "dirichlet", seed=0, alpha=a), tokens, vocab)["size_cv"]
+        for a in (0.1, 10)
+    }
     iid = partition(tokens, 8, "iid", seed=0)
     cv_iid = summarize(iid, tokens, vocab)["size_cv"]
     assert cv[0.1] > 0.5 and cv[0.1] > 20 * cv_iid and cv[0.1] > 2 * cv[10], (cv, cv_iid)
@@ -150,11 +158,15 @@ def test_dirichlet_floor_feeds_every_client(synthetic, seed):
 
 def test_errors(synthetic):
     tokens, turns = synthetic
-    with pytest.raises(ValueError, match=r"unknown partition scheme 'byplay'.*iid, speaker, contiguous, dirichlet"):
+    with pytest.raises(
+        ValueError, match=r"unknown partition scheme 'byplay'.*iid, speaker, contiguous, dirichlet"
+    ):
         partition(tokens, 8, "byplay")
     with pytest.raises(ValueError, match="num_clients=0"):
         partition(tokens, 0, "iid")
-    with pytest.raises(ValueError, match=r"client 0 of 64 gets 1687 train / 188 val tokens, .*block_size=256"):
+    with pytest.raises(
+        ValueError, match=r"client 0 of 64 gets 1687 train / 188 val tokens, .*block_size=256"
+    ):
         partition(tokens, 64, "contiguous", block_size=256)
     with pytest.raises(ValueError, match=r"client \d+ of 64 gets \d+ train / \d+ val tokens"):
         partition(tokens, 64, "iid", block_size=256)
@@ -172,7 +184,9 @@ def test_summary_and_table(synthetic):
     assert s["scheme"] == "speaker" and s["num_clients"] == 5
     assert s["tokens"] == [len(p.train) for p in parts] and s["val_tokens"] == [len(p.val) for p in parts]
     assert s["speakers"] == [len(p.speakers) for p in parts] and sum(s["speakers"]) == 40
-    assert all(0 <= j <= 1 for j in s["js_divergence"]) and s["mean_js"] == pytest.approx(np.mean(s["js_divergence"]))
+    assert all(0 <= j <= 1 for j in s["js_divergence"]) and s["mean_js"] == pytest.approx(
+        np.mean(s["js_divergence"])
+    )
     one = summarize(partition(tokens, 1, "contiguous"), tokens, vocab_size=50)
     assert one["js_divergence"] == [pytest.approx(0.0, abs=1e-12)]
     table = format_summary(s).splitlines()

@@ -16,7 +16,9 @@ def readme() -> str:
 def test_config_reference_matches_code():
     m = re.search(r"<!-- config-reference:start -->\n(.*?)\n<!-- config-reference:end -->", readme(), re.S)
     assert m, "README lacks the config reference markers"
-    assert m.group(1) == reference_markdown(), "README config table is stale: paste `python -m fedgpt.config` into it"
+    assert m.group(1) == reference_markdown(), (
+        "README config table is stale: paste `python -m fedgpt.config` into it"
+    )
 
 
 def test_ci_runs_the_readme_commands():
@@ -34,5 +36,7 @@ def test_readme_configs_exist():
 
 def test_entry_points_have_help():
     for args in (["-m", "fedgpt.local_train"], ["-m", "fedgpt.sample"], ["simulate.py"]):
-        r = subprocess.run([sys.executable, *args, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, *args, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0 and "usage:" in r.stdout, r.stderr

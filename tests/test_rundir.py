@@ -27,9 +27,14 @@ def test_same_run_may_reuse_its_folder_another_may_not(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"first run")
     # the same settings (a run-neutral key aside) again: the same run
     claim_run_dir(tmp_path, "local_train", config("--train.log_interval=3"), resume=False, overwrite=False)
-    with pytest.raises(ValueError, match=r"holds a local_train run with other settings \(train.learning_rate: "
-                                         r"0.001 -> 0.002\): pass --train.out_dir=NEW_FOLDER .*--resume .*--overwrite"):
-        claim_run_dir(tmp_path, "local_train", config("--train.learning_rate=2e-3"), resume=False, overwrite=False)
+    with pytest.raises(
+        ValueError,
+        match=r"holds a local_train run with other settings \(train.learning_rate: "
+        r"0.001 -> 0.002\): pass --train.out_dir=NEW_FOLDER .*--resume .*--overwrite",
+    ):
+        claim_run_dir(
+            tmp_path, "local_train", config("--train.learning_rate=2e-3"), resume=False, overwrite=False
+        )
     with pytest.raises(ValueError, match="holds a local_train run: pass"):
         claim_run_dir(tmp_path, "federated", config(), resume=False, overwrite=False)
     assert (tmp_path / "last.pt").read_bytes() == b"first run"  # refused: nothing touched
@@ -63,9 +68,22 @@ def test_paths_that_cannot_be_a_folder(tmp_path):
 
 
 def local_train(data_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fedgpt.local_train", "--config", str(TINY), "--train.max_steps=4", "--train.eval_interval=4",
-           "--train.eval_iters=2", f"--data.data_dir={data_dir}", f"--train.out_dir={out}", *extra]
-    return subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedgpt.local_train",
+        "--config",
+        str(TINY),
+        "--train.max_steps=4",
+        "--train.eval_interval=4",
+        "--train.eval_iters=2",
+        f"--data.data_dir={data_dir}",
+        f"--train.out_dir={out}",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_two_runs_with_different_settings_never_share_a_folder(data_dir, tmp_path):
@@ -86,4 +104,7 @@ def test_two_runs_with_different_settings_never_share_a_folder(data_dir, tmp_pat
 
     not_a_folder = local_train(data_dir, out / "last.pt")
     assert not_a_folder.returncode != 0 and "Traceback" not in not_a_folder.stderr
-    assert not_a_folder.stderr.strip() == f"error: train.out_dir={out / 'last.pt'} is a file, not a folder: pass another --train.out_dir"
+    assert (
+        not_a_folder.stderr.strip()
+        == f"error: train.out_dir={out / 'last.pt'} is a file, not a folder: pass another --train.out_dir"
+    )

@@ -1,4 +1,5 @@
-"""fedgpt.sample from checkpoints the local trainer wrote: the CLI end to end, seeds, greedy decoding, BPE, bad input."""
+"""fedgpt.sample from checkpoints the local trainer wrote: the CLI end to end, seeds, greedy decoding, BPE,
+bad input."""
 
 from __future__ import annotations
 
@@ -18,8 +19,15 @@ from fedgpt.sample import sample
 from fedgpt.tokenizer import get_tokenizer
 
 SEP = "\n" + "-" * 40 + "\n"
-TINY = ["--config", "configs/tiny.yaml", "--train.max_steps=4", "--train.eval_interval=4", "--train.eval_iters=1",
-        "--train.device=cpu", "--train.log_interval=1000"]
+TINY = [
+    "--config",
+    "configs/tiny.yaml",
+    "--train.max_steps=4",
+    "--train.eval_interval=4",
+    "--train.eval_iters=1",
+    "--train.device=cpu",
+    "--train.log_interval=1000",
+]
 
 
 def train(out: Path, data_dir: Path, *extra: str) -> Path:
@@ -71,15 +79,20 @@ def test_cli_prints_samples_that_continue_the_prompt(cli_runs, char_ckpt: Path):
     texts = samples_of(r.stdout)
     assert len(texts) == 2
     for t in texts:
-        assert t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 20  # one token per character, no end-of-text id
+        # one token per character, no end-of-text id
+        assert t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 20
     # the same seed gives the same text, in this process as in the CLI's; another seed gives other text
     assert sample(str(char_ckpt), "ROMEO:", num_samples=2, max_new_tokens=20, seed=1, device="cpu") == texts
     assert sample(str(char_ckpt), "ROMEO:", num_samples=2, max_new_tokens=20, seed=2, device="cpu") != texts
 
 
 def test_temperature_zero_is_greedy(char_ckpt: Path):
-    a = sample(str(char_ckpt), "ROMEO:", num_samples=2, max_new_tokens=12, temperature=0, seed=1, device="cpu")
-    b = sample(str(char_ckpt), "ROMEO:", num_samples=2, max_new_tokens=12, temperature=0, seed=99, device="cpu")
+    a = sample(
+        str(char_ckpt), "ROMEO:", num_samples=2, max_new_tokens=12, temperature=0, seed=1, device="cpu"
+    )
+    b = sample(
+        str(char_ckpt), "ROMEO:", num_samples=2, max_new_tokens=12, temperature=0, seed=99, device="cpu"
+    )
     assert a == b and a[0] == a[1]
     # the argmax of the model at every step, without a KV cache
     ckpt = load_checkpoint(char_ckpt)
@@ -87,14 +100,17 @@ def test_temperature_zero_is_greedy(char_ckpt: Path):
     ids = torch.tensor([tok.encode("ROMEO:")])
     with torch.no_grad():
         for _ in range(12):
-            ids = torch.cat([ids, model(ids[:, -model.cfg.block_size:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+            ids = torch.cat(
+                [ids, model(ids[:, -model.cfg.block_size :])[0][:, -1].argmax(-1, keepdim=True)], dim=1
+            )
     assert a[0] == tok.decode(ids[0].tolist())
 
 
 def test_empty_prompt_and_long_prompt(char_ckpt: Path):
     (text,) = sample(str(char_ckpt), "", max_new_tokens=10, seed=3, device="cpu")
     assert len(text) == 10  # the synthetic start token is dropped
-    long = "ROMEO:\n" + "a" * 40  # longer than block_size=16: the model sees its end, the output keeps its end
+    # longer than block_size=16: the model sees its end, the output keeps its end
+    long = "ROMEO:\n" + "a" * 40
     (text,) = sample(str(char_ckpt), long, max_new_tokens=5, seed=3, device="cpu")
     assert long.endswith(text[:-5]) and len(text) == 15 + 5
 
@@ -108,11 +124,14 @@ def test_bpe_checkpoint(cli_runs, bpe_ckpt: Path):
     assert sample(str(bpe_ckpt), "ROMEO:", num_samples=2, max_new_tokens=20, seed=1, device="cpu") == texts
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", r"checkpoint \S*nope.pt not found"),
-    ("foreign", r"state_dict.pt is not a fedgpt checkpoint"),
-    ("bad_prompt", r"character\(s\) not in the 65-character vocabulary"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", r"checkpoint \S*nope.pt not found"),
+        ("foreign", r"state_dict.pt is not a fedgpt checkpoint"),
+        ("bad_prompt", r"character\(s\) not in the 65-character vocabulary"),
+    ],
+)
 def test_bad_input_is_one_clean_error_line(cli_runs, case: str, message: str):
     r = cli_runs[case]
     assert r.returncode != 0 and r.stdout == ""

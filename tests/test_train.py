@@ -1,4 +1,5 @@
-"""fedgpt.train: LR schedule, the training core (overfitting, accumulation, FedProx), evaluation, build_model errors."""
+"""fedgpt.train: LR schedule, the training core (overfitting, accumulation, FedProx), evaluation, build_model
+errors."""
 
 from __future__ import annotations
 
@@ -33,7 +34,15 @@ def tiny_model(seed: int = 0, dropout: float = 0.0) -> GPT:
 
 
 def train_cfg(**kw) -> TrainConfig:
-    base = dict(learning_rate=1e-2, min_lr=1e-3, warmup_steps=0, max_steps=100, batch_size=4, grad_clip=1.0, log_interval=1000)
+    base = dict(
+        learning_rate=1e-2,
+        min_lr=1e-3,
+        warmup_steps=0,
+        max_steps=100,
+        batch_size=4,
+        grad_clip=1.0,
+        log_interval=1000,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -51,7 +60,8 @@ def flat(model: GPT) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-# --- learning-rate schedule -----------------------------------------------------------------------------------------
+# --- learning-rate schedule
+# -----------------------------------------------------------------------------------------
 
 
 def test_lr_warmup_is_linear_and_peaks_at_warmup():
@@ -84,7 +94,8 @@ def test_lr_constant_without_decay():
     assert {lr_at(s, cfg) for s in range(5, 300)} == {cfg.learning_rate}
 
 
-# --- training core --------------------------------------------------------------------------------------------------
+# --- training core
+# --------------------------------------------------------------------------------------------------
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -109,7 +120,8 @@ def test_gradient_accumulation_equals_a_bigger_batch():
     assert torch.equal(flat(a.raw_model), flat(b.raw_model))
     out_a = a.train_steps(repeat((x[:4], y[:4]), (x[4:], y[4:])), num_steps=1, grad_accum_steps=2)
     out_b = b.train_steps(repeat((x, y)), num_steps=1, grad_accum_steps=1)
-    # Adam divides by sqrt(v) + eps, which magnifies float noise in near-zero gradients: 1e-5 is 0.1% of this step.
+    # Adam divides by sqrt(v) + eps, which magnifies float noise in near-zero gradients: 1e-5 is 0.1% of this
+    # step.
     torch.testing.assert_close(flat(a.raw_model), flat(b.raw_model), atol=1e-5, rtol=0)
     # Adam is blind to the gradients' scale, so check it on the loss and the (pre-clip) gradient norm.
     assert out_a["loss"] == pytest.approx(out_b["loss"], rel=1e-5)
@@ -165,7 +177,8 @@ def test_trainer_logs_one_line_per_log_interval():
     assert lines[0].startswith("step      2 | loss ") and "tok/s" in lines[0] and "mfu -" in lines[0]
 
 
-# --- evaluation and precision ---------------------------------------------------------------------------------------
+# --- evaluation and precision
+# ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -179,7 +192,8 @@ def test_evaluate_mean_loss_and_ppl_and_restores_mode(training: bool):
     model.train(training)
     out = evaluate(model, iter(batches), iters=3)
     assert model.training is training
-    assert out["loss"] == pytest.approx(sum(expected) / 3, rel=1e-6)  # eval mode: dropout off, so deterministic
+    # eval mode: dropout off, so deterministic
+    assert out["loss"] == pytest.approx(sum(expected) / 3, rel=1e-6)
     assert out["ppl"] == pytest.approx(math.exp(out["loss"]), rel=1e-6)
 
 
@@ -192,7 +206,8 @@ def test_precision_context_on_cpu():
     assert (scaler, name) == (None, "bf16")
 
 
-# --- build_model ----------------------------------------------------------------------------------------------------
+# --- build_model
+# ----------------------------------------------------------------------------------------------------
 
 
 CHAR_META = {"kind": "char", "chars": "".join(chr(ord("a") + i) for i in range(26))}
@@ -229,7 +244,13 @@ def test_build_model_from_a_checkpoint(tmp_path: Path):
     torch.manual_seed(0)
     src = GPT(ModelConfig(vocab_size=26, block_size=16, n_layer=2, n_head=4, n_embd=32))
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, model_state=src.state_dict(), model_config=src.cfg, tokenizer=CHAR_META, config=Config().to_dict())
+    save_checkpoint(
+        path,
+        model_state=src.state_dict(),
+        model_config=src.cfg,
+        tokenizer=CHAR_META,
+        config=Config().to_dict(),
+    )
 
     cfg = tiny_config(init_from=str(path))
     cfg.model.block_size = 8  # smaller context: the checkpoint is cropped
@@ -251,12 +272,21 @@ def test_build_model_refuses_a_checkpoint_of_another_architecture(tmp_path: Path
     torch.manual_seed(0)
     src = GPT(ModelConfig(vocab_size=26, block_size=16, n_layer=2, n_head=4, n_embd=32))
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, model_state=src.state_dict(), model_config=src.cfg, tokenizer=CHAR_META, config=Config().to_dict())
+    save_checkpoint(
+        path,
+        model_state=src.state_dict(),
+        model_config=src.cfg,
+        tokenizer=CHAR_META,
+        config=Config().to_dict(),
+    )
     wider, longer = tiny_config(init_from=str(path)), tiny_config(init_from=str(path))
     wider.model.n_embd, wider.model.n_layer = 64, 3
     longer.model.block_size = 32  # more context than the checkpoint learned positions for
-    with pytest.raises(ValueError, match=r"another architecture .*model.n_layer: checkpoint 2 vs config 3; "
-                                         r"model.n_embd: checkpoint 32 vs config 64"):
+    with pytest.raises(
+        ValueError,
+        match=r"another architecture .*model.n_layer: checkpoint 2 vs config 3; "
+        r"model.n_embd: checkpoint 32 vs config 64",
+    ):
         build_model(wider, CHAR_META, 26)
     with pytest.raises(ValueError, match="model.block_size: checkpoint 16 vs config 32"):
         build_model(longer, CHAR_META, 26)

@@ -1,2 +1,2 @@
-"""Benchmarks and the results table: they run fedgpt's entry points and read what they write. Nothing in fedgpt
-imports this package."""
+"""Benchmarks and the results table: they run fedgpt's entry points and read what they write. Nothing in
+fedgpt imports this package."""

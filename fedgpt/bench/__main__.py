@@ -1,7 +1,7 @@
 """python -m fedgpt.bench {train,fed,comm,deploy}: run one benchmark, print its table, write its JSON.
 
-    python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml [--nanogpt ../nanoGPT]
-    python -m fedgpt.bench fed | comm | deploy [--config ...]
+python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml [--nanogpt ../nanoGPT]
+python -m fedgpt.bench fed | comm | deploy [--config ...]
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from fedgpt.files import atomic_write_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m fedgpt.bench", description=__doc__.splitlines()[0],
-                                epilog="Any config field can be overridden: --train.batch_size=32 --model.n_layer=2")
+    p = argparse.ArgumentParser(
+        prog="python -m fedgpt.bench",
+        description=__doc__.splitlines()[0],
+        epilog="Any config field can be overridden: --train.batch_size=32 --model.n_layer=2",
+    )
     sub = p.add_subparsers(dest="bench", required=True)
     step.add_parser(sub)
     federation.add_parsers(sub)
@@ -39,9 +42,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table = step.markdown(res)
     else:
         figures = federation.run(args.bench, args, overrides)
-        res = {"bench": args.bench, "config": args.config, "overrides": overrides, "command": command,
-               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-               "torch": torch.__version__, "python": platform.python_version(), **figures}
+        res = {
+            "bench": args.bench,
+            "config": args.config,
+            "overrides": overrides,
+            "command": command,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            **figures,
+        }
         table = federation.markdown(args.bench, res)
     out = Path(args.out or f"results/bench-{args.bench}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())

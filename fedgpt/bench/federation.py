@@ -42,7 +42,9 @@ class SimRun:
 
 def run_simulate_py(app: Path, args: list[str], out_dir: Path, log: Path, timeout: float = 3600) -> SimRun:
     """`python simulate.py ARGS --train.out_dir=OUT_DIR` in the app directory; its rounds."""
-    t0, wall = run_logged([sys.executable, "simulate.py", *args, f"--train.out_dir={out_dir}"], log, app, timeout)
+    t0, wall = run_logged(
+        [sys.executable, "simulate.py", *args, f"--train.out_dir={out_dir}"], log, app, timeout
+    )
     return SimRun(read_rounds(out_dir / "rounds.jsonl"), t0, wall, log)
 
 
@@ -55,7 +57,9 @@ def round_figures(run: SimRun) -> dict[str, Any]:
         "rounds": len(rs),
         "startup_s": round(rs[0].first_step_at - run.launched_at, 2) if rs and rs[0].first_step_at else None,
         "median_round_s": median([r.round_s for r in rs]),
-        "median_outside_training_share": median([r.outside_training_share for r in rs if r.outside_training_share is not None]),
+        "median_outside_training_share": median(
+            [r.outside_training_share for r in rs if r.outside_training_share is not None]
+        ),
         "outside_training_share_by_round": [r.outside_training_share for r in rs],
         "median_eval_s": median([r.eval_s for r in rs]),
         "tokens": tokens,
@@ -67,38 +71,56 @@ def round_figures(run: SimRun) -> dict[str, Any]:
 
 
 def local_trainer_throughput(config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
-    """Tokens/s of the local trainer's step (Trainer.train_steps) on the same config, with torch's default threads."""
+    """Tokens/s of the local trainer's step (Trainer.train_steps) on the same config, with torch's default
+    threads."""
     import torch
 
     from fedgpt.bench.step import FedgptRunner
 
     runner = FedgptRunner(load_config(config, overrides))
     ms = statistics.median(runner.run(steps, warmup))
-    return {"ms_per_step": round(ms, 2), "tokens_per_s": round(runner.tokens_per_step / (ms / 1000), 1),
-            "threads": torch.get_num_threads()}
+    return {
+        "ms_per_step": round(ms, 2),
+        "tokens_per_s": round(runner.tokens_per_step / (ms / 1000), 1),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def sim_args(a: argparse.Namespace) -> list[str]:
-    return ["--config", str(Path(a.config).resolve()), f"--fed.num_clients={a.num_clients}", f"--fed.rounds={a.rounds}",
-            f"--fed.local_steps={a.local_steps}"]
+    return [
+        "--config",
+        str(Path(a.config).resolve()),
+        f"--fed.num_clients={a.num_clients}",
+        f"--fed.rounds={a.rounds}",
+        f"--fed.local_steps={a.local_steps}",
+    ]
 
 
 def bench_fed(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
     """Start-up, per-round time outside client training, and aggregate tokens/s against the local trainer."""
     app = app_dir(a.app_dir)
     local = local_trainer_throughput(a.config, overrides, a.trainer_steps, warmup=5)
-    print(f"local trainer: {local['ms_per_step']:.1f} ms/step, {local['tokens_per_s']:,.0f} tokens/s "
-          f"({local['threads']} threads)", flush=True)
+    print(
+        f"local trainer: {local['ms_per_step']:.1f} ms/step, {local['tokens_per_s']:,.0f} tokens/s "
+        f"({local['threads']} threads)",
+        flush=True,
+    )
     floor = startup_floor(app, a.num_clients, work / "floor.log")
     print(f"start-up floor (Flower + Ray + a torch ClientApp): {floor:.2f} s", flush=True)
     run = run_simulate_py(app, sim_args(a) + overrides, work / "fed", work / "fed.log")
     fig = round_figures(run)
     ratio = fig["tokens_per_s_rounds"] / local["tokens_per_s"] if fig["tokens_per_s_rounds"] else None
-    # fedgpt's own part of the start-up: the floor starts Flower, Ray and torch the same way, and nothing else.
+    # fedgpt's own part of the start-up: the floor starts Flower, Ray and torch the same way, and nothing
+    # else.
     over = round(fig["startup_s"] - floor, 2) if fig["startup_s"] is not None else None
-    return {"local_trainer": local, "simulation": fig, "startup_floor_s": floor, "startup_over_floor_s": over,
-            "tokens_per_s_ratio": round(ratio, 3) if ratio else None,
-            "tokens_per_s_ratio_wall": round(fig["tokens_per_s_wall"] / local["tokens_per_s"], 3)}
+    return {
+        "local_trainer": local,
+        "simulation": fig,
+        "startup_floor_s": floor,
+        "startup_over_floor_s": over,
+        "tokens_per_s_ratio": round(ratio, 3) if ratio else None,
+        "tokens_per_s_ratio_wall": round(fig["tokens_per_s_wall"] / local["tokens_per_s"], 3),
+    }
 
 
 def startup_floor(app: Path, num_clients: int, log: Path) -> float:
@@ -128,32 +150,52 @@ def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[
     fp32_bytes = 4 * params
     out: dict[str, Any] = {"params": params, "fp32_model_bytes": fp32_bytes}
     for name, half in (("fp32", "false"), ("fp16", "true")):
-        run = run_simulate_py(app, sim_args(a) + overrides + [f"--fed.half_precision={half}"], work / name,
-                              work / f"{name}.log")
+        run = run_simulate_py(
+            app, sim_args(a) + overrides + [f"--fed.half_precision={half}"], work / name, work / f"{name}.log"
+        )
         rs = run.rounds
         down = median([r.bytes_sent / (r.clients_ok + r.clients_failed) for r in rs])
         up = median([r.bytes_received / r.clients_ok for r in rs if r.clients_ok])
-        out[name] = {"downlink_bytes_per_client": down, "uplink_bytes_per_client": up,
-                     "downlink_vs_fp32_model": round(down / fp32_bytes, 5), "uplink_vs_fp32_model": round(up / fp32_bytes, 5),
-                     "final_val_loss": rs[-1].val_loss, "wall_s": round(run.wall_s, 1)}
-        print(f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; "
-              f"val {rs[-1].val_loss:.4f}", flush=True)
-    out["fp16_vs_fp32_transport"] = round(out["fp16"]["uplink_bytes_per_client"] / out["fp32"]["uplink_bytes_per_client"], 5)
+        out[name] = {
+            "downlink_bytes_per_client": down,
+            "uplink_bytes_per_client": up,
+            "downlink_vs_fp32_model": round(down / fp32_bytes, 5),
+            "uplink_vs_fp32_model": round(up / fp32_bytes, 5),
+            "final_val_loss": rs[-1].val_loss,
+            "wall_s": round(run.wall_s, 1),
+        }
+        print(
+            f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; "
+            f"val {rs[-1].val_loss:.4f}",
+            flush=True,
+        )
+    out["fp16_vs_fp32_transport"] = round(
+        out["fp16"]["uplink_bytes_per_client"] / out["fp32"]["uplink_bytes_per_client"], 5
+    )
     out["val_loss_difference"] = round(out["fp16"]["final_val_loss"] - out["fp32"]["final_val_loss"], 6)
     return out
 
 
 def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
-    """Seconds per round of a real deployment on loopback (SuperLink, a.supernodes SuperNodes, `flwr run .`), then of
-    its floor on the same federation: the same rounds with fedgpt.bench.floor's apps, Flower and torch alone."""
+    """Seconds per round of a real deployment on loopback (SuperLink, a.supernodes SuperNodes, `flwr run .`),
+    then of its floor on the same federation: the same rounds with fedgpt.bench.floor's apps, Flower and
+    torch alone."""
     from fedgpt.bench.floor import deployment_floor_app
 
     app = app_dir(a.app_dir)
     _check_installed(work)
     cfg = load_config(a.config, overrides)
     data_dir, out_dir, floor_out = Path(cfg.data.data_dir).resolve(), work / "deploy", work / "floor.json"
-    run_overrides = " ".join([f"fed.num_clients={a.supernodes}", f"fed.rounds={a.rounds}", f"fed.local_steps={a.local_steps}",
-                              f"train.out_dir={out_dir}", f"data.data_dir={data_dir}", *(o.lstrip("-") for o in overrides)])
+    run_overrides = " ".join(
+        [
+            f"fed.num_clients={a.supernodes}",
+            f"fed.rounds={a.rounds}",
+            f"fed.local_steps={a.local_steps}",
+            f"train.out_dir={out_dir}",
+            f"data.data_dir={data_dir}",
+            *(o.lstrip("-") for o in overrides),
+        ]
+    )
     run_config = f"config='{Path(a.config).resolve()}' client-threads=1 overrides='{run_overrides}'"
     floor_app = deployment_floor_app(work / "floor_app", a.supernodes, a.rounds, wire_params(cfg), floor_out)
     dep = Deployment(work / "flwr")
@@ -161,36 +203,59 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
         t0 = time.time()
         dep.start_federation(data_dir, supernodes=a.supernodes)
         t_up = time.time()
-        res = dep.flwr(["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=a.timeout, cwd=app)
+        res = dep.flwr(
+            ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=a.timeout, cwd=app
+        )
         wall = time.time() - t0
         if res.returncode != 0 or not (out_dir / "rounds.jsonl").is_file():
-            raise RuntimeError(f"flwr run exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}")
-        # The floor on the same SuperLink and SuperNodes: Flower's part of a round, with a ClientApp that only has torch.
+            raise RuntimeError(
+                f"flwr run exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}"
+            )
+        # The floor on the same SuperLink and SuperNodes: Flower's part of a round, with a ClientApp that only
+        # has torch.
         res = dep.flwr(["run", str(floor_app), "loopback", "--stream"], timeout=a.timeout, cwd=work)
         if res.returncode != 0 or not floor_out.is_file():
-            raise RuntimeError(f"the deployment floor exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n"
-                               f"{dep.logs()}")
+            raise RuntimeError(
+                f"the deployment floor exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n"
+                f"{dep.logs()}"
+            )
     finally:
         dep.stop()
-    return _deploy_figures(a, SimRun(read_rounds(out_dir / "rounds.jsonl"), t_up, wall, work / "flwr"),
-                           json.loads(floor_out.read_text())["round_s"], t_up - t0)
+    return _deploy_figures(
+        a,
+        SimRun(read_rounds(out_dir / "rounds.jsonl"), t_up, wall, work / "flwr"),
+        json.loads(floor_out.read_text())["round_s"],
+        t_up - t0,
+    )
 
 
 def _check_installed(work: Path) -> None:
     """The floor's ServerApp and ClientApp processes import fedgpt.bench.floor from outside this checkout."""
     code = "import importlib.util as u; print(u.find_spec('fedgpt') is not None)"
-    found = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True).stdout.strip()
+    found = subprocess.run(
+        [sys.executable, "-c", code], cwd=work, capture_output=True, text=True
+    ).stdout.strip()
     if found != "True":
-        raise RuntimeError("bench deploy runs its floor from the installed fedgpt package: install it with pip install -e . "
-                           "(the README's install command)")
+        raise RuntimeError(
+            "bench deploy runs its floor from the installed fedgpt package: install it with pip install -e . "
+            "(the README's install command)"
+        )
 
 
-def _deploy_figures(a: argparse.Namespace, run: SimRun, floor: list[float], federation_start_s: float) -> dict[str, Any]:
+def _deploy_figures(
+    a: argparse.Namespace, run: SimRun, floor: list[float], federation_start_s: float
+) -> dict[str, Any]:
     between = [b.elapsed_s - a_.elapsed_s for a_, b in zip(run.rows, run.rows[1:])]
     fig = round_figures(run)
-    fig.update(median_round_wall_s=round(median(between[1:]), 3) if len(between) > 1 else None,
-               round_s_by_round=[r.round_s for r in run.rounds], supernodes=a.supernodes, local_steps=a.local_steps,
-               federation_start_s=round(federation_start_s, 2), floor_round_s_by_round=floor, floor_median_round_s=median(floor))
+    fig.update(
+        median_round_wall_s=round(median(between[1:]), 3) if len(between) > 1 else None,
+        round_s_by_round=[r.round_s for r in run.rounds],
+        supernodes=a.supernodes,
+        local_steps=a.local_steps,
+        federation_start_s=round(federation_start_s, 2),
+        floor_round_s_by_round=floor,
+        floor_median_round_s=median(floor),
+    )
     fig["median_round_over_floor_s"] = round(fig["median_round_s"] - fig["floor_median_round_s"], 3)
     return fig
 
@@ -199,35 +264,60 @@ def markdown(kind: str, res: dict[str, Any]) -> str:
     """One result as a markdown table."""
     if kind == "fed":
         s, loc = res["simulation"], res["local_trainer"]
-        rows = [("start-up: launch to first client step (s)", s["startup_s"]),
-                ("start-up floor: Flower + Ray + a ClientApp that only imports torch (s)", res["startup_floor_s"]),
-                ("start-up over the floor: fedgpt's own part (s)", res["startup_over_floor_s"]),
-                ("round time: send to aggregate, central eval beside the next (s, median)", s["median_round_s"]),
-                ("share of a round outside client training (median)", _pct(s["median_outside_training_share"])),
-                ("central evaluation per round, beside the next round (s, median)", s["median_eval_s"]),
-                ("simulation tokens/s over rounds", s["tokens_per_s_rounds"]),
-                ("simulation tokens/s over the whole run", s["tokens_per_s_wall"]),
-                (f"local trainer tokens/s ({loc['threads']} threads)", loc["tokens_per_s"]),
-                ("simulation / local trainer (rounds; whole run)", f"{res['tokens_per_s_ratio']}x; {res['tokens_per_s_ratio_wall']}x")]
+        rows = [
+            ("start-up: launch to first client step (s)", s["startup_s"]),
+            (
+                "start-up floor: Flower + Ray + a ClientApp that only imports torch (s)",
+                res["startup_floor_s"],
+            ),
+            ("start-up over the floor: fedgpt's own part (s)", res["startup_over_floor_s"]),
+            ("round time: send to aggregate, central eval beside the next (s, median)", s["median_round_s"]),
+            ("share of a round outside client training (median)", _pct(s["median_outside_training_share"])),
+            ("central evaluation per round, beside the next round (s, median)", s["median_eval_s"]),
+            ("simulation tokens/s over rounds", s["tokens_per_s_rounds"]),
+            ("simulation tokens/s over the whole run", s["tokens_per_s_wall"]),
+            (f"local trainer tokens/s ({loc['threads']} threads)", loc["tokens_per_s"]),
+            (
+                "simulation / local trainer (rounds; whole run)",
+                f"{res['tokens_per_s_ratio']}x; {res['tokens_per_s_ratio_wall']}x",
+            ),
+        ]
     elif kind == "comm":
         f32, f16 = res["fp32"], res["fp16"]
-        rows = [("parameters (tied weights once)", f"{res['params']:,}"), ("fp32 model (MB)", f"{res['fp32_model_bytes'] / 1e6:.3f}"),
-                ("downlink per client per round (MB): fp32 / fp16", _mb(f32["downlink_bytes_per_client"], f16["downlink_bytes_per_client"])),
-                ("uplink per client per round (MB): fp32 / fp16", _mb(f32["uplink_bytes_per_client"], f16["uplink_bytes_per_client"])),
-                ("fp16 uplink / fp32 model", f"{f16['uplink_vs_fp32_model']:.5f}x"),
-                ("fp16 / fp32 transport", f"{res['fp16_vs_fp32_transport']:.5f}x"),
-                ("final val loss: fp32 / fp16", f"{f32['final_val_loss']:.4f} / {f16['final_val_loss']:.4f}"),
-                ("val loss difference (fp16 - fp32)", f"{res['val_loss_difference']:+.6f}")]
+        rows = [
+            ("parameters (tied weights once)", f"{res['params']:,}"),
+            ("fp32 model (MB)", f"{res['fp32_model_bytes'] / 1e6:.3f}"),
+            (
+                "downlink per client per round (MB): fp32 / fp16",
+                _mb(f32["downlink_bytes_per_client"], f16["downlink_bytes_per_client"]),
+            ),
+            (
+                "uplink per client per round (MB): fp32 / fp16",
+                _mb(f32["uplink_bytes_per_client"], f16["uplink_bytes_per_client"]),
+            ),
+            ("fp16 uplink / fp32 model", f"{f16['uplink_vs_fp32_model']:.5f}x"),
+            ("fp16 / fp32 transport", f"{res['fp16_vs_fp32_transport']:.5f}x"),
+            ("final val loss: fp32 / fp16", f"{f32['final_val_loss']:.4f} / {f16['final_val_loss']:.4f}"),
+            ("val loss difference (fp16 - fp32)", f"{res['val_loss_difference']:+.6f}"),
+        ]
     else:
-        rows = [("SuperNodes, local steps", f"{res['supernodes']}, {res['local_steps']}"),
-                ("round time: send to aggregate, central eval beside the next (s, median)", res["median_round_s"]),
-                ("round time, by round (s)", ", ".join(f"{x:.2f}" for x in res["round_s_by_round"])),
-                ("floor: the same rounds with Flower and a ClientApp that only has torch (s, median)", res["floor_median_round_s"]),
-                ("floor, by round (s)", ", ".join(f"{x:.2f}" for x in res["floor_round_s_by_round"])),
-                ("round time over the floor: fedgpt's own part (s, median)", res["median_round_over_floor_s"]),
-                ("wall time between rounds (s, median)", res["median_round_wall_s"]),
-                ("start-up: federation up to first client step (s)", res["startup_s"]),
-                ("starting SuperLink and SuperNodes (s)", res["federation_start_s"])]
+        rows = [
+            ("SuperNodes, local steps", f"{res['supernodes']}, {res['local_steps']}"),
+            (
+                "round time: send to aggregate, central eval beside the next (s, median)",
+                res["median_round_s"],
+            ),
+            ("round time, by round (s)", ", ".join(f"{x:.2f}" for x in res["round_s_by_round"])),
+            (
+                "floor: the same rounds with Flower and a ClientApp that only has torch (s, median)",
+                res["floor_median_round_s"],
+            ),
+            ("floor, by round (s)", ", ".join(f"{x:.2f}" for x in res["floor_round_s_by_round"])),
+            ("round time over the floor: fedgpt's own part (s, median)", res["median_round_over_floor_s"]),
+            ("wall time between rounds (s, median)", res["median_round_wall_s"]),
+            ("start-up: federation up to first client step (s)", res["startup_s"]),
+            ("starting SuperLink and SuperNodes (s)", res["federation_start_s"]),
+        ]
     lines = [f"| {kind} | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
 
@@ -241,22 +331,42 @@ def _pct(x: float | None) -> str:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    for name, help_, rounds, steps in (("fed", "8-client simulation: start-up, per-round overhead, tokens/s vs the local trainer", 3, 50),
-                                       ("comm", "bytes per client per round, fp32 vs fp16 transport, and the val loss each reaches", 5, 25),
-                                       ("deploy", "seconds per round of a loopback deployment (SuperLink + SuperNodes, flwr run)", 5, 0)):
+    for name, help_, rounds, steps in (
+        ("fed", "8-client simulation: start-up, per-round overhead, tokens/s vs the local trainer", 3, 50),
+        ("comm", "bytes per client per round, fp32 vs fp16 transport, and the val loss each reaches", 5, 25),
+        ("deploy", "seconds per round of a loopback deployment (SuperLink + SuperNodes, flwr run)", 5, 0),
+    ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", default="configs/shakespeare_char_cpu.yaml", help="YAML config (default: %(default)s)")
+        p.add_argument(
+            "--config", default="configs/shakespeare_char_cpu.yaml", help="YAML config (default: %(default)s)"
+        )
         p.add_argument("--rounds", type=int, default=rounds, help="rounds (default: %(default)s)")
-        p.add_argument("--local-steps", type=int, default=steps, help="local steps per client per round (default: %(default)s)")
+        p.add_argument(
+            "--local-steps",
+            type=int,
+            default=steps,
+            help="local steps per client per round (default: %(default)s)",
+        )
         if name == "deploy":
-            p.add_argument("--supernodes", type=int, default=2, help="SuperNodes = clients (default: %(default)s)")
-            p.add_argument("--timeout", type=float, default=900, help="seconds for the whole run (default: %(default)s)")
+            p.add_argument(
+                "--supernodes", type=int, default=2, help="SuperNodes = clients (default: %(default)s)"
+            )
+            p.add_argument(
+                "--timeout", type=float, default=900, help="seconds for the whole run (default: %(default)s)"
+            )
         else:
             p.add_argument("--num-clients", type=int, default=8, help="clients (default: %(default)s)")
         if name == "fed":
-            p.add_argument("--trainer-steps", type=int, default=30, help="timed local-trainer steps (default: %(default)s)")
+            p.add_argument(
+                "--trainer-steps",
+                type=int,
+                default=30,
+                help="timed local-trainer steps (default: %(default)s)",
+            )
         p.add_argument("--app-dir", default=".", help="the fedgpt app directory (default: the current one)")
-        p.add_argument("--keep", help="directory for the runs' outputs and logs (default: a temporary one, removed)")
+        p.add_argument(
+            "--keep", help="directory for the runs' outputs and logs (default: a temporary one, removed)"
+        )
         p.add_argument("--out", help="JSON result file (default results/bench-<kind>-<time>.json)")
 
 

@@ -2,13 +2,14 @@
 
     python -m fedgpt.bench.floor --num-clients 8
 
-Simulation start-up: starts Ray as simulate.py does and a Flower simulation whose ClientApp only imports torch and
-answers one message per node; prints, as JSON, the seconds from the interpreter's start to the first message handled.
+Simulation start-up: starts Ray as simulate.py does and a Flower simulation whose ClientApp only imports
+torch and answers one message per node; prints, as JSON, the seconds from the interpreter's start to the
+first message handled.
 `python -m fedgpt.bench fed` runs it beside the real simulation.
 
-Deployment round: `server` below is a ServerApp that sends model-sized arrays to every node for a number of rounds,
-and the same ClientApp sends them back through torch. `python -m fedgpt.bench deploy` runs it on the federation that
-ran fedgpt, as its own Flower app (deployment_floor_app writes its pyproject.toml).
+Deployment round: `server` below is a ServerApp that sends model-sized arrays to every node for a number of
+rounds, and the same ClientApp sends them back through torch. `python -m fedgpt.bench deploy` runs it on
+the federation that ran fedgpt, as its own Flower app (deployment_floor_app writes its pyproject.toml).
 """
 
 import time
@@ -30,7 +31,9 @@ app = ClientApp()
 @app.train()
 def answer(msg: Message, context: Context) -> Message:
     content = RecordDict({"t": ConfigRecord({"handled-at": time.time()})})
-    if "arrays" in msg.content:  # the deployment floor: the weights go back through torch, as a torch client's would
+    if (
+        "arrays" in msg.content
+    ):  # the deployment floor: the weights go back through torch, as a torch client's would
         state = msg.content["arrays"].to_torch_state_dict()
         content["arrays"] = ArrayRecord({k: v.float() for k, v in state.items()})
     return Message(content, reply_to=msg)
@@ -41,7 +44,10 @@ server = ServerApp()
 
 @server.main()
 def deployment_floor(grid: Grid, context: Context) -> None:
-    """`rounds` rounds of one float32 array of `params` values to each of `nodes` nodes and back; round seconds to `out`."""
+    """`rounds` rounds of a float32 array of `params` values to each of `nodes` nodes and back.
+
+    The seconds of each round go to the file `out` as JSON.
+    """
     from fedgpt.fed.grid import exchange, wait_for_nodes
     from fedgpt.files import atomic_write_bytes
 
@@ -51,16 +57,29 @@ def deployment_floor(grid: Grid, context: Context) -> None:
     rounds = []
     for rnd in range(1, int(c["rounds"]) + 1):
         t = time.time()
-        msgs = [Message(RecordDict({"arrays": arrays}), dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(rnd)) for n in nodes]
+        msgs = [
+            Message(
+                RecordDict({"arrays": arrays}),
+                dst_node_id=n,
+                message_type=MessageType.TRAIN,
+                group_id=str(rnd),
+            )
+            for n in nodes
+        ]
         replies = exchange(grid, msgs, timeout=600)
         if len(replies) != len(nodes) or any(r.has_error() or "arrays" not in r.content for r in replies):
-            raise RuntimeError(f"deployment floor, round {rnd}: {len(replies)} of {len(nodes)} nodes sent the weights back")
+            raise RuntimeError(
+                f"deployment floor, round {rnd}: {len(replies)} of {len(nodes)} nodes sent the weights back"
+            )
         rounds.append(round(time.time() - t, 3))
-    atomic_write_bytes(c["out"], json.dumps({"nodes": len(nodes), "params": int(c["params"]), "round_s": rounds}).encode())
+    atomic_write_bytes(
+        c["out"], json.dumps({"nodes": len(nodes), "params": int(c["params"]), "round_s": rounds}).encode()
+    )
 
 
 def deployment_floor_app(directory: Path, nodes: int, rounds: int, params: int, out: Path) -> Path:
-    """A Flower app directory for `flwr run`: only a pyproject.toml, whose components are this installed module's."""
+    """A Flower app directory for `flwr run`: only a pyproject.toml, whose components are this installed
+    module's."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "pyproject.toml").write_text(f"""[project]
 name = "fedgpt-deployment-floor"
@@ -100,15 +119,28 @@ def main(num_clients: int) -> dict:
     @sim_server.main()
     def _main(grid: Grid, context: Context) -> None:
         nodes = wait_for_nodes(grid, num_clients, timeout=120, log=lambda _: None)
-        msgs = [Message(RecordDict({"c": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
-        handled.extend(r.content["t"]["handled-at"] for r in exchange(grid, msgs, timeout=120) if not r.has_error())
+        msgs = [
+            Message(RecordDict({"c": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.TRAIN)
+            for n in nodes
+        ]
+        handled.extend(
+            r.content["t"]["handled-at"] for r in exchange(grid, msgs, timeout=120) if not r.has_error()
+        )
 
-    run_simulation(server_app=sim_server, client_app=floor.app, num_supernodes=num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}, "init_args": init_args})
+    run_simulation(
+        server_app=sim_server,
+        client_app=floor.app,
+        num_supernodes=num_clients,
+        backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}, "init_args": init_args},
+    )
     if len(handled) != num_clients:
         raise RuntimeError(f"{len(handled)} of {num_clients} floor clients answered")
     # first_message_at: Unix time, for timing from the moment a parent launched this process
-    return {"num_clients": num_clients, "first_message_s": round(min(handled) - T0, 2), "first_message_at": min(handled)}
+    return {
+        "num_clients": num_clients,
+        "first_message_s": round(min(handled) - T0, 2),
+        "first_message_at": min(handled),
+    }
 
 
 if __name__ == "__main__":

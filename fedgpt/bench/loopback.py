@@ -1,9 +1,9 @@
 """A real Flower deployment on loopback: one SuperLink, N SuperNodes and `flwr run .`, each its own process.
 
-A harness for the deployment tests and `python -m fedgpt.bench deploy`, not deployment code: docs/deployment.md
-is the recipe for a real one. Every process is started with a marker in its
-environment, which Flower's own children (SuperExec, ServerApp and ClientApp processes) inherit: stop() finds and
-ends all of them.
+A harness for the deployment tests and `python -m fedgpt.bench deploy`, not deployment code:
+docs/deployment.md is the recipe for a real one. Every process is started with a marker in its environment,
+which Flower's own children (SuperExec, ServerApp and ClientApp processes) inherit: stop() finds and ends
+all of them.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on port {port}")
+            raise RuntimeError(
+                f"{proc.args[0]} exited with {proc.returncode} before listening on port {port}"
+            )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -61,7 +63,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 
 
 class Deployment:
-    """Processes of one loopback deployment, each with its own FLWR_HOME and working directory under `root`."""
+    """Processes of one loopback deployment, each with its own FLWR_HOME and working folder under `root`."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -70,45 +72,93 @@ class Deployment:
         self.link_port: int | None = None
 
     def env(self, home: Path) -> dict[str, str]:
-        return {**os.environ, **QUIET, "FLWR_HOME": str(home), MARKER: self.marker,
-                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        return {
+            **os.environ,
+            **QUIET,
+            "FLWR_HOME": str(home),
+            MARKER: self.marker,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         home = self.root / name
         home.mkdir(parents=True)
         log = (self.root / f"{name}.log").open("wb")
         # Not the repository as working directory: deployed apps must not depend on it.
-        self.procs[name] = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=home, env=self.env(home), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            cwd=home,
+            env=self.env(home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self.procs[name]
 
     def start_federation(self, data_dir: Path, supernodes: int = 2, timeout: float = 60) -> None:
-        """A SuperLink and `supernodes` SuperNodes (partition-id 0..N-1), all reading the corpus under `data_dir`."""
+        """A SuperLink and `supernodes` SuperNodes (partition-id 0..N-1), all reading the corpus under
+        `data_dir`."""
         self.link_port, *node_ports = free_ports(1 + supernodes)
-        link = self.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.link_port),
-                                        "--disable-runtime-dependency-installation"])
+        link = self.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.link_port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         wait_for_port(self.link_port, link, timeout)
         for i, port in enumerate(node_ports):
-            # TOML-style values: a quoted string for the path (absolute: the app runs from $FLWR_HOME/apps/...).
+            # TOML-style values: a quoted string for the path (absolute: the app runs from
+            # $FLWR_HOME/apps/...).
             node_config = f"partition-id={i} num-partitions={supernodes} data-dir='{data_dir.resolve()}'"
-            self.start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
-                                         "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config])
+            self.start(
+                f"supernode{i}",
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.link_port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    node_config,
+                ],
+            )
 
     def flwr(self, args: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
-        """Run the `flwr` CLI in `cwd` (the app directory, for `flwr run .`) against this deployment's SuperLink
-        (connection name "loopback")."""
+        """Run the `flwr` CLI in `cwd` (the app directory, for `flwr run .`) against this deployment's
+        SuperLink (connection name "loopback")."""
         home = self.root / "cli"
         if not home.is_dir():
             home.mkdir(parents=True)
-            (home / "config.toml").write_text(f'[superlink.loopback]\naddress = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=cwd, env=self.env(home), capture_output=True, text=True,
-                              timeout=timeout)
+            (home / "config.toml").write_text(
+                f'[superlink.loopback]\naddress = "127.0.0.1:{self.link_port}"\ninsecure = true\n'
+            )
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            cwd=cwd,
+            env=self.env(home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name} (last 3000 chars)\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.root.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name} (last 3000 chars)\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(self.root.glob("*.log"))
+        )
 
     def stop(self, grace: float = 15.0) -> list[int]:
-        """Terminate every process, then kill what is left after `grace` seconds; returns the pids still alive."""
+        """Terminate every process, then kill what is left after `grace` seconds; returns the pids still
+        alive."""
         for p in reversed(self.procs.values()):
             if p.poll() is None:
                 p.terminate()

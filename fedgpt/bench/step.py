@@ -4,10 +4,10 @@
     python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml --nanogpt ../nanoGPT --repeats 5
     python -m fedgpt.bench train --config configs/tiny.yaml --steps 5 --warmup 2 --repeats 1 --out /tmp/b.json
 
-Each repeat times `steps` calls of Trainer.train_steps(batches, 1) after `warmup` untimed steps; with --nanogpt the
-repeats alternate (fedgpt, nanoGPT, fedgpt, ...) so that both see the same machine load. nanoGPT runs from a temporary
-copy of the checkout, on the same tokens as fedgpt (written as its train.bin / val.bin / meta.pkl); the checkout
-itself is never modified. nanoGPT is not a dependency of fedgpt.
+Each repeat times `steps` calls of Trainer.train_steps(batches, 1) after `warmup` untimed steps; with
+--nanogpt the repeats alternate (fedgpt, nanoGPT, fedgpt, ...) so that both see the same machine load.
+nanoGPT runs from a temporary copy of the checkout, on the same tokens as fedgpt (written as its train.bin
+/ val.bin / meta.pkl); the checkout itself is never modified. nanoGPT is not a dependency of fedgpt.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ NANOGPT_MAIN = (
     "sys.argv = ['train.py'] + sys.argv[1:]\n"
     "runpy.run_path('train.py', run_name='__main__')\n"
     "try:\n"
-    "    print('peak_rss_mb', [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])\n"
+    "    print('peak_rss_mb', [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if "
+    "l.startswith('VmHWM:')][0])\n"
     "except (OSError, IndexError):\n"
     "    pass  # no /proc: peak memory is not reported\n"
 )
@@ -65,8 +66,12 @@ NANOGPT_RSS = re.compile(r"^peak_rss_mb ([\d.]+)$", re.MULTILINE)
 
 def _summary(step_ms: list[float], tokens_per_step: int) -> dict[str, Any]:
     ms = statistics.median(step_ms)
-    return {"ms_per_step": round(ms, 3), "tokens_per_s": round(tokens_per_step / (ms / 1000), 1),
-            "ms_per_step_min": round(min(step_ms), 3), "steps_timed": len(step_ms)}
+    return {
+        "ms_per_step": round(ms, 3),
+        "tokens_per_s": round(tokens_per_step / (ms / 1000), 1),
+        "ms_per_step_min": round(min(step_ms), 3),
+        "steps_timed": len(step_ms),
+    }
 
 
 class FedgptRunner:
@@ -92,7 +97,8 @@ class FedgptRunner:
         step_ms = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            tr.train_steps(self.batches, 1, total_steps=total)  # ends in loss.item(): a device sync every step
+            # ends in loss.item(): a device sync every step
+            tr.train_steps(self.batches, 1, total_steps=total)
             step_ms.append((time.perf_counter() - t0) * 1000)
         return step_ms
 
@@ -103,7 +109,11 @@ class FedgptRunner:
 
     def mfu(self, ms: float) -> float | None:
         peak = peak_flops(self.device)
-        return None if peak is None else self.trainer.raw_model.estimate_mfu(self.tokens_per_step, ms / 1000, peak)
+        return (
+            None
+            if peak is None
+            else self.trainer.raw_model.estimate_mfu(self.tokens_per_step, ms / 1000, peak)
+        )
 
 
 class NanoGPTError(RuntimeError):
@@ -116,11 +126,15 @@ class NanoGPTRunner:
     def __init__(self, checkout: Path, ours: FedgptRunner, workdir: Path):
         missing = [f for f in ("train.py", "model.py", "configurator.py") if not (checkout / f).is_file()]
         if missing:
-            raise ValueError(f"--nanogpt {checkout} is not a nanoGPT checkout (missing {', '.join(missing)}): "
-                             "pass the directory of a clone of https://github.com/karpathy/nanoGPT")
+            raise ValueError(
+                f"--nanogpt {checkout} is not a nanoGPT checkout (missing {', '.join(missing)}): "
+                "pass the directory of a clone of https://github.com/karpathy/nanoGPT"
+            )
         m, tc = ours.cfg.model, ours.cfg.train
         if m.arch != "gpt2":
-            raise ValueError(f"model.arch={m.arch}: nanoGPT only has the gpt2 architecture, nothing to compare with")
+            raise ValueError(
+                f"model.arch={m.arch}: nanoGPT only has the gpt2 architecture, nothing to compare with"
+            )
         self.root = workdir / "nanoGPT"
         shutil.copytree(checkout, self.root, ignore=shutil.ignore_patterns(".git", "*.bin", "*.pkl", "out*"))
         data = self.root / "data" / "fedgpt_bench"
@@ -133,14 +147,32 @@ class NanoGPTRunner:
         # The same torch thread count as this process (nanoGPT takes torch's default, OMP_NUM_THREADS).
         self.env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         self.args = {
-            "dataset": "fedgpt_bench", "out_dir": str(workdir / "nanogpt_out"), "device": str(ours.device),
-            "dtype": NANOGPT_DTYPES[ours.trainer.precision], "compile": tc.compile, "log_interval": 1,
-            "eval_iters": min(tc.eval_iters, 20), "always_save_checkpoint": False, "wandb_log": False,
-            "block_size": m.block_size, "batch_size": tc.batch_size, "gradient_accumulation_steps": tc.grad_accum_steps,
-            "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "dropout": float(m.dropout), "bias": m.bias,
-            "learning_rate": tc.learning_rate, "min_lr": tc.min_lr, "warmup_iters": tc.warmup_steps,
-            "lr_decay_iters": tc.lr_decay_steps or tc.max_steps, "decay_lr": tc.decay_lr, "weight_decay": tc.weight_decay,
-            "beta1": tc.beta1, "beta2": tc.beta2, "grad_clip": tc.grad_clip,
+            "dataset": "fedgpt_bench",
+            "out_dir": str(workdir / "nanogpt_out"),
+            "device": str(ours.device),
+            "dtype": NANOGPT_DTYPES[ours.trainer.precision],
+            "compile": tc.compile,
+            "log_interval": 1,
+            "eval_iters": min(tc.eval_iters, 20),
+            "always_save_checkpoint": False,
+            "wandb_log": False,
+            "block_size": m.block_size,
+            "batch_size": tc.batch_size,
+            "gradient_accumulation_steps": tc.grad_accum_steps,
+            "n_layer": m.n_layer,
+            "n_head": m.n_head,
+            "n_embd": m.n_embd,
+            "dropout": float(m.dropout),
+            "bias": m.bias,
+            "learning_rate": tc.learning_rate,
+            "min_lr": tc.min_lr,
+            "warmup_iters": tc.warmup_steps,
+            "lr_decay_iters": tc.lr_decay_steps or tc.max_steps,
+            "decay_lr": tc.decay_lr,
+            "weight_decay": tc.weight_decay,
+            "beta1": tc.beta1,
+            "beta2": tc.beta2,
+            "grad_clip": tc.grad_clip,
         }
 
     def command(self, steps: int, warmup: int) -> list[str]:
@@ -148,19 +180,27 @@ class NanoGPTRunner:
         # Iterations 0 .. max_iters run; iteration 0 also evaluates (it is part of the warm-up), and no later
         # evaluation happens because eval_interval is beyond max_iters.
         args = {**self.args, "max_iters": warmup + steps - 1, "eval_interval": warmup + steps + 1}
-        return ["python", "train.py"] + [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in args.items()]
+        return ["python", "train.py"] + [
+            f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in args.items()
+        ]
 
     def run(self, steps: int, warmup: int) -> list[float]:
         cmd = [sys.executable, "-c", NANOGPT_MAIN] + self.command(steps, warmup)[2:]
         r = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True)
         if r.returncode != 0:
-            raise NanoGPTError(f"nanoGPT failed (exit {r.returncode}) in {self.root}: {' '.join(self.command(steps, warmup))}\n"
-                               f"{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
+            raise NanoGPTError(
+                f"nanoGPT failed (exit {r.returncode}) in {self.root}: "
+                f"{' '.join(self.command(steps, warmup))}\n"
+                f"{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+            )
         times = {int(i): float(ms) for i, ms in NANOGPT_ITER.findall(r.stdout)}
         step_ms = [times[i] for i in range(warmup, warmup + steps) if i in times]
         if len(step_ms) != steps:
-            raise NanoGPTError(f"expected nanoGPT's 'iter N: ... time X ms' lines for iterations {warmup}..{warmup + steps - 1}, "
-                               f"found {sorted(times)[-5:]}: is {self.root} an unmodified nanoGPT checkout?")
+            raise NanoGPTError(
+                "expected nanoGPT's 'iter N: ... time X ms' lines for iterations "
+                f"{warmup}..{warmup + steps - 1}, "
+                f"found {sorted(times)[-5:]}: is {self.root} an unmodified nanoGPT checkout?"
+            )
         rss = NANOGPT_RSS.search(r.stdout)
         if rss:
             self.peak_rss_mb = max(self.peak_rss_mb or 0.0, float(rss.group(1)))
@@ -168,23 +208,35 @@ class NanoGPTRunner:
 
 
 def differences(cfg: Config, ours: FedgptRunner) -> list[str]:
-    """What the two runs do differently, beyond the shared model shape, tokens, batch, precision, AdamW groups and clip."""
+    """What the two runs do differently, beyond the shared model shape, tokens, batch, precision, AdamW groups
+    and clip."""
     tc, cpu = cfg.train, ours.device.type == "cpu"
     out = [
         "GELU: fedgpt the tanh approximation (GPT-2's gelu_new, for Hugging Face parity)"
-        + (", computed as x*sigmoid(...) on CPU float32" if cpu and ours.trainer.precision == "fp32" else "") + "; nanoGPT exact erf GELU",
+        + (", computed as x*sigmoid(...) on CPU float32" if cpu and ours.trainer.precision == "fp32" else "")
+        + "; nanoGPT exact erf GELU",
         "batches: both sample random windows of the same token stream, with different random generators",
         "init: same scheme (normal 0.02, scaled c_proj), different seeds",
-        "timing: fedgpt times each Trainer.train_steps(batches, 1) call (ends in loss.item()); nanoGPT prints its own "
+        "timing: fedgpt times each Trainer.train_steps(batches, 1) call (ends in loss.item()); nanoGPT "
+        "prints its own "
         "per-iteration time (includes its get_batch, loss.item() and log print)",
     ]
     if cpu:
-        out.append("AdamW: fedgpt uses the fused CPU kernel; nanoGPT the for-loop kernel (it fuses on CUDA only); same update")
+        out.append(
+            "AdamW: fedgpt uses the fused CPU kernel; nanoGPT the for-loop kernel (it fuses on CUDA only); "
+            "same update"
+        )
         if reuse_freed_cpu_memory():
-            out.append("allocator: fedgpt's Trainer makes glibc malloc reuse freed blocks (no page faults per step); "
-                       "nanoGPT runs with glibc's defaults")
+            out.append(
+                "allocator: fedgpt's Trainer makes glibc malloc reuse freed blocks (no page faults per "
+                "step); "
+                "nanoGPT runs with glibc's defaults"
+            )
         if ours.trainer.precision != "fp32":
-            out.append(f"precision: fedgpt {ours.trainer.precision} autocast on CPU; nanoGPT ignores dtype on CPU (fp32)")
+            out.append(
+                f"precision: fedgpt {ours.trainer.precision} autocast on CPU; nanoGPT ignores dtype on CPU "
+                "(fp32)"
+            )
     if tc.compile:
         out.append("torch.compile: both compile their model (train.compile=true)")
     return out
@@ -193,18 +245,28 @@ def differences(cfg: Config, ours: FedgptRunner) -> list[str]:
 def bench_train(args: argparse.Namespace, overrides: list[str], command: str = "") -> dict[str, Any]:
     """Time fedgpt (and nanoGPT, alternating) on args.config; the result as a JSON-ready dict."""
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1:
-        raise ValueError(f"--steps={args.steps}, --repeats={args.repeats} and --warmup={args.warmup} must be >= 1 "
-                         "(the first step includes one-time costs, and nanoGPT evaluates in it)")
+        raise ValueError(
+            f"--steps={args.steps}, --repeats={args.repeats} and --warmup={args.warmup} must be >= 1 "
+            "(the first step includes one-time costs, and nanoGPT evaluates in it)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, overrides)
     ours = FedgptRunner(cfg)
     with tempfile.TemporaryDirectory(prefix="fedgpt-bench-") as tmp:
-        nano = NanoGPTRunner(Path(args.nanogpt).expanduser().resolve(), ours, Path(tmp)) if args.nanogpt else None
+        nano = (
+            NanoGPTRunner(Path(args.nanogpt).expanduser().resolve(), ours, Path(tmp))
+            if args.nanogpt
+            else None
+        )
         ours_ms, nano_ms = [], []
         for r in range(args.repeats):
             ours_ms.append(ours.run(args.steps, args.warmup))
-            print(f"repeat {r + 1}/{args.repeats}: fedgpt {statistics.median(ours_ms[-1]):.2f} ms/step", end="", flush=True)
+            print(
+                f"repeat {r + 1}/{args.repeats}: fedgpt {statistics.median(ours_ms[-1]):.2f} ms/step",
+                end="",
+                flush=True,
+            )
             if nano is not None:
                 nano_ms.append(nano.run(args.steps, args.warmup))
                 print(f" | nanoGPT {statistics.median(nano_ms[-1]):.2f} ms/step", end="")
@@ -214,15 +276,33 @@ def bench_train(args: argparse.Namespace, overrides: list[str], command: str = "
     ours_res = _summary([t for rep in ours_ms for t in rep], tps)
     mfu = ours.mfu(ours_res["ms_per_step"])
     mem, mem_kind = ours.peak_memory()
-    ours_res.update(mfu=None if mfu is None else round(mfu, 4), peak_memory_mb=round(mem, 1), peak_memory_kind=mem_kind,
-                   repeat_ms_per_step=[round(statistics.median(rep), 3) for rep in ours_ms])
+    ours_res.update(
+        mfu=None if mfu is None else round(mfu, 4),
+        peak_memory_mb=round(mem, 1),
+        peak_memory_kind=mem_kind,
+        repeat_ms_per_step=[round(statistics.median(rep), 3) for rep in ours_ms],
+    )
     result: dict[str, Any] = {
-        "bench": "train", "config": args.config, "overrides": overrides, "command": command,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(ours.device),
-        "device_name": torch.cuda.get_device_name(ours.device) if ours.device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "precision": ours.trainer.precision, "compile": cfg.train.compile, "steps": args.steps, "warmup": args.warmup,
-        "repeats": args.repeats, "tokens_per_step": tps, "params": ours.trainer.raw_model.num_params(), "fedgpt": ours_res,
+        "bench": "train",
+        "config": args.config,
+        "overrides": overrides,
+        "command": command,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(ours.device),
+        "device_name": torch.cuda.get_device_name(ours.device)
+        if ours.device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "precision": ours.trainer.precision,
+        "compile": cfg.train.compile,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "tokens_per_step": tps,
+        "params": ours.trainer.raw_model.num_params(),
+        "fedgpt": ours_res,
     }
     if nano is None:
         result.update(nanogpt=None, nanogpt_skipped=NO_NANOGPT)
@@ -230,15 +310,24 @@ def bench_train(args: argparse.Namespace, overrides: list[str], command: str = "
         nano_res = _summary([t for rep in nano_ms for t in rep], tps)
         nmfu = ours.mfu(nano_res["ms_per_step"])  # same model shape, so the same flops per token
         cpu_rss = ours.device.type == "cpu" and nano.peak_rss_mb is not None
-        nano_res.update(mfu=None if nmfu is None else round(nmfu, 4), peak_memory_mb=nano.peak_rss_mb if cpu_rss else None,
-                        peak_memory_kind="peak RSS of the nanoGPT process" if cpu_rss else "not measured",
-                        repeat_ms_per_step=[round(statistics.median(rep), 3) for rep in nano_ms],
-                        checkout=str(Path(args.nanogpt).resolve()), command=" ".join(nano.command(args.steps, args.warmup)))
+        nano_res.update(
+            mfu=None if nmfu is None else round(nmfu, 4),
+            peak_memory_mb=nano.peak_rss_mb if cpu_rss else None,
+            peak_memory_kind="peak RSS of the nanoGPT process" if cpu_rss else "not measured",
+            repeat_ms_per_step=[round(statistics.median(rep), 3) for rep in nano_ms],
+            checkout=str(Path(args.nanogpt).resolve()),
+            command=" ".join(nano.command(args.steps, args.warmup)),
+        )
         pairs = [statistics.median(n) / statistics.median(f) for f, n in zip(ours_ms, nano_ms)]
-        # speedup pools every timed step; the median of the per-repeat ratios resists load that comes and goes between repeats.
-        result.update(nanogpt=nano_res, speedup=round(nano_res["ms_per_step"] / ours_res["ms_per_step"], 3),
-                      speedup_repeat_median=round(statistics.median(pairs), 3), repeat_speedups=[round(p, 3) for p in pairs],
-                      differences=differences(cfg, ours))
+        # speedup pools every timed step; the median of the per-repeat ratios resists load that comes and goes
+        # between repeats.
+        result.update(
+            nanogpt=nano_res,
+            speedup=round(nano_res["ms_per_step"] / ours_res["ms_per_step"], 3),
+            speedup_repeat_median=round(statistics.median(pairs), 3),
+            repeat_speedups=[round(p, 3) for p in pairs],
+            differences=differences(cfg, ours),
+        )
     return result
 
 
@@ -254,14 +343,29 @@ def markdown(res: dict[str, Any]) -> str:
             return f"{100 * v:.1f}%"
         return f"{v:,.1f}" if isinstance(v, float) else str(v)
 
-    rows = [("ms/step (median)", "ms_per_step"), ("tokens/s", "tokens_per_s"), ("MFU", "mfu"), ("peak memory (MiB)", "peak_memory_mb")]
-    lines = ["| " + " | ".join(["train step"] + [c for c, _ in cols]) + " |", "|" + " --- |" * (1 + len(cols))]
+    rows = [
+        ("ms/step (median)", "ms_per_step"),
+        ("tokens/s", "tokens_per_s"),
+        ("MFU", "mfu"),
+        ("peak memory (MiB)", "peak_memory_mb"),
+    ]
+    lines = [
+        "| " + " | ".join(["train step"] + [c for c, _ in cols]) + " |",
+        "|" + " --- |" * (1 + len(cols)),
+    ]
     lines += ["| " + " | ".join([label] + [cell(r, key) for _, r in cols]) + " |" for label, key in rows]
-    lines.append(f"\n{res['device']} ({res['device_name']}), torch {res['torch']}, {res['threads']} threads, {res['precision']}, "
-                 f"{res['tokens_per_step']} tokens/step, {res['repeats']} x {res['steps']} timed steps after {res['warmup']} warm-up")
+    lines.append(
+        f"\n{res['device']} ({res['device_name']}), torch {res['torch']}, {res['threads']} threads, "
+        f"{res['precision']}, "
+        f"{res['tokens_per_step']} tokens/step, {res['repeats']} x {res['steps']} timed steps after "
+        f"{res['warmup']} warm-up"
+    )
     if res["nanogpt"]:
-        lines.append(f"fedgpt / nanoGPT tokens/s: {res['speedup']:.3f}x over all steps, {res['speedup_repeat_median']:.3f}x median of "
-                     f"repeats ({', '.join(f'{p:.3f}' for p in res['repeat_speedups'])})")
+        lines.append(
+            f"fedgpt / nanoGPT tokens/s: {res['speedup']:.3f}x over all steps, "
+            f"{res['speedup_repeat_median']:.3f}x median of "
+            f"repeats ({', '.join(f'{p:.3f}' for p in res['repeat_speedups'])})"
+        )
         lines += ["differences:"] + [f"- {d}" for d in res["differences"]]
     else:
         lines.append(res["nanogpt_skipped"])
@@ -273,7 +377,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", required=True, help="YAML config, e.g. configs/shakespeare_char_cpu.yaml")
     t.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
     t.add_argument("--warmup", type=int, default=10, help="untimed steps before each repeat")
-    t.add_argument("--repeats", type=int, default=3, help="repeats (alternating with nanoGPT when --nanogpt is given)")
+    t.add_argument(
+        "--repeats", type=int, default=3, help="repeats (alternating with nanoGPT when --nanogpt is given)"
+    )
     t.add_argument("--threads", type=int, default=0, help="torch threads for both runs; 0: torch's default")
-    t.add_argument("--nanogpt", help="path of a karpathy/nanoGPT checkout to run at identical settings (copied, not modified)")
+    t.add_argument(
+        "--nanogpt",
+        help="path of a karpathy/nanoGPT checkout to run at identical settings (copied, not modified)",
+    )
     t.add_argument("--out", help="JSON result file (default results/bench-train-<time>.json)")

@@ -1,7 +1,7 @@
 """The ClientApp's work: answer the pre-flight query, train one partition on the shared core, evaluate it.
 
-Everything a client needs arrives in the message's ConfigRecord (the run config as JSON, the tokenizer the server
-expects, the round); the node adds its partition id and, in deployment, where its data lives.
+Everything a client needs arrives in the message's ConfigRecord (the run config as JSON, the tokenizer the
+server expects, the round); the node adds its partition id and, in deployment, where its data lives.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ class ClientState:
     aliases: dict[str, str]
 
 
-# One entry per run in this process. In a Ray actor it lives across rounds and serves whichever partitions land on
-# the actor: the model is rebuilt (and recompiled) never, the corpus re-partitioned never; weights arrive with every
-# message anyway. In deployment each message is a new process and the on-disk token cache of fedgpt.data does the saving.
+# One entry per run in this process. In a Ray actor it lives across rounds and serves whichever partitions
+# land on the actor: the model is rebuilt (and recompiled) never, the corpus re-partitioned never; weights
+# arrive with every message anyway. In deployment each message is a new process and the on-disk token cache of
+# fedgpt.data does the saving.
 _CACHE: dict[str, ClientState] = {}
 
 
@@ -42,12 +43,15 @@ def run_config(msg: Message) -> tuple[Config, dict, ConfigRecord]:
 
 
 def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
-    """This process's model, trainer and partitions for the message's run (cached), and this node's partition id."""
+    """This process's model, trainer and partitions for the message's run (cached), and this node's partition
+    id."""
     cfg, tokenizer_meta, record = run_config(msg)
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError('node config lacks partition-id / num-partitions: start the SuperNode with '
-                         '--node-config "partition-id=0 num-partitions=2"')
+        raise ValueError(
+            "node config lacks partition-id / num-partitions: start the SuperNode with "
+            '--node-config "partition-id=0 num-partitions=2"'
+        )
     partition_id, n = int(node["partition-id"]), int(node["num-partitions"])
     # Deployed apps do not run from the repository: a node says where its data lives.
     if "data-dir" in node:
@@ -62,12 +66,17 @@ def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
         torch.set_num_threads(threads)
     ds = load_dataset(cfg.data)
     if ds.tokenizer.meta() != tokenizer_meta:
-        raise ValueError(f"client {partition_id}: its corpus/tokenizer ({ds.tokenizer.meta().get('kind')}, vocab "
-                         f"{ds.tokenizer.vocab_size}) differs from the server's ({tokenizer_meta.get('kind')}): give every "
-                         "node the same corpus (node-config data-dir / input-file) and data.tokenizer")
+        raise ValueError(
+            f"client {partition_id}: its corpus/tokenizer ({ds.tokenizer.meta().get('kind')}, vocab "
+            f"{ds.tokenizer.vocab_size}) differs from the server's ({tokenizer_meta.get('kind')}): give "
+            "every "
+            "node the same corpus (node-config data-dir / input-file) and data.tokenizer"
+        )
     model = GPT(cfg.model)  # initial weights do not matter: the global model arrives with every message
     device = resolve_device(cfg.train.device)
-    state = ClientState(cfg, client_partitions(cfg, ds, n), Trainer(model, cfg.train, device, log=None), tied_aliases(model))
+    state = ClientState(
+        cfg, client_partitions(cfg, ds, n), Trainer(model, cfg.train, device, log=None), tied_aliases(model)
+    )
     _CACHE.clear()  # one run at a time per process: drop the model of an earlier run
     _CACHE[key] = state
     return state, partition_id
@@ -82,11 +91,18 @@ def load_global(st: ClientState, arrays: ArrayRecord, partition_id: int) -> dict
 
 
 def handshake(msg: Message, context: Context) -> Message:
-    """Answer the server's pre-flight query: this node's partition and data sizes (errors surface before round 1)."""
+    """Answer the server's pre-flight query: this node's partition and data sizes (errors surface before round
+    1)."""
     st, partition_id = client_state(msg, context)
     part = st.parts[partition_id]
-    reply = ConfigRecord({"partition-id": partition_id, "num-partitions": len(st.parts),
-                          "train-tokens": int(len(part.train)), "val-tokens": int(len(part.val))})
+    reply = ConfigRecord(
+        {
+            "partition-id": partition_id,
+            "num-partitions": len(st.parts),
+            "train-tokens": int(len(part.train)),
+            "val-tokens": int(len(part.val)),
+        }
+    )
     return Message(RecordDict({"info": reply}), reply_to=msg)
 
 
@@ -106,11 +122,20 @@ def fit(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)  # dropout masks too: reproducible whichever process serves this partition
     batches = Batches(part.train, cfg.model.block_size, cfg.train.batch_size, trainer.device, seed=seed)
     t_start = time.time()
-    m = trainer.train_steps(batches, cfg.fed.local_steps, total_steps=cfg.fed.rounds * cfg.fed.local_steps, mu=mu, ref=ref)
+    m = trainer.train_steps(
+        batches, cfg.fed.local_steps, total_steps=cfg.fed.rounds * cfg.fed.local_steps, mu=mu, ref=ref
+    )
     half = cfg.fed.half_precision
     arrays = to_record(trainer.raw_model.state_dict(), st.aliases, half=half, base=received if half else None)
-    metrics = MetricRecord({"train-loss": m["loss"], "train-seconds": m["seconds"], "train-tokens": m["tokens"],
-                            "train-start": t_start, "num-examples": max(1, m["tokens"])})
+    metrics = MetricRecord(
+        {
+            "train-loss": m["loss"],
+            "train-seconds": m["seconds"],
+            "train-tokens": m["tokens"],
+            "train-start": t_start,
+            "num-examples": max(1, m["tokens"]),
+        }
+    )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
@@ -119,7 +144,9 @@ def evaluate_partition(msg: Message, context: Context) -> Message:
     st, partition_id = client_state(msg, context)
     cfg, part = st.cfg, st.parts[partition_id]
     load_global(st, msg.content["arrays"], partition_id)
-    batches = Batches(part.val, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=cfg.train.seed)
+    batches = Batches(
+        part.val, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=cfg.train.seed
+    )
     res = evaluate(st.trainer.raw_model, batches, cfg.train.eval_iters, st.trainer.ctx)
     metrics = MetricRecord({"val-loss": res["loss"], "num-examples": int(len(part.val))})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

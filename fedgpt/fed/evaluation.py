@@ -1,4 +1,5 @@
-"""Central evaluation: the global model's loss on the held-out validation split, which no client ever trains on."""
+"""Central evaluation: the global model's loss on the held-out validation split, which no client ever trains
+on."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Talking to the nodes through Flower's Grid: waiting for them, one request/reply exchange, and the pre-flight
-check that every node can serve its partition before round 1."""
+"""Talking to the nodes through Flower's Grid: waiting for them, one request/reply exchange, and the
+pre-flight check that every node can serve its partition before round 1."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, log: Callable[[str],
     last = -1
     while len(nodes := list(grid.get_node_ids())) < needed:
         if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"only {len(nodes)} of {needed} nodes connected after {timeout:.0f} s: start more "
-                               "SuperNodes, or lower fed.num_clients / fed.min_clients, or raise fed.node_timeout")
+            raise RuntimeError(
+                f"only {len(nodes)} of {needed} nodes connected after {timeout:.0f} s: start more "
+                "SuperNodes, or lower fed.num_clients / fed.min_clients, or raise fed.node_timeout"
+            )
         if len(nodes) != last:
             log(f"waiting for nodes: {len(nodes)}/{needed} connected")
             last = len(nodes)
@@ -28,7 +30,8 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, log: Callable[[str],
 def exchange(grid: Grid, msgs: list[Message], timeout: float, poll_s: float = 0.1) -> list[Message]:
     """Send `msgs` and collect their replies until all are in or `timeout` passes.
 
-    Grid.send_and_receive, except that it polls every `poll_s`: Flower's deployment grid sleeps 3 s between pulls.
+    Grid.send_and_receive, except that it polls every `poll_s`: Flower's deployment grid sleeps 3 s between
+    pulls.
     """
     pending = set(grid.push_messages(msgs))
     end, replies = time.monotonic() + timeout, []
@@ -48,15 +51,23 @@ def error_reason(msg: Message) -> str:
     return reason[-1] if reason else f"error code {msg.error.code}"
 
 
-def preflight(grid: Grid, needed: int, num_partitions: int, config: ConfigRecord, timeout: float,
-              log: Callable[[str], None] = print) -> dict[int, dict]:
+def preflight(
+    grid: Grid,
+    needed: int,
+    num_partitions: int,
+    config: ConfigRecord,
+    timeout: float,
+    log: Callable[[str], None] = print,
+) -> dict[int, dict]:
     """Wait for the nodes, then ask each what it will serve: {node id: its answer (partition-id, sizes, ...)}.
 
-    Data or config problems on any node (another corpus, a wrong num-partitions, a partition served twice) fail the
-    run here, before round 1, with every problem in one RuntimeError.
+    Data or config problems on any node (another corpus, a wrong num-partitions, a partition served twice)
+    fail the run here, before round 1, with every problem in one RuntimeError.
     """
     nodes = wait_for_nodes(grid, needed, timeout, log)
-    msgs = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    msgs = [
+        Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
+    ]
     replies = exchange(grid, msgs, timeout)
     errors = [f"node {r.metadata.src_node_id}: {error_reason(r)}" for r in replies if r.has_error()]
     if len(replies) < len(msgs):
@@ -64,11 +75,16 @@ def preflight(grid: Grid, needed: int, num_partitions: int, config: ConfigRecord
     answers = {r.metadata.src_node_id: dict(r.content["info"]) for r in replies if not r.has_error()}
     for node, info in answers.items():
         if info["num-partitions"] != num_partitions:
-            errors.append(f"node {node} has num-partitions={info['num-partitions']} but fed.num_clients={num_partitions}")
+            errors.append(
+                f"node {node} has num-partitions={info['num-partitions']} but "
+                f"fed.num_clients={num_partitions}"
+            )
     ids = [info["partition-id"] for info in answers.values()]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
-        errors.append(f"partition-id {dupes} served by more than one node: give each SuperNode its own partition-id")
+        errors.append(
+            f"partition-id {dupes} served by more than one node: give each SuperNode its own partition-id"
+        )
     if errors:
         raise RuntimeError("pre-flight check failed: " + "; ".join(errors))
     return answers

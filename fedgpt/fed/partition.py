@@ -1,12 +1,15 @@
-"""Split one train token array among federated clients: IID chunks, whole speaking roles, contiguous regions, or
-Dirichlet-sized shares.
+"""Split one train token array among federated clients: IID chunks, whole speaking roles, contiguous regions,
+or Dirichlet-sized shares.
 
-    parts = client_partitions(cfg, ds)       # the split cfg.fed describes, as every federated process computes it
-    x = parts[3].train                       # client 3's training tokens; parts[3].val is its own held-out tail
+    # the split cfg.fed describes, as every federated process computes it
+    parts = client_partitions(cfg, ds)
+    # client 3's training tokens; parts[3].val is its own held-out tail
+    x = parts[3].train
     print(format_summary(summarize(parts, ds.train, ds.tokenizer.vocab_size)))
 
-Every scheme gives each client disjoint [start, end) spans of the train array, and together they cover it exactly.
-A client's tokens are its spans concatenated in corpus order; the last val_fraction of them is its validation split.
+Every scheme gives each client disjoint [start, end) spans of the train array, and together they cover it
+exactly. A client's tokens are its spans concatenated in corpus order; the last val_fraction of them is its
+validation split.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class ClientPartition:
     scheme: str = ""  # the scheme that made it, for summarize()
 
 
-# --- helpers --------------------------------------------------------------------------------------------------------
+# --- helpers
+# --------------------------------------------------------------------------------------------------------
 
 
 def _val_len(total: int, val_fraction: float) -> int:
@@ -47,14 +51,17 @@ def _val_len(total: int, val_fraction: float) -> int:
 def min_client_tokens(block_size: int, val_fraction: float) -> int:
     """The fewest tokens a client may hold: more than block_size in both its train and its val part."""
     total = math.ceil((block_size + 1) / min(val_fraction, 1 - val_fraction))
-    while not (_val_len(total, val_fraction) > block_size and total - _val_len(total, val_fraction) > block_size):
+    while not (
+        _val_len(total, val_fraction) > block_size and total - _val_len(total, val_fraction) > block_size
+    ):
         total += 1  # rounding of the val length can leave one side a token short
     return total
 
 
 def default_chunk_tokens(n: int, num_clients: int, block_size: int) -> int:
-    """Chunk length of "iid" / "dirichlet" when chunk_tokens=0: max(4 * (block_size + 1), 1024) tokens, so a chunk
-    holds a few training windows, but at most n / (4 * num_clients), so every client gets at least ~4 chunks."""
+    """Chunk length of "iid" / "dirichlet" when chunk_tokens=0: max(4 * (block_size + 1), 1024) tokens, so a
+    chunk holds a few training windows, but at most n / (4 * num_clients), so every client gets at least ~4
+    chunks."""
     return max(1, min(max(4 * (block_size + 1), 1024), n // (4 * num_clients)))
 
 
@@ -75,7 +82,8 @@ def _merge(spans: np.ndarray) -> np.ndarray:
     return np.stack([spans[np.r_[True, gap], 0], spans[np.r_[gap, True], 1]], axis=1)
 
 
-# --- schemes: each returns one (k, 2) span array per client (unmerged, any order) -----------------------------------
+# --- schemes: each returns one (k, 2) span array per client (unmerged, any order)
+# -----------------------------------
 
 
 def _split_tail(chunks: np.ndarray, n: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,18 +111,21 @@ def _dirichlet(
     n: int, num_clients: int, chunk: int, alpha: float, floor_tokens: int, rng: np.random.Generator
 ) -> list[np.ndarray]:
     """Client shares p ~ Dirichlet(alpha); every client first gets a floor of ceil(floor_tokens / chunk) full
-    chunks (one train and one val window), the remaining full chunks are split by p (largest remainder rounding),
-    and the short remainder chunk of the array goes to the largest client."""
+    chunks (one train and one val window), the remaining full chunks are split by p (largest remainder
+    rounding), and the short remainder chunk of the array goes to the largest client."""
     full, tail = _split_tail(_chunks(n, chunk), n, chunk)
     m = len(full)
-    floor = min(math.ceil(floor_tokens / chunk), m // num_clients)  # too little data: the size check names a client
+    # too little data: the size check names a client
+    floor = min(math.ceil(floor_tokens / chunk), m // num_clients)
     p = rng.dirichlet(np.full(num_clients, alpha))
     if not np.all(np.isfinite(p)):  # numerical underflow for tiny alpha: all mass on one client
         p = np.eye(num_clients)[rng.integers(num_clients)]
     extra = p * (m - floor * num_clients)
     counts = np.floor(extra).astype(np.int64)
     short = m - floor * num_clients - counts.sum()
-    counts[np.argsort(counts - extra, kind="stable")[:short]] += 1  # largest fractional parts get the leftovers
+    counts[np.argsort(counts - extra, kind="stable")[:short]] += (
+        1  # largest fractional parts get the leftovers
+    )
     counts += floor
     order = rng.permutation(m)
     offsets = np.r_[0, np.cumsum(counts)]
@@ -128,11 +139,16 @@ def _speaker(
     n: int, num_clients: int, turns: Sequence[Turn], rng: np.random.Generator
 ) -> tuple[list[np.ndarray], list[list[str]]]:
     """Whole speaking roles per client, balanced by tokens: largest role first to the emptiest client."""
-    turns = sorted((t for t in turns if t.start < n), key=lambda t: t.start)  # turns in the val split are dropped
+    # turns in the val split are dropped
+    turns = sorted((t for t in turns if t.start < n), key=lambda t: t.start)
     if not turns:
-        raise ValueError(f"none of the {n:,} train tokens lies in a speaker turn: use fed.partition=iid, contiguous or dirichlet")
-    # A turn runs to the next turn's start, so stage directions and headers between turns belong to the preceding
-    # turn, the text before the first turn to the first; the last turn is cut at the end of the train array.
+        raise ValueError(
+            f"none of the {n:,} train tokens lies in a speaker turn: use fed.partition=iid, contiguous or "
+            "dirichlet"
+        )
+    # A turn runs to the next turn's start, so stage directions and headers between turns belong to the
+    # preceding turn, the text before the first turn to the first; the last turn is cut at the end of the
+    # train array.
     starts = np.array([t.start for t in turns], dtype=np.int64)
     starts[0] = 0
     spans = np.stack([starts, np.r_[starts[1:], n]], axis=1)  # (T, 2)
@@ -145,7 +161,8 @@ def _speaker(
     sizes = np.bincount(owner, weights=spans[:, 1] - spans[:, 0], minlength=len(names))
     shuffled = rng.permutation(len(names))  # the seed breaks ties between equal roles ...
     order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]
-    rank = rng.permutation(num_clients)  # ... and between equally full clients, so it decides who gets which roles
+    # ... and between equally full clients, so it decides who gets which roles
+    rank = rng.permutation(num_clients)
     heap = [(0, int(rank[c]), c) for c in range(num_clients)]  # (tokens so far, tie-break, client)
     heapq.heapify(heap)
     client_of = np.empty(len(names), dtype=np.int64)
@@ -159,18 +176,30 @@ def _speaker(
     return [spans[turn_client == c] for c in range(num_clients)], held
 
 
-# --- entry points ---------------------------------------------------------------------------------------------------
+# --- entry points
+# ---------------------------------------------------------------------------------------------------
 
 
-def _check_arguments(train_tokens: np.ndarray, num_clients: int, scheme: str, turns: Sequence[Turn] | None,
-                     block_size: int, val_fraction: float, alpha: float, chunk_tokens: int) -> None:
+def _check_arguments(
+    train_tokens: np.ndarray,
+    num_clients: int,
+    scheme: str,
+    turns: Sequence[Turn] | None,
+    block_size: int,
+    val_fraction: float,
+    alpha: float,
+    chunk_tokens: int,
+) -> None:
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown partition scheme {scheme!r} (fed.partition): use one of {', '.join(SCHEMES)}")
+        raise ValueError(
+            f"unknown partition scheme {scheme!r} (fed.partition): use one of {', '.join(SCHEMES)}"
+        )
     if num_clients < 1:
         raise ValueError(f"fed.num_clients={num_clients} must be >= 1")
     if block_size < 1 or not 0 < val_fraction < 1 or alpha <= 0 or chunk_tokens < 0:
         raise ValueError(
-            f"need block_size >= 1, 0 < val_fraction < 1, alpha > 0 and chunk_tokens >= 0; got block_size={block_size}, "
+            "need block_size >= 1, 0 < val_fraction < 1, alpha > 0 and chunk_tokens >= 0; got "
+            f"block_size={block_size}, "
             f"val_fraction={val_fraction}, alpha={alpha}, chunk_tokens={chunk_tokens}"
         )
     if np.ndim(train_tokens) != 1:
@@ -196,10 +225,11 @@ def partition(
 ) -> list[ClientPartition]:
     """Split train_tokens among num_clients by scheme (see SCHEMES); deterministic given seed.
 
-    iid: shuffled chunk_tokens-long chunks (0: default_chunk_tokens) dealt evenly. speaker: whole speaking roles of
-    turns, balanced by size. contiguous: num_clients equal regions in corpus order. dirichlet: shuffled chunks in
-    Dirichlet(alpha)-distributed amounts, at least min_client_tokens per client. Raises ValueError, before copying
-    any tokens, if some client would get block_size tokens or fewer in its train or its val part.
+    iid: shuffled chunk_tokens-long chunks (0: default_chunk_tokens) dealt evenly. speaker: whole speaking
+    roles of turns, balanced by size. contiguous: num_clients equal regions in corpus order. dirichlet:
+    shuffled chunks in Dirichlet(alpha)-distributed amounts, at least min_client_tokens per client. Raises
+    ValueError, before copying any tokens, if some client would get block_size tokens or fewer in its train
+    or its val part.
     """
     _check_arguments(train_tokens, num_clients, scheme, turns, block_size, val_fraction, alpha, chunk_tokens)
     n = len(train_tokens)
@@ -222,8 +252,10 @@ def partition(
         n_val = _val_len(total, val_fraction)
         if min(total - n_val, n_val) <= block_size:
             raise ValueError(
-                f"client {c} of {num_clients} gets {total - n_val} train / {n_val} val tokens, need more than "
-                f"model.block_size={block_size} in each: use fewer clients (fed.num_clients), a smaller block_size, "
+                f"client {c} of {num_clients} gets {total - n_val} train / {n_val} val tokens, need more "
+                "than "
+                f"model.block_size={block_size} in each: use fewer clients (fed.num_clients), a smaller "
+                "block_size, "
                 "or a larger corpus"
             )
 
@@ -238,8 +270,16 @@ def partition(
 def client_partitions(cfg: Config, ds: Dataset, num_clients: int | None = None) -> list[ClientPartition]:
     """The split cfg.fed describes of ds's train tokens: the server and every client compute the same one."""
     f = cfg.fed
-    return partition(ds.train, num_clients or f.num_clients, f.partition, turns=ds.turns, seed=cfg.train.seed,
-                     block_size=cfg.model.block_size, val_fraction=f.client_val_fraction, alpha=f.dirichlet_alpha)
+    return partition(
+        ds.train,
+        num_clients or f.num_clients,
+        f.partition,
+        turns=ds.turns,
+        seed=cfg.train.seed,
+        block_size=cfg.model.block_size,
+        val_fraction=f.client_val_fraction,
+        alpha=f.dirichlet_alpha,
+    )
 
 
 def _js_bits(p: np.ndarray, q: np.ndarray) -> float:
@@ -256,8 +296,9 @@ def _js_bits(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def summarize(parts: list[ClientPartition], train_tokens: np.ndarray, vocab_size: int) -> dict:
-    """Per-client sizes, speaker counts and unigram skew: the JS divergence (bits) of each client's tokens (train and
-    val) from the whole train array's; also size_cv, the coefficient of variation of the clients' train sizes."""
+    """Per-client sizes, speaker counts and unigram skew: the JS divergence (bits) of each client's tokens
+    (train and val) from the whole train array's; also size_cv, the coefficient of variation of the
+    clients' train sizes."""
     total = np.bincount(np.asarray(train_tokens), minlength=vocab_size)
     v = len(total)  # vocab_size, or more if some token id is out of range
     js = [_js_bits(np.bincount(np.concatenate([p.train, p.val]), minlength=v), total) for p in parts]
@@ -279,9 +320,17 @@ def format_summary(summary: dict) -> str:
     header = f"{'client':>6}  {'train':>10}  {'val':>9}  {'speakers':>8}  {'JS bits':>8}"
     rows = [f"partition {summary['scheme'] or '?'}: {summary['num_clients']} clients", header]
     for c, (t, v, s, j) in enumerate(
-        zip(summary["tokens"], summary["val_tokens"], summary["speakers"], summary["js_divergence"], strict=True)
+        zip(
+            summary["tokens"],
+            summary["val_tokens"],
+            summary["speakers"],
+            summary["js_divergence"],
+            strict=True,
+        )
     ):
         rows.append(f"{c:>6}  {t:>10,}  {v:>9,}  {s:>8}  {j:>8.4f}")
-    rows.append(f"{'mean':>6}  {np.mean(summary['tokens']):>10,.0f}  {'':>9}  {'':>8}  {summary['mean_js']:>8.4f}")
+    rows.append(
+        f"{'mean':>6}  {np.mean(summary['tokens']):>10,.0f}  {'':>9}  {'':>8}  {summary['mean_js']:>8.4f}"
+    )
     rows.append(f"client size CV {summary['size_cv']:.3f}")
     return "\n".join(rows)

@@ -31,7 +31,9 @@ class Snapshot:
 class RunRecorder:
     """Appends round rows, writes checkpoints and log lines, and restores a run from its last.pt."""
 
-    def __init__(self, cfg: Config, model_config: ModelConfig, tokenizer_meta: dict, log: Callable[[str], None] = print):
+    def __init__(
+        self, cfg: Config, model_config: ModelConfig, tokenizer_meta: dict, log: Callable[[str], None] = print
+    ):
         self.cfg, self.model_config, self.tokenizer_meta, self.log = cfg, model_config, tokenizer_meta, log
         self.out_dir = Path(cfg.train.out_dir)
         self.metrics = MetricsLog(self.out_dir / "rounds.jsonl", plot=self.out_dir / "loss.png", x="round")
@@ -49,26 +51,42 @@ class RunRecorder:
         path = self.out_dir / "last.pt"
         ckpt = load_checkpoint(path)
         if ckpt.get("round") is None:
-            raise ValueError(f"{path} is not from a federated run (no round): resume it with "
-                             "python -m fedgpt.local_train --resume")
+            raise ValueError(
+                f"{path} is not from a federated run (no round): resume it with "
+                "python -m fedgpt.local_train --resume"
+            )
         diff = config_diff(ckpt["config"], self.cfg.to_dict(), ignore=RESUMABLE)
         if diff:
-            raise ValueError(f"{path} was written with another config ({'; '.join(diff)}): use the same config "
-                             "or a new train.out_dir")
+            raise ValueError(
+                f"{path} was written with another config ({'; '.join(diff)}): use the same config "
+                "or a new train.out_dir"
+            )
         self.ckpt.best_val_loss = ckpt["best_val_loss"]
         self.metrics.truncate(ckpt["round"])
         self.log(f"resumed from {path} at round {ckpt['round']} (best val {self.best_val_loss:.4f})")
         extra = ckpt["extra"]
-        return Snapshot(ckpt["round"], {k: v.float() for k, v in ckpt["model"].items()}, extra.get("tokens", 0),
-                        extra.get("strategy", {}))
+        return Snapshot(
+            ckpt["round"],
+            {k: v.float() for k, v in ckpt["model"].items()},
+            extra.get("tokens", 0),
+            extra.get("strategy", {}),
+        )
 
     def record(self, snap: Snapshot, row: RoundRow) -> None:
-        """A round's row, then its checkpoints (a run killed in between redoes the round on resume, row and all)."""
+        """A round's row, then its checkpoints (a run killed in between redoes the round on resume, row and
+        all)."""
         row.best_val_loss = min(self.best_val_loss, row.val_loss)
         self.metrics.append(row.as_dict())
-        self.ckpt.save(row.val_loss, model_state=snap.state, model_config=self.model_config,
-                       tokenizer=self.tokenizer_meta, config=self.cfg.to_dict(), step=snap.round * self.cfg.fed.local_steps,
-                       round=snap.round, extra={"tokens": snap.tokens, "strategy": snap.strategy})
+        self.ckpt.save(
+            row.val_loss,
+            model_state=snap.state,
+            model_config=self.model_config,
+            tokenizer=self.tokenizer_meta,
+            config=self.cfg.to_dict(),
+            step=snap.round * self.cfg.fed.local_steps,
+            round=snap.round,
+            extra={"tokens": snap.tokens, "strategy": snap.strategy},
+        )
         self.log(format_round(row))
 
 
@@ -77,6 +95,8 @@ def format_round(row: RoundRow) -> str:
     if row.round == 0:
         return f"round   0 | val {row.val_loss:.4f}"
     train = f"{row.train_loss:.4f}" if row.train_loss is not None else "-"
-    return (f"round {row.round:3d} | val {row.val_loss:.4f} | train {train} | clients {row.clients_ok} ok "
-            f"{row.clients_failed} failed | {row.round_s:.2f} s | sent {row.bytes_sent / 1e6:.2f} MB | "
-            f"received {row.bytes_received / 1e6:.2f} MB")
+    return (
+        f"round {row.round:3d} | val {row.val_loss:.4f} | train {train} | clients {row.clients_ok} ok "
+        f"{row.clients_failed} failed | {row.round_s:.2f} s | sent {row.bytes_sent / 1e6:.2f} MB | "
+        f"received {row.bytes_received / 1e6:.2f} MB"
+    )

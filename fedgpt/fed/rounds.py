@@ -1,5 +1,5 @@
-"""A federated round as one typed row: what the ServerApp appends to rounds.jsonl, and what the benchmarks and the
-results table read back from it.
+"""A federated round as one typed row: what the ServerApp appends to rounds.jsonl, and what the benchmarks and
+the results table read back from it.
 
     rows = read_rounds("out/fed/rounds.jsonl")     # round 0 (the initial model) first
     print(summarize(rows)["median_round_s"])
@@ -27,7 +27,9 @@ class RoundRow:
     clients_failed: int = 0
     bytes_sent: int = 0  # weights and configs, server to clients, all messages of the round
     bytes_received: int = 0
-    round_s: float | None = None  # send to aggregate, client evaluation included (central runs beside the next round)
+    round_s: float | None = (
+        None  # send to aggregate, client evaluation included (central runs beside the next round)
+    )
     client_train_s: float | None = None  # the clients' training seconds, summed
     outside_training_share: float | None = None  # of round_s, with as many clients at once as slots
     eval_s: float | None = None  # the central evaluation of this round's model
@@ -57,8 +59,11 @@ def summarize(rows: list[RoundRow]) -> dict:
     """Final and best loss, start-up and the medians of a run's trained rounds (round 0 is left out)."""
     trained = [r for r in rows if r.round > 0]
     shares = [r.outside_training_share for r in trained if r.outside_training_share is not None]
-    return {"rounds": len(trained), "final_val_loss": trained[-1].val_loss if trained else None,
-            "best_val_loss": min((r.val_loss for r in rows if r.val_loss is not None), default=None),
-            "startup_s": trained[0].startup_s if trained else None,
-            "median_round_s": median([r.round_s for r in trained if r.round_s is not None]),
-            "median_outside_training_share": median(shares)}
+    return {
+        "rounds": len(trained),
+        "final_val_loss": trained[-1].val_loss if trained else None,
+        "best_val_loss": min((r.val_loss for r in rows if r.val_loss is not None), default=None),
+        "startup_s": trained[0].startup_s if trained else None,
+        "median_round_s": median([r.round_s for r in trained if r.round_s is not None]),
+        "median_outside_training_share": median(shares),
+    }

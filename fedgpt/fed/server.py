@@ -1,13 +1,14 @@
-"""The ServerApp's round loop: send the global model, collect the clients' weights, let the strategy aggregate.
+"""The ServerApp's round loop: send the global model, collect the clients' weights, let the strategy
+aggregate.
 
     run = FederatedRun(cfg)          # data, initial model, strategy, run folder (resumed with resume=True)
     summary = run.run(grid)          # pre-flight, then rounds until fed.rounds
 
 The loop drives a Flower strategy through its own building blocks (configure_train / aggregate_train /
-configure_evaluate / aggregate_evaluate), like Strategy.start does, and adds what a GPT run needs: start at any round
-(resume), an fp32 global model whatever the wire or the strategy use, byte and failure accounting per round, a
-pre-flight check of every node (fedgpt.fed.grid), and each round's central evaluation and checkpoint
-(fedgpt.fed.evaluation, fedgpt.fed.recorder) in a thread beside the next round.
+configure_evaluate / aggregate_evaluate), like Strategy.start does, and adds what a GPT run needs: start at
+any round (resume), an fp32 global model whatever the wire or the strategy use, byte and failure accounting
+per round, a pre-flight check of every node (fedgpt.fed.grid), and each round's central evaluation and
+checkpoint (fedgpt.fed.evaluation, fedgpt.fed.recorder) in a thread beside the next round.
 """
 
 from __future__ import annotations
@@ -40,24 +41,36 @@ from fedgpt.train import build_model, resolve_device
 class FederatedRun:
     """One federated training run: the global model, its strategy, and its folder."""
 
-    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False, slots: int | None = None,
-                 client_threads: int = 0, t_start: float | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: Config,
+        resume: bool = False,
+        overwrite: bool = False,
+        slots: int | None = None,
+        client_threads: int = 0,
+        t_start: float | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.t_start, self.log, self.cfg = t_start or time.time(), log, cfg
         self.ds = load_dataset(cfg.data)
         tok = self.ds.tokenizer
         torch.manual_seed(cfg.train.seed)  # the same initial global model in every run with this config
         model = build_model(cfg, tok.meta(), tok.vocab_size)
-        cfg.model = dataclasses.replace(model.cfg, dropout=cfg.model.dropout)  # vocab resolved: clients build the same
+        # vocab resolved: clients build the same
+        cfg.model = dataclasses.replace(model.cfg, dropout=cfg.model.dropout)
         self.aliases = tied_aliases(model)
         self.global_state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
         self.evaluator = CentralEvaluator(cfg, self.ds, model, resolve_device(cfg.train.device))
         self.slots, self.client_threads = slots or cfg.fed.num_clients, client_threads
-        # The server partitions too: the summary is saved with the run, and a bad split fails before any round.
+        # The server partitions too: the summary is saved with the run, and a bad split fails before any
+        # round.
         self.summary = summarize(client_partitions(cfg, self.ds), self.ds.train, tok.vocab_size)
         self.strategy = make_strategy(cfg.fed)
         self.round, self.tokens = 0, 0
         self.partition_of: dict[int, int] = {}  # node id -> partition id, from the pre-flight check
-        out_dir = claim_run_dir(cfg.train.out_dir, "federated", cfg.to_dict(), resume=resume, overwrite=overwrite)
+        out_dir = claim_run_dir(
+            cfg.train.out_dir, "federated", cfg.to_dict(), resume=resume, overwrite=overwrite
+        )
         self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), log)
         if resume:
             snap = self.recorder.resume()
@@ -69,9 +82,15 @@ class FederatedRun:
         log(format_summary(self.summary))
 
     def train_config(self) -> ConfigRecord:
-        """What every client needs to train or evaluate: the run config, the tokenizer it must use, its threads."""
-        return ConfigRecord({"fedgpt-config": json.dumps(self.cfg.to_dict()),
-                             "tokenizer": json.dumps(self.ds.tokenizer.meta()), "client-threads": self.client_threads})
+        """What every client needs to train or evaluate: the run config, the tokenizer it must use, its
+        threads."""
+        return ConfigRecord(
+            {
+                "fedgpt-config": json.dumps(self.cfg.to_dict()),
+                "tokenizer": json.dumps(self.ds.tokenizer.meta()),
+                "client-threads": self.client_threads,
+            }
+        )
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.round, self.global_state, self.tokens, strategy_state(self.strategy))
@@ -87,16 +106,25 @@ class FederatedRun:
     def run(self, grid: Grid) -> dict:
         """Pre-flight, then rounds until fed.rounds; returns a summary of timings and losses.
 
-        Each global model's central evaluation (round 0's too) runs in a thread while the next round trains: clients
-        never wait for the server's validation. Rows, checkpoints and log lines still follow round by round.
+        Each global model's central evaluation (round 0's too) runs in a thread while the next round
+        trains: clients never wait for the server's validation. Rows, checkpoints and log lines still
+        follow round by round.
         """
         fed = self.cfg.fed
-        answers = preflight(grid, fed.min_clients or fed.num_clients, fed.num_clients, self.train_config(),
-                            fed.node_timeout, self.log)
+        answers = preflight(
+            grid,
+            fed.min_clients or fed.num_clients,
+            fed.num_clients,
+            self.train_config(),
+            fed.node_timeout,
+            self.log,
+        )
         self.partition_of = {node: int(info["partition-id"]) for node, info in answers.items()}
         rows = []
         with ThreadPoolExecutor(1, thread_name_prefix="central-eval") as evaluator:
-            pending = evaluator.submit(self.finish_round, self.snapshot(), RoundRow(0)) if self.round == 0 else None
+            pending = (
+                evaluator.submit(self.finish_round, self.snapshot(), RoundRow(0)) if self.round == 0 else None
+            )
             for rnd in range(self.round + 1, fed.rounds + 1):
                 row = self.run_round(grid, rnd)
                 if pending is not None:
@@ -105,12 +133,18 @@ class FederatedRun:
             if pending is not None:
                 rows.append(pending.result())
         summary = summarize_rounds(rows)
-        return {**summary, "best_val_loss": self.recorder.best_val_loss, "wall_s": round(time.time() - self.t_start, 1)}
+        return {
+            **summary,
+            "best_val_loss": self.recorder.best_val_loss,
+            "wall_s": round(time.time() - self.t_start, 1),
+        }
 
     def run_round(self, grid: Grid, rnd: int) -> RoundRow:
-        """One round: configure, send, collect, aggregate, and (every fed.client_eval_interval) client evaluation."""
+        """One round: configure, send, collect, aggregate, and (every fed.client_eval_interval) client
+        evaluation."""
         fed, t0 = self.cfg.fed, time.time()
-        # The strategy sees one fp32 array per tensor (its own state keeps them); the wire carries one flat array.
+        # The strategy sees one fp32 array per tensor (its own state keeps them); the wire carries one flat
+        # array.
         arrays = to_record(self.global_state, self.aliases, flat=False)
         msgs = list(self.strategy.configure_train(rnd, arrays, self.train_config(), grid))
         sent_arrays = to_record(self.global_state, self.aliases, half=fed.half_precision)
@@ -123,16 +157,26 @@ class FederatedRun:
         metrics = [r.content["metrics"] for r in ok]
         tokens = sum(int(m["train-tokens"]) for m in metrics)
         self.tokens += tokens
-        row = RoundRow(rnd, tokens=self.tokens, client_val_loss=client_val, clients_ok=len(ok),
-                       clients_failed=len(msgs) - len(ok), bytes_sent=bytes_sent, bytes_received=bytes_received)
+        row = RoundRow(
+            rnd,
+            tokens=self.tokens,
+            client_val_loss=client_val,
+            clients_ok=len(ok),
+            clients_failed=len(msgs) - len(ok),
+            bytes_sent=bytes_sent,
+            bytes_received=bytes_received,
+        )
         self._timings(row, metrics, time.time() - t0)
         if metrics:
-            row.train_loss = sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(1, tokens)
+            row.train_loss = sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(
+                1, tokens
+            )
         return row
 
     def _timings(self, row: RoundRow, metrics: list, round_s: float) -> None:
         train_s = [float(m["train-seconds"]) for m in metrics]
-        busy = sum(train_s) / max(1, min(len(train_s), self.slots))  # training time with `slots` clients at once
+        # training time with `slots` clients at once
+        busy = sum(train_s) / max(1, min(len(train_s), self.slots))
         row.round_s, row.client_train_s = round(round_s, 3), round(sum(train_s), 3)
         if round_s > 0 and metrics:
             row.outside_training_share = round(max(0.0, 1 - busy / round_s), 4)
@@ -141,14 +185,17 @@ class FederatedRun:
             row.startup_s, row.first_step_at = round(first - self.t_start, 3), first
 
     def aggregate(self, rnd: int, replies: list[Message]) -> tuple[list[Message], int]:
-        """Unpack the train replies, drop failed or misfit ones, and move the global model to the strategy's aggregate.
+        """Unpack the train replies, drop failed or misfit ones, and move the global model to the strategy's
+        aggregate.
 
         Returns the replies used (fp32 weights in their ArrayRecord) and the bytes received.
         """
         half = self.cfg.fed.half_precision
-        # Replies arrive in completion order; a fixed order (by partition) makes the float sums, and so the run,
-        # reproducible.
-        replies = sorted(replies, key=lambda r: (self.partition_of.get(r.metadata.src_node_id, -1), r.metadata.src_node_id))
+        # Replies arrive in completion order; a fixed order (by partition) makes the float sums, and so the
+        # run, reproducible.
+        replies = sorted(
+            replies, key=lambda r: (self.partition_of.get(r.metadata.src_node_id, -1), r.metadata.src_node_id)
+        )
         expected = {k: v for k, v in self.global_state.items() if k not in self.aliases}
         ok, bytes_received = [], 0
         for r in replies:
@@ -158,8 +205,13 @@ class FederatedRun:
                 continue
             bytes_received += r.content["arrays"].count_bytes()
             try:
-                state = from_record(r.content["arrays"], {}, base=self.global_state if half else None, like=expected,
-                                    who=f"node {node}")
+                state = from_record(
+                    r.content["arrays"],
+                    {},
+                    base=self.global_state if half else None,
+                    like=expected,
+                    who=f"node {node}",
+                )
                 check_keys(state, expected, f"node {node}")
             except ValueError as e:
                 self.log(f"round {rnd}: reply dropped: {e}")
@@ -173,7 +225,8 @@ class FederatedRun:
         return ok, bytes_received
 
     def client_evaluate(self, grid: Grid, rnd: int) -> float | None:
-        """The global model's loss on the clients' own validation slices, every fed.client_eval_interval rounds."""
+        """The global model's loss on the clients' own validation slices, every fed.client_eval_interval
+        rounds."""
         every, fed = self.cfg.fed.client_eval_interval, self.cfg.fed
         if not every or (rnd % every and rnd != fed.rounds):
             return None

@@ -2,8 +2,9 @@
 
     summary = launch(cfg, "client_app:app", Resources(client_cpus=1.0))
 
-It uses flwr.simulation.run_simulation (Flower marks it deprecated) because it runs in-process: fedgpt checks the
-config, data and partitions while Ray starts, before any round, and measures start-up from the launch.
+It uses flwr.simulation.run_simulation (Flower marks it deprecated) because it runs in-process: fedgpt
+checks the config, data and partitions while Ray starts, before any round, and measures start-up from the
+launch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from fedgpt.config import Config
 
-# torch, flwr and the ServerApp's modules are imported beside Ray's start (prepare(), simulate()), not before it.
+# torch, flwr and the ServerApp's modules are imported beside Ray's start (prepare(), simulate()), not before
+# it.
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
@@ -40,28 +42,36 @@ def ray_init_args(address: str | None = None) -> dict:
 
 
 def start_ray(init_args: dict) -> None:
-    """Start Ray as Flower would (Flower skips ray.init when Ray is already up), so start-up can overlap our own."""
+    """Start Ray as Flower would (Flower skips ray.init when Ray is already up), so start-up can overlap our
+    own."""
     import ray
 
-    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")  # about GPU env vars; not ours to act on
-    # Ray workers import client_app and fedgpt: they get this process's import path, like Flower gives them. A local
-    # Ray inherits it from the environment; a runtime_env (what Flower passes) would also keep Ray from handing the
-    # workers it pre-started at init to the clients, and each client would wait for a fresh one.
+    # about GPU env vars; not ours to act on
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+    # Ray workers import client_app and fedgpt: they get this process's import path, like Flower gives them. A
+    # local Ray inherits it from the environment; a runtime_env (what Flower passes) would also keep Ray from
+    # handing the workers it pre-started at init to the clients, and each client would wait for a fresh one.
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = path
     runtime_env = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}} if "address" in init_args else {}
     ray.init(logging_level=logging.WARNING, **runtime_env, **init_args)
 
 
-def launch(cfg: Config, client_app: str, res: Resources, resume: bool = False, overwrite: bool = False,
-           t_start: float | None = None) -> dict:
+def launch(
+    cfg: Config,
+    client_app: str,
+    res: Resources,
+    resume: bool = False,
+    overwrite: bool = False,
+    t_start: float | None = None,
+) -> dict:
     """Prepare the run (data, partitions, model, run folder) while Ray starts, then simulate it; its summary.
 
-    client_app names the ClientApp as Flower's components do, "module:attribute"; the module must be importable (not
-    __main__), so that its per-process cache lives on in each Ray actor between rounds.
+    client_app names the ClientApp as Flower's components do, "module:attribute"; the module must be
+    importable (not __main__), so that its per-process cache lives on in each Ray actor between rounds.
 
-    Everything that can fail on bad input fails in the preparation, before any round; it runs in a thread because
-    Ray's start must stay on the main thread.
+    Everything that can fail on bad input fails in the preparation, before any round; it runs in a thread
+    because Ray's start must stay on the main thread.
     """
     t_start = t_start or time.time()
     init_args = ray_init_args(res.ray_address)
@@ -73,13 +83,26 @@ def launch(cfg: Config, client_app: str, res: Resources, resume: bool = False, o
 
             from fedgpt.fed.server import FederatedRun
 
-            gpus = res.client_gpus if res.client_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
+            gpus = (
+                res.client_gpus
+                if res.client_gpus is not None
+                else (1.0 if torch.cuda.is_available() else 0.0)
+            )
             # Clients that can train at once: Ray schedules by CPUs, or by GPUs when clients ask for them.
-            slots = (max(1, int((os.cpu_count() or 1) // res.client_cpus)) if gpus == 0
-                     else max(1, int(torch.cuda.device_count() // gpus)))
+            slots = (
+                max(1, int((os.cpu_count() or 1) // res.client_cpus))
+                if gpus == 0
+                else max(1, int(torch.cuda.device_count() // gpus))
+            )
             prepared["gpus"] = gpus
-            prepared["run"] = FederatedRun(cfg, resume=resume, overwrite=overwrite, slots=min(slots, cfg.fed.num_clients),
-                                           client_threads=max(1, int(res.client_cpus)), t_start=t_start)
+            prepared["run"] = FederatedRun(
+                cfg,
+                resume=resume,
+                overwrite=overwrite,
+                slots=min(slots, cfg.fed.num_clients),
+                client_threads=max(1, int(res.client_cpus)),
+                t_start=t_start,
+            )
         except BaseException as e:
             prepared["error"] = e
 
@@ -94,12 +117,16 @@ def launch(cfg: Config, client_app: str, res: Resources, resume: bool = False, o
         raise prepared["error"]
     module, _, attr = client_app.partition(":")
     app = getattr(importlib.import_module(module), attr or "app")
-    backend = {"client_resources": {"num_cpus": res.client_cpus, "num_gpus": prepared["gpus"]}, "init_args": init_args}
+    backend = {
+        "client_resources": {"num_cpus": res.client_cpus, "num_gpus": prepared["gpus"]},
+        "init_args": init_args,
+    }
     return {**simulate(prepared["run"], app, cfg.fed.num_clients, backend), "out_dir": cfg.train.out_dir}
 
 
 def simulate(run: FederatedRun, client_app: ClientApp, num_supernodes: int, backend_config: dict) -> dict:
-    """Run `run` in a ServerApp against `num_supernodes` simulated SuperNodes serving `client_app`; its summary."""
+    """Run `run` in a ServerApp against `num_supernodes` simulated SuperNodes serving `client_app`; its
+    summary."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -115,7 +142,9 @@ def simulate(run: FederatedRun, client_app: ClientApp, num_supernodes: int, back
             outcome["error"] = e
             raise
 
-    run_simulation(server_app=server, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend_config)
+    run_simulation(
+        server_app=server, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend_config
+    )
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("summary", {})

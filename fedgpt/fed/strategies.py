@@ -1,8 +1,8 @@
 """The Flower strategy fed.strategy names, built with settings sized for a GPT, and its state for checkpoints.
 
-    strategy = make_strategy(cfg.fed)
-    extra = {"strategy": strategy_state(strategy)}     # saved in last.pt
-    load_strategy_state(strategy, extra["strategy"])   # on --resume
+strategy = make_strategy(cfg.fed)
+extra = {"strategy": strategy_state(strategy)}     # saved in last.pt
+load_strategy_state(strategy, extra["strategy"])   # on --resume
 """
 
 from __future__ import annotations
@@ -33,15 +33,20 @@ _BUILDERS: dict[str, Callable[[FedConfig, float, dict], Strategy]] = {
     "fedadam": lambda fed, lr, common: FedAdam(**common, eta=lr, beta_1=0.9, beta_2=0.99, tau=1e-3),
     "fedyogi": lambda fed, lr, common: FedYogi(**common, eta=lr, beta_1=0.9, beta_2=0.99, tau=1e-3),
     "fedadagrad": lambda fed, lr, common: FedAdagrad(**common, eta=lr, tau=1e-3),
-    "fedavgm": lambda fed, lr, common: FedAvgM(**common, server_learning_rate=lr, server_momentum=fed.server_momentum),
+    "fedavgm": lambda fed, lr, common: FedAvgM(
+        **common, server_learning_rate=lr, server_momentum=fed.server_momentum
+    ),
     "fedmedian": lambda fed, lr, common: FedMedian(**common),
     "fedtrimmedavg": lambda fed, lr, common: FedTrimmedAvg(**common, beta=0.2),
 }
 if set(_BUILDERS) != set(STRATEGY_SERVER_LR):
-    raise ImportError(f"fedgpt.config.STRATEGY_SERVER_LR and the builders here name different strategies: "
-                      f"{sorted(set(_BUILDERS) ^ set(STRATEGY_SERVER_LR))}")
+    raise ImportError(
+        f"fedgpt.config.STRATEGY_SERVER_LR and the builders here name different strategies: "
+        f"{sorted(set(_BUILDERS) ^ set(STRATEGY_SERVER_LR))}"
+    )
 
-# Attributes of Flower's strategies that carry state from round to round (FedOpt's moments, FedAvgM's momentum).
+# Attributes of Flower's strategies that carry state from round to round (FedOpt's moments, FedAvgM's
+# momentum).
 STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 
 
@@ -53,8 +58,13 @@ def server_lr(fed: FedConfig) -> float | None:
 
 def make_strategy(fed: FedConfig) -> Strategy:
     """The Flower strategy fed.strategy names, sampling fraction_train of the clients each round."""
-    common = dict(fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_available_nodes=fed.min_clients or fed.num_clients,
-                  min_train_nodes=max(1, math.ceil(fed.fraction_train * fed.num_clients)), min_evaluate_nodes=1)
+    common = dict(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=1.0,
+        min_available_nodes=fed.min_clients or fed.num_clients,
+        min_train_nodes=max(1, math.ceil(fed.fraction_train * fed.num_clients)),
+        min_evaluate_nodes=1,
+    )
     return _BUILDERS[fed.strategy](fed, server_lr(fed), common)
 
 
