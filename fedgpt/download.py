@@ -1,6 +1,8 @@
 """Tiny Shakespeare, fetched once and checked against its sha256; offline, the error says where to put it.
 
-path = download_shakespeare("data")    # data/tinyshakespeare/input.txt
+    path = download_shakespeare("data")    # data/tinyshakespeare/input.txt
+
+A file already there is used if its sha256 is Tiny Shakespeare's, and refused otherwise.
 """
 
 from __future__ import annotations

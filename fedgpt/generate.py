@@ -1,7 +1,9 @@
 """Generation apart from the network: a KV cache and a sampling loop, ids in and ids out (no tokenizer here).
 
-out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)   # (B, T + new)
-cache = KVCache.for_model(model, batch_size=2)                               # for model(idx, kv_cache=cache)
+    out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)   # (B, T + new)
+    cache = KVCache.for_model(model, batch_size=2)                               # model(idx, kv_cache=cache)
+
+GPT.forward writes each layer's keys and values into the cache it is given.
 """
 
 from __future__ import annotations

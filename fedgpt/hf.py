@@ -1,6 +1,8 @@
 """Hugging Face GPT-2 weights from a local save_pretrained directory, read without network or transformers.
 
-model = from_hf("data/gpt2")    # config.json + model.safetensors (or pytorch_model.bin, sharded or not)
+    model = from_hf("data/gpt2")    # config.json + model.safetensors (or pytorch_model.bin, sharded or not)
+
+Conv1D weights are transposed into nn.Linear's layout; the tied lm_head is not read.
 """
 
 from __future__ import annotations
@@ -18,47 +20,11 @@ from fedgpt.model import GPT
 def from_hf(path: str | Path, dropout: float = 0.0) -> GPT:
     """Hugging Face GPT-2 weights from a local save_pretrained directory (no network, no transformers)."""
     path = Path(path)
-    if not path.is_dir():
-        raise ValueError(
-            f"Hugging Face model directory {path} not found: pass a local directory written by "
-            "save_pretrained"
-        )
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(
-            f"{config_file} not found: expected a Hugging Face GPT-2 directory (config.json + weights)"
-        )
-    hf = json.loads(config_file.read_text())
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(f"{config_file}: expected model_type 'gpt2', got {hf.get('model_type')!r}")
-    standard = (
-        hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
-        and hf.get("n_inner") in (None, 4 * hf["n_embd"])
-        and hf.get("scale_attn_weights", True)
-        and not hf.get("scale_attn_by_inverse_layer_idx", False)
-    )
-    if not standard:
-        raise ValueError(
-            f"{config_file}: expected the standard GPT-2 block "
-            "(gelu_new, n_inner = 4 * n_embd, default attention scaling)"
-        )
-
-    cfg = ModelConfig(
-        arch="gpt2",
-        vocab_size=hf["vocab_size"],
-        block_size=hf["n_positions"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        dropout=dropout,
-        bias=True,
-    )
+    cfg, eps = read_hf_config(path, dropout)
     model = GPT(cfg)
-    eps = hf.get("layer_norm_epsilon", 1e-5)
     for m in model.modules():
         if isinstance(m, nn.LayerNorm):
             m.eps = eps
-
     ours = model.state_dict()
     loaded = {}
     for key, t in _read_hf_weights(path).items():
@@ -80,6 +46,44 @@ def from_hf(path: str | Path, dropout: float = 0.0) -> GPT:
         for k, t in loaded.items():
             ours[k].copy_(t)
     return model
+
+
+def read_hf_config(path: Path, dropout: float = 0.0) -> tuple[ModelConfig, float]:
+    """The ModelConfig of a Hugging Face GPT-2 directory's config.json, and its LayerNorm epsilon."""
+    if not path.is_dir():
+        raise ValueError(
+            f"Hugging Face model directory {path} not found: pass a local folder written by save_pretrained"
+        )
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"{config_file} not found: expected a Hugging Face GPT-2 directory (config.json + weights)"
+        )
+    hf = json.loads(config_file.read_text())
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{config_file}: expected model_type 'gpt2', got {hf.get('model_type')!r}")
+    standard = (
+        hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
+        and hf.get("n_inner") in (None, 4 * hf["n_embd"])
+        and hf.get("scale_attn_weights", True)
+        and not hf.get("scale_attn_by_inverse_layer_idx", False)
+    )
+    if not standard:
+        raise ValueError(
+            f"{config_file}: expected the standard GPT-2 block "
+            "(gelu_new, n_inner = 4 * n_embd, default attention scaling)"
+        )
+    cfg = ModelConfig(
+        arch="gpt2",
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        dropout=dropout,
+        bias=True,
+    )
+    return cfg, hf.get("layer_norm_epsilon", 1e-5)
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Non-federated trainer on the shared core; one process or DDP under torchrun.
 
-python -m fedgpt.local_train --config configs/shakespeare_char_cpu.yaml
-python -m fedgpt.local_train --config configs/shakespeare_char_cpu.yaml --resume
-torchrun --standalone --nproc_per_node=2 -m fedgpt.local_train --config configs/shakespeare_char.yaml
+    python -m fedgpt.local_train --config configs/shakespeare_char_cpu.yaml
+    python -m fedgpt.local_train --config configs/shakespeare_char_cpu.yaml --resume
+    torchrun --standalone --nproc_per_node=2 -m fedgpt.local_train --config configs/shakespeare_char.yaml
+
+Every eval_interval steps rank 0 evaluates and writes last.pt (best.pt when validation improves).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Generate text from any fedgpt checkpoint (local trainer or ServerApp).
 
-python -m fedgpt.sample --checkpoint out/best.pt --prompt "ROMEO:" --num-samples 2 --max-new-tokens 200
+    python -m fedgpt.sample --checkpoint out/best.pt --prompt "ROMEO:" --num-samples 2 --max-new-tokens 200
+
+A checkpoint carries its tokenizer, so char and BPE checkpoints need nothing else.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Text <-> token ids: one token per character, or GPT-2's byte-level BPE (tiktoken "r50k_base").
 
-tok = CharTokenizer.from_text(text)          # vocabulary: the sorted characters of the corpus
-tok = BPETokenizer()                         # 50,257 ids, <|endoftext|> = 50256
-tok = get_tokenizer(tok.meta())              # rebuilt from its metadata (e.g. from a checkpoint)
+    tok = CharTokenizer.from_text(text)          # vocabulary: the sorted characters of the corpus
+    tok = BPETokenizer()                         # 50,257 ids, <|endoftext|> = 50256
+    tok = get_tokenizer(tok.meta())              # rebuilt from its metadata (e.g. from a checkpoint)
+
+meta() is JSON: it travels in checkpoints and in every federated message.
 """
 
 from __future__ import annotations

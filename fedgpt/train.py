@@ -1,8 +1,11 @@
 """The one training core: every caller (local trainer, ClientApp, benchmarks, tests) trains through `Trainer`.
 
-trainer = Trainer(model, cfg.train, device)
-metrics = trainer.train_steps(batches, num_steps=50, total_steps=cfg.train.max_steps)
-val = evaluate(trainer.model, val_batches, iters=20, ctx=trainer.ctx)
+    trainer = Trainer(model, cfg.train, device)
+    metrics = trainer.train_steps(batches, num_steps=50, total_steps=cfg.train.max_steps)
+    val = evaluate(trainer.model, val_batches, iters=20, ctx=trainer.ctx)
+
+Also here: the learning-rate schedule, precision (autocast, GradScaler), FedProx's proximal gradient, and
+build_model, which makes the GPT that train.init_from asks for.
 """
 
 from __future__ import annotations
@@ -204,64 +207,32 @@ class Trainer:
         total_steps sizes the cosine schedule (default cfg.max_steps); mu > 0 adds FedProx's proximal term
         against `ref` (the parameters of raw_model in order, e.g. the global model of this round).
         """
-        cfg = self.cfg
-        accum = grad_accum_steps or cfg.grad_accum_steps
-        params = list(self.raw_model.parameters())
         if mu > 0 and ref is None:
             raise ValueError("mu > 0 needs ref, the reference parameters of the proximal term")
+        accum = grad_accum_steps or self.cfg.grad_accum_steps
+        params = list(self.raw_model.parameters())
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        tokens = 0
-        lr, grad_norm = 0.0, torch.zeros(())
-        t0 = time.perf_counter()
-        t_log, steps_since_log = t0, 0
+        loss_sum = torch.zeros((), device=self.device)  # summed on the device: no host sync per step
+        tokens, lr, grad_norm = 0, 0.0, torch.zeros(())
+        t0 = t_log = time.perf_counter()
+        since_log = 0
         for _ in range(num_steps):
-            lr = lr_at(self.step, cfg, total_steps)
+            lr = lr_at(self.step, self.cfg, total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            for micro in range(accum):
-                x, y = next(batches)
-                # Under DDP, all-reduce gradients only on the last micro-step.
-                sync = not self.ddp or micro == accum - 1
-                with self.ctx, contextlib.nullcontext() if sync else self.model.no_sync():
-                    _, loss = self.model(x, y)
-                    loss = loss / accum
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                loss_sum += loss.detach()
-                tokens += x.numel()
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if mu > 0:
-                add_proximal_grad(params, ref, mu)
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad()
-            self.step += 1
-            steps_since_log += 1
-            if self.log is not None and self.step % cfg.log_interval == 0:
-                now = time.perf_counter()
-                self.log(
-                    self.format_log(
-                        loss.item() * accum,
-                        lr,
-                        float(grad_norm),
-                        (now - t_log) / steps_since_log,
-                        x.numel() * accum,
-                    )
-                )
-                t_log, steps_since_log = now, 0
+            loss, step_tokens = self._forward_backward(batches, accum)
+            grad_norm = self._update(params, mu, ref)
+            loss_sum += loss
+            tokens += step_tokens
+            self.step, since_log = self.step + 1, since_log + 1
+            if self.log is not None and self.step % self.cfg.log_interval == 0:
+                now = time.perf_counter()  # the loss is read (a host sync) only here, once per log line
+                dt = (now - t_log) / since_log
+                self.log(self.format_log(loss.item(), lr, float(grad_norm), dt, step_tokens))
+                t_log, since_log = now, 0
         seconds = time.perf_counter() - t0
-        mean_loss = (loss_sum / max(1, num_steps)).item()
         return {
-            "loss": mean_loss,
+            "loss": (loss_sum / max(1, num_steps)).item(),
             "tokens": tokens,
             "seconds": seconds,
             "tokens_per_s": tokens / max(seconds, 1e-9),
@@ -269,6 +240,41 @@ class Trainer:
             "lr": lr,
             "steps": num_steps,
         }
+
+    def _forward_backward(self, batches: Iterator, accum: int) -> tuple[torch.Tensor, int]:
+        """One step's gradients over `accum` micro-batches; its mean loss (a device tensor) and tokens."""
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
+        for micro in range(accum):
+            x, y = next(batches)
+            # Under DDP, all-reduce gradients only on the last micro-step.
+            sync = not self.ddp or micro == accum - 1
+            with self.ctx, contextlib.nullcontext() if sync else self.model.no_sync():
+                _, loss = self.model(x, y)
+                loss = loss / accum
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            loss_sum += loss.detach()
+            tokens += x.numel()
+        return loss_sum, tokens
+
+    def _update(self, params: list[torch.Tensor], mu: float, ref: list[torch.Tensor] | None) -> torch.Tensor:
+        """The optimizer step on the gradients in place (unscaled, proximal term added, clipped); the norm."""
+        grad_norm = torch.zeros(())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if mu > 0:
+            add_proximal_grad(params, ref, mu)
+        if self.cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        return grad_norm
 
     def format_log(self, loss: float, lr: float, grad_norm: float, dt: float, tokens_per_step: int) -> str:
         """One fixed-field line: step, loss, lr, grad norm, ms/step, tokens/s, MFU."""

@@ -1,7 +1,9 @@
 """python -m fedgpt.bench {train,fed,comm,deploy}: run one benchmark, print its table, write its JSON.
 
-python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml [--nanogpt ../nanoGPT]
-python -m fedgpt.bench fed | comm | deploy [--config ...]
+    python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml [--nanogpt ../nanoGPT]
+    python -m fedgpt.bench fed | comm | deploy [--config ...]
+
+Each writes results/bench-<kind>-<time>.json unless --out names the file.
 """
 
 from __future__ import annotations

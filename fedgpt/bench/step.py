@@ -102,6 +102,19 @@ class FedgptRunner:
             step_ms.append((time.perf_counter() - t0) * 1000)
         return step_ms
 
+    def figures(self, step_ms: list[list[float]]) -> dict[str, Any]:
+        """Median step time and tokens/s over every repeat, MFU (CUDA), peak memory, each repeat's median."""
+        res = _summary([t for rep in step_ms for t in rep], self.tokens_per_step)
+        mfu = self.mfu(res["ms_per_step"])
+        mem, mem_kind = self.peak_memory()
+        return {
+            **res,
+            "mfu": None if mfu is None else round(mfu, 4),
+            "peak_memory_mb": round(mem, 1),
+            "peak_memory_kind": mem_kind,
+            "repeat_ms_per_step": [round(statistics.median(r), 3) for r in step_ms],
+        }
+
     def peak_memory(self) -> tuple[float, str]:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda max_memory_allocated"
@@ -184,6 +197,23 @@ class NanoGPTRunner:
             f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in args.items()
         ]
 
+    def figures(
+        self, step_ms: list[list[float]], ours: FedgptRunner, args: argparse.Namespace
+    ) -> dict[str, Any]:
+        """As FedgptRunner.figures, with MFU from fedgpt's model (the same shape) and the command that ran."""
+        res = _summary([t for rep in step_ms for t in rep], ours.tokens_per_step)
+        mfu = ours.mfu(res["ms_per_step"])
+        cpu_rss = ours.device.type == "cpu" and self.peak_rss_mb is not None
+        return {
+            **res,
+            "mfu": None if mfu is None else round(mfu, 4),
+            "peak_memory_mb": self.peak_rss_mb if cpu_rss else None,
+            "peak_memory_kind": "peak RSS of the nanoGPT process" if cpu_rss else "not measured",
+            "repeat_ms_per_step": [round(statistics.median(r), 3) for r in step_ms],
+            "checkout": str(Path(args.nanogpt).resolve()),
+            "command": " ".join(self.command(args.steps, args.warmup)),
+        }
+
     def run(self, steps: int, warmup: int) -> list[float]:
         cmd = [sys.executable, "-c", NANOGPT_MAIN] + self.command(steps, warmup)[2:]
         r = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True)
@@ -259,76 +289,70 @@ def bench_train(args: argparse.Namespace, overrides: list[str], command: str = "
             if args.nanogpt
             else None
         )
-        ours_ms, nano_ms = [], []
-        for r in range(args.repeats):
-            ours_ms.append(ours.run(args.steps, args.warmup))
-            print(
-                f"repeat {r + 1}/{args.repeats}: fedgpt {statistics.median(ours_ms[-1]):.2f} ms/step",
-                end="",
-                flush=True,
-            )
-            if nano is not None:
-                nano_ms.append(nano.run(args.steps, args.warmup))
-                print(f" | nanoGPT {statistics.median(nano_ms[-1]):.2f} ms/step", end="")
-            print(flush=True)
-
-    tps = ours.tokens_per_step
-    ours_res = _summary([t for rep in ours_ms for t in rep], tps)
-    mfu = ours.mfu(ours_res["ms_per_step"])
-    mem, mem_kind = ours.peak_memory()
-    ours_res.update(
-        mfu=None if mfu is None else round(mfu, 4),
-        peak_memory_mb=round(mem, 1),
-        peak_memory_kind=mem_kind,
-        repeat_ms_per_step=[round(statistics.median(rep), 3) for rep in ours_ms],
-    )
-    result: dict[str, Any] = {
+        ours_ms, nano_ms = alternate(ours, nano, args.steps, args.warmup, args.repeats)
+    result = {
         "bench": "train",
         "config": args.config,
         "overrides": overrides,
         "command": command,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": str(ours.device),
-        "device_name": torch.cuda.get_device_name(ours.device)
-        if ours.device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        **machine(ours),
         "precision": ours.trainer.precision,
         "compile": cfg.train.compile,
         "steps": args.steps,
         "warmup": args.warmup,
         "repeats": args.repeats,
-        "tokens_per_step": tps,
+        "tokens_per_step": ours.tokens_per_step,
         "params": ours.trainer.raw_model.num_params(),
-        "fedgpt": ours_res,
+        "fedgpt": ours.figures(ours_ms),
     }
     if nano is None:
-        result.update(nanogpt=None, nanogpt_skipped=NO_NANOGPT)
-    else:
-        nano_res = _summary([t for rep in nano_ms for t in rep], tps)
-        nmfu = ours.mfu(nano_res["ms_per_step"])  # same model shape, so the same flops per token
-        cpu_rss = ours.device.type == "cpu" and nano.peak_rss_mb is not None
-        nano_res.update(
-            mfu=None if nmfu is None else round(nmfu, 4),
-            peak_memory_mb=nano.peak_rss_mb if cpu_rss else None,
-            peak_memory_kind="peak RSS of the nanoGPT process" if cpu_rss else "not measured",
-            repeat_ms_per_step=[round(statistics.median(rep), 3) for rep in nano_ms],
-            checkout=str(Path(args.nanogpt).resolve()),
-            command=" ".join(nano.command(args.steps, args.warmup)),
+        return {**result, "nanogpt": None, "nanogpt_skipped": NO_NANOGPT}
+    nano_res = nano.figures(nano_ms, ours, args)
+    pairs = [statistics.median(n) / statistics.median(f) for f, n in zip(ours_ms, nano_ms)]
+    # speedup pools every timed step; the median of the per-repeat ratios resists load that comes and goes
+    # between repeats.
+    return {
+        **result,
+        "nanogpt": nano_res,
+        "speedup": round(nano_res["ms_per_step"] / result["fedgpt"]["ms_per_step"], 3),
+        "speedup_repeat_median": round(statistics.median(pairs), 3),
+        "repeat_speedups": [round(p, 3) for p in pairs],
+        "differences": differences(cfg, ours),
+    }
+
+
+def alternate(
+    ours: FedgptRunner, nano: NanoGPTRunner | None, steps: int, warmup: int, repeats: int
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Step times of each repeat, fedgpt then nanoGPT in turn, so that both see the same machine load."""
+    ours_ms, nano_ms = [], []
+    for r in range(repeats):
+        ours_ms.append(ours.run(steps, warmup))
+        print(
+            f"repeat {r + 1}/{repeats}: fedgpt {statistics.median(ours_ms[-1]):.2f} ms/step",
+            end="",
+            flush=True,
         )
-        pairs = [statistics.median(n) / statistics.median(f) for f, n in zip(ours_ms, nano_ms)]
-        # speedup pools every timed step; the median of the per-repeat ratios resists load that comes and goes
-        # between repeats.
-        result.update(
-            nanogpt=nano_res,
-            speedup=round(nano_res["ms_per_step"] / ours_res["ms_per_step"], 3),
-            speedup_repeat_median=round(statistics.median(pairs), 3),
-            repeat_speedups=[round(p, 3) for p in pairs],
-            differences=differences(cfg, ours),
-        )
-    return result
+        if nano is not None:
+            nano_ms.append(nano.run(steps, warmup))
+            print(f" | nanoGPT {statistics.median(nano_ms[-1]):.2f} ms/step", end="")
+        print(flush=True)
+    return ours_ms, nano_ms
+
+
+def machine(ours: FedgptRunner) -> dict[str, Any]:
+    dev = ours.device
+    name = (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    )
+    return {
+        "device": str(dev),
+        "device_name": name,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def markdown(res: dict[str, Any]) -> str:

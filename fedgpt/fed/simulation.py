@@ -79,30 +79,7 @@ def launch(
 
     def prepare() -> None:
         try:
-            import torch
-
-            from fedgpt.fed.server import FederatedRun
-
-            gpus = (
-                res.client_gpus
-                if res.client_gpus is not None
-                else (1.0 if torch.cuda.is_available() else 0.0)
-            )
-            # Clients that can train at once: Ray schedules by CPUs, or by GPUs when clients ask for them.
-            slots = (
-                max(1, int((os.cpu_count() or 1) // res.client_cpus))
-                if gpus == 0
-                else max(1, int(torch.cuda.device_count() // gpus))
-            )
-            prepared["gpus"] = gpus
-            prepared["run"] = FederatedRun(
-                cfg,
-                resume=resume,
-                overwrite=overwrite,
-                slots=min(slots, cfg.fed.num_clients),
-                client_threads=max(1, int(res.client_cpus)),
-                t_start=t_start,
-            )
+            prepared["run"], prepared["gpus"] = _prepare(cfg, res, resume, overwrite, t_start)
         except BaseException as e:
             prepared["error"] = e
 
@@ -122,6 +99,31 @@ def launch(
         "init_args": init_args,
     }
     return {**simulate(prepared["run"], app, cfg.fed.num_clients, backend), "out_dir": cfg.train.out_dir}
+
+
+def _prepare(
+    cfg: Config, res: Resources, resume: bool, overwrite: bool, t_start: float
+) -> tuple[FederatedRun, float]:
+    """The run, ready for its first round, and the GPU share each client gets."""
+    import torch
+
+    from fedgpt.fed.server import FederatedRun
+
+    gpus = res.client_gpus if res.client_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
+    # Clients that can train at once: Ray schedules by CPUs, or by GPUs when clients ask for them.
+    if gpus == 0:
+        slots = max(1, int((os.cpu_count() or 1) // res.client_cpus))
+    else:
+        slots = max(1, int(torch.cuda.device_count() // gpus))
+    run = FederatedRun(
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        slots=min(slots, cfg.fed.num_clients),
+        client_threads=max(1, int(res.client_cpus)),
+        t_start=t_start,
+    )
+    return run, gpus
 
 
 def simulate(run: FederatedRun, client_app: ClientApp, num_supernodes: int, backend_config: dict) -> dict:

@@ -1,8 +1,10 @@
 """The Flower strategy fed.strategy names, built with settings sized for a GPT, and its state for checkpoints.
 
-strategy = make_strategy(cfg.fed)
-extra = {"strategy": strategy_state(strategy)}     # saved in last.pt
-load_strategy_state(strategy, extra["strategy"])   # on --resume
+    strategy = make_strategy(cfg.fed)
+    extra = {"strategy": strategy_state(strategy)}     # saved in last.pt
+    load_strategy_state(strategy, extra["strategy"])   # on --resume
+
+fedgpt.config.STRATEGY_SERVER_LR names the strategies and the server learning rate each starts from.
 """
 
 from __future__ import annotations
