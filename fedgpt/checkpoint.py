@@ -109,15 +109,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise ValueError(
-            f"checkpoint {path} not found: train one with `python -m fedgpt.local_train` or `python "
-            "simulate.py`"
+            f"checkpoint {path} not found: "
+            "train one with `python -m fedgpt.local_train` or `python simulate.py`"
         )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(
-            f"checkpoint {path} is unreadable (truncated or not a torch file: {type(e).__name__}): "
-            "point to a complete fedgpt checkpoint, e.g. out/last.pt"
+            f"checkpoint {path} is unreadable (truncated or not a torch file: {type(e).__name__}): point to "
+            "a complete fedgpt checkpoint, e.g. out/last.pt"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(
@@ -173,6 +173,6 @@ def check_compatible(ckpt: dict, model_config: ModelConfig, path: str | Path) ->
     diffs = architecture_diff(model_config_of(ckpt), model_config)
     if diffs:
         raise ValueError(
-            f"checkpoint {path} has another architecture ({'; '.join(diffs)}): "
-            "use the checkpoint's model settings or start from scratch"
+            f"checkpoint {path} has another architecture ({'; '.join(diffs)}): use the checkpoint's model "
+            "settings or start from scratch"
         )

@@ -85,8 +85,8 @@ def speaker_of(paragraph: str) -> str | None:
 def _read_source(path: Path) -> bytes:
     if not path.is_file():
         raise ValueError(
-            f"input file {path} not found: fix --data.input_file, or leave it empty to download Tiny "
-            "Shakespeare"
+            f"input file {path} not found: "
+            "fix --data.input_file, or leave it empty to download Tiny Shakespeare"
         )
     raw = path.read_bytes()
     if not raw:
@@ -99,8 +99,8 @@ def _decode_utf8(raw: bytes, path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(
-            f"{path} is not UTF-8 text (byte offset {e.start}): convert it first, "
-            f"e.g. iconv -f LATIN1 -t UTF-8 {path.name} > {path.stem}.utf8.txt"
+            f"{path} is not UTF-8 text (byte offset {e.start}): convert it first, e.g. iconv -f LATIN1 -t "
+            f"UTF-8 {path.name} > {path.stem}.utf8.txt"
         ) from None
 
 
@@ -149,8 +149,7 @@ def _encode_to_cache(
     if not 0 < n_train < n:
         raise ValueError(
             f"{source} has only {n:,} token(s): with data.val_fraction={cfg.val_fraction} the train or "
-            "validation "
-            "split would be empty; use a larger corpus"
+            "validation split would be empty; use a larger corpus"
         )
     speakers: dict[str, int] = {}
     turns = []  # [speaker index, start, end]: a turn covers its paragraph and the blank line(s) after it
@@ -243,8 +242,8 @@ class Batches:
         n = len(tokens)
         if n <= block_size:
             raise ValueError(
-                f"only {n} tokens, need more than block_size={block_size} for one window: "
-                "use a larger corpus/partition or a smaller model.block_size"
+                f"only {n} tokens, need more than block_size={block_size} for one window: use a larger "
+                "corpus/partition or a smaller model.block_size"
             )
         self.block_size = block_size
         self.batch_size = batch_size

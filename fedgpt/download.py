@@ -39,8 +39,8 @@ def download_shakespeare(data_dir: str | Path) -> Path:
         if actual != SHAKESPEARE_SHA256:
             raise ValueError(
                 f"{path} exists but its sha256 is {actual}, not Tiny Shakespeare's {SHAKESPEARE_SHA256}: "
-                f"delete it to download it again, or pass --data.input_file={path} to train on it as your "
-                "own corpus"
+                "delete it to download it again, "
+                f"or pass --data.input_file={path} to train on it as your own corpus"
             )
         return path
     url = SHAKESPEARE_URL  # read at call time so tests can point it elsewhere
@@ -57,8 +57,7 @@ def download_shakespeare(data_dir: str | Path) -> Path:
     if len(data) != SHAKESPEARE_BYTES or _sha256(data) != SHAKESPEARE_SHA256:
         raise DataUnavailableError(
             f"downloaded {len(data):,} bytes from {url} with sha256 {_sha256(data)}, expected "
-            f"{SHAKESPEARE_BYTES:,} "
-            f"bytes with sha256 {SHAKESPEARE_SHA256}; {put_it}"
+            f"{SHAKESPEARE_BYTES:,} bytes with sha256 {SHAKESPEARE_SHA256}; {put_it}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)

@@ -39,8 +39,8 @@ def from_hf(path: str | Path, dropout: float = 0.0) -> GPT:
     wrong = [k for k in expected & loaded.keys() if loaded[k].shape != ours[k].shape]
     if missing or unexpected or wrong:
         raise ValueError(
-            f"{path}: weights do not match GPT-2 config.json: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+            f"{path}: weights do not match GPT-2 config.json: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, wrong shape {wrong[:5]}"
         )
     with torch.no_grad():
         for k, t in loaded.items():

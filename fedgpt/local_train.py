@@ -93,8 +93,8 @@ def start_processes(cfg: Config) -> Processes:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if cfg.train.grad_accum_steps % world:
         raise ValueError(
-            f"train.grad_accum_steps={cfg.train.grad_accum_steps} must be divisible by the {world} DDP "
-            "processes"
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps} "
+            f"must be divisible by the {world} DDP processes"
         )
     return Processes(rank, world, device, ddp)
 
@@ -120,9 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(tc.seed + procs.rank)  # dropout masks differ between ranks
     say(
         f"model: {model.cfg.arch}, {model.num_params() / 1e6:.2f}M parameters | data: {len(ds.train):,} "
-        "train / "
-        f"{len(ds.val):,} val tokens ({ds.tokenizer.meta()['kind']}) | device {procs.device} | {procs.world} "
-        "process(es)"
+        f"train / {len(ds.val):,} val tokens ({ds.tokenizer.meta()['kind']}) | device {procs.device} | "
+        f"{procs.world} process(es)"
     )
 
     trainer = Trainer(model, tc, procs.device, ddp_rank=procs.rank if procs.ddp else None, log=say)
@@ -259,8 +258,8 @@ def _check_resumable(ckpt: dict, path: Path, world: int) -> None:
     has."""
     if ckpt.get("round") is not None:
         raise ValueError(
-            f"{path} is from a federated run (round {ckpt['round']}): resume it with the ServerApp, "
-            f"or start a new local run from its weights with --train.init_from={path} and another out_dir"
+            f"{path} is from a federated run (round {ckpt['round']}): resume it with the ServerApp, or start "
+            f"a new local run from its weights with --train.init_from={path} and another out_dir"
         )
     if ckpt.get("optimizer") is None:
         raise ValueError(
@@ -271,7 +270,7 @@ def _check_resumable(ckpt: dict, path: Path, world: int) -> None:
     if saved != world:
         raise ValueError(
             f"{path} was written by {saved} process(es) and this run has {world}: resume with the same "
-            f"number of processes (the per-rank random state must match)"
+            "number of processes (the per-rank random state must match)"
         )
 
 

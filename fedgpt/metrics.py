@@ -24,8 +24,8 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        # From the second row on: one point is no curve, and the first plot (importing matplotlib, ~0.7 s)
-        # would otherwise sit between a federation's round-0 evaluation and round 1.
+        # From the second row on: one point is no curve, and the first plot (which imports matplotlib) would
+        # otherwise sit between a federation's round-0 evaluation and round 1.
         if self.plot_path and len(self.rows) > 1:
             plot_losses(self.rows, self.plot_path, self.x)
 

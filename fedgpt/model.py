@@ -148,8 +148,8 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError(
-                f"model.vocab_size={cfg.vocab_size}: set it to the tokenizer's vocabulary size before "
-                "building GPT"
+                f"model.vocab_size={cfg.vocab_size}: "
+                "set it to the tokenizer's vocabulary size before building GPT"
             )
         if cfg.arch not in ARCHS:
             raise ValueError(f"model.arch={cfg.arch!r} is not one of {', '.join(ARCHS)}")
@@ -206,8 +206,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {past + T} exceeds model.block_size={self.cfg.block_size}")
         if kv_cache is not None and (past + T > kv_cache.max_len or B != kv_cache.batch_size):
             raise ValueError(
-                f"KV cache holds {kv_cache.batch_size} rows of {kv_cache.max_len} positions, "
-                f"got {B} rows reaching position {past + T}"
+                f"KV cache holds {kv_cache.batch_size} rows of {kv_cache.max_len} positions, got {B} rows "
+                f"reaching position {past + T}"
             )
 
         x = self.transformer.wte(idx)  # (B, T, C)

@@ -1,10 +1,9 @@
 """AdamW on torch's fused kernel, without torch.optim's start-up cost.
 
 torch.optim.Optimizer wraps add_param_group in torch._disable_dynamo, so constructing any torch optimizer
-imports torch._dynamo: 1.5-2 s of CPU in every process that trains (each Ray actor of a simulation, and in
-a deployment each ClientApp process, every round). FusedAdamW calls the kernel that
-torch.optim.AdamW(fused=True) calls, on the same state, so its steps are bitwise equal to torch's and state
-dicts load either way.
+imports torch._dynamo, seconds of CPU in every process that trains: each Ray actor of a simulation, and in a
+deployment each ClientApp process, every round. FusedAdamW calls the kernel that torch.optim.AdamW(fused=True)
+calls, on the same state, so its steps are bitwise equal to torch's and state dicts load either way.
 """
 
 import functools
@@ -133,8 +132,8 @@ class FusedAdamW:
         groups = state_dict["param_groups"]
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError(
-                "optimizer state was saved for other parameter groups: resume with the model it was saved "
-                "with"
+                "optimizer state was saved for other parameter groups: "
+                "resume with the model it was saved with"
             )
         by_index = {
             i: p for saved, g in zip(groups, self.param_groups) for i, p in zip(saved["params"], g["params"])

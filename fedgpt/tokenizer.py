@@ -98,8 +98,7 @@ def _load_tiktoken(encoding: str, cache_dir: str | Path | None):
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise DataUnavailableError(
             f"could not load the tiktoken encoding {encoding!r} ({reason}); tiktoken downloads it on first "
-            "use: "
-            f"offline, copy a filled tiktoken cache into {where} or set TIKTOKEN_CACHE_DIR to one"
+            f"use: offline, copy a filled tiktoken cache into {where} or set TIKTOKEN_CACHE_DIR to one"
         ) from None
     finally:
         if env is None:

@@ -53,12 +53,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @functools.cache
 def reuse_freed_cpu_memory() -> bool:
-    """Make glibc malloc keep freed blocks up to 32 MiB for reuse; True if it took effect (Linux with glibc
-    only)."""
+    """Make glibc malloc keep freed blocks up to 32 MiB for reuse; True if it took effect (glibc only)."""
     # glibc's dynamic threshold still maps many activation-sized blocks fresh from the kernel and unmaps them
-    # when freed, so each step page-faults them in again: 1,000-2,000 faults, ~10% of a step on the 2-core CPU
-    # config. Served from the heap they are reused step after step; freed memory returns to the OS beyond 256
-    # MiB at the top of the heap.
+    # when freed, so every step page-faults them in again. Served from the heap they are reused step after
+    # step; freed memory returns to the OS beyond 256 MiB at the top of the heap.
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows)
@@ -286,8 +284,8 @@ class Trainer:
             else f"{100 * self.raw_model.estimate_mfu(tokens_per_step, dt, self.peak):.1f}%"
         )
         return (
-            f"step {self.step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:6.3f} | "
-            f"{dt * 1000:7.1f} ms/step | {tps:9.0f} tok/s | mfu {mfu}"
+            f"step {self.step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:6.3f} | {dt * 1000:7.1f} "
+            f"ms/step | {tps:9.0f} tok/s | mfu {mfu}"
         )
 
 
@@ -305,15 +303,15 @@ def build_model(cfg: Config, tokenizer_meta: dict, vocab_size: int) -> GPT:
     if init == "scratch":
         if m.vocab_size and m.vocab_size < vocab_size:
             raise ValueError(
-                f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}: "
-                "set it to 0 (use the tokenizer's) or larger"
+                f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}: set it to 0 "
+                "(use the tokenizer's) or larger"
             )
         return GPT(dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size))
     if init.startswith("hf:"):
         if tokenizer_meta.get("kind") != "gpt2":
             raise ValueError(
-                f"train.init_from={init} loads GPT-2 weights, which need data.tokenizer=gpt2 "
-                f"(got {tokenizer_meta.get('kind')})"
+                f"train.init_from={init} loads GPT-2 weights, which need data.tokenizer=gpt2 (got "
+                f"{tokenizer_meta.get('kind')})"
             )
         from fedgpt.hf import from_hf
 
@@ -329,8 +327,8 @@ def build_model(cfg: Config, tokenizer_meta: dict, vocab_size: int) -> GPT:
     diffs = architecture_diff(model.cfg, m, initialising=True)
     if diffs:
         raise ValueError(
-            f"train.init_from={init} is another architecture than the config's ({'; '.join(diffs)}): "
-            "set model.* to the checkpoint's (a smaller block_size is fine)"
+            f"train.init_from={init} is another architecture than the config's ({'; '.join(diffs)}): set "
+            "model.* to the checkpoint's (a smaller block_size is fine)"
         )
     if model.cfg.vocab_size < vocab_size:
         raise ValueError(f"{init} has vocab_size {model.cfg.vocab_size} < the tokenizer's {vocab_size}")

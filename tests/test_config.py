@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from fedgpt.config import SECTIONS, Config, load_config, parse_overrides
+from fedgpt.config import SECTIONS, Config, load_config, parse_overrides, reference_markdown
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -162,3 +162,10 @@ def test_shakespeare_char_cpu_is_nanogpts_baby_gpt_at_a_higher_learning_rate():
     assert t.lr_decay_steps in (0, 2000)  # 0 decays over max_steps = nanoGPT's lr_decay_iters=2000
     assert (t.learning_rate, t.min_lr) == (3e-3, 3e-4)  # nanoGPT: 1e-3, 1e-4 (see the config's comment)
     assert t.compile is False and cfg.data.tokenizer == "char"
+
+
+def test_every_field_is_documented_beside_its_default():
+    # The comment on a field's line is its documentation (README table, python -m fedgpt.config).
+    rows = reference_markdown().splitlines()[2:]
+    undocumented = [row.split("|")[1].strip() for row in rows if not row.split("|")[3].strip()]
+    assert not undocumented, f"fields without a comment on their line: {undocumented}"

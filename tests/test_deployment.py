@@ -68,8 +68,8 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(deployment: Deployment, dat
     )
     took = time.monotonic() - t0
     context = (
-        f"flwr run exited {res.returncode} after {took:.0f} s\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n"
-        f"{deployment.logs()}"
+        f"flwr run exited {res.returncode} after {took:.0f} "
+        f"s\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{deployment.logs()}"
     )
     assert res.returncode == 0, context
     match = re.search(r"Successfully started run (\d+)", res.stdout)

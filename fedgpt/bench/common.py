@@ -28,8 +28,8 @@ def app_dir(path: str | Path = ".") -> Path:
         and "[tool.flwr.app]" in pyproject.read_text()
     ):
         raise ValueError(
-            f"{root} is not the fedgpt app directory (pyproject.toml with [tool.flwr.app], simulate.py): "
-            "run the benchmark from the fedgpt checkout, or pass --app-dir"
+            f"{root} is not the fedgpt app directory (pyproject.toml with [tool.flwr.app], simulate.py): run "
+            "the benchmark from the fedgpt checkout, or pass --app-dir"
         )
     return root
 

@@ -165,8 +165,8 @@ def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[
             "wall_s": round(run.wall_s, 1),
         }
         print(
-            f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; "
-            f"val {rs[-1].val_loss:.4f}",
+            f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; val "
+            f"{rs[-1].val_loss:.4f}",
             flush=True,
         )
     out["fp16_vs_fp32_transport"] = round(
@@ -216,8 +216,8 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
         res = dep.flwr(["run", str(floor_app), "loopback", "--stream"], timeout=a.timeout, cwd=work)
         if res.returncode != 0 or not floor_out.is_file():
             raise RuntimeError(
-                f"the deployment floor exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n"
-                f"{dep.logs()}"
+                "the deployment floor exited "
+                f"{res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}"
             )
     finally:
         dep.stop()
@@ -237,8 +237,8 @@ def _check_installed(work: Path) -> None:
     ).stdout.strip()
     if found != "True":
         raise RuntimeError(
-            "bench deploy runs its floor from the installed fedgpt package: install it with pip install -e . "
-            "(the README's install command)"
+            "bench deploy runs its floor from the installed fedgpt package: install it with pip install -e "
+            ". (the README's install command)"
         )
 
 

@@ -1,6 +1,6 @@
 """The results table: centralized training against federated strategies at equal training tokens.
 
-    python -m fedgpt.results                       # every run below on the CPU config (~25 min on 2 cores)
+    python -m fedgpt.results                       # every run below, on the CPU config
     python -m fedgpt.results --only fedavg_iid     # rerun one; the table keeps the others' saved runs
 
 Each run is the real entry point in a subprocess (`python -m fedgpt.local_train`, `python simulate.py`),
@@ -161,16 +161,14 @@ def table(res: list[dict], a: argparse.Namespace) -> str:
         diff = f"{r['final_val_loss'] - base['final_val_loss']:+.4f}" if base and r is not base else "-"
         lines.append(
             f"| {r['label']} | {r['final_val_loss']:.4f} | {diff} | {r['best_val_loss']:.4f} | "
-            f"{r['tokens'] / 1e6:.3f} | "
-            f"{r['wall_s']:.0f} |"
+            f"{r['tokens'] / 1e6:.3f} | {r['wall_s']:.0f} |"
         )
     lines += [
         "",
         f"Config `{a.config}`; federated runs: {a.num_clients} clients x {a.rounds} rounds x {a.local_steps} "
-        "local steps; "
-        f"centralized: {a.num_clients * a.rounds * a.local_steps} steps; centralized with the federation's "
-        "parallelism: "
-        f"{a.rounds * a.local_steps} steps of {a.num_clients}x the batch. Commands:",
+        f"local steps; centralized: {a.num_clients * a.rounds * a.local_steps} steps; centralized with the "
+        f"federation's parallelism: {a.rounds * a.local_steps} steps of {a.num_clients}x the batch. "
+        "Commands:",
         "",
     ]
     lines += [f"- {r['name']}: `{r['command']}`" for r in res]
@@ -246,8 +244,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a, overrides = parse_args(argv)
     if min(a.num_clients, a.rounds, a.local_steps) < 1:
         raise ValueError(
-            f"--num-clients, --rounds and --local-steps must be >= 1 (got {a.num_clients}, {a.rounds}, "
-            f"{a.local_steps})"
+            "--num-clients, --rounds and --local-steps must be >= 1 "
+            f"(got {a.num_clients}, {a.rounds}, {a.local_steps})"
         )
     tc = load_config(a.config, overrides).train  # a bad config or override fails here, before any run
     app = app_dir(a.app_dir)

@@ -52,14 +52,10 @@ def _peak_rss_mb() -> float:
 
 # Runs nanoGPT's train.py as `python train.py ARGS` would, then reports the peak RSS of that process.
 NANOGPT_MAIN = (
-    "import runpy, sys\n"
-    "sys.argv = ['train.py'] + sys.argv[1:]\n"
-    "runpy.run_path('train.py', run_name='__main__')\n"
-    "try:\n"
-    "    print('peak_rss_mb', [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if "
-    "l.startswith('VmHWM:')][0])\n"
-    "except (OSError, IndexError):\n"
-    "    pass  # no /proc: peak memory is not reported\n"
+    "import runpy, sys\nsys.argv = ['train.py'] + sys.argv[1:]\nrunpy.run_path('train.py', "
+    "run_name='__main__')\ntry:\n    print('peak_rss_mb', [int(l.split()[1]) / 1024 for l in "
+    "open('/proc/self/status') if l.startswith('VmHWM:')][0])\nexcept (OSError, IndexError):\n    pass  # "
+    "no /proc: peak memory is not reported\n"
 )
 NANOGPT_RSS = re.compile(r"^peak_rss_mb ([\d.]+)$", re.MULTILINE)
 
@@ -140,8 +136,8 @@ class NanoGPTRunner:
         missing = [f for f in ("train.py", "model.py", "configurator.py") if not (checkout / f).is_file()]
         if missing:
             raise ValueError(
-                f"--nanogpt {checkout} is not a nanoGPT checkout (missing {', '.join(missing)}): "
-                "pass the directory of a clone of https://github.com/karpathy/nanoGPT"
+                f"--nanogpt {checkout} is not a nanoGPT checkout (missing {', '.join(missing)}): pass the "
+                "directory of a clone of https://github.com/karpathy/nanoGPT"
             )
         m, tc = ours.cfg.model, ours.cfg.train
         if m.arch != "gpt2":
@@ -220,16 +216,15 @@ class NanoGPTRunner:
         if r.returncode != 0:
             raise NanoGPTError(
                 f"nanoGPT failed (exit {r.returncode}) in {self.root}: "
-                f"{' '.join(self.command(steps, warmup))}\n"
-                f"{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+                f"{' '.join(self.command(steps, warmup))}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
             )
         times = {int(i): float(ms) for i, ms in NANOGPT_ITER.findall(r.stdout)}
         step_ms = [times[i] for i in range(warmup, warmup + steps) if i in times]
         if len(step_ms) != steps:
             raise NanoGPTError(
                 "expected nanoGPT's 'iter N: ... time X ms' lines for iterations "
-                f"{warmup}..{warmup + steps - 1}, "
-                f"found {sorted(times)[-5:]}: is {self.root} an unmodified nanoGPT checkout?"
+                f"{warmup}..{warmup + steps - 1}, found {sorted(times)[-5:]}: "
+                f"is {self.root} an unmodified nanoGPT checkout?"
             )
         rss = NANOGPT_RSS.search(r.stdout)
         if rss:
@@ -248,24 +243,22 @@ def differences(cfg: Config, ours: FedgptRunner) -> list[str]:
         "batches: both sample random windows of the same token stream, with different random generators",
         "init: same scheme (normal 0.02, scaled c_proj), different seeds",
         "timing: fedgpt times each Trainer.train_steps(batches, 1) call (ends in loss.item()); nanoGPT "
-        "prints its own "
-        "per-iteration time (includes its get_batch, loss.item() and log print)",
+        "prints its own per-iteration time (includes its get_batch, loss.item() and log print)",
     ]
     if cpu:
         out.append(
-            "AdamW: fedgpt uses the fused CPU kernel; nanoGPT the for-loop kernel (it fuses on CUDA only); "
-            "same update"
+            "AdamW: fedgpt uses the fused CPU kernel; nanoGPT the for-loop kernel (it fuses on CUDA only), "
+            "the same update"
         )
         if reuse_freed_cpu_memory():
             out.append(
                 "allocator: fedgpt's Trainer makes glibc malloc reuse freed blocks (no page faults per "
-                "step); "
-                "nanoGPT runs with glibc's defaults"
+                "step); nanoGPT runs with glibc's defaults"
             )
         if ours.trainer.precision != "fp32":
             out.append(
-                f"precision: fedgpt {ours.trainer.precision} autocast on CPU; nanoGPT ignores dtype on CPU "
-                "(fp32)"
+                f"precision: fedgpt {ours.trainer.precision} autocast on CPU; "
+                "nanoGPT ignores dtype on CPU (fp32)"
             )
     if tc.compile:
         out.append("torch.compile: both compile their model (train.compile=true)")
@@ -276,8 +269,8 @@ def bench_train(args: argparse.Namespace, overrides: list[str], command: str = "
     """Time fedgpt (and nanoGPT, alternating) on args.config; the result as a JSON-ready dict."""
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1:
         raise ValueError(
-            f"--steps={args.steps}, --repeats={args.repeats} and --warmup={args.warmup} must be >= 1 "
-            "(the first step includes one-time costs, and nanoGPT evaluates in it)"
+            f"--steps={args.steps}, --repeats={args.repeats} and --warmup={args.warmup} must be >= 1 (the "
+            "first step includes one-time costs, and nanoGPT evaluates in it)"
         )
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -380,15 +373,14 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["| " + " | ".join([label] + [cell(r, key) for _, r in cols]) + " |" for label, key in rows]
     lines.append(
         f"\n{res['device']} ({res['device_name']}), torch {res['torch']}, {res['threads']} threads, "
-        f"{res['precision']}, "
-        f"{res['tokens_per_step']} tokens/step, {res['repeats']} x {res['steps']} timed steps after "
-        f"{res['warmup']} warm-up"
+        f"{res['precision']}, {res['tokens_per_step']} tokens/step, {res['repeats']} x {res['steps']} timed "
+        f"steps after {res['warmup']} warm-up"
     )
     if res["nanogpt"]:
         lines.append(
             f"fedgpt / nanoGPT tokens/s: {res['speedup']:.3f}x over all steps, "
-            f"{res['speedup_repeat_median']:.3f}x median of "
-            f"repeats ({', '.join(f'{p:.3f}' for p in res['repeat_speedups'])})"
+            f"{res['speedup_repeat_median']:.3f}x median of repeats "
+            f"({', '.join(f'{p:.3f}' for p in res['repeat_speedups'])})"
         )
         lines += ["differences:"] + [f"- {d}" for d in res["differences"]]
     else:

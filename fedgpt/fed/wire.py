@@ -1,16 +1,14 @@
-"""What crosses the wire: model weights as a Flower ArrayRecord of one flat array, tied weights once, fp32 or
-fp16.
+"""What crosses the wire: model weights as a Flower ArrayRecord of one flat array, tied weights once.
 
 Downlink (server -> client): the global weights, fp32 or fp16. Uplink (client -> server): the trained
 weights in fp32, or with half precision the fp16 *difference* from the weights the client received; the
 server adds it to its fp32 global model, so rounding never accumulates. Flower's ArrayRecord rejects bf16,
 so half precision means fp16.
 
-All tensors travel as one flat array, split again by the receiver's own model. Flower moves every array of
-a message as its own object, each hop (ServerApp, SuperLink, SuperNode, ClientApp) pushing or pulling it
-with a request of its own: one array per tensor cost about 0.9 s per deployment round with the CPU config
-(python -m fedgpt.bench deploy). Strategies still see one fp32 array per tensor (to_record(...,
-flat=False)), and their state keeps those names.
+All tensors travel as one flat array, split again by the receiver's own model: Flower moves every array of a
+message as its own object, each hop (ServerApp, SuperLink, SuperNode, ClientApp) pushing or pulling it with a
+request of its own (docs/deployment.md has what that cost). Strategies still see one fp32 array per tensor
+(to_record(..., flat=False)), and their state keeps those names.
 """
 
 from __future__ import annotations
@@ -105,6 +103,6 @@ def check_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     ]
     if missing or extra or shapes:
         raise ValueError(
-            f"{who} sent weights of another model (missing {missing[:3]}, unexpected {extra[:3]}, "
-            f"shapes {shapes[:3]}): every client must use the server's model config and tokenizer"
+            f"{who} sent weights of another model (missing {missing[:3]}, unexpected {extra[:3]}, shapes "
+            f"{shapes[:3]}): every client must use the server's model config and tokenizer"
         )
