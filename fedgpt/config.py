@@ -25,15 +25,18 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGY_SERVER_LR: dict[str, float | None] = {
     "fedavg": None,
     "fedprox": None,
+    "diloco": 0.7,  # Douillard et al. 2023's outer learning rate
+    "fedavgm": 1.0,
     "fedadam": 1e-2,
     "fedyogi": 1e-2,
     "fedadagrad": 1e-2,
-    "fedavgm": 1.0,
     "fedmedian": None,
     "fedtrimmedavg": None,
 }
 STRATEGIES = tuple(STRATEGY_SERVER_LR)
 PARTITIONS = ("iid", "speaker", "contiguous", "dirichlet")
+WEIGHTINGS = ("data", "trained")
+CLIENT_OPTIMIZER = ("keep", "reset")
 
 
 @dataclass
@@ -44,9 +47,7 @@ class ModelConfig:
     n_layer: int = 6  # transformer blocks
     n_head: int = 6  # attention heads; n_embd must be divisible by it
     n_embd: int = 384  # embedding width
-    dropout: float = (
-        0.0  # on embeddings, attention and residual branches; the global model is evaluated without it
-    )
+    dropout: float = 0.0  # on embeddings, attention and residuals; never in evaluation
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 checkpoints have them)
     rope_theta: float = 10000.0  # RoPE base, "llama" only
 
@@ -62,9 +63,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "out"  # run directory: checkpoints, metrics.jsonl, loss.png
-    init_from: str = (
-        "scratch"  # "scratch", a fedgpt checkpoint path, or "hf:DIR" (Hugging Face GPT-2 weights)
-    )
+    init_from: str = "scratch"  # "scratch", a fedgpt checkpoint, or "hf:DIR" (Hugging Face GPT-2 weights)
     max_steps: int = 5000  # optimizer steps
     batch_size: int = 64  # sequences per micro-batch (per process under DDP)
     grad_accum_steps: int = 1  # micro-batches per optimizer step (global, divided among DDP ranks)
@@ -93,21 +92,20 @@ class FedConfig:
     num_clients: int = 8  # clients = partitions of the training split (simulation: SuperNodes)
     rounds: int = 10  # federated rounds
     local_steps: int = 50  # optimizer steps each client runs per round
-    strategy: str = (
-        "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, fedtrimmedavg
-    )
+    strategy: str = "fedavg"  # one of STRATEGY_SERVER_LR's keys (fedavg, fedprox, fedadam, fedavgm, ...)
     proximal_mu: float = 0.0  # FedProx: weight of (mu/2)·||w - w_global||^2
-    server_lr: float = 0.0  # server learning rate (eta); 0: the strategy's own (adaptive 1e-2, fedavgm 1.0)
-    server_momentum: float = 0.9  # FedAvgM
-    partition: str = (
-        "iid"  # iid, speaker (whole roles per client), contiguous (regions), dirichlet (size skew)
-    )
+    server_lr: float = 0.0  # server (outer) learning rate; 0: the strategy's own (STRATEGY_SERVER_LR)
+    server_momentum: float = 0.9  # diloco and fedavgm: momentum of the outer SGD step
+    nesterov: bool = True  # diloco: Nesterov momentum (fedavgm: plain momentum)
+    partition: str = "iid"  # iid, speaker (whole roles per client), contiguous (regions), dirichlet (sizes)
     dirichlet_alpha: float = 0.5  # "dirichlet" partitions: smaller is more skewed
-    client_val_fraction: float = 0.1  # share of each client's partition kept for its own evaluation
+    weighting: str = "data"  # a client's weight: "data" (tokens it holds) or "trained" (tokens it trained on)
+    client_optimizer: str = "keep"  # "keep": clients resume their AdamW state each round; "reset": fresh
+    client_state_max_age: int = 1  # rounds a kept client state may be old; older is dropped (and counted)
+    client_state_dir: str = ""  # where clients keep that state; "": <train.out_dir>/client_state
+    client_val_fraction: float = 0.1  # share of a client's data held out, when client evaluation is on
     fraction_train: float = 1.0  # share of clients sampled each round
-    client_eval_interval: int = (
-        0  # rounds between evaluations on the clients' own val slices (and the last round); 0: never
-    )
+    client_eval_interval: int = 0  # rounds between client evaluations on their own val slices; 0: never
     min_clients: int = 0  # clients that must be connected before round 1; 0: num_clients
     half_precision: bool = False  # send fp16 arrays on the wire (the global model stays fp32)
     node_timeout: float = 120.0  # seconds to wait for min_clients before failing
@@ -231,6 +229,15 @@ def validate(cfg: Config) -> list[str]:
         f.partition in PARTITIONS, "fed.partition", f"{f.partition!r} is not one of {', '.join(PARTITIONS)}"
     )
     check(f.dirichlet_alpha > 0, "fed.dirichlet_alpha", "must be > 0")
+    check(
+        f.weighting in WEIGHTINGS, "fed.weighting", f"{f.weighting!r} is not one of {', '.join(WEIGHTINGS)}"
+    )
+    check(
+        f.client_optimizer in CLIENT_OPTIMIZER,
+        "fed.client_optimizer",
+        f"{f.client_optimizer!r} is not one of {', '.join(CLIENT_OPTIMIZER)}",
+    )
+    check(f.client_state_max_age >= 1, "fed.client_state_max_age", "must be >= 1")
     check(0 < f.client_val_fraction < 1, "fed.client_val_fraction", "must be in (0, 1)")
     check(0 < f.fraction_train <= 1, "fed.fraction_train", "must be in (0, 1]")
     check(f.client_eval_interval >= 0, "fed.client_eval_interval", "must be >= 0 (0: never)")

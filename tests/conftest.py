@@ -92,3 +92,24 @@ def run_concurrently(
             if p.poll() is None:
                 p.kill()
     return out
+
+
+def train_instruction(node: int):
+    """A TRAIN message to `node` as the SuperLink stamps it, for replies that reach a strategy as from `node`
+    (outside a ServerApp, Message() has no run to take ids from)."""
+    import time
+
+    from flwr.app import DEFAULT_TTL, Message, MessageType, Metadata, RecordDict
+
+    meta = Metadata(
+        run_id=1,
+        message_id=f"train-{node}",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=MessageType.TRAIN,
+    )
+    return Message(RecordDict(), metadata=meta)

@@ -1,6 +1,6 @@
 """fedgpt as a real Flower deployment on loopback: SuperLink, two SuperNodes, `flwr run .`, then sampling.
 
-fedgpt.deploy starts every process with a marker in its environment, which Flower's own children
+fedgpt.bench.loopback starts every process with a marker in its environment, which Flower's own children
 (SuperExec, ServerApp and ClientApp processes) inherit: teardown finds and stops all of them, and the test
 fails if any is left.
 """
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedgpt.bench.loopback import Deployment
 from fedgpt.fed.run_config import config_from_run_config
@@ -52,9 +54,31 @@ def deployment(tmp_path):
         assert not left, f"processes left after teardown: {left}"
 
 
+def probe_app(tmp_path: Path) -> Path:
+    """fedgpt's app with tests/probe_client_app.py as its ClientApp (fedgpt's handlers, recording what they
+    restore and send), bundled by `flwr run` like the repository's own."""
+    app = tmp_path / "app"
+    (app / "configs").mkdir(parents=True)
+    for name in ("server_app.py", "client_app.py", "configs/tiny.yaml"):
+        shutil.copyfile(REPO / name, app / name)
+    shutil.copyfile(REPO / "tests" / "probe_client_app.py", app / "probe_client_app.py")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'clientapp = "client_app:app"' in pyproject
+    (app / "pyproject.toml").write_text(
+        pyproject.replace('clientapp = "client_app:app"', 'clientapp = "probe_client_app:app"')
+    )
+    return app
+
+
 @pytest.mark.slow
-def test_flwr_run_on_a_superlink_with_two_supernodes(deployment: Deployment, data_dir: Path, tmp_path: Path):
-    deployment.start_federation(data_dir, supernodes=2)
+def test_flwr_run_on_a_superlink_with_two_supernodes(
+    deployment: Deployment, data_dir: Path, tmp_path: Path, monkeypatch
+):
+    # Each SuperNode keeps its clients' optimizer state in a folder of its own; each message is a new process.
+    probes, nodes = tmp_path / "probe", [tmp_path / "node0", tmp_path / "node1"]
+    probes.mkdir()
+    monkeypatch.setenv("FEDGPT_TEST_PROBE_DIR", str(probes))  # the SuperNodes' ClientApp processes inherit it
+    deployment.start_federation(data_dir, supernodes=2, state_dirs=nodes)
     out = tmp_path / "out"
     overrides = (
         f"fed.num_clients=2 fed.rounds=2 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir}"
@@ -63,13 +87,14 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(deployment: Deployment, dat
     run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"
 
     t0 = time.monotonic()
+    app = probe_app(tmp_path)
     res = deployment.flwr(
-        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO
+        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=app
     )
     took = time.monotonic() - t0
     context = (
-        f"flwr run exited {res.returncode} after {took:.0f} "
-        f"s\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{deployment.logs()}"
+        f"flwr run exited {res.returncode} after {took:.0f} s\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n"
+        f"{deployment.logs()}"
     )
     assert res.returncode == 0, context
     match = re.search(r"Successfully started run (\d+)", res.stdout)
@@ -87,6 +112,16 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(deployment: Deployment, dat
     assert all(r["clients_ok"] == 2 and r["clients_failed"] == 0 for r in rows[1:]), rows
     assert rows[2]["val_loss"] < rows[0]["val_loss"], rows
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+
+    # Round 2 of each node started from exactly the moments its round 1 ended with, kept on that node only.
+    assert rows[2]["clients_state_resumed"] == 2 and not (out / "client_state").exists(), rows
+    for partition, node in enumerate(nodes):
+        (run_dir,) = node.iterdir()
+        ended = torch.load(run_dir / f"partition-{partition}" / "round-1.pt", weights_only=True)["optimizer"]
+        restored = torch.load(probes / f"restored-p{partition}-r2.pt", weights_only=True)
+        assert ended["state"] and restored["state"].keys() == ended["state"].keys()
+        for i, st in ended["state"].items():
+            assert all(torch.equal(restored["state"][i][k], st[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
     sample = subprocess.run(
         [

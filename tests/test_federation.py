@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import DEFAULT_TTL, ArrayRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+from conftest import train_instruction
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.config import ModelConfig, load_config
@@ -120,23 +121,6 @@ def fedavg_out(data_dir, tmp_path_factory) -> Path:
 
 # --- aggregation and wire format, no simulation
 # --------------------------------------------------------------------
-
-
-def train_instruction(node: int) -> Message:
-    """A TRAIN message to `node` as the SuperLink stamps it (outside a ServerApp, Message() has no run to take
-    ids from)."""
-    meta = Metadata(
-        run_id=1,
-        message_id=f"train-{node}",
-        src_node_id=0,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=DEFAULT_TTL,
-        message_type=MessageType.TRAIN,
-    )
-    return Message(RecordDict(), metadata=meta)
 
 
 def train_reply(node: int, arrays: dict[str, torch.Tensor], tokens: int, loss: float) -> Message:
@@ -364,9 +348,10 @@ def test_too_few_nodes_fail_clearly(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_kill(data_dir, tmp_path):
+def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
+    # DiLoCo with kept client state: the strategy's momentum and every client's AdamW state come back too.
     out = tmp_path / "run"
-    cmd = [sys.executable, "simulate.py", *tiny_args(data_dir, out, "--fed.rounds=6")]
+    cmd = [sys.executable, "simulate.py", *tiny_args(data_dir, out, "--fed.rounds=6", "--strategy", "diloco")]
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -384,9 +369,8 @@ def test_resume_after_kill(data_dir, tmp_path):
     finally:
         left = kill_session(proc.pid)
     assert not left, f"processes of the killed run still alive: {left}"
-    k = load_checkpoint(out / "last.pt")[
-        "round"
-    ]  # a round's row is written just before its checkpoint: k >= 1
+    # A round's row is written just before its checkpoint: k >= 1.
+    k = load_checkpoint(out / "last.pt")["round"]
     assert 1 <= k < 6, f"last.pt is from round {k}: killed too late to test a resume"
     before = (out / "rounds.jsonl").read_text()
 
@@ -424,6 +408,26 @@ def test_resume_after_kill(data_dir, tmp_path):
     assert load_checkpoint(out / "last.pt")["round"] == 6
     assert not left, f"Ray processes left after a finished run: {left}"
 
+    straight = tmp_path / "straight"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "simulate.py",
+            *tiny_args(data_dir, straight, "--fed.rounds=6", "--strategy", "diloco"),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert [r["val_loss"] for r in rounds(out)] == [r["val_loss"] for r in rounds(straight)]
+    resumed, uninterrupted = load_checkpoint(out / "last.pt"), load_checkpoint(straight / "last.pt")
+    assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
+    momentum = uninterrupted["extra"]["strategy"]["buffer"]
+    assert all(torch.equal(resumed["extra"]["strategy"]["buffer"][k], v) for k, v in momentum.items())
+
 
 # --- bad input: `python simulate.py` fails with one line before any round
 # ------------------------------------------------
@@ -433,8 +437,8 @@ BAD_INPUT = {
     "strategy key": (["--fed.strategy=foo"], "fed.strategy: 'foo' is not one of"),
     "partition": (["--fed.partition=foo"], "fed.partition: 'foo' is not one of"),
     "too many clients": (
-        ["--num-clients", "5000", "--model.block_size=64"],
-        "client 0 of 5000 gets 225 train / 25 val tokens",
+        ["--num-clients", "20000", "--model.block_size=64"],
+        " val tokens, need more than model.block_size=64 in train: use fewer clients",
     ),
     "negative mu": (["--mu", "-1"], "fed.proximal_mu: must be >= 0"),
     "non-numeric mu": (["--fed.proximal_mu=abc"], "fed.proximal_mu: expected float, got str 'abc'"),

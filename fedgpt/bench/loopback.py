@@ -95,9 +95,11 @@ class Deployment:
         )
         return self.procs[name]
 
-    def start_federation(self, data_dir: Path, supernodes: int = 2, timeout: float = 60) -> None:
+    def start_federation(
+        self, data_dir: Path, supernodes: int = 2, timeout: float = 60, state_dirs: list[Path] | None = None
+    ) -> None:
         """A SuperLink and `supernodes` SuperNodes (partition-id 0..N-1), all reading the corpus under
-        `data_dir`."""
+        `data_dir`; with `state_dirs`, node i keeps its clients' state in state_dirs[i]."""
         self.link_port, *node_ports = free_ports(1 + supernodes)
         link = self.start(
             "superlink",
@@ -113,9 +115,10 @@ class Deployment:
         )
         wait_for_port(self.link_port, link, timeout)
         for i, port in enumerate(node_ports):
-            # TOML-style values: a quoted string for the path (absolute: the app runs from
-            # $FLWR_HOME/apps/...).
+            # TOML-style values: quoted strings for paths (absolute: the app runs from $FLWR_HOME/apps/...).
             node_config = f"partition-id={i} num-partitions={supernodes} data-dir='{data_dir.resolve()}'"
+            if state_dirs:
+                node_config += f" state-dir='{state_dirs[i].resolve()}'"
             self.start(
                 f"supernode{i}",
                 [

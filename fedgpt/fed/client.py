@@ -6,6 +6,7 @@ server expects, the round); the node adds its partition id and, in deployment, w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedgpt.config import Config, from_dict
+from fedgpt.config import Config, TrainConfig, from_dict
 from fedgpt.data import Batches, load_dataset
+from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.partition import ClientPartition, client_partitions
 from fedgpt.fed.wire import check_keys, from_record, tied_aliases, to_record
 from fedgpt.model import GPT
@@ -69,8 +71,7 @@ def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
         raise ValueError(
             f"client {partition_id}: its corpus/tokenizer ({ds.tokenizer.meta().get('kind')}, vocab "
             f"{ds.tokenizer.vocab_size}) differs from the server's ({tokenizer_meta.get('kind')}): give "
-            "every "
-            "node the same corpus (node-config data-dir / input-file) and data.tokenizer"
+            "every node the same corpus (node-config data-dir / input-file) and data.tokenizer"
         )
     model = GPT(cfg.model)  # initial weights do not matter: the global model arrives with every message
     device = resolve_device(cfg.train.device)
@@ -110,33 +111,78 @@ def fit(msg: Message, context: Context) -> Message:
     """Run fed.local_steps optimizer steps from the global weights; reply with weights and metrics."""
     st, partition_id = client_state(msg, context)
     cfg, record, part = st.cfg, msg.content["config"], st.parts[partition_id]
-    rnd = int(record["server-round"])
-    mu = float(record.get("proximal-mu", 0.0))
+    rnd, trainer = int(record["server-round"]), st.trainer
     received = load_global(st, msg.content["arrays"], partition_id)
-    trainer = st.trainer
-    trainer.optimizer.state.clear()  # fresh AdamW moments each round: the weights changed under them
-    trainer.step = (rnd - 1) * cfg.fed.local_steps  # the LR schedule spans all rounds
+    store = state_store(cfg, record, context, partition_id)
+    age, stale = restore_optimizer(trainer, store, rnd, cfg.fed.client_state_max_age)
+    # One schedule over the run's rounds x local steps, shaped like the local trainer's (see client_schedule).
+    trainer.cfg = client_schedule(cfg.train, int(record["schedule-steps"]))
+    trainer.step = (rnd - 1) * cfg.fed.local_steps
+    mu = float(record.get("proximal-mu", 0.0))
     ref = [p.detach().clone() for p in trainer.raw_model.parameters()] if mu > 0 else None
     # A new, deterministic stream of windows per (client, round), identical whichever process serves it.
     seed = cfg.train.seed * 100_003 + partition_id * 1_009 + rnd
     torch.manual_seed(seed)  # dropout masks too: reproducible whichever process serves this partition
     batches = Batches(part.train, cfg.model.block_size, cfg.train.batch_size, trainer.device, seed=seed)
     t_start = time.time()
-    m = trainer.train_steps(
-        batches, cfg.fed.local_steps, total_steps=cfg.fed.rounds * cfg.fed.local_steps, mu=mu, ref=ref
-    )
+    m = trainer.train_steps(batches, cfg.fed.local_steps, mu=mu, ref=ref)
+    if store is not None:
+        store.save(rnd, {"optimizer": trainer.optimizer.state_dict()})
+        store.prune(keep_from_round=int(record["keep-from-round"]))
     half = cfg.fed.half_precision
     arrays = to_record(trainer.raw_model.state_dict(), st.aliases, half=half, base=received if half else None)
-    metrics = MetricRecord(
-        {
-            "train-loss": m["loss"],
-            "train-seconds": m["seconds"],
-            "train-tokens": m["tokens"],
-            "train-start": t_start,
-            "num-examples": max(1, m["tokens"]),
-        }
-    )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    weight = len(part.train) if cfg.fed.weighting == "data" else m["tokens"]
+    metrics = {
+        "train-loss": m["loss"],
+        "train-seconds": m["seconds"],
+        "train-tokens": m["tokens"],
+        "train-start": t_start,
+        "train-lr": m["lr"],
+        "state-age": age,
+        "state-stale": stale,
+        "num-examples": max(1, weight),
+    }
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def client_schedule(tc: TrainConfig, schedule_steps: int) -> TrainConfig:
+    """The local trainer's learning-rate schedule stretched over a federated run's schedule_steps (rounds x
+    local steps): warm-up takes the same share of it (train.warmup_steps of train.max_steps), then the cosine
+    decays to train.min_lr at its end. Steps past it (rounds added on --resume) stay at min_lr."""
+    warmup = round(tc.warmup_steps * schedule_steps / max(1, tc.max_steps))
+    return dataclasses.replace(tc, warmup_steps=warmup, lr_decay_steps=schedule_steps)
+
+
+def state_store(
+    cfg: Config, record: ConfigRecord, context: Context, partition_id: int
+) -> ClientStateStore | None:
+    """Where this client keeps its optimizer state between rounds (fed.client_optimizer=keep), else None.
+
+    A SuperNode's node config `state-dir` names a folder on its own machine; without it, the run's
+    fed.client_state_dir, or <train.out_dir>/client_state as the server resolved it."""
+    if cfg.fed.client_optimizer != "keep":
+        return None
+    root = context.node_config.get("state-dir") or record["client-state-dir"]
+    return ClientStateStore(str(root), str(record["run-id"]), partition_id)
+
+
+def restore_optimizer(
+    trainer: Trainer, store: ClientStateStore | None, rnd: int, max_age: int
+) -> tuple[int, int]:
+    """Load the AdamW state this client saved in an earlier round, if it is at most max_age rounds old.
+
+    Returns (age in rounds of the state loaded, 0 if none; 1 if a saved state was too old and dropped).
+    """
+    trainer.optimizer.state.clear()
+    if store is None:
+        return 0, 0
+    state, saved_round = store.load(before_round=rnd)
+    if state is None:
+        return 0, 0
+    if rnd - saved_round > max_age:
+        return 0, 1
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    return rnd - saved_round, 0
 
 
 def evaluate_partition(msg: Message, context: Context) -> Message:

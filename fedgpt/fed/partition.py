@@ -49,7 +49,10 @@ def _val_len(total: int, val_fraction: float) -> int:
 
 
 def min_client_tokens(block_size: int, val_fraction: float) -> int:
-    """The fewest tokens a client may hold: more than block_size in both its train and its val part."""
+    """The fewest tokens a client may hold: more than block_size in its train part, and in its val part when
+    it has one (val_fraction > 0)."""
+    if val_fraction == 0:
+        return block_size + 1
     total = math.ceil((block_size + 1) / min(val_fraction, 1 - val_fraction))
     while not (
         _val_len(total, val_fraction) > block_size and total - _val_len(total, val_fraction) > block_size
@@ -123,9 +126,8 @@ def _dirichlet(
     extra = p * (m - floor * num_clients)
     counts = np.floor(extra).astype(np.int64)
     short = m - floor * num_clients - counts.sum()
-    counts[np.argsort(counts - extra, kind="stable")[:short]] += (
-        1  # largest fractional parts get the leftovers
-    )
+    # the largest fractional parts get the leftovers
+    counts[np.argsort(counts - extra, kind="stable")[:short]] += 1
     counts += floor
     order = rng.permutation(m)
     offsets = np.r_[0, np.cumsum(counts)]
@@ -143,8 +145,8 @@ def _speaker(
     turns = sorted((t for t in turns if t.start < n), key=lambda t: t.start)
     if not turns:
         raise ValueError(
-            f"none of the {n:,} train tokens lies in a speaker turn: use fed.partition=iid, contiguous or "
-            "dirichlet"
+            f"none of the {n:,} train tokens lies in a speaker turn: "
+            "use fed.partition=iid, contiguous or dirichlet"
         )
     # A turn runs to the next turn's start, so stage directions and headers between turns belong to the
     # preceding turn, the text before the first turn to the first; the last turn is cut at the end of the
@@ -155,8 +157,8 @@ def _speaker(
     names, owner = np.unique([t.speaker for t in turns], return_inverse=True)  # owner: (T,) index into names
     if len(names) < num_clients:
         raise ValueError(
-            f"the train split has only {len(names)} speakers for {num_clients} clients: "
-            "use fewer clients (fed.num_clients) or fed.partition=iid, contiguous or dirichlet"
+            f"the train split has only {len(names)} speakers for {num_clients} clients: use fewer clients "
+            "(fed.num_clients) or fed.partition=iid, contiguous or dirichlet"
         )
     sizes = np.bincount(owner, weights=spans[:, 1] - spans[:, 0], minlength=len(names))
     shuffled = rng.permutation(len(names))  # the seed breaks ties between equal roles ...
@@ -196,11 +198,11 @@ def _check_arguments(
         )
     if num_clients < 1:
         raise ValueError(f"fed.num_clients={num_clients} must be >= 1")
-    if block_size < 1 or not 0 < val_fraction < 1 or alpha <= 0 or chunk_tokens < 0:
+    if block_size < 1 or not 0 <= val_fraction < 1 or alpha <= 0 or chunk_tokens < 0:
         raise ValueError(
-            "need block_size >= 1, 0 < val_fraction < 1, alpha > 0 and chunk_tokens >= 0; got "
-            f"block_size={block_size}, "
-            f"val_fraction={val_fraction}, alpha={alpha}, chunk_tokens={chunk_tokens}"
+            "need block_size >= 1, 0 <= val_fraction < 1, alpha > 0 and chunk_tokens >= 0; got "
+            f"block_size={block_size}, val_fraction={val_fraction}, alpha={alpha}, "
+            f"chunk_tokens={chunk_tokens}"
         )
     if np.ndim(train_tokens) != 1:
         raise ValueError(f"train_tokens must be a 1-D token array, got shape {np.shape(train_tokens)}")
@@ -250,26 +252,29 @@ def partition(
     for c, s in enumerate(spans):
         total = int((s[:, 1] - s[:, 0]).sum())
         n_val = _val_len(total, val_fraction)
-        if min(total - n_val, n_val) <= block_size:
+        if total - n_val <= block_size or (val_fraction > 0 and n_val <= block_size):
             raise ValueError(
                 f"client {c} of {num_clients} gets {total - n_val} train / {n_val} val tokens, need more "
-                "than "
-                f"model.block_size={block_size} in each: use fewer clients (fed.num_clients), a smaller "
-                "block_size, "
-                "or a larger corpus"
+                f"than model.block_size={block_size} in {'each' if val_fraction else 'train'}: "
+                "use fewer clients (fed.num_clients), a smaller block_size, or a larger corpus"
             )
 
     parts = []
     for c, s in enumerate(spans):
         tokens = np.concatenate([np.asarray(train_tokens[a:b]) for a, b in s])  # a copy in RAM, not a memmap
-        n_val = _val_len(len(tokens), val_fraction)
-        parts.append(ClientPartition(c, s, tokens[:-n_val], tokens[-n_val:], speakers[c], scheme))
+        n_train = len(tokens) - _val_len(len(tokens), val_fraction)
+        parts.append(ClientPartition(c, s, tokens[:n_train], tokens[n_train:], speakers[c], scheme))
     return parts
 
 
 def client_partitions(cfg: Config, ds: Dataset, num_clients: int | None = None) -> list[ClientPartition]:
-    """The split cfg.fed describes of ds's train tokens: the server and every client compute the same one."""
+    """The split cfg.fed describes of ds's train tokens: the server and every client compute the same one.
+
+    A client holds out fed.client_val_fraction of its tokens only when client evaluation is on
+    (fed.client_eval_interval > 0); otherwise it trains on all of them.
+    """
     f = cfg.fed
+    val_fraction = f.client_val_fraction if f.client_eval_interval > 0 else 0.0
     return partition(
         ds.train,
         num_clients or f.num_clients,
@@ -277,7 +282,7 @@ def client_partitions(cfg: Config, ds: Dataset, num_clients: int | None = None) 
         turns=ds.turns,
         seed=cfg.train.seed,
         block_size=cfg.model.block_size,
-        val_fraction=f.client_val_fraction,
+        val_fraction=val_fraction,
         alpha=f.dirichlet_alpha,
     )
 

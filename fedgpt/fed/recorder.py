@@ -29,15 +29,26 @@ class Snapshot:
 
 
 class RunRecorder:
-    """Appends round rows, writes checkpoints and log lines, and restores a run from its last.pt."""
+    """Appends round rows, writes checkpoints and log lines, and restores a run from its last.pt.
+
+    run_info holds what stays fixed for the whole run (its id, the length of the clients' learning-rate
+    schedule); every last.pt carries it, so a resumed run goes on with the same.
+    """
 
     def __init__(
-        self, cfg: Config, model_config: ModelConfig, tokenizer_meta: dict, log: Callable[[str], None] = print
+        self,
+        cfg: Config,
+        model_config: ModelConfig,
+        tokenizer_meta: dict,
+        run_info: dict,
+        log: Callable[[str], None] = print,
     ):
         self.cfg, self.model_config, self.tokenizer_meta, self.log = cfg, model_config, tokenizer_meta, log
+        self.run_info = run_info
         self.out_dir = Path(cfg.train.out_dir)
         self.metrics = MetricsLog(self.out_dir / "rounds.jsonl", plot=self.out_dir / "loss.png", x="round")
         self.ckpt = CheckpointWriter(self.out_dir)
+        self.saved_round = -1  # the round of the newest last.pt
 
     @property
     def best_val_loss(self) -> float:
@@ -47,34 +58,30 @@ class RunRecorder:
         self.metrics.truncate(-1)
 
     def resume(self) -> Snapshot:
-        """The snapshot last.pt holds; rows after its round are dropped (the resumed run redoes them)."""
+        """The snapshot last.pt holds (run_info is taken from it too); rows after its round are dropped."""
         path = self.out_dir / "last.pt"
         ckpt = load_checkpoint(path)
         if ckpt.get("round") is None:
             raise ValueError(
-                f"{path} is not from a federated run (no round): resume it with "
-                "python -m fedgpt.local_train --resume"
+                f"{path} is not from a federated run (no round): "
+                "resume it with python -m fedgpt.local_train --resume"
             )
         diff = config_diff(ckpt["config"], self.cfg.to_dict(), ignore=RESUMABLE)
         if diff:
             raise ValueError(
-                f"{path} was written with another config ({'; '.join(diff)}): use the same config "
-                "or a new train.out_dir"
+                f"{path} was written with another config ({'; '.join(diff)}): "
+                "use the same config or a new train.out_dir"
             )
-        self.ckpt.best_val_loss = ckpt["best_val_loss"]
+        extra = ckpt["extra"]
+        self.run_info.update(extra.get("run", {}))
+        self.ckpt.best_val_loss, self.saved_round = ckpt["best_val_loss"], ckpt["round"]
         self.metrics.truncate(ckpt["round"])
         self.log(f"resumed from {path} at round {ckpt['round']} (best val {self.best_val_loss:.4f})")
-        extra = ckpt["extra"]
-        return Snapshot(
-            ckpt["round"],
-            {k: v.float() for k, v in ckpt["model"].items()},
-            extra.get("tokens", 0),
-            extra.get("strategy", {}),
-        )
+        model = {k: v.float() for k, v in ckpt["model"].items()}
+        return Snapshot(ckpt["round"], model, extra.get("tokens", 0), extra.get("strategy", {}))
 
     def record(self, snap: Snapshot, row: RoundRow) -> None:
-        """A round's row, then its checkpoints (a run killed in between redoes the round on resume, row and
-        all)."""
+        """A round's row, then its checkpoints (a run killed in between redoes the round, row and all)."""
         row.best_val_loss = min(self.best_val_loss, row.val_loss)
         self.metrics.append(row.as_dict())
         self.ckpt.save(
@@ -85,8 +92,9 @@ class RunRecorder:
             config=self.cfg.to_dict(),
             step=snap.round * self.cfg.fed.local_steps,
             round=snap.round,
-            extra={"tokens": snap.tokens, "strategy": snap.strategy},
+            extra={"tokens": snap.tokens, "strategy": snap.strategy, "run": self.run_info},
         )
+        self.saved_round = snap.round
         self.log(format_round(row))
 
 
@@ -95,8 +103,11 @@ def format_round(row: RoundRow) -> str:
     if row.round == 0:
         return f"round   0 | val {row.val_loss:.4f}"
     train = f"{row.train_loss:.4f}" if row.train_loss is not None else "-"
-    return (
+    line = (
         f"round {row.round:3d} | val {row.val_loss:.4f} | train {train} | clients {row.clients_ok} ok "
         f"{row.clients_failed} failed | {row.round_s:.2f} s | sent {row.bytes_sent / 1e6:.2f} MB | "
         f"received {row.bytes_received / 1e6:.2f} MB"
     )
+    if row.clients_state_resumed or row.clients_state_stale:
+        line += f" | state resumed {row.clients_state_resumed}, stale {row.clients_state_stale}"
+    return line

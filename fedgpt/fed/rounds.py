@@ -23,13 +23,14 @@ class RoundRow:
     best_val_loss: float | None = None
     train_loss: float | None = None  # the clients' training losses this round, weighted by their tokens
     client_val_loss: float | None = None  # on the clients' own validation slices (fed.client_eval_interval)
+    lr: float | None = None  # the clients' learning rate at the end of the round
     clients_ok: int = 0
     clients_failed: int = 0
+    clients_state_resumed: int = 0  # clients that went on from their own optimizer state (keep mode)
+    clients_state_stale: int = 0  # clients whose saved state was older than fed.client_state_max_age: dropped
     bytes_sent: int = 0  # weights and configs, server to clients, all messages of the round
     bytes_received: int = 0
-    round_s: float | None = (
-        None  # send to aggregate, client evaluation included (central runs beside the next round)
-    )
+    round_s: float | None = None  # send to aggregate, with client evaluation; central runs beside the next
     client_train_s: float | None = None  # the clients' training seconds, summed
     outside_training_share: float | None = None  # of round_s, with as many clients at once as slots
     eval_s: float | None = None  # the central evaluation of this round's model

@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -71,24 +73,38 @@ class FederatedRun:
         out_dir = claim_run_dir(
             cfg.train.out_dir, "federated", cfg.to_dict(), resume=resume, overwrite=overwrite
         )
-        self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), log)
+        # Fixed for the whole run, resumes included: its id (client state files carry it) and the length of
+        # the clients' learning-rate schedule, rounds x local steps as the run was started.
+        schedule = cfg.train.lr_decay_steps or cfg.fed.rounds * cfg.fed.local_steps
+        self.run_info = {"run_id": uuid.uuid4().hex, "schedule_steps": schedule}
+        self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), self.run_info, log)
         if resume:
             snap = self.recorder.resume()
             self.round, self.global_state, self.tokens = snap.round, snap.state, snap.tokens
             load_strategy_state(self.strategy, snap.strategy)
+            if self.run_info["schedule_steps"] != schedule:
+                log(
+                    f"fed.rounds is now {cfg.fed.rounds}: the clients' learning-rate schedule keeps its "
+                    f"{self.run_info['schedule_steps']} steps, and steps past it train at train.min_lr"
+                )
         else:
             self.recorder.start_fresh()
+        self.state_dir = str(Path(cfg.fed.client_state_dir or out_dir / "client_state").resolve())
         atomic_write_bytes(out_dir / "partition.json", json.dumps(self.summary, indent=1).encode())
         log(format_summary(self.summary))
 
     def train_config(self) -> ConfigRecord:
-        """What every client needs to train or evaluate: the run config, the tokenizer it must use, its
-        threads."""
+        """What every client needs: the run config, the tokenizer it must use, its threads, and the run's
+        facts (its id, the schedule's length, where client state lives, the newest checkpointed round)."""
         return ConfigRecord(
             {
                 "fedgpt-config": json.dumps(self.cfg.to_dict()),
                 "tokenizer": json.dumps(self.ds.tokenizer.meta()),
                 "client-threads": self.client_threads,
+                "run-id": self.run_info["run_id"],
+                "schedule-steps": self.run_info["schedule_steps"],
+                "client-state-dir": self.state_dir,
+                "keep-from-round": self.recorder.saved_round,
             }
         )
 
@@ -171,6 +187,9 @@ class FederatedRun:
             row.train_loss = sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(
                 1, tokens
             )
+            row.lr = float(metrics[0]["train-lr"])
+            row.clients_state_resumed = sum(int(m["state-age"]) > 0 for m in metrics)
+            row.clients_state_stale = sum(int(m["state-stale"]) for m in metrics)
         return row
 
     def _timings(self, row: RoundRow, metrics: list, round_s: float) -> None:

@@ -10,15 +10,16 @@ fedgpt.config.STRATEGY_SERVER_LR names the strategies and the server learning ra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
     FedAvg,
-    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -28,28 +29,93 @@ from flwr.serverapp.strategy import (
 
 from fedgpt.config import STRATEGY_SERVER_LR, FedConfig
 
+
+class OuterSGD(FedAvg):
+    """The clients' average as a pseudo-gradient for an outer SGD step with momentum: DiLoCo (Douillard et al.
+    2023, Nesterov momentum) or FedAvgM (Hsu et al. 2019, plain momentum).
+
+        delta = global - average(client weights)                   # the outer gradient
+        m = momentum * m + delta                                   # m = delta in the first round
+        global = global - lr * (delta + momentum * m)              # Nesterov; plain momentum: lr * m
+
+    torch.optim.SGD's update, in float32, with the momentum buffer as state (state_dict / load_state_dict).
+    lr 1 and momentum 0 is FedAvg.
+    """
+
+    def __init__(self, *, server_learning_rate: float, server_momentum: float, nesterov: bool, **fedavg):
+        super().__init__(**fedavg)
+        self.lr, self.momentum, self.nesterov = server_learning_rate, server_momentum, nesterov
+        self.current: dict[str, torch.Tensor] | None = (
+            None  # the global model this round's clients started from
+        )
+        self.buffer: dict[str, torch.Tensor] | None = None  # the momentum buffer m
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current = {k: v.float() for k, v in arrays.to_torch_state_dict().items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        average, metrics = super().aggregate_train(server_round, replies)
+        if average is None:
+            return None, metrics
+        delta = {k: self.current[k] - v.float() for k, v in average.to_torch_state_dict().items()}
+        if self.momentum > 0:
+            if self.buffer is None:
+                self.buffer = {k: d.clone() for k, d in delta.items()}
+            else:
+                self.buffer = {k: self.momentum * self.buffer[k] + d for k, d in delta.items()}
+            step = (
+                {k: d + self.momentum * self.buffer[k] for k, d in delta.items()}
+                if self.nesterov
+                else self.buffer
+            )
+        else:
+            step = delta
+        return ArrayRecord({k: self.current[k] - self.lr * step[k] for k in delta}), metrics
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer = (
+            None if state.get("buffer") is None else {k: v.float() for k, v in state["buffer"].items()}
+        )
+
+
+def _outer_sgd(nesterov: bool | None) -> Callable[[FedConfig, float, dict], Strategy]:
+    """OuterSGD with fed's momentum; Nesterov as fed.nesterov says when `nesterov` is None."""
+    return lambda fed, lr, common: OuterSGD(
+        **common,
+        server_learning_rate=lr,
+        server_momentum=fed.server_momentum,
+        nesterov=fed.nesterov if nesterov is None else nesterov,
+    )
+
+
 # name -> builder(fed, server learning rate, the arguments every strategy takes)
 _BUILDERS: dict[str, Callable[[FedConfig, float, dict], Strategy]] = {
     "fedavg": lambda fed, lr, common: FedAvg(**common),
     "fedprox": lambda fed, lr, common: FedProx(**common, proximal_mu=fed.proximal_mu),
+    "diloco": _outer_sgd(nesterov=None),
+    "fedavgm": _outer_sgd(nesterov=False),
     "fedadam": lambda fed, lr, common: FedAdam(**common, eta=lr, beta_1=0.9, beta_2=0.99, tau=1e-3),
     "fedyogi": lambda fed, lr, common: FedYogi(**common, eta=lr, beta_1=0.9, beta_2=0.99, tau=1e-3),
     "fedadagrad": lambda fed, lr, common: FedAdagrad(**common, eta=lr, tau=1e-3),
-    "fedavgm": lambda fed, lr, common: FedAvgM(
-        **common, server_learning_rate=lr, server_momentum=fed.server_momentum
-    ),
     "fedmedian": lambda fed, lr, common: FedMedian(**common),
     "fedtrimmedavg": lambda fed, lr, common: FedTrimmedAvg(**common, beta=0.2),
 }
 if set(_BUILDERS) != set(STRATEGY_SERVER_LR):
     raise ImportError(
-        f"fedgpt.config.STRATEGY_SERVER_LR and the builders here name different strategies: "
+        "fedgpt.config.STRATEGY_SERVER_LR and the builders here name different strategies: "
         f"{sorted(set(_BUILDERS) ^ set(STRATEGY_SERVER_LR))}"
     )
 
-# Attributes of Flower's strategies that carry state from round to round (FedOpt's moments, FedAvgM's
-# momentum).
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
+# Attributes of Flower's adaptive strategies that carry state from round to round (FedOpt's moments).
+FEDOPT_STATE = ("m_t", "v_t")
 
 
 def server_lr(fed: FedConfig) -> float | None:
@@ -72,19 +138,18 @@ def make_strategy(fed: FedConfig) -> Strategy:
 
 def strategy_state(strategy: Strategy) -> dict:
     """The strategy's optimizer state as tensors (checkpoints are loaded with weights_only)."""
-    out = {}
-    for name in STATE_ATTRIBUTES:
-        value = getattr(strategy, name, None)
-        if isinstance(value, dict):
-            out[name] = {k: torch.from_numpy(np.asarray(v)) for k, v in value.items()}
-        elif isinstance(value, list):
-            out[name] = [torch.from_numpy(np.asarray(v)) for v in value]
-    return out
+    if isinstance(strategy, OuterSGD):
+        return strategy.state_dict()
+    return {
+        name: {k: torch.from_numpy(np.asarray(v)) for k, v in value.items()}
+        for name in FEDOPT_STATE
+        if isinstance(value := getattr(strategy, name, None), dict)
+    }
 
 
 def load_strategy_state(strategy: Strategy, state: dict) -> None:
+    if isinstance(strategy, OuterSGD):
+        strategy.load_state_dict(state)
+        return
     for name, value in state.items():
-        if isinstance(value, dict):
-            setattr(strategy, name, {k: v.numpy() for k, v in value.items()})
-        else:
-            setattr(strategy, name, [v.numpy() for v in value])
+        setattr(strategy, name, {k: v.numpy() for k, v in value.items()})

@@ -1,0 +1,57 @@
+"""fedgpt's ClientApp with two probes, for tests: in each train message it saves, to $FEDGPT_TEST_PROBE_DIR,
+the optimizer state as restored before training and the weights it sends back. The probed code is fedgpt's
+own: client_app.py's handlers, with fedgpt.fed.client.restore_optimizer and fit wrapped to record what they
+did. (A ClientApp of this module's own, so that Ray's actors import this module, and the probes with it.)
+
+A client that should fail: $FEDGPT_TEST_FAIL="partition:round" makes that partition raise in that round.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+import client_app
+import fedgpt.fed.client as client
+
+PROBE_DIR = Path(os.environ["FEDGPT_TEST_PROBE_DIR"])
+_restore, _fit = client.restore_optimizer, client.fit
+
+
+def restore_and_record(trainer, store, rnd, max_age):
+    result = _restore(trainer, store, rnd, max_age)
+    if store is not None:
+        partition = store.dir.name.removeprefix("partition-")
+        torch.save(trainer.optimizer.state_dict(), PROBE_DIR / f"restored-p{partition}-r{rnd}.pt")
+    return result
+
+
+def fit_and_record(msg, context):
+    partition, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
+    if os.environ.get("FEDGPT_TEST_FAIL") == f"{partition}:{rnd}":
+        raise RuntimeError(f"planned failure of partition {partition} in round {rnd}")
+    reply = _fit(msg, context)
+    torch.save(reply.content["arrays"].to_torch_state_dict(), PROBE_DIR / f"sent-p{partition}-r{rnd}.pt")
+    return reply
+
+
+client.restore_optimizer, client.fit = restore_and_record, fit_and_record
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return client_app.query(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return client_app.train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return client_app.evaluate(msg, context)

@@ -1,0 +1,146 @@
+"""Strategies without a simulation: DiLoCo's outer step against torch.optim.SGD, defaults per strategy, and
+state that survives a checkpoint round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import train_instruction
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedgpt.config import STRATEGIES, FedConfig
+from fedgpt.fed.strategies import OuterSGD, load_strategy_state, make_strategy, server_lr, strategy_state
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch):
+    """The run and node a ServerApp process has (Messages take their ids from it), for the strategies here."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class Grid:
+    """The two calls configure_train makes of a grid: the connected nodes, and Flower's node sampling."""
+
+    def __init__(self, nodes: list[int]):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def reply(node: int, arrays: dict[str, torch.Tensor], weight: int) -> Message:
+    metrics = MetricRecord({"num-examples": weight, "train-loss": 1.0})
+    return Message(
+        RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=train_instruction(node)
+    )
+
+
+def round_of(strategy, rnd: int, global_state: dict, clients: list[dict], weights: list[int]) -> dict:
+    """configure_train then aggregate_train, as fedgpt's server loop calls them; the new global state."""
+    strategy.configure_train(rnd, ArrayRecord(global_state), _config(), Grid([1, 2, 3]))
+    agg, _ = strategy.aggregate_train(
+        rnd, [reply(i + 1, c, w) for i, (c, w) in enumerate(zip(clients, weights))]
+    )
+    return {k: v.float() for k, v in agg.to_torch_state_dict().items()}
+
+
+def _config():
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({})
+
+
+def client_weights(global_state: dict, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in global_state.items()} for _ in range(3)
+    ]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_outer_step_is_torch_sgd_on_the_pseudo_gradient(nesterov):
+    torch.manual_seed(0)
+    state = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    weights = [10, 30, 60]
+    strategy = OuterSGD(
+        server_learning_rate=0.7,
+        server_momentum=0.9,
+        nesterov=nesterov,
+        min_available_nodes=3,
+        min_train_nodes=3,
+    )
+    # The reference: the global model as parameters, the averaged client delta as their gradient, torch's SGD.
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in state.items()}
+    sgd = torch.optim.SGD(params.values(), lr=0.7, momentum=0.9, nesterov=nesterov)
+    for rnd in (1, 2, 3):
+        clients = client_weights(state, rnd)
+        average = {k: sum(w * c[k] for w, c in zip(weights, clients)) / sum(weights) for k in state}
+        for k, p in params.items():
+            p.grad = p.detach() - average[k]
+        sgd.step()
+        state = round_of(strategy, rnd, state, clients, weights)
+        for k, p in params.items():
+            torch.testing.assert_close(state[k], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_outer_sgd_at_lr_1_without_momentum_is_fedavg():
+    torch.manual_seed(0)
+    state = {"w": torch.randn(5, 2)}
+    clients, weights = client_weights(state, 7), [1, 2, 5]
+    fedavg = round_of(make_strategy(FedConfig(strategy="fedavg", num_clients=3)), 1, state, clients, weights)
+    outer = round_of(
+        OuterSGD(
+            server_learning_rate=1.0,
+            server_momentum=0.0,
+            nesterov=True,
+            min_available_nodes=3,
+            min_train_nodes=3,
+        ),
+        1,
+        state,
+        clients,
+        weights,
+    )
+    torch.testing.assert_close(outer["w"], fedavg["w"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["diloco", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_state_survives_a_checkpoint(name, tmp_path):
+    # Two rounds with one strategy against one round, a save and a load into a fresh strategy, and one more.
+    fed = FedConfig(strategy=name, num_clients=3)
+    torch.manual_seed(0)
+    state = {"w": torch.randn(4, 4), "b": torch.randn(4)}
+    r1, r2 = client_weights(state, 1), client_weights(state, 2)
+    straight = make_strategy(fed)
+    after1 = round_of(straight, 1, state, r1, [1, 1, 1])
+    expected = round_of(straight, 2, after1, r2, [1, 1, 1])
+
+    first = make_strategy(fed)
+    round_of(first, 1, state, r1, [1, 1, 1])
+    torch.save({"strategy": strategy_state(first)}, tmp_path / "ckpt.pt")
+    resumed = make_strategy(fed)
+    load_strategy_state(resumed, torch.load(tmp_path / "ckpt.pt", weights_only=True)["strategy"])
+    got = round_of(resumed, 2, after1, r2, [1, 1, 1])
+    assert strategy_state(first), f"{name} has state to keep"
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+def test_every_strategy_takes_its_own_default_server_lr_unless_overridden():
+    for name in STRATEGIES:
+        default = {"diloco": 0.7, "fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-2}.get(
+            name
+        )
+        assert server_lr(FedConfig(strategy=name)) == default, name
+        s = make_strategy(FedConfig(strategy=name, server_lr=0.3, num_clients=3))
+        lr = getattr(s, "lr", getattr(s, "eta", None))
+        assert lr == (0.3 if default is not None else None), name
+    fedavgm = make_strategy(FedConfig(strategy="fedavgm"))
+    diloco = make_strategy(FedConfig(strategy="diloco", nesterov=False))
+    assert (fedavgm.lr, fedavgm.momentum, fedavgm.nesterov) == (1.0, 0.9, False)
+    assert (diloco.lr, diloco.momentum, diloco.nesterov) == (0.7, 0.9, False)
+    assert make_strategy(FedConfig(strategy="diloco")).nesterov
