@@ -222,7 +222,8 @@ class LocalRun:
             )
             best = min(self.ckpt.best_val_loss, val["loss"])
             print(
-                f"eval step {tr.step} | train {train['loss']:.4f} | val {val['loss']:.4f} | best {best:.4f}"
+                f"eval step {tr.step} | train {train['loss']:.4f} | val {val['loss']:.4f} | "
+                f"acc {val['accuracy']:.3f} | best {best:.4f}"
             )
             self.metrics.append(
                 {
@@ -230,6 +231,7 @@ class LocalRun:
                     "tokens": tr.step * tc.batch_size * tc.grad_accum_steps * block,
                     "train_loss": train["loss"],
                     "val_loss": val["loss"],
+                    "val_accuracy": val["accuracy"],
                     "lr": tr.optimizer.param_groups[0]["lr"],
                     "elapsed_s": round(elapsed, 3),
                 }

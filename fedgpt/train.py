@@ -127,18 +127,25 @@ def add_proximal_grad(params: list[torch.Tensor], ref: list[torch.Tensor], mu: f
 def evaluate(
     model: nn.Module, batches: Iterator, iters: int, ctx: contextlib.AbstractContextManager | None = None
 ) -> dict[str, float]:
-    """Mean loss (and perplexity) over `iters` batches; restores the model's training mode."""
+    """Mean loss, perplexity and next-token accuracy over `iters` batches; restores the training mode.
+
+    Accuracy: the share of target positions (-1 targets are padding) where the likeliest token is right.
+    """
     was_training = model.training
     model.eval()
     losses = torch.zeros(iters)
+    correct, counted = 0, 0
     for i in range(iters):
         x, y = next(batches)
         with ctx or contextlib.nullcontext():
-            _, loss = model(x, y)
+            logits, loss = model(x, y)
         losses[i] = loss.item()
+        scored = y >= 0
+        correct += int((logits.argmax(dim=-1) == y)[scored].sum())
+        counted += int(scored.sum())
     model.train(was_training)
     mean = losses.mean().item()
-    return {"loss": mean, "ppl": math.exp(min(mean, 50.0))}
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "accuracy": correct / max(1, counted)}
 
 
 class Trainer:

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from fedgpt.bench.results import END, START, write_doc
+from fedgpt.bench.results import END, MARKERS, START, write_doc
+
+FRONTIER = MARKERS["frontier"]
 
 TINY_TOKENS_PER_STEP = 8 * 16  # configs/tiny.yaml: batch_size x block_size
 
@@ -106,36 +108,61 @@ def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
 def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
     doc = tmp_path / "docs" / "results.md"
     doc.parent.mkdir()
-    doc.write_text(f"# Results\n\nintro\n\n{START}\nold table\n{END}\n\n## Discussion\nkept\n")
-    res = run_module(
-        "fedgpt.results",
+    blocks = f"{START}\nold table\n{END}\n\n{FRONTIER[0]}\n{FRONTIER[1]}"
+    doc.write_text(f"# Results\n\nintro\n\n{blocks}\n\n## Discussion\nkept\n")
+    common = [
         "--config",
         "configs/tiny.yaml",
         "--num-clients",
         "2",
         "--rounds",
-        "2",
+        "5",
         "--local-steps",
-        "3",
-        "--only",
-        "centralized",
-        "centralized_parallel",
-        "fedavg_iid",
+        "2",
         "--runs-dir",
         str(tmp_path / "runs"),
         "--doc",
         str(doc),
         f"--data.data_dir={data_dir}",
+    ]
+    # batch 4 is half the tiny config's 8: those runs take twice the steps, for the same tokens
+    res = run_module(
+        "fedgpt.results",
+        *common,
+        "--only",
+        "centralized",
+        "centralized_parallel",
+        "fedavg_iid",
+        "fedavg_iid_b4",
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    results = json.loads((tmp_path / "runs" / "results.json").read_text())
-    assert [r["name"] for r in results] == ["centralized", "centralized_parallel", "fedavg_iid"]
-    assert {r["tokens"] for r in results} == {2 * 2 * 3 * TINY_TOKENS_PER_STEP}
+    results = json.loads((tmp_path / "runs" / "results-main.json").read_text())
+    assert [r["name"] for r in results] == [
+        "centralized",
+        "centralized_parallel",
+        "fedavg_iid",
+        "fedavg_iid_b4",
+    ]
+    assert {r["tokens"] for r in results} == {2 * 5 * 2 * TINY_TOKENS_PER_STEP}
+    assert [r["rounds"] for r in results] == [None, None, 5, 5]  # 2 local steps of 8 windows, or 4 of 4
     text = doc.read_text()
     assert "old table" not in text and text.endswith("## Discussion\nkept\n") and "intro" in text
     for r in results:
         assert f"| {r['label']} | {r['final_val_loss']:.4f} |" in text
     assert (doc.parent / "results" / "val_vs_tokens.png").stat().st_size > 0
+
+    res = run_module(
+        "fedgpt.results", *common, "--frontier", "--only", "frontier_fedavg_h5", "frontier_fedavg_h10"
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    points = json.loads((tmp_path / "runs" / "results-frontier.json").read_text())
+    assert [(r["rounds"], r["tokens"]) for r in points] == [(2, 10 * 2 * 8 * 16), (1, 10 * 2 * 8 * 16)]
+    # bytes go with rounds: every round moves the model down and up once per client
+    assert points[0]["mb_per_client"] == pytest.approx(2 * points[1]["mb_per_client"], rel=1e-6)
+    assert (
+        "| FedAvg | 5 | 2 |" in doc.read_text()
+        and (doc.parent / "results" / "frontier.png").stat().st_size > 0
+    )
 
 
 def test_results_doc_without_markers_is_refused(tmp_path):

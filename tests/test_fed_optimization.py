@@ -68,6 +68,9 @@ def test_every_strategy_runs_and_resumes_with_its_state(strategy, data_dir, tmp_
     assert [r.round for r in rows] == [0, 1, 2, 3]
     assert rows[3].val_loss < rows[0].val_loss and rows[3].clients_ok == 3
     assert rows[3].clients_state_resumed == 3  # the clients went on from their round-2 state after the resume
+    # The clients' schedule keeps the 2 x 5 steps the run started with: the added round trains at min_lr.
+    min_lr = load_config(TINY).train.min_lr
+    assert rows[2].lr > min_lr and rows[3].lr == min_lr
 
 
 def test_clients_resume_exactly_their_own_moments_and_drop_stale_ones(

@@ -180,7 +180,7 @@ def test_round_is_evaluated_and_saved_as_it_ended(data_dir, tmp_path):
     # now.
     run = tiny_run(data_dir, tmp_path)
     snap = run.snapshot()
-    expected = run.evaluator.loss(snap.state)
+    expected = run.evaluator.evaluate(snap.state)["loss"]
     run.global_state = {
         k: torch.zeros_like(v) for k, v in run.global_state.items()
     }  # the next round's aggregate

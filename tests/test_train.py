@@ -293,3 +293,18 @@ def test_build_model_refuses_a_checkpoint_of_another_architecture(tmp_path: Path
     dropout = tiny_config(init_from=str(path))
     dropout.model.dropout = 0.2  # dropout is training, not architecture
     assert build_model(dropout, CHAR_META, 26).cfg.dropout == 0.2
+
+
+def test_evaluate_accuracy_counts_right_next_tokens_and_skips_padding():
+    model = tiny_model()
+    x, y = batch(seed=0)
+    model.eval()
+    with torch.no_grad():
+        guess = model(x)[0].argmax(dim=-1)
+    y = y.clone()
+    y[0, :] = guess[0, :]  # row 0: every position right
+    y[1, :] = (guess[1, :] + 1) % model.cfg.vocab_size  # row 1: every position wrong
+    y[1, 5:] = -1  # ... and padded from position 5: those are not counted
+    rows = (x[:2], y[:2])
+    out = evaluate(model, iter([rows]), iters=1)
+    assert out["accuracy"] == pytest.approx(y.shape[1] / (y.shape[1] + 5))

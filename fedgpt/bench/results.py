@@ -1,13 +1,16 @@
-"""The results table: centralized training against federated strategies at equal training tokens.
+"""The results: centralized training against federated strategies at equal training tokens, and the
+communication/quality frontier.
 
-    python -m fedgpt.results                       # every run below, on the CPU config
-    python -m fedgpt.results --only fedavg_iid     # rerun one; the table keeps the others' saved runs
+    python -m fedgpt.results                        # the main table, every run below on the CPU config
+    python -m fedgpt.results --frontier             # final loss against bytes sent, local steps 5 to 125
+    python -m fedgpt.results --only fedavg_iid      # rerun one; the table keeps the others' saved runs
 
 Each run is the real entry point in a subprocess (`python -m fedgpt.local_train`, `python simulate.py`),
-writing to <runs-dir>/<name>. Centralized runs take clients x rounds x local_steps steps, so every run
-trains on the same number of tokens. Federated runs keep the config's LR schedule shape: the warm-up is
-scaled to the same share of their rounds x local_steps schedule. The table, between the markers of the
-results document, and the plot are rewritten; the rest of the document (the discussion) is left as it is.
+writing to <runs-dir>/<name>. Every run trains on the same number of tokens: clients x rounds x local_steps
+x the batch. Centralized runs take that many steps of the batch (one takes rounds x local_steps steps of
+clients x the batch, the federation's parallelism); a run with another batch size (--train.batch_size)
+takes as many more steps as its batch is smaller. The table between the markers of the results document and
+the plot are rewritten; the rest of the document (the discussion) is left as it is.
 """
 
 from __future__ import annotations
@@ -16,61 +19,132 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedgpt.bench.common import app_dir, run_logged
 from fedgpt.config import TrainConfig, load_config
+from fedgpt.fed.rounds import read_rounds
 from fedgpt.files import atomic_write, atomic_write_bytes
 from fedgpt.metrics import read_jsonl
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+MARKERS = {
+    "main": ("<!-- results:start -->", "<!-- results:end -->"),
+    "frontier": ("<!-- frontier:start -->", "<!-- frontier:end -->"),
+}
+START, END = MARKERS["main"]
 
 
 @dataclass
 class Experiment:
     name: str
     label: str
-    args: list[str]  # extra flags: for simulate.py, or for fedgpt.local_train when central
-    central: bool = False
-    # central, but with the federation's parallelism: clients x batch per step, rounds x local steps
-    parallel: bool = False
+    args: list[str] = field(default_factory=list)  # extra flags for simulate.py, or for fedgpt.local_train
+    # "federated"; "central": the local trainer; "parallel": it, at the federation's parallelism
+    kind: str = "federated"
+    batch: int | None = None  # windows per step, when not the config's; steps grow to keep the tokens equal
+    local_steps: int | None = None  # the frontier: local steps per round, with rounds to match
+
+
+# DiLoCo as the results use it: small client batches (more sequential steps for the same tokens), the outer
+# Nesterov step at the paper's lr 0.7 and momentum 0.9, clients keeping their AdamW state.
+DILOCO = ["--strategy", "diloco"]
+DILOCO_BATCH = 4
 
 
 def experiments() -> list[Experiment]:
+    speaker, contiguous, dirichlet = (
+        ["--non-iid", "speaker"],
+        ["--non-iid", "contiguous"],
+        ["--non-iid", "dirichlet"],
+    )
     return [
-        Experiment("centralized", "centralized (local trainer)", [], central=True),
+        Experiment("centralized", "centralized (local trainer)", kind="central"),
         Experiment(
             "centralized_lr1e-3",
             "centralized, nanoGPT's lr 1e-3",
             ["--train.learning_rate=1e-3", "--train.min_lr=1e-4"],
-            central=True,
+            kind="central",
         ),
         Experiment(
             "centralized_parallel",
             "centralized, clients x the batch for rounds x local steps",
-            [],
-            central=True,
-            parallel=True,
+            kind="parallel",
         ),
-        Experiment("fedavg_iid", "FedAvg, IID", ["--iid", "--strategy", "fedavg"]),
         Experiment(
-            "fedavg_speaker", "FedAvg, non-IID (speaker)", ["--non-iid", "speaker", "--strategy", "fedavg"]
+            "fedavg_iid_reset",
+            "FedAvg, IID, client AdamW reset each round",
+            ["--iid", "--strategy", "fedavg", "--fed.client_optimizer=reset"],
+        ),
+        Experiment("fedavg_iid", "FedAvg, IID, client AdamW kept", ["--iid", "--strategy", "fedavg"]),
+        Experiment("diloco_iid_b12", "DiLoCo, IID, batch 12", ["--iid", *DILOCO]),
+        Experiment(
+            "fedavg_iid_b4",
+            f"FedAvg, IID, batch {DILOCO_BATCH}",
+            ["--iid", "--strategy", "fedavg"],
+            batch=DILOCO_BATCH,
+        ),
+        Experiment(
+            "diloco_iid", f"DiLoCo, IID, batch {DILOCO_BATCH}", ["--iid", *DILOCO], batch=DILOCO_BATCH
+        ),
+        Experiment(
+            "diloco_iid_seed2",
+            f"DiLoCo, IID, batch {DILOCO_BATCH}, seed 2",
+            ["--iid", *DILOCO, "--train.seed=2"],
+            batch=DILOCO_BATCH,
+        ),
+        Experiment(
+            "diloco_speaker",
+            f"DiLoCo, non-IID (speaker), batch {DILOCO_BATCH}",
+            [*speaker, *DILOCO],
+            batch=DILOCO_BATCH,
+        ),
+        Experiment(
+            "diloco_contiguous",
+            f"DiLoCo, non-IID (contiguous), batch {DILOCO_BATCH}",
+            [*contiguous, *DILOCO],
+            batch=DILOCO_BATCH,
+        ),
+        Experiment("fedavg_speaker", "FedAvg, non-IID (speaker)", [*speaker, "--strategy", "fedavg"]),
+        Experiment(
+            "fedavg_contiguous", "FedAvg, non-IID (contiguous)", [*contiguous, "--strategy", "fedavg"]
+        ),
+        Experiment(
+            "fedprox_contiguous", "FedProx mu=0.01, non-IID (contiguous)", [*contiguous, "--mu", "0.01"]
+        ),
+        Experiment(
+            "fedavg_dirichlet",
+            "FedAvg, Dirichlet sizes, weighted by data",
+            [*dirichlet, "--strategy", "fedavg"],
+        ),
+        Experiment(
+            "fedavg_dirichlet_trained",
+            "FedAvg, Dirichlet sizes, weighted by tokens trained (equal)",
+            [*dirichlet, "--strategy", "fedavg", "--fed.weighting=trained"],
         ),
         *[
             Experiment(
-                f"fedprox_speaker_mu{mu}",
-                f"FedProx mu={mu}, non-IID (speaker)",
-                ["--non-iid", "speaker", "--mu", str(mu)],
+                f"fedprox_speaker_mu{mu}", f"FedProx mu={mu}, non-IID (speaker)", [*speaker, "--mu", mu]
             )
             for mu in ("0.001", "0.01", "0.1")
         ],
-        Experiment(
-            "fedadam_speaker", "FedAdam, non-IID (speaker)", ["--non-iid", "speaker", "--strategy", "fedadam"]
-        ),
-        Experiment(
-            "fedyogi_speaker", "FedYogi, non-IID (speaker)", ["--non-iid", "speaker", "--strategy", "fedyogi"]
-        ),
+        Experiment("fedadam_speaker", "FedAdam, non-IID (speaker)", [*speaker, "--strategy", "fedadam"]),
+        Experiment("fedyogi_speaker", "FedYogi, non-IID (speaker)", [*speaker, "--strategy", "fedyogi"]),
+    ]
+
+
+FRONTIER_STEPS = (5, 10, 25, 50, 125)
+
+
+def frontier() -> list[Experiment]:
+    """FedAvg and DiLoCo at local steps 5 to 125 per round (rounds to match), at the config's batch."""
+    return [
+        Experiment(f"frontier_{name}_h{h}", f"{label}, {h} local steps", ["--iid", *args], local_steps=h)
+        for name, label, args in (
+            ("fedavg", "FedAvg", ["--strategy", "fedavg"]),
+            ("diloco", "DiLoCo", DILOCO),
+        )
+        for h in FRONTIER_STEPS
     ]
 
 
@@ -78,43 +152,53 @@ def command(
     e: Experiment, a: argparse.Namespace, overrides: list[str], out_dir: Path, tc: TrainConfig
 ) -> list[str]:
     """The run's command line; `tc` is the config's train section."""
-    seq_steps = a.rounds * a.local_steps  # steps of each client's schedule
-    warmup = round(tc.warmup_steps * seq_steps / max(1, tc.max_steps))  # the same share of the schedule
-    local_train = [sys.executable, "-m", "fedgpt.local_train", "--config", a.config, *overrides, *e.args]
-    if e.parallel:
+    batch = e.batch or tc.batch_size
+    if tc.batch_size % batch:
+        raise ValueError(
+            f"{e.name}: batch {batch} must divide the config's {tc.batch_size} to keep tokens equal"
+        )
+    seq_steps = a.rounds * a.local_steps * tc.batch_size // batch  # each client's steps
+    run_args = [*overrides, *e.args, f"--train.out_dir={out_dir}"]
+    local_train = [sys.executable, "-m", "fedgpt.local_train", "--config", a.config, *run_args]
+    if e.kind == "parallel":
         # What synchronous data parallelism over the clients does with the same tokens; evaluated once per
         # "round", on about as many val windows as the other runs (evaluation batches are training-batch
         # sized).
-        return local_train + [
-            f"--train.batch_size={a.num_clients * tc.batch_size}",
+        warmup = round(tc.warmup_steps * seq_steps / max(1, tc.max_steps))  # the federation's share
+        return [
+            *local_train,
+            f"--train.batch_size={a.num_clients * batch}",
             f"--train.max_steps={seq_steps}",
             f"--train.warmup_steps={warmup}",
             "--train.lr_decay_steps=0",
             f"--train.eval_interval={a.local_steps}",
             f"--train.eval_iters={math.ceil(tc.eval_iters / a.num_clients)}",
-            f"--train.out_dir={out_dir}",
         ]
-    if e.central:
-        return local_train + [
+    if e.kind == "central":
+        return [
+            *local_train,
+            f"--train.batch_size={batch}",
             f"--train.max_steps={a.num_clients * seq_steps}",
             "--train.lr_decay_steps=0",
-            f"--train.out_dir={out_dir}",
         ]
+    local_steps = e.local_steps or a.local_steps * tc.batch_size // batch
+    if seq_steps % local_steps:
+        raise ValueError(
+            f"{e.name}: {local_steps} local steps do not divide the {seq_steps} steps of each client"
+        )
     return [
         sys.executable,
         "simulate.py",
         "--config",
         a.config,
-        *overrides,
-        *e.args,
+        *run_args,
+        f"--train.batch_size={batch}",
         "--num-clients",
         str(a.num_clients),
         "--rounds",
-        str(a.rounds),
+        str(seq_steps // local_steps),
         "--local-steps",
-        str(a.local_steps),
-        f"--train.warmup_steps={warmup}",
-        f"--train.out_dir={out_dir}",
+        str(local_steps),
     ]
 
 
@@ -136,13 +220,31 @@ def run(e: Experiment, a: argparse.Namespace, overrides: list[str], tc: TrainCon
 def collect(e: Experiment, runs_dir: Path) -> dict | None:
     """A finished run's figures, or None if it has not been run."""
     d = runs_dir / e.name
-    rows = read_jsonl(d / ("metrics.jsonl" if e.central else "rounds.jsonl"))
-    if not (d / "experiment.json").is_file() or not rows:
+    if not (d / "experiment.json").is_file():
         return None
     info = json.loads((d / "experiment.json").read_text())
-    curve = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if e.kind == "federated":
+        rows = read_rounds(d / "rounds.jsonl")
+        curve = [(r.tokens, r.val_loss) for r in rows if r.val_loss is not None]
+        trained = [r for r in rows if r.round > 0 and r.clients_ok]
+        # what one client sends and receives over the whole run
+        mb = (
+            sum(
+                r.bytes_sent / (r.clients_ok + r.clients_failed) + r.bytes_received / r.clients_ok
+                for r in trained
+            )
+            / 1e6
+        )
+        extra = {"rounds": len(trained), "mb_per_client": mb}
+    else:
+        rows = read_jsonl(d / "metrics.jsonl")
+        curve = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        extra = {"rounds": None, "mb_per_client": None}
+    if not curve:
+        return None
     return {
         **info,
+        **extra,
         "label": e.label,
         "final_val_loss": curve[-1][1],
         "best_val_loss": min(v for _, v in curve),
@@ -154,64 +256,105 @@ def collect(e: Experiment, runs_dir: Path) -> dict | None:
 def table(res: list[dict], a: argparse.Namespace) -> str:
     base = next((r for r in res if r["name"] == "centralized"), None)
     lines = [
-        "| run | final val loss | vs centralized | best val loss | tokens (M) | wall time (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| run | final val loss | vs centralized | best val loss | tokens (M) | MB per client | wall (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res:
         diff = f"{r['final_val_loss'] - base['final_val_loss']:+.4f}" if base and r is not base else "-"
+        mb = "-" if r["mb_per_client"] is None else f"{r['mb_per_client']:.0f}"
         lines.append(
             f"| {r['label']} | {r['final_val_loss']:.4f} | {diff} | {r['best_val_loss']:.4f} | "
-            f"{r['tokens'] / 1e6:.3f} | {r['wall_s']:.0f} |"
+            f"{r['tokens'] / 1e6:.3f} | {mb} | {r['wall_s']:.0f} |"
         )
     lines += [
         "",
         f"Config `{a.config}`; federated runs: {a.num_clients} clients x {a.rounds} rounds x {a.local_steps} "
-        f"local steps; centralized: {a.num_clients * a.rounds * a.local_steps} steps; centralized with the "
-        f"federation's parallelism: {a.rounds * a.local_steps} steps of {a.num_clients}x the batch. "
-        "Commands:",
+        "local steps at the config's batch, or as many more steps of a smaller batch; centralized: "
+        f"{a.num_clients * a.rounds * a.local_steps} steps; centralized with the federation's parallelism: "
+        f"{a.rounds * a.local_steps} steps of {a.num_clients}x the batch. Commands:",
         "",
     ]
     lines += [f"- {r['name']}: `{r['command']}`" for r in res]
     return "\n".join(lines)
 
 
-def plot(res: list[dict], path: Path) -> None:
+def frontier_table(res: list[dict]) -> str:
+    lines = [
+        "| strategy | local steps | rounds | MB per client, whole run | final val loss | best val loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res:
+        strategy, steps = r["label"].rsplit(", ", 1)
+        lines.append(
+            f"| {strategy} | {steps.split()[0]} | {r['rounds']} | {r['mb_per_client']:.0f} | "
+            f"{r['final_val_loss']:.4f} | {r['best_val_loss']:.4f} |"
+        )
+    lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in res]
+    return "\n".join(lines)
+
+
+def _axes(figsize):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 5))
-    for r in res:
-        xs, ys = zip(*r["curve"])
-        ax.plot(
-            [x / 1e6 for x in xs],
-            ys,
-            marker=".",
-            label=r["label"],
-            linestyle="-" if "centralized" in r["name"] else "--",
-        )
-    ax.set_xlabel("training tokens (millions, all clients)")
-    ax.set_ylabel("central val loss")
-    later = [y for r in res for _, y in r["curve"][1:]]
-    if later:  # the initial loss (~4.2) would squash the part worth seeing
-        ax.set_ylim(top=max(later) + 0.05)
+    fig, ax = plt.subplots(figsize=figsize)
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, path: Path) -> None:
     ax.grid(alpha=0.3)
-    # beside the axes: inside, it hides curves
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(
+        fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1)
+    )  # beside the axes: inside, it hides curves
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
-def write_doc(doc: Path, block: str) -> None:
+def plot(res: list[dict], path: Path) -> None:
+    """Central val loss against training tokens, one curve per run."""
+    plt, fig, ax = _axes((11, 5))
+    for r in res:
+        xs, ys = zip(*r["curve"])
+        style = "-" if "centralized" in r["name"] else "--"
+        ax.plot([x / 1e6 for x in xs], ys, marker=".", label=r["label"], linestyle=style)
+    ax.set_xlabel("training tokens (millions, all clients)")
+    ax.set_ylabel("central val loss")
+    later = [y for r in res for _, y in r["curve"][1:]]
+    if later:  # the initial loss (~4.2) would squash the part worth seeing
+        ax.set_ylim(top=max(later) + 0.05)
+    _save(plt, fig, ax, path)
+
+
+def plot_frontier(res: list[dict], path: Path) -> None:
+    """Final central val loss against the megabytes one client sends and receives over the run."""
+    plt, fig, ax = _axes((9, 5))
+    for strategy in dict.fromkeys(r["label"].rsplit(", ", 1)[0] for r in res):
+        pts = sorted(
+            (r["mb_per_client"], r["final_val_loss"], r["label"].rsplit(", ", 1)[1].split()[0])
+            for r in res
+            if r["label"].startswith(strategy + ",")
+        )
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+        for mb, val, steps in pts:
+            ax.annotate(f"H={steps}", (mb, val), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent and received per client over the run (log)")
+    ax.set_ylabel("final central val loss")
+    _save(plt, fig, ax, path)
+
+
+def write_doc(doc: Path, block: str, markers: tuple[str, str] = MARKERS["main"]) -> None:
     """Replace the block between the markers of `doc` (a new document gets just a title and the block)."""
-    text = doc.read_text() if doc.is_file() else f"# Results\n\n{START}\n{END}\n"
-    if START not in text or END not in text:
-        raise ValueError(f"{doc} lacks the {START} / {END} markers: add them where the table belongs")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    atomic_write_bytes(doc, f"{head}{START}\n{block}\n{END}{tail}".encode())
+    start, end = markers
+    text = doc.read_text() if doc.is_file() else f"# Results\n\n{start}\n{end}\n"
+    if start not in text or end not in text:
+        raise ValueError(f"{doc} lacks the {start} / {end} markers: add them where the table belongs")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    atomic_write_bytes(doc, f"{head}{start}\n{block}\n{end}{tail}".encode())
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -224,11 +367,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--config", default="configs/shakespeare_char_cpu.yaml", help="YAML config (default: %(default)s)"
     )
     p.add_argument("--num-clients", type=int, default=8, help="clients (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=10, help="rounds (default: %(default)s)")
     p.add_argument(
-        "--local-steps", type=int, default=25, help="local steps per client per round (default: %(default)s)"
+        "--rounds", type=int, default=10, help="rounds at the config's batch (default: %(default)s)"
     )
-    names = [e.name for e in experiments()]
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=25,
+        help="local steps per round at the config's batch (default: %(default)s)",
+    )
+    p.add_argument("--frontier", action="store_true", help="the frontier table instead of the main one")
+    names = [e.name for e in experiments() + frontier()]
     p.add_argument(
         "--only", nargs="+", choices=names, metavar="NAME", help=f"run only these ({', '.join(names)})"
     )
@@ -249,21 +398,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     tc = load_config(a.config, overrides).train  # a bad config or override fails here, before any run
     app = app_dir(a.app_dir)
-    exps = experiments()
+    exps = frontier() if a.frontier else experiments()
     for e in exps:
-        if not a.only or e.name in a.only:
+        if a.only is None or e.name in a.only:
             run(e, a, overrides, tc, app)
     runs_dir = Path(a.runs_dir).resolve()
     res = [r for e in exps if (r := collect(e, runs_dir)) is not None]
     doc = Path(a.doc)
-    png = doc.parent / "results" / "val_vs_tokens.png"
+    kind = "frontier" if a.frontier else "main"
+    png = doc.parent / "results" / ("frontier.png" if a.frontier else "val_vs_tokens.png")
     png.parent.mkdir(parents=True, exist_ok=True)
-    plot(res, png)
-    block = table(res, a) + f"\n\n![central val loss against training tokens]({png.relative_to(doc.parent)})"
-    write_doc(doc, block)
-    atomic_write_bytes(runs_dir / "results.json", json.dumps(res, indent=1).encode())
+    if a.frontier:
+        plot_frontier(res, png)
+        block = (
+            frontier_table(res)
+            + f"\n\n![final val loss against bytes per client]({png.relative_to(doc.parent)})"
+        )
+    else:
+        plot(res, png)
+        block = (
+            table(res, a) + f"\n\n![central val loss against training tokens]({png.relative_to(doc.parent)})"
+        )
+    write_doc(doc, block, MARKERS[kind])
+    atomic_write_bytes(runs_dir / f"results-{kind}.json", json.dumps(res, indent=1).encode())
     print(block)
-    print(f"wrote {doc}, {png} and {runs_dir / 'results.json'}")
+    print(f"wrote {doc}, {png} and {runs_dir / f'results-{kind}.json'}")
     return res
 
 

@@ -194,5 +194,7 @@ def evaluate_partition(msg: Message, context: Context) -> Message:
         part.val, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=cfg.train.seed
     )
     res = evaluate(st.trainer.raw_model, batches, cfg.train.eval_iters, st.trainer.ctx)
-    metrics = MetricRecord({"val-loss": res["loss"], "num-examples": int(len(part.val))})
+    metrics = MetricRecord(
+        {"val-loss": res["loss"], "val-accuracy": res["accuracy"], "num-examples": int(len(part.val))}
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

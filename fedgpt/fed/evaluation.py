@@ -17,8 +17,9 @@ class CentralEvaluator:
     def __init__(self, cfg: Config, ds: Dataset, model: GPT, device: torch.device):
         self.cfg, self.ds, self.model, self.device = cfg, ds, model.to(device), device
 
-    def loss(self, state: dict[str, torch.Tensor]) -> float:
+    def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loss, perplexity and next-token accuracy of `state` on the validation windows."""
         self.model.load_state_dict(state)
         tc = self.cfg.train
         batches = Batches(self.ds.val, self.cfg.model.block_size, tc.batch_size, self.device, seed=tc.seed)
-        return evaluate(self.model, batches, tc.eval_iters)["loss"]
+        return evaluate(self.model, batches, tc.eval_iters)

@@ -101,10 +101,11 @@ class RunRecorder:
 def format_round(row: RoundRow) -> str:
     """One fixed-field log line per round."""
     if row.round == 0:
-        return f"round   0 | val {row.val_loss:.4f}"
+        return f"round   0 | val {row.val_loss:.4f} | acc {row.val_accuracy:.3f}"
     train = f"{row.train_loss:.4f}" if row.train_loss is not None else "-"
     line = (
-        f"round {row.round:3d} | val {row.val_loss:.4f} | train {train} | clients {row.clients_ok} ok "
+        f"round {row.round:3d} | val {row.val_loss:.4f} | acc {row.val_accuracy:.3f} | train {train} | "
+        f"clients {row.clients_ok} ok "
         f"{row.clients_failed} failed | {row.round_s:.2f} s | sent {row.bytes_sent / 1e6:.2f} MB | "
         f"received {row.bytes_received / 1e6:.2f} MB"
     )

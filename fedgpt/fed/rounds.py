@@ -20,9 +20,11 @@ class RoundRow:
     round: int  # 0: the initial global model, evaluated before any training
     tokens: int = 0  # training tokens of all clients, all rounds so far
     val_loss: float | None = None  # central validation loss of this round's global model
+    val_accuracy: float | None = None  # its next-token accuracy there
     best_val_loss: float | None = None
     train_loss: float | None = None  # the clients' training losses this round, weighted by their tokens
     client_val_loss: float | None = None  # on the clients' own validation slices (fed.client_eval_interval)
+    client_val_accuracy: float | None = None
     lr: float | None = None  # the clients' learning rate at the end of the round
     clients_ok: int = 0
     clients_failed: int = 0

@@ -114,7 +114,8 @@ class FederatedRun:
     def finish_round(self, snap: Snapshot, row: RoundRow) -> RoundRow:
         """Central evaluation of a round's global model, then its row, checkpoints and log line."""
         t_eval = time.time()
-        row.val_loss = self.evaluator.loss(snap.state)
+        scores = self.evaluator.evaluate(snap.state)
+        row.val_loss, row.val_accuracy = scores["loss"], scores["accuracy"]
         row.eval_s, row.elapsed_s = round(time.time() - t_eval, 3), round(time.time() - self.t_start, 3)
         self.recorder.record(snap, row)
         return row
@@ -168,7 +169,7 @@ class FederatedRun:
             m.content["arrays"] = sent_arrays
         bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
         ok, bytes_received = self.aggregate(rnd, exchange(grid, msgs, fed.round_timeout))
-        client_val = self.client_evaluate(grid, rnd)
+        client_val, client_acc = self.client_evaluate(grid, rnd)
         self.round = rnd
         metrics = [r.content["metrics"] for r in ok]
         tokens = sum(int(m["train-tokens"]) for m in metrics)
@@ -177,6 +178,7 @@ class FederatedRun:
             rnd,
             tokens=self.tokens,
             client_val_loss=client_val,
+            client_val_accuracy=client_acc,
             clients_ok=len(ok),
             clients_failed=len(msgs) - len(ok),
             bytes_sent=bytes_sent,
@@ -243,13 +245,15 @@ class FederatedRun:
             self.global_state = {k: new[k].float() for k in self.global_state}
         return ok, bytes_received
 
-    def client_evaluate(self, grid: Grid, rnd: int) -> float | None:
-        """The global model's loss on the clients' own validation slices, every fed.client_eval_interval
-        rounds."""
+    def client_evaluate(self, grid: Grid, rnd: int) -> tuple[float | None, float | None]:
+        """The global model's loss and accuracy on the clients' own validation slices, every
+        fed.client_eval_interval rounds (and the last); (None, None) in other rounds."""
         every, fed = self.cfg.fed.client_eval_interval, self.cfg.fed
         if not every or (rnd % every and rnd != fed.rounds):
-            return None
+            return None, None
         arrays = to_record(self.global_state, self.aliases, half=fed.half_precision)
         msgs = self.strategy.configure_evaluate(rnd, arrays, self.train_config(), grid)
         agg = self.strategy.aggregate_evaluate(rnd, exchange(grid, list(msgs), fed.round_timeout))
-        return float(agg["val-loss"]) if agg is not None else None
+        if agg is None:
+            return None, None
+        return float(agg["val-loss"]), float(agg["val-accuracy"])
