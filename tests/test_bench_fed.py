@@ -118,14 +118,14 @@ def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
         "--rounds",
         "5",
         "--local-steps",
-        "2",
+        "5",
         "--runs-dir",
         str(tmp_path / "runs"),
         "--doc",
         str(doc),
         f"--data.data_dir={data_dir}",
     ]
-    # batch 4 is half the tiny config's 8: those runs take twice the steps, for the same tokens
+    # batch 1 is an eighth of the tiny config's 8: those runs take 8 times the steps, for the same tokens
     res = run_module(
         "fedgpt.results",
         *common,
@@ -133,7 +133,7 @@ def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
         "centralized",
         "centralized_parallel",
         "fedavg_iid",
-        "fedavg_iid_b4",
+        "fedavg_iid_b1",
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((tmp_path / "runs" / "results-main.json").read_text())
@@ -141,10 +141,15 @@ def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
         "centralized",
         "centralized_parallel",
         "fedavg_iid",
-        "fedavg_iid_b4",
+        "fedavg_iid_b1",
     ]
-    assert {r["tokens"] for r in results} == {2 * 5 * 2 * TINY_TOKENS_PER_STEP}
-    assert [r["rounds"] for r in results] == [None, None, 5, 5]  # 2 local steps of 8 windows, or 4 of 4
+    assert {r["tokens"] for r in results} == {2 * 5 * 5 * TINY_TOKENS_PER_STEP}
+    assert [r["rounds"] for r in results] == [
+        None,
+        None,
+        5,
+        8,
+    ]  # 5 local steps of 8 windows; 25 of 1: 200 / 25
     text = doc.read_text()
     assert "old table" not in text and text.endswith("## Discussion\nkept\n") and "intro" in text
     for r in results:
@@ -156,11 +161,12 @@ def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     points = json.loads((tmp_path / "runs" / "results-frontier.json").read_text())
-    assert [(r["rounds"], r["tokens"]) for r in points] == [(2, 10 * 2 * 8 * 16), (1, 10 * 2 * 8 * 16)]
+    # batch 4: 50 steps per client, in rounds of 5 or 10 local steps
+    assert [(r["rounds"], r["tokens"]) for r in points] == [(10, 2 * 25 * 8 * 16), (5, 2 * 25 * 8 * 16)]
     # bytes go with rounds: every round moves the model down and up once per client
     assert points[0]["mb_per_client"] == pytest.approx(2 * points[1]["mb_per_client"], rel=1e-6)
     assert (
-        "| FedAvg | 5 | 2 |" in doc.read_text()
+        "| FedAvg | 5 | 10 |" in doc.read_text()
         and (doc.parent / "results" / "frontier.png").stat().st_size > 0
     )
 

@@ -46,10 +46,11 @@ class Experiment:
     local_steps: int | None = None  # the frontier: local steps per round, with rounds to match
 
 
-# DiLoCo as the results use it: small client batches (more sequential steps for the same tokens), the outer
-# Nesterov step at the paper's lr 0.7 and momentum 0.9, clients keeping their AdamW state.
+# DiLoCo as the results use it: one window per client step (many sequential steps for the same tokens), 25
+# local steps a round, the outer Nesterov step at the paper's lr 0.7 and momentum 0.9, clients keeping their
+# AdamW state.
 DILOCO = ["--strategy", "diloco"]
-DILOCO_BATCH = 4
+SMALL_BATCH, SMALL_BATCH_STEPS = 1, 25
 
 
 def experiments() -> list[Experiment]:
@@ -58,6 +59,8 @@ def experiments() -> list[Experiment]:
         ["--non-iid", "contiguous"],
         ["--non-iid", "dirichlet"],
     )
+    small = dict(batch=SMALL_BATCH, local_steps=SMALL_BATCH_STEPS)
+    b = f"batch {SMALL_BATCH}"
     return [
         Experiment("centralized", "centralized (local trainer)", kind="central"),
         Experiment(
@@ -71,39 +74,25 @@ def experiments() -> list[Experiment]:
             "centralized, clients x the batch for rounds x local steps",
             kind="parallel",
         ),
+        Experiment("centralized_b1", f"centralized, {b}", kind="central", batch=SMALL_BATCH),
+        Experiment(
+            "centralized_parallel_b1", f"centralized, clients x {b}", kind="parallel", batch=SMALL_BATCH
+        ),
         Experiment(
             "fedavg_iid_reset",
             "FedAvg, IID, client AdamW reset each round",
             ["--iid", "--strategy", "fedavg", "--fed.client_optimizer=reset"],
         ),
-        Experiment("fedavg_iid", "FedAvg, IID, client AdamW kept", ["--iid", "--strategy", "fedavg"]),
-        Experiment("diloco_iid_b12", "DiLoCo, IID, batch 12", ["--iid", *DILOCO]),
+        Experiment("fedavg_iid", "FedAvg, IID", ["--iid", "--strategy", "fedavg"]),
+        Experiment("diloco_iid_b12", "DiLoCo, IID", ["--iid", *DILOCO]),
+        Experiment("fedavg_iid_b1", f"FedAvg, IID, {b}", ["--iid", "--strategy", "fedavg"], **small),
+        Experiment("diloco_iid_b1", f"DiLoCo, IID, {b}", ["--iid", *DILOCO], **small),
         Experiment(
-            "fedavg_iid_b4",
-            f"FedAvg, IID, batch {DILOCO_BATCH}",
-            ["--iid", "--strategy", "fedavg"],
-            batch=DILOCO_BATCH,
+            "diloco_iid_b1_seed2", f"DiLoCo, IID, {b}, seed 2", ["--iid", *DILOCO, "--train.seed=2"], **small
         ),
+        Experiment("diloco_speaker_b1", f"DiLoCo, non-IID (speaker), {b}", [*speaker, *DILOCO], **small),
         Experiment(
-            "diloco_iid", f"DiLoCo, IID, batch {DILOCO_BATCH}", ["--iid", *DILOCO], batch=DILOCO_BATCH
-        ),
-        Experiment(
-            "diloco_iid_seed2",
-            f"DiLoCo, IID, batch {DILOCO_BATCH}, seed 2",
-            ["--iid", *DILOCO, "--train.seed=2"],
-            batch=DILOCO_BATCH,
-        ),
-        Experiment(
-            "diloco_speaker",
-            f"DiLoCo, non-IID (speaker), batch {DILOCO_BATCH}",
-            [*speaker, *DILOCO],
-            batch=DILOCO_BATCH,
-        ),
-        Experiment(
-            "diloco_contiguous",
-            f"DiLoCo, non-IID (contiguous), batch {DILOCO_BATCH}",
-            [*contiguous, *DILOCO],
-            batch=DILOCO_BATCH,
+            "diloco_contiguous_b1", f"DiLoCo, non-IID (contiguous), {b}", [*contiguous, *DILOCO], **small
         ),
         Experiment("fedavg_speaker", "FedAvg, non-IID (speaker)", [*speaker, "--strategy", "fedavg"]),
         Experiment(
@@ -133,13 +122,20 @@ def experiments() -> list[Experiment]:
     ]
 
 
-FRONTIER_STEPS = (5, 10, 25, 50, 125)
+# The frontier at batch 4: 750 steps per client, in rounds of 5 to 125 local steps.
+FRONTIER_BATCH, FRONTIER_STEPS = 4, (5, 10, 25, 50, 125)
 
 
 def frontier() -> list[Experiment]:
-    """FedAvg and DiLoCo at local steps 5 to 125 per round (rounds to match), at the config's batch."""
+    """FedAvg and DiLoCo at FRONTIER_STEPS local steps per round (rounds to match) at FRONTIER_BATCH."""
     return [
-        Experiment(f"frontier_{name}_h{h}", f"{label}, {h} local steps", ["--iid", *args], local_steps=h)
+        Experiment(
+            f"frontier_{name}_h{h}",
+            f"{label}, {h} local steps",
+            ["--iid", *args],
+            batch=FRONTIER_BATCH,
+            local_steps=h,
+        )
         for name, label, args in (
             ("fedavg", "FedAvg", ["--strategy", "fedavg"]),
             ("diloco", "DiLoCo", DILOCO),
