@@ -19,6 +19,7 @@ import yaml
 ARCHS = ("gpt2", "llama")
 TOKENIZERS = ("char", "gpt2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
 # Every strategy fed.strategy may name (fedgpt/fed/strategies.py builds them), with the server learning rate
 # it takes when fed.server_lr is 0; None: it has none. Flower's own eta=0.1 makes a GPT diverge in its first
 # rounds.
@@ -34,9 +35,10 @@ STRATEGY_SERVER_LR: dict[str, float | None] = {
     "fedtrimmedavg": None,
 }
 STRATEGIES = tuple(STRATEGY_SERVER_LR)
-PARTITIONS = ("iid", "speaker", "contiguous", "dirichlet")
+PARTITIONS = ("iid", "speaker", "role", "contiguous", "dirichlet")
+SMALL_ROLES = ("keep", "drop", "merge")
 WEIGHTINGS = ("data", "trained")
-CLIENT_OPTIMIZER = ("keep", "reset")
+CLIENT_OPTIMIZER = ("auto", "keep", "reset")
 
 
 @dataclass
@@ -72,6 +74,7 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup
     lr_decay_steps: int = 0  # 0: decay over max_steps
     decay_lr: bool = True  # False: constant learning rate after warmup
+    optimizer: str = "adamw"  # "adamw"; "sgd": plain SGD (FedSGD's client step, with fed.full_batch)
     weight_decay: float = 0.1  # AdamW decay of matrices and embeddings (not biases or norms)
     beta1: float = 0.9  # AdamW
     beta2: float = 0.99  # AdamW
@@ -92,15 +95,18 @@ class FedConfig:
     num_clients: int = 8  # clients = partitions of the training split (simulation: SuperNodes)
     rounds: int = 10  # federated rounds
     local_steps: int = 50  # optimizer steps each client runs per round
+    full_batch: bool = False  # a local step is one gradient of all of a client's windows (FedSGD)
     strategy: str = "fedavg"  # one of STRATEGY_SERVER_LR's keys (fedavg, fedprox, fedadam, fedavgm, ...)
     proximal_mu: float = 0.0  # FedProx: weight of (mu/2)·||w - w_global||^2
     server_lr: float = 0.0  # server (outer) learning rate; 0: the strategy's own (STRATEGY_SERVER_LR)
     server_momentum: float = 0.9  # diloco and fedavgm: momentum of the outer SGD step
     nesterov: bool = True  # diloco: Nesterov momentum (fedavgm: plain momentum)
-    partition: str = "iid"  # iid, speaker (whole roles per client), contiguous (regions), dirichlet (sizes)
+    partition: str = "iid"  # iid, speaker, role (a speaker in one play), contiguous, dirichlet (sizes)
     dirichlet_alpha: float = 0.5  # "dirichlet" partitions: smaller is more skewed
+    min_role_tokens: int = 0  # "role" partitions: a role with fewer train tokens is small (see small_roles)
+    small_roles: str = "keep"  # "role": small roles are kept, dropped (LEAF's rule) or merged per play
     weighting: str = "data"  # a client's weight: "data" (tokens it holds) or "trained" (tokens it trained on)
-    client_optimizer: str = "keep"  # "keep": clients resume their AdamW state each round; "reset": fresh
+    client_optimizer: str = "auto"  # keep / reset clients' AdamW state; auto: keep if fraction_train is 1
     client_state_max_age: int = 1  # rounds a kept client state may be old; older is dropped (and counted)
     client_state_dir: str = ""  # where clients keep that state; "": <train.out_dir>/client_state
     client_val_fraction: float = 0.1  # share of a client's data held out, when client evaluation is on
@@ -121,6 +127,14 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    @property
+    def keeps_client_state(self) -> bool:
+        """Whether clients keep their optimizer state between rounds. "auto": when every client trains every
+        round (fed.fraction_train 1); a client sampled now and then holds a state too old to use most rounds,
+        and a thousand of them would fill a disk."""
+        mode = self.fed.client_optimizer
+        return mode == "keep" or (mode == "auto" and self.fed.fraction_train == 1.0)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -212,6 +226,9 @@ def validate(cfg: Config) -> list[str]:
         check(getattr(t, key) > 0, f"train.{key}", "must be > 0")
     check(t.learning_rate > 0, "train.learning_rate", "must be > 0")
     check(0 <= t.min_lr <= t.learning_rate, "train.min_lr", "must be in [0, train.learning_rate]")
+    check(
+        t.optimizer in OPTIMIZERS, "train.optimizer", f"{t.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
+    )
     check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
     check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
@@ -229,6 +246,12 @@ def validate(cfg: Config) -> list[str]:
         f.partition in PARTITIONS, "fed.partition", f"{f.partition!r} is not one of {', '.join(PARTITIONS)}"
     )
     check(f.dirichlet_alpha > 0, "fed.dirichlet_alpha", "must be > 0")
+    check(f.min_role_tokens >= 0, "fed.min_role_tokens", "must be >= 0")
+    check(
+        f.small_roles in SMALL_ROLES,
+        "fed.small_roles",
+        f"{f.small_roles!r} is not one of {', '.join(SMALL_ROLES)}",
+    )
     check(
         f.weighting in WEIGHTINGS, "fed.weighting", f"{f.weighting!r} is not one of {', '.join(WEIGHTINGS)}"
     )

@@ -227,7 +227,11 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 
 class Batches:
-    """Random (x, y) windows from one 1-D token array."""
+    """Random (x, y) windows from one 1-D token array.
+
+    An array of block_size tokens or fewer (a small federated client) gives windows of all but its last token:
+    shorter than the model's context, with no padding, so every position trained on is real text.
+    """
 
     def __init__(
         self,
@@ -240,12 +244,11 @@ class Batches:
         if block_size <= 0 or batch_size <= 0:
             raise ValueError(f"block_size={block_size} and batch_size={batch_size} must be > 0")
         n = len(tokens)
-        if n <= block_size:
+        if n < 2:
             raise ValueError(
-                f"only {n} tokens, need more than block_size={block_size} for one window: use a larger "
-                "corpus/partition or a smaller model.block_size"
+                f"only {n} token(s), need at least 2 for one (input, target) pair: use a larger corpus"
             )
-        self.block_size = block_size
+        self.block_size = min(block_size, n - 1)  # the window length
         self.batch_size = batch_size
         self.device = torch.device(device)
         # One copy into RAM as int64 (a memmap, a slice or a concatenation alike): batches then need no
@@ -254,7 +257,8 @@ class Batches:
         self.generator = torch.Generator().manual_seed(seed)
         # x and y gathered together: (2, 1, T) + (B, 1) -> (2, B, T); row 0 is x, row 1 (shifted by one) is y,
         # both contiguous, so one gather, one pinned buffer and one host-to-device copy per batch.
-        self._window = torch.stack([torch.arange(block_size), torch.arange(1, block_size + 1)])[:, None, :]
+        T = self.block_size
+        self._window = torch.stack([torch.arange(T), torch.arange(1, T + 1)])[:, None, :]
 
     @property
     def num_tokens(self) -> int:
@@ -276,6 +280,16 @@ class Batches:
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
+
+    def all_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every window of the array once: consecutive, not overlapping, the last one as far as the data goes
+        (a full batch, for FedSGD's one gradient of a client's whole data)."""
+        T, n = self.block_size, self.num_tokens
+        starts = torch.arange(0, n - T, T)
+        if len(starts) == 0 or starts[-1] + T < n - 1:
+            starts = torch.cat([starts, torch.tensor([n - 1 - T])])  # the tail, in a window ending at the end
+        xy = self.data[starts[:, None] + self._window]  # (2, W, T)
+        return xy[0].to(self.device), xy[1].to(self.device)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])

@@ -187,6 +187,8 @@ class Trainer:
     def optimizer(self) -> FusedAdamW | torch.optim.Optimizer:
         """AdamW, built on first use: evaluation-only callers (a ClientApp answering a query) never pay for
         it."""
+        if self._optimizer is None and self.cfg.optimizer == "sgd":
+            self._optimizer = torch.optim.SGD(self.raw_model.parameters(), lr=self.cfg.learning_rate)
         if self._optimizer is None:
             c = self.cfg
             self._optimizer = self.raw_model.configure_optimizers(

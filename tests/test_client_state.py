@@ -93,3 +93,14 @@ def test_client_schedule_stretches_the_local_trainers_shape_over_the_run():
     assert (
         lr_at(249, fed) > 3e-4 and lr_at(250, fed) == 3e-4 and lr_at(400, fed) == 3e-4
     )  # rounds added later
+
+
+def test_auto_keeps_client_state_only_when_every_client_trains_every_round():
+    from fedgpt.config import Config, FedConfig
+
+    def keeps(**fed) -> bool:
+        return Config(fed=FedConfig(**fed)).keeps_client_state
+
+    assert keeps() and keeps(fraction_train=1.0, client_optimizer="auto")
+    assert not keeps(fraction_train=0.1) and keeps(fraction_train=0.1, client_optimizer="keep")
+    assert not keeps(client_optimizer="reset")

@@ -306,6 +306,21 @@ def test_batches_are_seeded_and_resumable():
     assert all(torch.equal(x, next(resumed)[0]) for x in expected)
 
 
-def test_batches_need_more_tokens_than_the_block():
-    with pytest.raises(ValueError, match=r"only 64 tokens, need more than block_size=64 .*model\.block_size"):
-        Batches(np.arange(64), block_size=64, batch_size=2)
+def test_fewer_tokens_than_the_block_give_shorter_windows_of_real_text():
+    x, y = next(Batches(np.arange(10), block_size=64, batch_size=2))  # a small client: 10 tokens
+    assert x.shape == y.shape == (2, 9)
+    assert x[0].tolist() == list(range(9)) and y[0].tolist() == list(range(1, 10))  # no padding
+    assert next(Batches(np.arange(65), block_size=64, batch_size=2))[0].shape == (2, 64)
+    with pytest.raises(ValueError, match=r"only 1 token\(s\), need at least 2"):
+        Batches(np.arange(1), block_size=64, batch_size=2)
+
+
+def test_all_windows_cover_every_target_once_or_twice_at_the_tail():
+    b = Batches(np.arange(100), block_size=16, batch_size=2)
+    x, y = b.all_windows()
+    assert x.shape == (7, 16)  # 6 windows of 16 cover targets 1..96; the 7th ends at the last token
+    targets = y.flatten().tolist()
+    assert set(targets) == set(range(1, 100)) and targets[-1] == 99
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    small = Batches(np.arange(5), block_size=16, batch_size=2).all_windows()
+    assert small[0].tolist() == [[0, 1, 2, 3]] and small[1].tolist() == [[1, 2, 3, 4]]

@@ -162,7 +162,7 @@ def test_torchrun_two_processes_equal_one_process(run_a: Path, tmp_path: Path, d
 def bad_runs(run_a: Path, tmp_path_factory, data_dir: Path) -> dict[str, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("bad")
     (tmp / "latin1.txt").write_bytes("ROMEO:\ncaf\u00e9 au lait.\n\n".encode("latin-1") * 50)
-    (tmp / "small.txt").write_text("ROMEO:\nhi there.\n", encoding="utf-8")
+    (tmp / "small.txt").write_text("ab", encoding="utf-8")  # 1 train token: no (input, target) pair
     # run A's last.pt as train.save_optimizer=false would have written it, and as a ServerApp round would have
     ckpt = load_checkpoint(run_a / "last.pt")
     common = {k: ckpt[k] for k in ("tokenizer", "config", "step", "best_val_loss", "val_loss")}
@@ -201,7 +201,7 @@ def bad_runs(run_a: Path, tmp_path_factory, data_dir: Path) -> dict[str, subproc
 BAD = {
     "missing_input": r"input file /nonexistent/corpus.txt not found",
     "not_utf8": r"latin1.txt is not UTF-8 text",
-    "too_small": r"only \d+ tokens, need more than block_size=16",
+    "too_small": r"only 1 token\(s\), need at least 2 for one \(input, target\) pair",
     "block_size": r"another architecture than the config's \(model.block_size: checkpoint 16 vs config 32\)",
     "resume_nothing": r"last.pt not found",
     "unknown_key": r"invalid config: (?=.*train.max_stepz: unknown key)(?=.*model.n_layerz: unknown key)",

@@ -74,7 +74,7 @@ def test_spans_cover_train_exactly_and_val_is_the_tail(corpus, scheme):
     for p in parts:
         assert p.scheme == scheme
         assert len(p.val) == round(0.1 * (len(p.train) + len(p.val)))
-        assert (len(p.speakers) > 0) == (scheme == "speaker")
+        assert (len(p.speakers) > 0) == (scheme in ("speaker", "role"))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -159,20 +159,25 @@ def test_dirichlet_floor_feeds_every_client(synthetic, seed):
 def test_errors(synthetic):
     tokens, turns = synthetic
     with pytest.raises(
-        ValueError, match=r"unknown partition scheme 'byplay'.*iid, speaker, contiguous, dirichlet"
+        ValueError, match=r"unknown partition scheme 'byplay'.*iid, speaker, role, contiguous, dirichlet"
     ):
         partition(tokens, 8, "byplay")
     with pytest.raises(ValueError, match="num_clients=0"):
         partition(tokens, 0, "iid")
+    # clients smaller than a window are fine (they train on shorter windows); below 2 tokens nothing is left
+    assert min(p.size for p in partition(tokens[:2000], 64, "contiguous", block_size=256)) < 256
     with pytest.raises(
-        ValueError, match=r"client 0 of 64 gets 1687 train / 188 val tokens, .*block_size=256"
+        ValueError, match=r"client 0 of 64 gets 2 train / 0 val tokens, need at least 2 in each"
     ):
-        partition(tokens, 64, "contiguous", block_size=256)
-    with pytest.raises(ValueError, match=r"client \d+ of 64 gets \d+ train / \d+ val tokens"):
-        partition(tokens, 64, "iid", block_size=256)
+        partition(tokens[:100], 64, "contiguous", block_size=256)
+    with pytest.raises(
+        ValueError, match=r"client \d+ of 64 gets \d+ train / 0 val tokens, need at least 2 in train"
+    ):
+        partition(tokens[:100], 64, "contiguous", val_fraction=0.0)
     for no_turns in (None, []):
-        with pytest.raises(ValueError, match='no "NAME:" speaker headers.*iid, contiguous or dirichlet'):
-            partition(tokens, 8, "speaker", turns=no_turns)
+        for scheme in ("speaker", "role"):
+            with pytest.raises(ValueError, match=f'partition={scheme} needs.*no "NAME:" speaker headers'):
+                partition(tokens, 8, scheme, turns=no_turns)
     with pytest.raises(ValueError, match="only 40 speakers for 50 clients"):
         partition(tokens, 50, "speaker", turns=turns, block_size=8)
 

@@ -144,3 +144,32 @@ def test_every_strategy_takes_its_own_default_server_lr_unless_overridden():
     assert (fedavgm.lr, fedavgm.momentum, fedavgm.nesterov) == (1.0, 0.9, False)
     assert (diloco.lr, diloco.momentum, diloco.nesterov) == (0.7, 0.9, False)
     assert make_strategy(FedConfig(strategy="diloco")).nesterov
+
+
+def test_sampled_partitions_do_not_depend_on_node_ids(data_dir, tmp_path):
+    # Two federations of the same run whose 10 nodes have other ids, listed in other orders: with
+    # fed.fraction_train 0.3, each round samples the same three partitions in both.
+    from fedgpt.config import load_config
+    from fedgpt.fed.server import FederatedRun
+
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            f"--data.data_dir={data_dir}",
+            f"--train.out_dir={tmp_path}",
+            "--fed.num_clients=10",
+            "--fed.fraction_train=0.3",
+        ],
+    )
+    run = FederatedRun(cfg, log=lambda _: None)
+    samples = []
+    for ids in ([101 + 7 * i for i in range(10)], [9000 - 13 * i for i in range(10)]):
+        run.partition_of = {node: p for p, node in enumerate(ids)}
+        grid = Grid(list(reversed(ids)) if ids[0] > 1000 else ids)
+        per_round = []
+        for rnd in (1, 2, 3):
+            msgs = run.strategy.configure_train(rnd, ArrayRecord({}), _config(), run.sampling_grid(grid, rnd))
+            per_round.append(sorted(run.partition_of[m.metadata.dst_node_id] for m in msgs))
+        samples.append(per_round)
+    assert samples[0] == samples[1] and all(len(s) == 3 for s in samples[0])
+    assert len({tuple(s) for s in samples[0]}) > 1  # a new sample each round

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ def fit(msg: Message, context: Context) -> Message:
     seed = cfg.train.seed * 100_003 + partition_id * 1_009 + rnd
     torch.manual_seed(seed)  # dropout masks too: reproducible whichever process serves this partition
     batches = Batches(part.train, cfg.model.block_size, cfg.train.batch_size, trainer.device, seed=seed)
+    if cfg.fed.full_batch:  # FedSGD: every step is the gradient of all the client's windows
+        batches = itertools.repeat(batches.all_windows())
     t_start = time.time()
     m = trainer.train_steps(batches, cfg.fed.local_steps, mu=mu, ref=ref)
     if store is not None:
@@ -160,7 +163,7 @@ def state_store(
 
     A SuperNode's node config `state-dir` names a folder on its own machine; without it, the run's
     fed.client_state_dir, or <train.out_dir>/client_state as the server resolved it."""
-    if cfg.fed.client_optimizer != "keep":
+    if not cfg.keeps_client_state:
         return None
     root = context.node_config.get("state-dir") or record["client-state-dir"]
     return ClientStateStore(str(root), str(record["run-id"]), partition_id)

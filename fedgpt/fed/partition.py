@@ -1,43 +1,63 @@
-"""Split one train token array among federated clients: IID chunks, whole speaking roles, contiguous regions,
-or Dirichlet-sized shares.
+"""Split one train token array among federated clients: IID chunks, speakers, roles (a speaker in one play),
+contiguous regions, or Dirichlet-sized shares.
 
-    # the split cfg.fed describes, as every federated process computes it
-    parts = client_partitions(cfg, ds)
-    # client 3's training tokens; parts[3].val is its own held-out tail
-    x = parts[3].train
+    parts = client_partitions(cfg, ds)      # the split cfg.fed describes, as every process computes it
+    x = parts[3].train                      # client 3's training tokens, read from the token file when asked
     print(format_summary(summarize(parts, ds.train, ds.tokenizer.vocab_size)))
 
-Every scheme gives each client disjoint [start, end) spans of the train array, and together they cover it
-exactly. A client's tokens are its spans concatenated in corpus order; the last val_fraction of them is its
-validation split.
+Every scheme gives each client disjoint [start, end) spans of the train array. A client's tokens are its
+spans concatenated in corpus order; the last val_fraction of them is its validation split. Computing a
+split costs spans only: a client process that builds everyone's partition reads just its own tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedgpt.config import PARTITIONS, Config
+from fedgpt.fed.plays import find_plays, find_scenes
 
 if TYPE_CHECKING:
     from fedgpt.data import Dataset, Turn
 
-SCHEMES = PARTITIONS  # "iid", "speaker", "contiguous", "dirichlet"
+SCHEMES = PARTITIONS  # "iid", "speaker", "role", "contiguous", "dirichlet"
+MIN_CLIENT_TOKENS = (
+    2  # a client needs one (input, target) pair; fewer than a window trains on shorter windows
+)
 
 
 @dataclass
 class ClientPartition:
     client: int
     spans: np.ndarray  # (k, 2) int64 [start, end) spans of the train array, sorted, adjacent spans merged
-    train: np.ndarray  # (n_train,) the concatenated spans minus the validation tail
-    val: np.ndarray  # (n_val,) the last val_fraction of the concatenated spans
-    speakers: list[str]  # the speaking roles it owns, largest first ("speaker" scheme); [] otherwise
+    n_val: int  # the last n_val of its tokens are its validation split
+    speakers: list[str]  # the speakers / roles it holds, largest first ("speaker", "role"); [] otherwise
     scheme: str = ""  # the scheme that made it, for summarize()
+    source: np.ndarray = field(default=None, repr=False)  # the train array the spans index
+
+    @property
+    def size(self) -> int:
+        return int((self.spans[:, 1] - self.spans[:, 0]).sum())
+
+    @functools.cached_property
+    def tokens(self) -> np.ndarray:
+        """Its tokens, copied out of the (memory-mapped) train array on first use."""
+        return np.concatenate([np.asarray(self.source[a:b]) for a, b in self.spans])
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.tokens[: self.size - self.n_val]
+
+    @property
+    def val(self) -> np.ndarray:
+        return self.tokens[self.size - self.n_val :]
 
 
 # --- helpers
@@ -137,45 +157,157 @@ def _dirichlet(
     return out
 
 
-def _speaker(
-    n: int, num_clients: int, turns: Sequence[Turn], rng: np.random.Generator
-) -> tuple[list[np.ndarray], list[list[str]]]:
-    """Whole speaking roles per client, balanced by tokens: largest role first to the emptiest client."""
-    # turns in the val split are dropped
-    turns = sorted((t for t in turns if t.start < n), key=lambda t: t.start)
-    if not turns:
+def _turn_spans(n: int, turns: Sequence[Turn]) -> tuple[list[int], np.ndarray]:
+    """The indices (into `turns`) of the turns in the train array, and their (T, 2) spans.
+
+    A turn runs to the next turn's start, so stage directions and headers between turns belong to the
+    preceding turn, the text before the first turn to the first; the last turn is cut at the end of the
+    train array.
+    """
+    kept = [i for i in sorted(range(len(turns)), key=lambda i: turns[i].start) if turns[i].start < n]
+    if not kept:
         raise ValueError(
             f"none of the {n:,} train tokens lies in a speaker turn: "
             "use fed.partition=iid, contiguous or dirichlet"
         )
-    # A turn runs to the next turn's start, so stage directions and headers between turns belong to the
-    # preceding turn, the text before the first turn to the first; the last turn is cut at the end of the
-    # train array.
-    starts = np.array([t.start for t in turns], dtype=np.int64)
+    starts = np.array([turns[i].start for i in kept], dtype=np.int64)
     starts[0] = 0
-    spans = np.stack([starts, np.r_[starts[1:], n]], axis=1)  # (T, 2)
-    names, owner = np.unique([t.speaker for t in turns], return_inverse=True)  # owner: (T,) index into names
-    if len(names) < num_clients:
-        raise ValueError(
-            f"the train split has only {len(names)} speakers for {num_clients} clients: use fewer clients "
-            "(fed.num_clients) or fed.partition=iid, contiguous or dirichlet"
-        )
-    sizes = np.bincount(owner, weights=spans[:, 1] - spans[:, 0], minlength=len(names))
-    shuffled = rng.permutation(len(names))  # the seed breaks ties between equal roles ...
+    return kept, np.stack([starts, np.r_[starts[1:], n]], axis=1)
+
+
+def _balance(sizes: np.ndarray, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+    """Each unit's client: the largest unit first, to the client with the fewest tokens so far."""
+    shuffled = rng.permutation(len(sizes))  # the seed breaks ties between equal units ...
     order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]
-    # ... and between equally full clients, so it decides who gets which roles
+    # ... and between equally full clients, so it decides who gets which units
     rank = rng.permutation(num_clients)
     heap = [(0, int(rank[c]), c) for c in range(num_clients)]  # (tokens so far, tie-break, client)
     heapq.heapify(heap)
-    client_of = np.empty(len(names), dtype=np.int64)
-    held: list[list[str]] = [[] for _ in range(num_clients)]
-    for s in order:
+    client_of = np.empty(len(sizes), dtype=np.int64)
+    for u in order:
         load, r, c = heapq.heappop(heap)
-        client_of[s] = c
-        held[c].append(str(names[s]))
-        heapq.heappush(heap, (load + int(sizes[s]), r, c))
-    turn_client = client_of[owner]  # (T,)
-    return [spans[turn_client == c] for c in range(num_clients)], held
+        client_of[u] = c
+        heapq.heappush(heap, (load + int(sizes[u]), r, c))
+    return client_of
+
+
+def _group(
+    units: list[tuple[str, np.ndarray]], num_clients: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[list[str]]]:
+    """Whole units (name, spans) per client, balanced by tokens."""
+    sizes = np.array([int((sp[:, 1] - sp[:, 0]).sum()) for _, sp in units])
+    client_of = _balance(sizes, num_clients, rng)
+    spans = [
+        np.concatenate([sp for (_, sp), c in zip(units, client_of) if c == k] or [np.zeros((0, 2), np.int64)])
+        for k in range(num_clients)
+    ]
+    names = [
+        [name for (name, _), c, _ in sorted(zip(units, client_of, -sizes), key=lambda x: x[2]) if c == k]
+        for k in range(num_clients)
+    ]
+    return spans, names
+
+
+def _speaker(
+    n: int, num_clients: int, turns: Sequence[Turn], rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[list[str]]]:
+    """Whole speakers (all their turns, in every play) per client, balanced by tokens."""
+    kept, spans = _turn_spans(n, turns)
+    names, owner = np.unique([turns[i].speaker for i in kept], return_inverse=True)  # owner: (T,) into names
+    if len(names) < num_clients:
+        raise ValueError(
+            f"the train split has only {len(names)} speakers for {num_clients} clients: use fewer clients "
+            "(fed.num_clients), or fed.partition=role, iid, contiguous or dirichlet"
+        )
+    return _group([(str(name), spans[owner == k]) for k, name in enumerate(names)], num_clients, rng)
+
+
+@dataclass
+class _Role:
+    name: str  # "NAME (play P)", with ", part K" once split
+    spans: np.ndarray  # (k, 2) its turns
+    scenes: np.ndarray  # (k,) the scene of each turn
+
+    @property
+    def size(self) -> int:
+        return int((self.spans[:, 1] - self.spans[:, 0]).sum())
+
+    def halves(self) -> tuple[_Role, _Role] | None:
+        """Two roles of about half the tokens each: at a scene boundary if it spans scenes, else between its
+        turns, else inside its one turn; None if it cannot be split (fewer than 2 * MIN_CLIENT_TOKENS)."""
+        cum = np.cumsum(self.spans[:, 1] - self.spans[:, 0])
+        if len(np.unique(self.scenes)) > 1:
+            cuts = np.flatnonzero(self.scenes[1:] != self.scenes[:-1]) + 1  # first turn of each later scene
+        elif len(self.spans) > 1:
+            cuts = np.arange(1, len(self.spans))
+        elif self.size >= 2 * MIN_CLIENT_TOKENS:
+            a, b = self.spans[0]
+            mid = (a + b) // 2
+            return (
+                _Role(self.name + ", part 1", np.array([[a, mid]]), self.scenes),
+                _Role(self.name + ", part 2", np.array([[mid, b]]), self.scenes),
+            )
+        else:
+            return None
+        cut = cuts[np.argmin(np.abs(cum[cuts - 1] - cum[-1] / 2))]
+        return (
+            _Role(self.name + ", part 1", self.spans[:cut], self.scenes[:cut]),
+            _Role(self.name + ", part 2", self.spans[cut:], self.scenes[cut:]),
+        )
+
+
+def _role(
+    n: int, num_clients: int, turns: Sequence[Turn], rng: np.random.Generator, min_tokens: int, small: str
+) -> tuple[list[np.ndarray], list[list[str]]]:
+    """A client per role, a speaker in one play (McMahan et al.'s and LEAF's Shakespeare split); roles under
+    min_tokens kept, dropped or merged per play as `small` says. Fewer clients than roles: roles are grouped,
+    balanced by tokens. More: the largest role is split in two, at a scene boundary where it has one, until
+    there are as many as clients."""
+    plays, scenes = (
+        find_plays(turns),
+        find_scenes(turns),
+    )  # on the whole corpus: the val split changes nothing
+    kept, spans = _turn_spans(n, turns)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for row, i in enumerate(kept):
+        groups.setdefault((plays[i], turns[i].speaker), []).append(row)
+    roles = []
+    for (play, speaker), rows in groups.items():
+        role = _Role(f"{speaker} (play {play + 1})", spans[rows], np.array([scenes[kept[r]] for r in rows]))
+        if role.size < min_tokens and small != "keep":
+            if small == "drop":
+                continue
+            role.name = f"minor roles (play {play + 1})"
+        roles.append(role)
+    if small == "merge":
+        merged: dict[str, list[_Role]] = {}
+        for r in roles:
+            merged.setdefault(r.name, []).append(r)
+        roles = [
+            _Role(k, np.concatenate([r.spans for r in rs]), np.concatenate([r.scenes for r in rs]))
+            for k, rs in merged.items()
+        ]
+    if len(roles) >= num_clients:
+        return _group([(r.name, r.spans) for r in roles], num_clients, rng)
+    heap = [(-r.size, k, r) for k, r in enumerate(roles)]
+    heapq.heapify(heap)
+    done, counter = [], len(roles)
+    while heap and len(heap) + len(done) < num_clients:
+        _, _, role = heapq.heappop(heap)
+        halves = role.halves()
+        if halves is None:
+            done.append(role)
+            continue
+        for half in halves:
+            heapq.heappush(heap, (-half.size, counter, half))
+            counter += 1
+    units = sorted(done + [r for _, _, r in heap], key=lambda u: int(u.spans[:, 0].min()))
+    if len(units) < num_clients:
+        raise ValueError(
+            f"the train split's roles give at most {len(units)} clients of at least "
+            f"{MIN_CLIENT_TOKENS} tokens, not {num_clients}: use fewer clients (fed.num_clients)"
+        )
+    return [u.spans for u in units], [[u.name] for u in units]
 
 
 # --- entry points
@@ -206,9 +338,9 @@ def _check_arguments(
         )
     if np.ndim(train_tokens) != 1:
         raise ValueError(f"train_tokens must be a 1-D token array, got shape {np.shape(train_tokens)}")
-    if scheme == "speaker" and not turns:
+    if scheme in ("speaker", "role") and not turns:
         raise ValueError(
-            'fed.partition=speaker needs speaker turns, but the corpus has no "NAME:" speaker headers: '
+            f'fed.partition={scheme} needs speaker turns, but the corpus has no "NAME:" speaker headers: '
             "use fed.partition=iid, contiguous or dirichlet"
         )
 
@@ -224,14 +356,17 @@ def partition(
     val_fraction: float = 0.1,
     alpha: float = 0.5,
     chunk_tokens: int = 0,
+    min_role_tokens: int = 0,
+    small_roles: str = "keep",
 ) -> list[ClientPartition]:
     """Split train_tokens among num_clients by scheme (see SCHEMES); deterministic given seed.
 
-    iid: shuffled chunk_tokens-long chunks (0: default_chunk_tokens) dealt evenly. speaker: whole speaking
-    roles of turns, balanced by size. contiguous: num_clients equal regions in corpus order. dirichlet:
+    iid: shuffled chunk_tokens-long chunks (0: default_chunk_tokens) dealt evenly. speaker: whole speakers,
+    balanced by size. role: a speaker in one play per client (see _role; small_roles says what becomes of
+    roles under min_role_tokens). contiguous: num_clients equal regions in corpus order. dirichlet:
     shuffled chunks in Dirichlet(alpha)-distributed amounts, at least min_client_tokens per client. Raises
-    ValueError, before copying any tokens, if some client would get block_size tokens or fewer in its train
-    or its val part.
+    ValueError if some client would get fewer than MIN_CLIENT_TOKENS in its train part (or, with
+    val_fraction > 0, its val part).
     """
     _check_arguments(train_tokens, num_clients, scheme, turns, block_size, val_fraction, alpha, chunk_tokens)
     n = len(train_tokens)
@@ -244,26 +379,21 @@ def partition(
         raw = _contiguous(n, num_clients)
     elif scheme == "dirichlet":
         raw = _dirichlet(n, num_clients, chunk, alpha, min_client_tokens(block_size, val_fraction), rng)
+    elif scheme == "role":
+        raw, speakers = _role(n, num_clients, turns, rng, min_role_tokens, small_roles)
     else:
         raw, speakers = _speaker(n, num_clients, turns, rng)
-    spans = [_merge(s) for s in raw]
-
-    # Check every client before copying any tokens.
-    for c, s in enumerate(spans):
-        total = int((s[:, 1] - s[:, 0]).sum())
-        n_val = _val_len(total, val_fraction)
-        if total - n_val <= block_size or (val_fraction > 0 and n_val <= block_size):
-            raise ValueError(
-                f"client {c} of {num_clients} gets {total - n_val} train / {n_val} val tokens, need more "
-                f"than model.block_size={block_size} in {'each' if val_fraction else 'train'}: "
-                "use fewer clients (fed.num_clients), a smaller block_size, or a larger corpus"
-            )
-
     parts = []
-    for c, s in enumerate(spans):
-        tokens = np.concatenate([np.asarray(train_tokens[a:b]) for a, b in s])  # a copy in RAM, not a memmap
-        n_train = len(tokens) - _val_len(len(tokens), val_fraction)
-        parts.append(ClientPartition(c, s, tokens[:n_train], tokens[n_train:], speakers[c], scheme))
+    for c, spans in enumerate(_merge(s) for s in raw):
+        total = int((spans[:, 1] - spans[:, 0]).sum())
+        n_val = _val_len(total, val_fraction)
+        if total - n_val < MIN_CLIENT_TOKENS or (val_fraction > 0 and n_val < MIN_CLIENT_TOKENS):
+            raise ValueError(
+                f"client {c} of {num_clients} gets {total - n_val} train / {n_val} val tokens, need at least "
+                f"{MIN_CLIENT_TOKENS} in {'each' if val_fraction else 'train'}: "
+                "use fewer clients (fed.num_clients) or a larger corpus"
+            )
+        parts.append(ClientPartition(c, spans, n_val, speakers[c], scheme, source=train_tokens))
     return parts
 
 
@@ -284,6 +414,8 @@ def client_partitions(cfg: Config, ds: Dataset, num_clients: int | None = None) 
         block_size=cfg.model.block_size,
         val_fraction=val_fraction,
         alpha=f.dirichlet_alpha,
+        min_role_tokens=f.min_role_tokens,
+        small_roles=f.small_roles,
     )
 
 
@@ -320,22 +452,28 @@ def summarize(parts: list[ClientPartition], train_tokens: np.ndarray, vocab_size
     }
 
 
-def format_summary(summary: dict) -> str:
-    """An aligned table: one row per client, then the means."""
+def format_summary(summary: dict, rows: int = 32) -> str:
+    """An aligned table: a row per client (past `rows` clients, the size distribution), then the means."""
     header = f"{'client':>6}  {'train':>10}  {'val':>9}  {'speakers':>8}  {'JS bits':>8}"
-    rows = [f"partition {summary['scheme'] or '?'}: {summary['num_clients']} clients", header]
-    for c, (t, v, s, j) in enumerate(
-        zip(
+    out = [f"partition {summary['scheme'] or '?'}: {summary['num_clients']} clients"]
+    if summary["num_clients"] <= rows:
+        out.append(header)
+        cols = zip(
             summary["tokens"],
             summary["val_tokens"],
             summary["speakers"],
             summary["js_divergence"],
             strict=True,
         )
-    ):
-        rows.append(f"{c:>6}  {t:>10,}  {v:>9,}  {s:>8}  {j:>8.4f}")
-    rows.append(
-        f"{'mean':>6}  {np.mean(summary['tokens']):>10,.0f}  {'':>9}  {'':>8}  {summary['mean_js']:>8.4f}"
-    )
-    rows.append(f"client size CV {summary['size_cv']:.3f}")
-    return "\n".join(rows)
+        out += [f"{c:>6}  {t:>10,}  {v:>9,}  {s:>8}  {j:>8.4f}" for c, (t, v, s, j) in enumerate(cols)]
+        out.append(
+            f"{'mean':>6}  {np.mean(summary['tokens']):>10,.0f}  {'':>9}  {'':>8}  {summary['mean_js']:>8.4f}"
+        )
+    else:
+        lo, p10, p50, p90, hi = np.percentile(summary["tokens"], [0, 10, 50, 90, 100])
+        out.append(
+            f"train tokens per client: min {lo:,.0f} | 10% {p10:,.0f} | median {p50:,.0f} | "
+            f"90% {p90:,.0f} | max {hi:,.0f} | mean JS bits {summary['mean_js']:.4f}"
+        )
+    out.append(f"client size CV {summary['size_cv']:.3f}")
+    return "\n".join(out)

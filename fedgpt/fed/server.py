@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -163,7 +164,9 @@ class FederatedRun:
         # The strategy sees one fp32 array per tensor (its own state keeps them); the wire carries one flat
         # array.
         arrays = to_record(self.global_state, self.aliases, flat=False)
-        msgs = list(self.strategy.configure_train(rnd, arrays, self.train_config(), grid))
+        msgs = list(
+            self.strategy.configure_train(rnd, arrays, self.train_config(), self.sampling_grid(grid, rnd))
+        )
         sent_arrays = to_record(self.global_state, self.aliases, half=fed.half_precision)
         for m in msgs:
             m.content["arrays"] = sent_arrays
@@ -193,6 +196,13 @@ class FederatedRun:
             row.clients_state_resumed = sum(int(m["state-age"]) > 0 for m in metrics)
             row.clients_state_stale = sum(int(m["state-stale"]) for m in metrics)
         return row
+
+    def sampling_grid(self, grid: Grid, rnd: int) -> Grid:
+        """The grid as the strategy sees it when sampling this round's clients: nodes in partition order, and
+        Flower's sampler (the global `random`) seeded by the run's seed and the round. The same partitions
+        train in every run of this config, a resumed one included, whatever ids its nodes have."""
+        random.seed(self.cfg.train.seed * 1_000_003 + rnd)
+        return PartitionOrderedGrid(grid, self.partition_of)
 
     def _timings(self, row: RoundRow, metrics: list, round_s: float) -> None:
         train_s = [float(m["train-seconds"]) for m in metrics]
@@ -257,3 +267,16 @@ class FederatedRun:
         if agg is None:
             return None, None
         return float(agg["val-loss"]), float(agg["val-accuracy"])
+
+
+class PartitionOrderedGrid:
+    """A Grid whose get_node_ids lists nodes by the partition they serve; everything else is the grid's."""
+
+    def __init__(self, grid: Grid, partition_of: dict[int, int]):
+        self._grid, self._partition_of = grid, partition_of
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids(), key=lambda n: (self._partition_of.get(n, -1), n))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
