@@ -52,7 +52,7 @@ def tiny(data_dir: Path, tmp_path: Path, kind: str, *args: str) -> dict:
         f"--data.data_dir={data_dir}",
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert f"| {kind} |" in res.stdout  # the markdown table
+    assert f"| {kind}" in res.stdout  # the markdown table
     return json.loads(out.read_text())
 
 
@@ -177,3 +177,25 @@ def test_results_doc_without_markers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lacks the"):
         write_doc(doc, "table")
     assert doc.read_text() == "# Results\n"
+
+
+@pytest.mark.slow
+def test_bench_scale_samples_a_fraction_and_measures_the_session(data_dir, tmp_path):
+    r = tiny(
+        data_dir,
+        tmp_path,
+        "scale",
+        "--clients",
+        "6",
+        "12",
+        "--fraction",
+        "0.5",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "1",
+    )
+    by = r["by_clients"]
+    assert [(x["clients"], x["sampled_per_round"]) for x in by] == [(6, 3), (12, 6)]
+    # the simulation, Ray's daemons and two actors that import torch: more than one process's worth
+    assert all(x["peak_memory_mb"] > 500 and 0 < x["startup_s"] < x["wall_s"] for x in by)

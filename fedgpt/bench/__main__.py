@@ -1,4 +1,4 @@
-"""python -m fedgpt.bench {train,fed,comm,deploy}: run one benchmark, print its table, write its JSON.
+"""python -m fedgpt.bench {train,fed,comm,deploy,scale}: run one benchmark, print its table, write its JSON.
 
     python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml [--nanogpt ../nanoGPT]
     python -m fedgpt.bench fed | comm | deploy [--config ...]
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedgpt.bench import federation, step
+from fedgpt.bench import federation, scale, step
 from fedgpt.files import atomic_write_bytes
 
 
@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     sub = p.add_subparsers(dest="bench", required=True)
     step.add_parser(sub)
     federation.add_parsers(sub)
+    scale.add_parser(sub)
     return p.parse_known_args(argv)
 
 

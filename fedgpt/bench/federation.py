@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedgpt.bench import scale
 from fedgpt.bench.common import app_dir, run_logged
 from fedgpt.bench.loopback import Deployment
 from fedgpt.config import load_config
@@ -262,6 +263,8 @@ def _deploy_figures(
 
 def markdown(kind: str, res: dict[str, Any]) -> str:
     """One result as a markdown table."""
+    if kind == "scale":
+        return scale.markdown(res)
     if kind == "fed":
         s, loc = res["simulation"], res["local_trainer"]
         rows = [
@@ -371,7 +374,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(kind: str, a: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    fn = {"fed": bench_fed, "comm": bench_comm, "deploy": bench_deploy}[kind]
+    fn = {"fed": bench_fed, "comm": bench_comm, "deploy": bench_deploy, "scale": scale.bench_scale}[kind]
     if a.rounds < 1 or a.local_steps < 0:
         raise ValueError(f"--rounds={a.rounds} must be >= 1 and --local-steps={a.local_steps} >= 0")
     if a.keep:
