@@ -199,3 +199,44 @@ def test_bench_scale_samples_a_fraction_and_measures_the_session(data_dir, tmp_p
     assert [(x["clients"], x["sampled_per_round"]) for x in by] == [(6, 3), (12, 6)]
     # the simulation, Ray's daemons and two actors that import torch: more than one process's worth
     assert all(x["peak_memory_mb"] > 500 and 0 < x["startup_s"] < x["wall_s"] for x in by)
+
+
+@pytest.mark.slow
+def test_rounds_to_target_counts_the_first_round_at_the_target(data_dir, tmp_path):
+    from fedgpt.bench.targets import TARGET_ACCURACY
+    from fedgpt.fed.rounds import read_rounds
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\n<!-- target:start -->\n<!-- target:end -->\n")
+    res = run_module(
+        "fedgpt.results",
+        "--rounds-to-target",
+        "--config",
+        "configs/tiny.yaml",
+        "--only",
+        "target_iid_fedsgd",
+        "target_iid_fedavg",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--doc",
+        str(doc),
+        f"--data.data_dir={data_dir}",
+        "--fed.num_clients=4",
+        "--fed.fraction_train=0.5",
+        "--fed.rounds=3",
+        "--fed.local_steps=2",
+        "--train.batch_size=8",
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "results-target.json").read_text())
+    assert [(r["split"], r["method"], r["rounds_run"]) for r in results] == [
+        ("iid", "fedsgd", 3),
+        ("iid", "fedavg", 3),
+    ]
+    for r in results:
+        rows = read_rounds(tmp_path / "runs" / r["name"] / "rounds.jsonl")
+        reached = [row.round for row in rows if row.val_accuracy >= TARGET_ACCURACY]
+        assert r["rounds_to_target"] == (reached[0] if reached else None)
+        assert r["best_accuracy"] == max(row.val_accuracy for row in rows)
+        assert all(row.clients_ok == 2 for row in rows[1:])  # half of 4 clients a round
+    assert "| IID | FedSGD |" in doc.read_text() and "| IID | FedAvg |" in doc.read_text()

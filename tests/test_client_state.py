@@ -104,3 +104,24 @@ def test_auto_keeps_client_state_only_when_every_client_trains_every_round():
     assert keeps() and keeps(fraction_train=1.0, client_optimizer="auto")
     assert not keeps(fraction_train=0.1) and keeps(fraction_train=0.1, client_optimizer="keep")
     assert not keeps(client_optimizer="reset")
+
+
+def test_fedsgd_step_is_one_sgd_step_on_the_gradient_of_all_the_clients_windows():
+    # FedSGD (McMahan et al.): each client takes one plain SGD step on the gradient of its whole data.
+    import itertools
+
+    tokens = torch.randint(65, (300,), generator=torch.Generator().manual_seed(3)).numpy()
+    t = trainer()
+    t.cfg = TrainConfig(optimizer="sgd", learning_rate=0.5, warmup_steps=0, decay_lr=False, grad_clip=0.0)
+    x, y = Batches(tokens, 16, 4, seed=0).all_windows()
+    assert x.shape == (19, 16)  # 18 windows of 16 cover 288 targets; the 19th ends at the last token
+    before = {k: v.clone() for k, v in t.raw_model.named_parameters()}
+    ref = GPT(t.raw_model.cfg)
+    ref.load_state_dict(t.raw_model.state_dict())
+    loss = ref(x, y)[1]
+    grads = dict(
+        zip([k for k, _ in ref.named_parameters()], torch.autograd.grad(loss, list(ref.parameters())))
+    )
+    t.train_steps(itertools.repeat((x, y)), 1)
+    for k, p in t.raw_model.named_parameters():
+        torch.testing.assert_close(p, before[k] - 0.5 * grads[k], rtol=1e-5, atol=1e-6)

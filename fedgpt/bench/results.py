@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedgpt.bench import targets
 from fedgpt.bench.common import app_dir, run_logged
 from fedgpt.config import TrainConfig, load_config
 from fedgpt.fed.rounds import read_rounds
@@ -29,6 +30,7 @@ from fedgpt.files import atomic_write, atomic_write_bytes
 from fedgpt.metrics import read_jsonl
 
 MARKERS = {
+    "target": ("<!-- target:start -->", "<!-- target:end -->"),
     "main": ("<!-- results:start -->", "<!-- results:end -->"),
     "frontier": ("<!-- frontier:start -->", "<!-- frontier:end -->"),
 }
@@ -170,6 +172,16 @@ def command(
             f"--train.eval_interval={a.local_steps}",
             f"--train.eval_iters={math.ceil(tc.eval_iters / a.num_clients)}",
         ]
+    if e.kind == "target":  # its own clients, rounds and steps; overrides last, so that they can shrink them
+        return [
+            sys.executable,
+            "simulate.py",
+            "--config",
+            a.config,
+            *e.args,
+            *overrides,
+            f"--train.out_dir={out_dir}",
+        ]
     if e.kind == "central":
         return [
             *local_train,
@@ -219,7 +231,7 @@ def collect(e: Experiment, runs_dir: Path) -> dict | None:
     if not (d / "experiment.json").is_file():
         return None
     info = json.loads((d / "experiment.json").read_text())
-    if e.kind == "federated":
+    if e.kind in ("federated", "target"):
         rows = read_rounds(d / "rounds.jsonl")
         curve = [(r.tokens, r.val_loss) for r in rows if r.val_loss is not None]
         trained = [r for r in rows if r.round > 0 and r.clients_ok]
@@ -232,6 +244,15 @@ def collect(e: Experiment, runs_dir: Path) -> dict | None:
             / 1e6
         )
         extra = {"rounds": len(trained), "mb_per_client": mb}
+        if e.kind == "target":
+            split, method = e.name.split("_")[1:]
+            extra.update(
+                targets.figures(d),
+                split=split,
+                method=method,
+                method_label=e.label.split(", ")[0],
+                split_label=e.label.split(", ")[-1],
+            )
     else:
         rows = read_jsonl(d / "metrics.jsonl")
         curve = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
@@ -372,8 +393,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         default=25,
         help="local steps per round at the config's batch (default: %(default)s)",
     )
-    p.add_argument("--frontier", action="store_true", help="the frontier table instead of the main one")
-    names = [e.name for e in experiments() + frontier()]
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--frontier", action="store_true", help="the frontier table instead of the main one")
+    which.add_argument(
+        "--rounds-to-target",
+        action="store_true",
+        help="rounds to a target accuracy (FedSGD, "
+        "FedAvg, DiLoCo; role split and IID) instead of the main table",
+    )
+    names = [e.name for e in experiments() + frontier() + targets.experiments(Experiment)]
     p.add_argument(
         "--only", nargs="+", choices=names, metavar="NAME", help=f"run only these ({', '.join(names)})"
     )
@@ -394,32 +422,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     tc = load_config(a.config, overrides).train  # a bad config or override fails here, before any run
     app = app_dir(a.app_dir)
-    exps = frontier() if a.frontier else experiments()
+    kind = "frontier" if a.frontier else "target" if a.rounds_to_target else "main"
+    exps = {"frontier": frontier, "target": lambda: targets.experiments(Experiment), "main": experiments}[
+        kind
+    ]()
     for e in exps:
         if a.only is None or e.name in a.only:
             run(e, a, overrides, tc, app)
     runs_dir = Path(a.runs_dir).resolve()
     res = [r for e in exps if (r := collect(e, runs_dir)) is not None]
     doc = Path(a.doc)
-    kind = "frontier" if a.frontier else "main"
-    png = doc.parent / "results" / ("frontier.png" if a.frontier else "val_vs_tokens.png")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    if a.frontier:
-        plot_frontier(res, png)
-        block = (
-            frontier_table(res)
-            + f"\n\n![final val loss against bytes per client]({png.relative_to(doc.parent)})"
-        )
-    else:
-        plot(res, png)
-        block = (
-            table(res, a) + f"\n\n![central val loss against training tokens]({png.relative_to(doc.parent)})"
-        )
+    block = render(kind, res, a, doc)
     write_doc(doc, block, MARKERS[kind])
     atomic_write_bytes(runs_dir / f"results-{kind}.json", json.dumps(res, indent=1).encode())
     print(block)
-    print(f"wrote {doc}, {png} and {runs_dir / f'results-{kind}.json'}")
+    print(f"wrote {doc} and {runs_dir / f'results-{kind}.json'}")
     return res
+
+
+def render(kind: str, res: list[dict], a: argparse.Namespace, doc: Path) -> str:
+    """One kind of table's block of the results document, with its plot (written beside the document)."""
+    if kind == "target":
+        return targets.table(res)
+    png = doc.parent / "results" / ("frontier.png" if kind == "frontier" else "val_vs_tokens.png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "frontier":
+        plot_frontier(res, png)
+        return (
+            frontier_table(res)
+            + f"\n\n![final val loss against bytes per client]({png.relative_to(doc.parent)})"
+        )
+    plot(res, png)
+    return table(res, a) + f"\n\n![central val loss against training tokens]({png.relative_to(doc.parent)})"
 
 
 if __name__ == "__main__":

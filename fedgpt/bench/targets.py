@@ -1,0 +1,88 @@
+"""Rounds to a target accuracy: FedSGD, FedAvg and DiLoCo on the role split and on IID, McMahan et al.'s way.
+
+    python -m fedgpt.results --rounds-to-target
+
+McMahan et al. (2017) count the rounds of communication each method needs to reach a test accuracy on the
+Shakespeare role split (1,146 clients, 10% a round) and on an IID split of the same data, with FedSGD (each
+client one step of plain SGD on the gradient of all its data) as the reference. These runs do the same with
+the CPU baby GPT, at TARGET_ACCURACY next-character accuracy on the central validation split.
+"""
+
+from __future__ import annotations
+
+from fedgpt.fed.rounds import read_rounds
+
+TARGET_ACCURACY = 0.40
+CLIENTS = ["--fed.num_clients=1000", "--fed.fraction_train=0.1"]
+# FedSGD: one full-batch gradient per client and round, plain SGD at a constant learning rate (the server's
+# step, as every client takes the same one and FedAvg averages them).
+FEDSGD = [
+    "--strategy",
+    "fedavg",
+    "--fed.local_steps=1",
+    "--fed.full_batch=true",
+    "--train.optimizer=sgd",
+    "--train.learning_rate=1.0",
+    "--train.decay_lr=false",
+    "--train.warmup_steps=0",
+    "--fed.rounds=400",
+]
+FEDAVG = ["--strategy", "fedavg", "--fed.local_steps=25", "--fed.rounds=40"]
+DILOCO = ["--strategy", "diloco", "--fed.local_steps=25", "--fed.rounds=40", "--train.batch_size=1"]
+METHODS = (("fedsgd", "FedSGD", FEDSGD), ("fedavg", "FedAvg", FEDAVG), ("diloco", "DiLoCo, batch 1", DILOCO))
+SPLITS = (("role", "role split"), ("iid", "IID"))
+
+
+def rounds_to(rows, accuracy: float) -> int | None:
+    """The first round whose global model reaches `accuracy` on the central validation split, or None."""
+    return next((r.round for r in rows if r.val_accuracy is not None and r.val_accuracy >= accuracy), None)
+
+
+def figures(run_dir) -> dict:
+    rows = read_rounds(run_dir / "rounds.jsonl")
+    accuracies = [r.val_accuracy for r in rows if r.val_accuracy is not None]
+    return {
+        "rounds_to_target": rounds_to(rows, TARGET_ACCURACY),
+        "rounds_run": len(rows) - 1,
+        "best_accuracy": max(accuracies, default=None),
+        "final_val_loss": rows[-1].val_loss if rows else None,
+    }
+
+
+def table(res: list[dict]) -> str:
+    """Rounds to the target per split and method, and each method's speed-up over FedSGD on its split."""
+    lines = [
+        f"| split | method | rounds to {TARGET_ACCURACY:.0%} accuracy | speed-up over FedSGD "
+        "| best accuracy | rounds run |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res:
+        base = next((b for b in res if b["split"] == r["split"] and b["method"] == "fedsgd"), None)
+        n = r["rounds_to_target"]
+        if n is None or base is None:
+            speedup = "-"
+        elif base["rounds_to_target"] is not None:
+            speedup = f"{base['rounds_to_target'] / n:.1f}x"
+        else:  # FedSGD did not get there in its rounds: a lower bound
+            speedup = f"> {base['rounds_run'] / n:.1f}x"
+        reached = str(n) if n is not None else f"not in {r['rounds_run']}"
+        lines.append(
+            f"| {r['split_label']} | {r['method_label']} | {reached} | {speedup} | "
+            f"{r['best_accuracy']:.3f} | {r['rounds_run']} |"
+        )
+    lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in res]
+    return "\n".join(lines)
+
+
+def experiments(experiment_cls) -> list:
+    """The runs of the table, as results.Experiment objects (kind "target": their own rounds and steps)."""
+    return [
+        experiment_cls(
+            f"target_{split}_{method}",
+            f"{label}, {split_label}",
+            [f"--fed.partition={split}", *CLIENTS, *args],
+            kind="target",
+        )
+        for split, split_label in SPLITS
+        for method, label, args in METHODS
+    ]
