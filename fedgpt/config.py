@@ -39,6 +39,8 @@ PARTITIONS = ("iid", "speaker", "role", "contiguous", "dirichlet")
 SMALL_ROLES = ("keep", "drop", "merge")
 WEIGHTINGS = ("data", "trained")
 CLIENT_OPTIMIZER = ("auto", "keep", "reset")
+UPLINKS, DOWNLINKS = ("fp32", "fp16", "int8", "int4"), ("fp32", "fp16")
+LORA_TARGETS = ("attn", "mlp")
 
 
 @dataclass
@@ -113,9 +115,20 @@ class FedConfig:
     fraction_train: float = 1.0  # share of clients sampled each round
     client_eval_interval: int = 0  # rounds between client evaluations on their own val slices; 0: never
     min_clients: int = 0  # clients that must be connected before round 1; 0: num_clients
-    half_precision: bool = False  # send fp16 arrays on the wire (the global model stays fp32)
+    uplink: str = "fp32"  # client to server: fp32 weights, or the update in fp16, int8 or int4 (fed/wire.py)
+    downlink: str = "fp32"  # server to client: the global weights in fp32 or fp16
+    quant_block: int = 256  # int8 / int4 uplink: values per fp32 scale
+    error_feedback: bool = True  # int8 / int4: clients add their last quantization error to their next update
     node_timeout: float = 120.0  # seconds to wait for min_clients before failing
     round_timeout: float = 3600.0  # seconds to wait for the replies of one round
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0  # 0: every weight trains; > 0: rank-r adapters on the targets train, the rest is frozen
+    alpha: float = 16.0  # an adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    targets: str = "attn,mlp"  # "attn" (c_attn, attn.c_proj), "mlp" (c_fc, mlp.c_proj), or both
 
 
 @dataclass
@@ -124,6 +137,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -136,12 +150,23 @@ class Config:
         mode = self.fed.client_optimizer
         return mode == "keep" or (mode == "auto" and self.fed.fraction_train == 1.0)
 
+    @property
+    def error_feedback(self) -> bool:
+        """Whether clients carry their quantization error into their next update (quantized uplinks only)."""
+        return self.fed.error_feedback and self.fed.uplink in ("int8", "int4")
+
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 def _section_types(section: str) -> dict[str, type]:
-    cls = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "fed": FedConfig}[section]
+    cls = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "train": TrainConfig,
+        "fed": FedConfig,
+        "lora": LoRAConfig,
+    }[section]
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -261,11 +286,29 @@ def validate(cfg: Config) -> list[str]:
         f"{f.client_optimizer!r} is not one of {', '.join(CLIENT_OPTIMIZER)}",
     )
     check(f.client_state_max_age >= 1, "fed.client_state_max_age", "must be >= 1")
+    check(f.uplink in UPLINKS, "fed.uplink", f"{f.uplink!r} is not one of {', '.join(UPLINKS)}")
+    check(f.downlink in DOWNLINKS, "fed.downlink", f"{f.downlink!r} is not one of {', '.join(DOWNLINKS)}")
+    check(f.quant_block >= 1, "fed.quant_block", "must be >= 1")
     check(0 < f.client_val_fraction < 1, "fed.client_val_fraction", "must be in (0, 1)")
     check(0 < f.fraction_train <= 1, "fed.fraction_train", "must be in (0, 1]")
     check(f.client_eval_interval >= 0, "fed.client_eval_interval", "must be >= 0 (0: never)")
     check(0 <= f.min_clients <= f.num_clients, "fed.min_clients", "must be in [0, fed.num_clients]")
     check(f.node_timeout > 0 and f.round_timeout > 0, "fed.node_timeout/round_timeout", "must be > 0")
+    lo = cfg.lora
+    check(lo.rank >= 0, "lora.rank", "must be >= 0 (0: no adapters)")
+    check(
+        lo.rank == 0 or t.init_from != "scratch",
+        "lora.rank",
+        "adapters fine-tune a pretrained model: set train.init_from to a checkpoint or hf:DIR",
+    )
+    check(lo.alpha > 0, "lora.alpha", "must be > 0")
+    check(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    targets = [t.strip() for t in lo.targets.split(",")]
+    check(
+        bool(targets) and set(targets) <= set(LORA_TARGETS),
+        "lora.targets",
+        f"{lo.targets!r}: give one or more of {', '.join(LORA_TARGETS)}, comma-separated",
+    )
     return problems
 
 
@@ -375,6 +418,7 @@ def reference_markdown() -> str:
         ("data", DataConfig),
         ("train", TrainConfig),
         ("fed", FedConfig),
+        ("lora", LoRAConfig),
     ):
         comments = dict(re.findall(r"^\s+(\w+): [^=]+=[^#\n]*(?:#\s*(.*))?$", inspect.getsource(cls), re.M))
         for f in dataclasses.fields(cls):

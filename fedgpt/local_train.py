@@ -102,6 +102,11 @@ def start_processes(cfg: Config) -> Processes:
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    if cfg.lora.rank:
+        raise ValueError(
+            "lora.rank > 0: LoRA fine-tuning runs federated (python simulate.py); the local trainer "
+            "trains every weight"
+        )
     tc, procs = cfg.train, start_processes(cfg)
     say = print if procs.master else (lambda *a, **k: None)
 

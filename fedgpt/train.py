@@ -180,6 +180,8 @@ class Trainer:
 
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.step = 0  # optimizer steps taken, drives the LR schedule
+        # A model with LoRA adapters trains and exchanges only them (fedgpt.lora).
+        self.adapters_only = any(k.endswith(".lora_A") for k in model.state_dict())
         self.log = log
         self.peak = peak_flops(device)
 
@@ -197,8 +199,8 @@ class Trainer:
         return self._optimizer
 
     def load_global(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load weights into the model in place (keeps any compiled graph valid)."""
-        self.raw_model.load_state_dict(state_dict)
+        """Load weights into the model in place (keeps any compiled graph valid); with LoRA, the adapters."""
+        self.raw_model.load_state_dict(state_dict, strict=not self.adapters_only)
 
     def train_steps(
         self,

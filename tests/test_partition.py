@@ -169,11 +169,17 @@ def test_errors(synthetic):
     with pytest.raises(
         ValueError, match=r"client 0 of 64 gets 2 train / 0 val tokens, need at least 2 in each"
     ):
-        partition(tokens[:100], 64, "contiguous", block_size=256)
+        partition(
+            tokens[:130], 64, "contiguous", block_size=256
+        )  # 2 tokens each: nothing left to validate on
     with pytest.raises(
-        ValueError, match=r"client \d+ of 64 gets \d+ train / 0 val tokens, need at least 2 in train"
+        ValueError, match=r"64 clients need at least 2 tokens each, and the train split has 100"
     ):
-        partition(tokens[:100], 64, "contiguous", val_fraction=0.0)
+        partition(tokens[:100], 64, "contiguous")
+    with pytest.raises(
+        ValueError, match=r"client \d+ of 64 gets [01] train / 0 val tokens, need at least 2 in train"
+    ):
+        partition(tokens[:130], 64, "iid", val_fraction=0.0, chunk_tokens=3)  # 43 chunks for 64 clients
     for no_turns in (None, []):
         for scheme in ("speaker", "role"):
             with pytest.raises(ValueError, match=f'partition={scheme} needs.*no "NAME:" speaker headers'):

@@ -1,11 +1,17 @@
-"""What the benchmarks share: the app directory they run fedgpt's entry points from, a logged subprocess."""
+"""What the benchmarks share: the app directory they run fedgpt's entry points from, a logged subprocess, a
+simulation's rows, and the model's size on the wire."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from fedgpt.fed.rounds import RoundRow, read_rounds
 
 # Flower kept offline and quiet: no telemetry, no update check, no `uv sync` of the app's dependencies at run
 # time.
@@ -47,3 +53,45 @@ def run_logged(cmd: list[str], log: Path, cwd: Path, timeout: float | None = Non
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd[1:])} exited with {rc}; its output is in {log}")
     return t0, time.time() - t0
+
+
+@dataclass
+class SimRun:
+    rows: list[RoundRow]  # rounds.jsonl, round 0 (the initial evaluation) first
+    launched_at: float  # Unix time the command was started
+    wall_s: float
+    log: Path
+
+    @property
+    def rounds(self) -> list[RoundRow]:
+        return [r for r in self.rows if r.round > 0]
+
+
+def run_simulate_py(app: Path, args: list[str], out_dir: Path, log: Path, timeout: float = 3600) -> SimRun:
+    """`python simulate.py ARGS --train.out_dir=OUT_DIR` in the app directory; its rounds."""
+    t0, wall = run_logged(
+        [sys.executable, "simulate.py", *args, f"--train.out_dir={out_dir}"], log, app, timeout
+    )
+    return SimRun(read_rounds(out_dir / "rounds.jsonl"), t0, wall, log)
+
+
+def sim_args(a: argparse.Namespace) -> list[str]:
+    return [
+        "--config",
+        str(Path(a.config).resolve()),
+        f"--fed.num_clients={a.num_clients}",
+        f"--fed.rounds={a.rounds}",
+        f"--fed.local_steps={a.local_steps}",
+    ]
+
+
+def wire_params(cfg) -> int:
+    """Floating-point values of the model that cfg builds, as they cross the wire (tied weights once)."""
+    from fedgpt.data import load_dataset
+    from fedgpt.fed.wire import tied_aliases
+    from fedgpt.train import build_model
+
+    tok = load_dataset(cfg.data).tokenizer
+    model = build_model(cfg, tok.meta(), tok.vocab_size)
+    aliases = tied_aliases(model)
+    return sum(v.numel() for k, v in model.state_dict().items() if k not in aliases and v.is_floating_point())

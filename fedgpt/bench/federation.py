@@ -18,35 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedgpt.bench import scale
-from fedgpt.bench.common import app_dir, run_logged
+from fedgpt.bench import comm, scale
+from fedgpt.bench.common import SimRun, app_dir, run_logged, run_simulate_py, sim_args, wire_params
 from fedgpt.bench.loopback import Deployment
 from fedgpt.config import load_config
-from fedgpt.fed.rounds import RoundRow, median, read_rounds
-
-
-@dataclass
-class SimRun:
-    rows: list[RoundRow]  # rounds.jsonl, round 0 (the initial evaluation) first
-    launched_at: float  # Unix time the command was started
-    wall_s: float
-    log: Path
-
-    @property
-    def rounds(self) -> list[RoundRow]:
-        return [r for r in self.rows if r.round > 0]
-
-
-def run_simulate_py(app: Path, args: list[str], out_dir: Path, log: Path, timeout: float = 3600) -> SimRun:
-    """`python simulate.py ARGS --train.out_dir=OUT_DIR` in the app directory; its rounds."""
-    t0, wall = run_logged(
-        [sys.executable, "simulate.py", *args, f"--train.out_dir={out_dir}"], log, app, timeout
-    )
-    return SimRun(read_rounds(out_dir / "rounds.jsonl"), t0, wall, log)
+from fedgpt.fed.rounds import median, read_rounds
 
 
 def round_figures(run: SimRun) -> dict[str, Any]:
@@ -87,16 +66,6 @@ def local_trainer_throughput(config: str, overrides: list[str], steps: int, warm
     }
 
 
-def sim_args(a: argparse.Namespace) -> list[str]:
-    return [
-        "--config",
-        str(Path(a.config).resolve()),
-        f"--fed.num_clients={a.num_clients}",
-        f"--fed.rounds={a.rounds}",
-        f"--fed.local_steps={a.local_steps}",
-    ]
-
-
 def bench_fed(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
     """Start-up, per-round time outside client training, and aggregate tokens/s against the local trainer."""
     app = app_dir(a.app_dir)
@@ -130,51 +99,6 @@ def startup_floor(app: Path, num_clients: int, log: Path) -> float:
     t0, _ = run_logged(cmd, log, app, timeout=600)
     result = json.loads(log.read_text().strip().splitlines()[-1])
     return round(result["first_message_at"] - t0, 2)
-
-
-def wire_params(cfg) -> int:
-    """Floating-point values of the model that cfg builds, as they cross the wire (tied weights once)."""
-    from fedgpt.data import load_dataset
-    from fedgpt.fed.wire import tied_aliases
-    from fedgpt.train import build_model
-
-    tok = load_dataset(cfg.data).tokenizer
-    model = build_model(cfg, tok.meta(), tok.vocab_size)
-    aliases = tied_aliases(model)
-    return sum(v.numel() for k, v in model.state_dict().items() if k not in aliases and v.is_floating_point())
-
-
-def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
-    """Bytes per client per round, fp32 against fp16 transport, and the central val loss each reaches."""
-    app = app_dir(a.app_dir)
-    params = wire_params(load_config(a.config, overrides))
-    fp32_bytes = 4 * params
-    out: dict[str, Any] = {"params": params, "fp32_model_bytes": fp32_bytes}
-    for name, half in (("fp32", "false"), ("fp16", "true")):
-        run = run_simulate_py(
-            app, sim_args(a) + overrides + [f"--fed.half_precision={half}"], work / name, work / f"{name}.log"
-        )
-        rs = run.rounds
-        down = median([r.bytes_sent / (r.clients_ok + r.clients_failed) for r in rs])
-        up = median([r.bytes_received / r.clients_ok for r in rs if r.clients_ok])
-        out[name] = {
-            "downlink_bytes_per_client": down,
-            "uplink_bytes_per_client": up,
-            "downlink_vs_fp32_model": round(down / fp32_bytes, 5),
-            "uplink_vs_fp32_model": round(up / fp32_bytes, 5),
-            "final_val_loss": rs[-1].val_loss,
-            "wall_s": round(run.wall_s, 1),
-        }
-        print(
-            f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; val "
-            f"{rs[-1].val_loss:.4f}",
-            flush=True,
-        )
-    out["fp16_vs_fp32_transport"] = round(
-        out["fp16"]["uplink_bytes_per_client"] / out["fp32"]["uplink_bytes_per_client"], 5
-    )
-    out["val_loss_difference"] = round(out["fp16"]["final_val_loss"] - out["fp32"]["final_val_loss"], 6)
-    return out
 
 
 def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
@@ -263,8 +187,8 @@ def _deploy_figures(
 
 def markdown(kind: str, res: dict[str, Any]) -> str:
     """One result as a markdown table."""
-    if kind == "scale":
-        return scale.markdown(res)
+    if kind in ("scale", "comm"):
+        return {"scale": scale.markdown, "comm": comm.markdown}[kind](res)
     if kind == "fed":
         s, loc = res["simulation"], res["local_trainer"]
         rows = [
@@ -284,24 +208,6 @@ def markdown(kind: str, res: dict[str, Any]) -> str:
                 "simulation / local trainer (rounds; whole run)",
                 f"{res['tokens_per_s_ratio']}x; {res['tokens_per_s_ratio_wall']}x",
             ),
-        ]
-    elif kind == "comm":
-        f32, f16 = res["fp32"], res["fp16"]
-        rows = [
-            ("parameters (tied weights once)", f"{res['params']:,}"),
-            ("fp32 model (MB)", f"{res['fp32_model_bytes'] / 1e6:.3f}"),
-            (
-                "downlink per client per round (MB): fp32 / fp16",
-                _mb(f32["downlink_bytes_per_client"], f16["downlink_bytes_per_client"]),
-            ),
-            (
-                "uplink per client per round (MB): fp32 / fp16",
-                _mb(f32["uplink_bytes_per_client"], f16["uplink_bytes_per_client"]),
-            ),
-            ("fp16 uplink / fp32 model", f"{f16['uplink_vs_fp32_model']:.5f}x"),
-            ("fp16 / fp32 transport", f"{res['fp16_vs_fp32_transport']:.5f}x"),
-            ("final val loss: fp32 / fp16", f"{f32['final_val_loss']:.4f} / {f16['final_val_loss']:.4f}"),
-            ("val loss difference (fp16 - fp32)", f"{res['val_loss_difference']:+.6f}"),
         ]
     else:
         rows = [
@@ -374,7 +280,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(kind: str, a: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    fn = {"fed": bench_fed, "comm": bench_comm, "deploy": bench_deploy, "scale": scale.bench_scale}[kind]
+    fn = {"fed": bench_fed, "comm": comm.bench_comm, "deploy": bench_deploy, "scale": scale.bench_scale}[kind]
     if a.rounds < 1 or a.local_steps < 0:
         raise ValueError(f"--rounds={a.rounds} must be >= 1 and --local-steps={a.local_steps} >= 0")
     if a.keep:

@@ -20,9 +20,10 @@ from fedgpt.config import Config, TrainConfig, from_dict
 from fedgpt.data import Batches, load_dataset
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.partition import ClientPartition, client_partitions
-from fedgpt.fed.wire import check_keys, from_record, tied_aliases, to_record
+from fedgpt.fed.wire import check_keys, decode, encode, flatten, from_record, tied_aliases, to_record
+from fedgpt.lora import adapter_state, add_lora
 from fedgpt.model import GPT
-from fedgpt.train import Trainer, evaluate, resolve_device
+from fedgpt.train import Trainer, build_model, evaluate, resolve_device
 
 
 @dataclass
@@ -74,18 +75,33 @@ def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
             f"{ds.tokenizer.vocab_size}) differs from the server's ({tokenizer_meta.get('kind')}): give "
             "every node the same corpus (node-config data-dir / input-file) and data.tokenizer"
         )
-    model = GPT(cfg.model)  # initial weights do not matter: the global model arrives with every message
+    model = client_model(cfg, ds)
     device = resolve_device(cfg.train.device)
+    aliases = {} if cfg.lora.rank else tied_aliases(model)
     state = ClientState(
-        cfg, client_partitions(cfg, ds, n), Trainer(model, cfg.train, device, log=None), tied_aliases(model)
+        cfg, client_partitions(cfg, ds, n), Trainer(model, cfg.train, device, log=None), aliases
     )
     _CACHE.clear()  # one run at a time per process: drop the model of an earlier run
     _CACHE[key] = state
     return state, partition_id
 
 
+def client_model(cfg: Config, ds) -> GPT:
+    """The model a client trains. Its initial weights do not matter, the global model arrives with every
+    message; with LoRA only the adapters arrive, so the client builds the frozen base from train.init_from,
+    once per process."""
+    if not cfg.lora.rank:
+        return GPT(cfg.model)
+    return add_lora(build_model(cfg, ds.tokenizer.meta(), ds.tokenizer.vocab_size), cfg.lora)
+
+
+def exchanged(model: GPT, cfg: Config) -> dict[str, torch.Tensor]:
+    """What a client receives and sends back: the whole state, or with LoRA the adapters."""
+    return adapter_state(model) if cfg.lora.rank else model.state_dict()
+
+
 def load_global(st: ClientState, arrays: ArrayRecord, partition_id: int) -> dict[str, torch.Tensor]:
-    own, who = st.trainer.raw_model.state_dict(), f"the server (to client {partition_id})"
+    own, who = exchanged(st.trainer.raw_model, st.cfg), f"the server (to client {partition_id})"
     weights = from_record(arrays, st.aliases, like=own, who=who)
     check_keys(weights, own, who)
     st.trainer.load_global(weights)
@@ -115,7 +131,7 @@ def fit(msg: Message, context: Context) -> Message:
     rnd, trainer = int(record["server-round"]), st.trainer
     received = load_global(st, msg.content["arrays"], partition_id)
     store = state_store(cfg, record, context, partition_id)
-    age, stale = restore_optimizer(trainer, store, rnd, cfg.fed.client_state_max_age)
+    age, stale, residual = restore(trainer, store, rnd, cfg)
     # One schedule over the run's rounds x local steps, shaped like the local trainer's (see client_schedule).
     trainer.cfg = client_schedule(cfg.train, int(record["schedule-steps"]))
     trainer.step = (rnd - 1) * cfg.fed.local_steps
@@ -129,11 +145,11 @@ def fit(msg: Message, context: Context) -> Message:
         batches = itertools.repeat(batches.all_windows())
     t_start = time.time()
     m = trainer.train_steps(batches, cfg.fed.local_steps, mu=mu, ref=ref)
+    arrays, residual = upload(exchanged(trainer.raw_model, cfg), st.aliases, received, residual, cfg)
     if store is not None:
-        store.save(rnd, {"optimizer": trainer.optimizer.state_dict()})
+        optimizer = trainer.optimizer.state_dict() if cfg.keeps_client_state else None
+        store.save(rnd, {"optimizer": optimizer, "residual": residual})
         store.prune(keep_from_round=int(record["keep-from-round"]))
-    half = cfg.fed.half_precision
-    arrays = to_record(trainer.raw_model.state_dict(), st.aliases, half=half, base=received if half else None)
     weight = len(part.train) if cfg.fed.weighting == "data" else m["tokens"]
     metrics = {
         "train-loss": m["loss"],
@@ -148,6 +164,24 @@ def fit(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+def upload(
+    trained: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    received: dict[str, torch.Tensor],
+    residual: torch.Tensor | None,
+    cfg: Config,
+) -> tuple[ArrayRecord, torch.Tensor | None]:
+    """The reply's arrays in fed.uplink (fp32 weights, or the update), and what quantization left out of this
+    update for the next one (error feedback), or None."""
+    if cfg.fed.uplink == "fp32":
+        return to_record(trained, aliases), None
+    update = flatten(trained, aliases, base=received)
+    if residual is not None:
+        update = update + residual
+    record = encode(update, cfg.fed.uplink, cfg.fed.quant_block)
+    return record, (update - decode(record, update.numel())) if cfg.error_feedback else None
+
+
 def client_schedule(tc: TrainConfig, schedule_steps: int) -> TrainConfig:
     """The local trainer's learning-rate schedule stretched over a federated run's schedule_steps (rounds x
     local steps): warm-up takes the same share of it (train.warmup_steps of train.max_steps), then the cosine
@@ -159,33 +193,37 @@ def client_schedule(tc: TrainConfig, schedule_steps: int) -> TrainConfig:
 def state_store(
     cfg: Config, record: ConfigRecord, context: Context, partition_id: int
 ) -> ClientStateStore | None:
-    """Where this client keeps its optimizer state between rounds (fed.client_optimizer=keep), else None.
+    """Where this client keeps its state between rounds (its optimizer state, its quantization error), or None
+    if it keeps none.
 
     A SuperNode's node config `state-dir` names a folder on its own machine; without it, the run's
     fed.client_state_dir, or <train.out_dir>/client_state as the server resolved it."""
-    if not cfg.keeps_client_state:
+    if not (cfg.keeps_client_state or cfg.error_feedback):
         return None
     root = context.node_config.get("state-dir") or record["client-state-dir"]
     return ClientStateStore(str(root), str(record["run-id"]), partition_id)
 
 
-def restore_optimizer(
-    trainer: Trainer, store: ClientStateStore | None, rnd: int, max_age: int
-) -> tuple[int, int]:
-    """Load the AdamW state this client saved in an earlier round, if it is at most max_age rounds old.
+def restore(
+    trainer: Trainer, store: ClientStateStore | None, rnd: int, cfg: Config
+) -> tuple[int, int, torch.Tensor | None]:
+    """Load what this client saved in an earlier round: its AdamW state, if it keeps it and the state is at
+    most fed.client_state_max_age rounds old, and its quantization error, if it uses error feedback.
 
-    Returns (age in rounds of the state loaded, 0 if none; 1 if a saved state was too old and dropped).
+    Returns (age in rounds of the optimizer state loaded, 0 if none; 1 if a saved optimizer state was too old
+    and dropped; the residual, or None).
     """
     trainer.optimizer.state.clear()
-    if store is None:
-        return 0, 0
-    state, saved_round = store.load(before_round=rnd)
+    state, saved_round = store.load(before_round=rnd) if store is not None else (None, None)
     if state is None:
-        return 0, 0
-    if rnd - saved_round > max_age:
-        return 0, 1
+        return 0, 0, None
+    residual = state.get("residual") if cfg.error_feedback else None
+    if not cfg.keeps_client_state or state.get("optimizer") is None:
+        return 0, 0, residual
+    if rnd - saved_round > cfg.fed.client_state_max_age:
+        return 0, 1, residual
     trainer.optimizer.load_state_dict(state["optimizer"])
-    return rnd - saved_round, 0
+    return rnd - saved_round, 0, residual
 
 
 def evaluate_partition(msg: Message, context: Context) -> Message:

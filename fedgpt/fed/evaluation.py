@@ -7,6 +7,7 @@ import torch
 
 from fedgpt.config import Config
 from fedgpt.data import Batches, Dataset
+from fedgpt.lora import merged_state
 from fedgpt.model import GPT
 from fedgpt.train import evaluate
 
@@ -19,7 +20,12 @@ class CentralEvaluator:
 
     def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss, perplexity and next-token accuracy of `state` on the validation windows."""
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(state, strict=self.cfg.lora.rank == 0)  # with LoRA: the adapters
         tc = self.cfg.train
         batches = Batches(self.ds.val, self.cfg.model.block_size, tc.batch_size, self.device, seed=tc.seed)
         return evaluate(self.model, batches, tc.eval_iters)
+
+    def merged(self, adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The plain GPT's weights of base plus `adapters` (LoRA runs' checkpoints hold these)."""
+        self.model.load_state_dict(adapters, strict=False)
+        return merged_state(self.model)

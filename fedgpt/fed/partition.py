@@ -338,6 +338,11 @@ def _check_arguments(
         )
     if np.ndim(train_tokens) != 1:
         raise ValueError(f"train_tokens must be a 1-D token array, got shape {np.shape(train_tokens)}")
+    if num_clients * MIN_CLIENT_TOKENS > len(train_tokens):
+        raise ValueError(
+            f"{num_clients} clients need at least {MIN_CLIENT_TOKENS} tokens each, and the train split has "
+            f"{len(train_tokens):,}: use fewer clients (fed.num_clients) or a larger corpus"
+        )
     if scheme in ("speaker", "role") and not turns:
         raise ValueError(
             f'fed.partition={scheme} needs speaker turns, but the corpus has no "NAME:" speaker headers: '

@@ -42,9 +42,11 @@ class RunRecorder:
         tokenizer_meta: dict,
         run_info: dict,
         log: Callable[[str], None] = print,
+        merge: Callable[[dict], dict] | None = None,
     ):
         self.cfg, self.model_config, self.tokenizer_meta, self.log = cfg, model_config, tokenizer_meta, log
-        self.run_info = run_info
+        # LoRA: the state is the adapters; checkpoints hold merge(state), a plain GPT, and the adapters too
+        self.run_info, self.merge = run_info, merge
         self.out_dir = Path(cfg.train.out_dir)
         self.metrics = MetricsLog(self.out_dir / "rounds.jsonl", plot=self.out_dir / "loss.png", x="round")
         self.ckpt = CheckpointWriter(self.out_dir)
@@ -77,7 +79,8 @@ class RunRecorder:
         self.ckpt.best_val_loss, self.saved_round = ckpt["best_val_loss"], ckpt["round"]
         self.metrics.truncate(ckpt["round"])
         self.log(f"resumed from {path} at round {ckpt['round']} (best val {self.best_val_loss:.4f})")
-        model = {k: v.float() for k, v in ckpt["model"].items()}
+        saved = extra["adapters"] if "adapters" in extra else ckpt["model"]
+        model = {k: v.float() for k, v in saved.items()}
         return Snapshot(ckpt["round"], model, extra.get("tokens", 0), extra.get("strategy", {}))
 
     def record(self, snap: Snapshot, row: RoundRow) -> None:
@@ -86,13 +89,18 @@ class RunRecorder:
         self.metrics.append(row.as_dict())
         self.ckpt.save(
             row.val_loss,
-            model_state=snap.state,
+            model_state=self.merge(snap.state) if self.merge else snap.state,
             model_config=self.model_config,
             tokenizer=self.tokenizer_meta,
             config=self.cfg.to_dict(),
             step=snap.round * self.cfg.fed.local_steps,
             round=snap.round,
-            extra={"tokens": snap.tokens, "strategy": snap.strategy, "run": self.run_info},
+            extra={
+                "tokens": snap.tokens,
+                "strategy": snap.strategy,
+                "run": self.run_info,
+                **({"adapters": snap.state} if self.merge else {}),
+            },
         )
         self.saved_round = snap.round
         self.log(format_round(row))

@@ -37,6 +37,7 @@ from fedgpt.fed.rounds import summarize as summarize_rounds
 from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_state
 from fedgpt.fed.wire import check_keys, from_record, tied_aliases, to_record
 from fedgpt.files import atomic_write_bytes
+from fedgpt.lora import adapter_state, add_lora
 from fedgpt.rundir import claim_run_dir
 from fedgpt.train import build_model, resolve_device
 
@@ -61,8 +62,13 @@ class FederatedRun:
         model = build_model(cfg, tok.meta(), tok.vocab_size)
         # vocab resolved: clients build the same
         cfg.model = dataclasses.replace(model.cfg, dropout=cfg.model.dropout)
-        self.aliases = tied_aliases(model)
-        self.global_state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+        if (
+            cfg.lora.rank
+        ):  # the federation trains and exchanges the adapters; the base stays as init_from has it
+            add_lora(model, cfg.lora)
+        self.aliases = {} if cfg.lora.rank else tied_aliases(model)
+        exchanged = adapter_state(model) if cfg.lora.rank else model.state_dict()
+        self.global_state = {k: v.detach().float().cpu().clone() for k, v in exchanged.items()}
         self.evaluator = CentralEvaluator(cfg, self.ds, model, resolve_device(cfg.train.device))
         self.slots, self.client_threads = slots or cfg.fed.num_clients, client_threads
         # The server partitions too: the summary is saved with the run, and a bad split fails before any
@@ -78,7 +84,8 @@ class FederatedRun:
         # the clients' learning-rate schedule, rounds x local steps as the run was started.
         schedule = cfg.train.lr_decay_steps or cfg.fed.rounds * cfg.fed.local_steps
         self.run_info = {"run_id": uuid.uuid4().hex, "schedule_steps": schedule}
-        self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), self.run_info, log)
+        merge = self.evaluator.merged if cfg.lora.rank else None  # checkpoints hold a plain GPT
+        self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), self.run_info, log, merge=merge)
         if resume:
             snap = self.recorder.resume()
             self.round, self.global_state, self.tokens = snap.round, snap.state, snap.tokens
@@ -167,7 +174,7 @@ class FederatedRun:
         msgs = list(
             self.strategy.configure_train(rnd, arrays, self.train_config(), self.sampling_grid(grid, rnd))
         )
-        sent_arrays = to_record(self.global_state, self.aliases, half=fed.half_precision)
+        sent_arrays = to_record(self.global_state, self.aliases, fmt=fed.downlink)
         for m in msgs:
             m.content["arrays"] = sent_arrays
         bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
@@ -221,7 +228,7 @@ class FederatedRun:
 
         Returns the replies used (fp32 weights in their ArrayRecord) and the bytes received.
         """
-        half = self.cfg.fed.half_precision
+        updates = self.cfg.fed.uplink != "fp32"  # clients send trained minus received weights
         # Replies arrive in completion order; a fixed order (by partition) makes the float sums, and so the
         # run, reproducible.
         replies = sorted(
@@ -239,7 +246,7 @@ class FederatedRun:
                 state = from_record(
                     r.content["arrays"],
                     {},
-                    base=self.global_state if half else None,
+                    base=self.global_state if updates else None,
                     like=expected,
                     who=f"node {node}",
                 )
@@ -261,7 +268,7 @@ class FederatedRun:
         every, fed = self.cfg.fed.client_eval_interval, self.cfg.fed
         if not every or (rnd % every and rnd != fed.rounds):
             return None, None
-        arrays = to_record(self.global_state, self.aliases, half=fed.half_precision)
+        arrays = to_record(self.global_state, self.aliases, fmt=fed.downlink)
         msgs = self.strategy.configure_evaluate(rnd, arrays, self.train_config(), grid)
         agg = self.strategy.aggregate_evaluate(rnd, exchange(grid, list(msgs), fed.round_timeout))
         if agg is None:

@@ -1,0 +1,127 @@
+"""Communication: bytes per client per round of each wire format, and the central val loss each reaches.
+
+    python -m fedgpt.bench comm --config configs/shakespeare_char_cpu.yaml
+
+Every row is the same federation (the config's, at --num-clients x --rounds x --local-steps) with another
+fed.uplink / fed.downlink: fp32 weights both ways; fp16; the update quantized to int8 or int4, with and
+without error feedback, under fp16 downlinks. Beside them, the relative error of quantizing one real update
+(25 local steps from the initial model) at several block sizes: what the scales buy.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fedgpt.bench.common import app_dir, run_simulate_py, sim_args, wire_params
+from fedgpt.config import Config, load_config
+from fedgpt.fed.rounds import median
+
+ROWS = (
+    ("fp32", "fp32 weights down and up", ["--fed.uplink=fp32", "--fed.downlink=fp32"]),
+    ("fp16", "fp16 weights down, fp16 update up", ["--fed.uplink=fp16", "--fed.downlink=fp16"]),
+    ("int8_ef", "int8 update up, error feedback; fp16 down", ["--fed.uplink=int8", "--fed.downlink=fp16"]),
+    (
+        "int8",
+        "int8 update up, no error feedback; fp16 down",
+        ["--fed.uplink=int8", "--fed.downlink=fp16", "--fed.error_feedback=false"],
+    ),
+    ("int4_ef", "int4 update up, error feedback; fp16 down", ["--fed.uplink=int4", "--fed.downlink=fp16"]),
+    (
+        "int4",
+        "int4 update up, no error feedback; fp16 down",
+        ["--fed.uplink=int4", "--fed.downlink=fp16", "--fed.error_feedback=false"],
+    ),
+)
+BLOCKS = (32, 64, 128, 256, 512, 1024)
+
+
+def quantization_error(cfg: Config, steps: int = 25) -> dict[str, dict[int, float]]:
+    """‖update - dequantized‖ / ‖update‖ of one client's update (steps local steps from the initial model),
+    for int8 and int4 at every block size of BLOCKS."""
+    import torch
+
+    from fedgpt.data import Batches, load_dataset
+    from fedgpt.fed.wire import decode, encode, flatten, tied_aliases
+    from fedgpt.train import Trainer, build_model, resolve_device
+
+    ds = load_dataset(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, ds.tokenizer.meta(), ds.tokenizer.vocab_size)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, cfg.train, resolve_device(cfg.train.device), log=None)
+    trainer.train_steps(
+        Batches(ds.train, cfg.model.block_size, cfg.train.batch_size, seed=cfg.train.seed), steps
+    )
+    update = flatten(model.state_dict(), tied_aliases(model), base=start)
+    return {
+        fmt: {
+            b: float((update - decode(encode(update, fmt, b), update.numel())).norm() / update.norm())
+            for b in BLOCKS
+        }
+        for fmt in ("int8", "int4")
+    }
+
+
+def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
+    """Bytes per client per round and final val loss of every row of ROWS, and the quantization error."""
+    app = app_dir(a.app_dir)
+    cfg = load_config(a.config, overrides)
+    fp32_bytes = 4 * wire_params(cfg)
+    out: dict[str, Any] = {
+        "params": fp32_bytes // 4,
+        "fp32_model_bytes": fp32_bytes,
+        "rows": {},
+        "quant_block": cfg.fed.quant_block,
+    }
+    for name, label, flags in ROWS:
+        run = run_simulate_py(app, sim_args(a) + overrides + flags, work / name, work / f"{name}.log")
+        rs = run.rounds
+        down = median([r.bytes_sent / (r.clients_ok + r.clients_failed) for r in rs])
+        up = median([r.bytes_received / r.clients_ok for r in rs if r.clients_ok])
+        out["rows"][name] = {
+            "label": label,
+            "downlink_bytes_per_client": down,
+            "uplink_bytes_per_client": up,
+            "downlink_vs_fp32": round(down / fp32_bytes, 5),
+            "uplink_vs_fp32": round(up / fp32_bytes, 5),
+            "round_trip_vs_fp32": round((down + up) / (2 * fp32_bytes), 5),
+            "final_val_loss": rs[-1].val_loss,
+            "wall_s": round(run.wall_s, 1),
+        }
+        print(
+            f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; "
+            f"val {rs[-1].val_loss:.4f}",
+            flush=True,
+        )
+    base = out["rows"]["fp32"]["final_val_loss"]
+    for row in out["rows"].values():
+        row["val_loss_vs_fp32"] = round(row["final_val_loss"] - base, 6)
+    out["quantization_error"] = quantization_error(cfg)
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        "| comm: wire | down MB | up MB | up / fp32 | down+up / fp32 | final val loss | vs fp32 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res["rows"].values():
+        lines.append(
+            f"| {r['label']} | {r['downlink_bytes_per_client'] / 1e6:.4f} | "
+            f"{r['uplink_bytes_per_client'] / 1e6:.4f} | {r['uplink_vs_fp32']:.4f}x | "
+            f"{r['round_trip_vs_fp32']:.4f}x | {r['final_val_loss']:.4f} | {r['val_loss_vs_fp32']:+.4f} |"
+        )
+    lines += [
+        "",
+        f"{res['params']:,} parameters (tied weights once), fp32 model "
+        f"{res['fp32_model_bytes'] / 1e6:.3f} MB, "
+        f"bytes per client per round, quantization block {res['quant_block']}",
+        "",
+        "| relative error of one update | " + " | ".join(f"block {b}" for b in BLOCKS) + " |",
+        "| --- |" + " ---: |" * len(BLOCKS),
+    ]
+    for fmt, errs in res["quantization_error"].items():
+        lines.append(f"| {fmt} | " + " | ".join(f"{errs[b]:.4f}" for b in BLOCKS) + " |")
+    return "\n".join(lines)

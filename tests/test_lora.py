@@ -1,0 +1,127 @@
+"""LoRA adapters on the GPT: they start as the identity, only they train, and the merged weights are a plain
+GPT that computes what the adapted one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedgpt.config import LoRAConfig, ModelConfig, TrainConfig, load_config
+from fedgpt.data import Batches
+from fedgpt.lora import LoRALinear, adapter_state, add_lora, merged_state
+from fedgpt.model import GPT
+from fedgpt.train import Trainer
+
+
+def gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65))
+
+
+def tokens(seed: int = 0):
+    return torch.randint(65, (4, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def test_adapters_start_as_the_base_model_and_only_they_train():
+    base, adapted = gpt(), gpt()
+    add_lora(adapted, LoRAConfig(rank=4, alpha=8.0))
+    x = tokens()
+    torch.testing.assert_close(adapted(x)[0], base(x)[0], rtol=0, atol=0)  # B starts at zero
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert (
+        trainable == set(adapter_state(adapted)) and len(trainable) == 2 * 4 * 2
+    )  # A, B x 4 targets x 2 blocks
+    # r * (in + out) values per target: c_attn 32 -> 96, attn.c_proj 32 -> 32, c_fc 32 -> 128, mlp.c_proj 128
+    # -> 32
+    assert sum(v.numel() for v in adapter_state(adapted).values()) == 2 * 4 * (
+        (32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)
+    )
+    only_attn = add_lora(gpt(), LoRAConfig(rank=2, targets="attn"))
+    assert {k.split(".")[3] for k in adapter_state(only_attn)} == {"attn"}
+
+
+def test_training_moves_only_the_adapters_and_the_merged_gpt_computes_the_same():
+    model = add_lora(gpt(), LoRAConfig(rank=4, alpha=8.0))
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    trainer = Trainer(
+        model, TrainConfig(batch_size=4, learning_rate=1e-2, warmup_steps=0), torch.device("cpu"), log=None
+    )
+    data = torch.randint(65, (500,), generator=torch.Generator().manual_seed(1)).numpy()
+    trainer.train_steps(Batches(data, 16, 4, seed=0), 5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())  # the base did not move
+    assert any(v.abs().sum() > 0 for k, v in adapter_state(model).items() if k.endswith("lora_B"))
+    plain = gpt(seed=9)
+    plain.load_state_dict(merged_state(model))  # strict: exactly a plain GPT's keys
+    model.eval()
+    plain.eval()
+    x = tokens(2)
+    torch.testing.assert_close(plain(x)[0], model(x)[0], rtol=1e-4, atol=1e-5)
+    wrapped = model.transformer.h[0].attn.c_attn
+    assert isinstance(wrapped, LoRALinear)
+    update = (
+        merged_state(model)["transformer.h.0.attn.c_attn.weight"]
+        - frozen["transformer.h.0.attn.c_attn.base.weight"]
+    )
+    assert torch.linalg.matrix_rank(update) <= 4  # a rank-4 change of the weight
+
+
+def test_lora_needs_a_pretrained_model_and_a_known_target():
+    with pytest.raises(ValueError, match="lora.rank: adapters fine-tune a pretrained model"):
+        load_config(None, ["--lora.rank=4"])
+    with pytest.raises(ValueError, match="lora.targets: 'attn,emb': give one or more of attn, mlp"):
+        load_config(None, ["--lora.rank=4", "--train.init_from=x.pt", "--lora.targets=attn,emb"])
+
+
+@pytest.mark.slow
+def test_federated_lora_sends_only_adapters_and_checkpoints_a_plain_gpt(data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from fedgpt.checkpoint import load_checkpoint
+    from fedgpt.fed.rounds import read_rounds
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    tiny = ["--config", "configs/tiny.yaml", f"--data.data_dir={data_dir}"]
+
+    def run(*args: str) -> None:
+        r = subprocess.run(
+            [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    base = tmp_path / "base"
+    run(
+        "-m",
+        "fedgpt.local_train",
+        *tiny,
+        "--train.max_steps=10",
+        "--train.eval_interval=10",
+        f"--train.out_dir={base}",
+    )
+    out = tmp_path / "lora"
+    lora = [*tiny, f"--train.init_from={base / 'last.pt'}", "--lora.rank=2", f"--train.out_dir={out}"]
+    run("simulate.py", *lora)
+    rows = read_rounds(out / "rounds.jsonl")
+    pretrained, tuned = load_checkpoint(base / "last.pt")["model"], load_checkpoint(out / "last.pt")
+    adapters = sum(v.numel() for v in tuned["extra"]["adapters"].values())
+    assert adapters == 2 * 2 * (
+        (32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)
+    )  # rank 2, 4 targets, 2 blocks
+    assert all(4 * adapters <= r.bytes_received / r.clients_ok <= 4 * adapters + 256 for r in rows[1:])
+    assert rows[-1].val_loss < rows[0].val_loss
+    for k, v in tuned["model"].items():  # a plain GPT: the base as it was, but where adapters were merged
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            assert not torch.equal(v, pretrained[k]) and torch.linalg.matrix_rank(v - pretrained[k]) <= 2, k
+        else:
+            assert torch.equal(v, pretrained[k]), k
+    run("-m", "fedgpt.sample", "--checkpoint", str(out / "best.pt"), "--max-new-tokens", "5")
+    run("simulate.py", *lora, "--fed.rounds=3", "--resume")
+    assert [r.round for r in read_rounds(out / "rounds.jsonl")] == [0, 1, 2, 3]
