@@ -93,3 +93,12 @@ def test_small_roles_are_dropped_or_merged_per_play(shakespeare, small):
     else:
         plays = {p.speakers[0].split(" (play ")[1] for p in small_roles}  # e.g. "3)"
         assert total == len(train) and held >= {f"minor roles (play {k}" for k in plays}
+
+
+def test_play_texts_cut_the_corpus_where_the_plays_begin(text):
+    from fedgpt.fed.plays import play_texts
+
+    plays = play_texts(text)
+    assert "".join(plays) == text and len(plays) == len(PLAY_OPENINGS)
+    for play, (speaker, line) in zip(plays, PLAY_OPENINGS, strict=True):
+        assert play.startswith(f"{speaker}:\n{line}")

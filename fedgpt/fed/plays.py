@@ -93,3 +93,58 @@ def find_plays(turns: Sequence[Turn]) -> list[int]:
     """The play of every turn, numbered in corpus order."""
     speakers = [t.speaker for t in turns]
     return _index(play_starts(speakers, scene_starts(speakers)), len(speakers))
+
+
+def play_texts(text: str) -> list[str]:
+    """The text of each play of a "NAME:" corpus, in order; together they are the whole text."""
+    from fedgpt.data import Turn, speaker_of, split_paragraphs
+
+    turns, pos = [], 0
+    for piece in split_paragraphs(text):
+        name = speaker_of(piece)
+        if name is not None:
+            turns.append(Turn(name, pos, pos + len(piece)))
+        pos += len(piece)
+    plays = find_plays(turns)
+    starts = [0] + [turns[i].start for i in range(1, len(turns)) if plays[i] != plays[i - 1]] + [len(text)]
+    return [text[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m fedgpt.fed.plays CORPUS OUT_DIR [--group NAME=1,4 ...]: one file per play, or per group."""
+    import argparse
+    from pathlib import Path
+
+    from fedgpt.files import atomic_write_bytes
+
+    p = argparse.ArgumentParser(prog="python -m fedgpt.fed.plays", description=main.__doc__.split(": ", 1)[1])
+    p.add_argument(
+        "corpus", help="a UTF-8 text file in the NAME: format, e.g. data/tinyshakespeare/input.txt"
+    )
+    p.add_argument("out_dir", help="where to write play_1.txt, ... (or NAME.txt per group)")
+    p.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="NAME=1,4",
+        help="write the plays numbered 1 and 4 (in corpus order) together as NAME.txt",
+    )
+    a = p.parse_args(argv)
+    texts = play_texts(Path(a.corpus).read_text(encoding="utf-8"))
+    out = Path(a.out_dir)
+    groups = (
+        dict(g.split("=", 1) for g in a.group)
+        if a.group
+        else {f"play_{k + 1}": str(k + 1) for k in range(len(texts))}
+    )
+    for name, numbers in groups.items():
+        picked = [int(n) for n in numbers.split(",")]
+        if not all(1 <= n <= len(texts) for n in picked):
+            raise SystemExit(f"error: --group {name}={numbers}: the corpus has plays 1 to {len(texts)}")
+        atomic_write_bytes(out / f"{name}.txt", "".join(texts[n - 1] for n in picked).encode())
+        first_lines = [texts[n - 1].split(":", 1)[0] for n in picked]
+        print(f"{out / (name + '.txt')}: plays {numbers} (opening with {', '.join(first_lines)})")
+
+
+if __name__ == "__main__":
+    main()
