@@ -254,3 +254,40 @@ def test_rounds_to_target_counts_the_first_round_at_the_target(data_dir, tmp_pat
         assert r["best_accuracy"] == max(row.val_accuracy for row in rows)
         assert all(row.clients_ok == 2 for row in rows[1:])  # half of 4 clients a round
     assert "| IID | FedSGD |" in doc.read_text() and "| IID | FedAvg |" in doc.read_text()
+
+
+@pytest.mark.slow
+def test_bench_comm_lora_rows_send_a_share_of_the_model(data_dir, tmp_path):
+    base = tmp_path / "base"
+    res = run_module(
+        "fedgpt.local_train",
+        "--config",
+        "configs/tiny.yaml",
+        "--train.max_steps=5",
+        "--train.eval_interval=5",
+        f"--train.out_dir={base}",
+        f"--data.data_dir={data_dir}",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = tiny(
+        data_dir,
+        tmp_path,
+        "comm",
+        "--lora-only",
+        "--lora-base",
+        str(base / "last.pt"),
+        "--lora-config",
+        "configs/tiny.yaml",
+        "--lora-ranks",
+        "2",
+    )
+    rows = r["lora"]["rows"]
+    assert not r["rows"] and list(rows) == ["full", "lora_r2"]
+    adapters = (
+        2 * 2 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    )  # rank 2 on 4 projections of 2 blocks
+    assert 4 * adapters <= rows["lora_r2"]["uplink_bytes_per_client"] <= 4 * adapters + 256
+    assert rows["full"]["uplink_bytes_per_client"] >= r["lora"]["model_bytes"]
+    assert rows["lora_r2"]["uplink_vs_fp32"] == pytest.approx(
+        rows["lora_r2"]["uplink_bytes_per_client"] / r["lora"]["model_bytes"], rel=1e-3
+    )

@@ -65,7 +65,8 @@ def quantization_error(cfg: Config, steps: int = 25) -> dict[str, dict[int, floa
 
 
 def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
-    """Bytes per client per round and final val loss of every row of ROWS, and the quantization error."""
+    """Bytes per client per round and final val loss of every row of ROWS, the quantization error, and with
+    --lora-base the LoRA rows."""
     app = app_dir(a.app_dir)
     cfg = load_config(a.config, overrides)
     fp32_bytes = 4 * wire_params(cfg)
@@ -74,54 +75,121 @@ def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[
         "fp32_model_bytes": fp32_bytes,
         "rows": {},
         "quant_block": cfg.fed.quant_block,
+        "lora": None,
     }
-    for name, label, flags in ROWS:
-        run = run_simulate_py(app, sim_args(a) + overrides + flags, work / name, work / f"{name}.log")
-        rs = run.rounds
-        down = median([r.bytes_sent / (r.clients_ok + r.clients_failed) for r in rs])
-        up = median([r.bytes_received / r.clients_ok for r in rs if r.clients_ok])
+    for name, label, flags in () if a.lora_only else ROWS:
         out["rows"][name] = {
             "label": label,
-            "downlink_bytes_per_client": down,
-            "uplink_bytes_per_client": up,
-            "downlink_vs_fp32": round(down / fp32_bytes, 5),
-            "uplink_vs_fp32": round(up / fp32_bytes, 5),
-            "round_trip_vs_fp32": round((down + up) / (2 * fp32_bytes), 5),
-            "final_val_loss": rs[-1].val_loss,
-            "wall_s": round(run.wall_s, 1),
+            **_run(app, sim_args(a) + overrides + flags, work / name, fp32_bytes),
         }
-        print(
-            f"{name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; "
-            f"val {rs[-1].val_loss:.4f}",
-            flush=True,
-        )
-    base = out["rows"]["fp32"]["final_val_loss"]
-    for row in out["rows"].values():
-        row["val_loss_vs_fp32"] = round(row["final_val_loss"] - base, 6)
-    out["quantization_error"] = quantization_error(cfg)
+    if out["rows"]:
+        base = out["rows"]["fp32"]["final_val_loss"]
+        for row in out["rows"].values():
+            row["val_loss_vs_fp32"] = round(row["final_val_loss"] - base, 6)
+        out["quantization_error"] = quantization_error(cfg)
+    if a.lora_base:
+        out["lora"] = bench_lora(a, app, work)
     return out
 
 
+def _run(app: Path, args: list[str], out_dir: Path, fp32_bytes: int) -> dict[str, Any]:
+    """One federation: median bytes per client per round each way, against the fp32 model; final val loss."""
+    run = run_simulate_py(app, args, out_dir, out_dir.with_suffix(".log"))
+    rs = run.rounds
+    down = median([r.bytes_sent / (r.clients_ok + r.clients_failed) for r in rs])
+    up = median([r.bytes_received / r.clients_ok for r in rs if r.clients_ok])
+    print(
+        f"{out_dir.name}: {down / 1e6:.3f} MB down, {up / 1e6:.3f} MB up per client per round; "
+        f"val {rs[-1].val_loss:.4f}",
+        flush=True,
+    )
+    return {
+        "downlink_bytes_per_client": down,
+        "uplink_bytes_per_client": up,
+        "downlink_vs_fp32": round(down / fp32_bytes, 5),
+        "uplink_vs_fp32": round(up / fp32_bytes, 5),
+        "round_trip_vs_fp32": round((down + up) / (2 * fp32_bytes), 5),
+        "final_val_loss": rs[-1].val_loss,
+        "rounds": len(rs),
+        "wall_s": round(run.wall_s, 1),
+    }
+
+
+def bench_lora(a: argparse.Namespace, app: Path, work: Path) -> dict[str, Any]:
+    """Full fine-tuning against LoRA at each rank of a.lora_ranks, from the pretrained a.lora_base, federated
+    over a.lora_corpus as a.lora_config says: adapter bytes against the full model's, and the val loss."""
+    flags = [
+        "--config",
+        str(Path(a.lora_config).resolve()),
+        f"--train.init_from={Path(a.lora_base).resolve()}",
+    ]
+    if a.lora_corpus:
+        flags.append(f"--data.input_file={Path(a.lora_corpus).resolve()}")
+    cfg = load_config(a.lora_config, [f.removeprefix("--") for f in flags[2:]])
+    full_bytes = 4 * wire_params(cfg)
+    rows = {}
+    for rank in (0, *a.lora_ranks):
+        name = f"lora_r{rank}" if rank else "full"
+        rows[name] = {"rank": rank, **_run(app, [*flags, f"--lora.rank={rank}"], work / name, full_bytes)}
+    full = rows["full"]["final_val_loss"]
+    for row in rows.values():
+        row["val_loss_vs_full"] = round(row["final_val_loss"] - full, 6)
+    return {
+        "base": str(a.lora_base),
+        "corpus": str(a.lora_corpus),
+        "config": a.lora_config,
+        "model_bytes": full_bytes,
+        "rows": rows,
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora-base", help="a pretrained fedgpt checkpoint: adds full fine-tuning and LoRA rows")
+    p.add_argument("--lora-corpus", help="the text the LoRA rows fine-tune on (data.input_file)")
+    p.add_argument("--lora-config", default="configs/shakespeare_bpe_cpu.yaml", help="their config")
+    p.add_argument("--lora-ranks", type=int, nargs="+", default=[4, 16], help="LoRA ranks (default: 4 16)")
+    p.add_argument("--lora-only", action="store_true", help="the LoRA rows alone, not the wire formats")
+
+
 def markdown(res: dict[str, Any]) -> str:
-    lines = [
-        "| comm: wire | down MB | up MB | up / fp32 | down+up / fp32 | final val loss | vs fp32 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in res["rows"].values():
+    lines = []
+    if res["rows"]:
+        lines += [
+            "| comm: wire | down MB | up MB | up / fp32 | down+up / fp32 | final val loss | vs fp32 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in res["rows"].values():
+            lines.append(
+                f"| {r['label']} | {r['downlink_bytes_per_client'] / 1e6:.4f} | "
+                f"{r['uplink_bytes_per_client'] / 1e6:.4f} | {r['uplink_vs_fp32']:.4f}x | "
+                f"{r['round_trip_vs_fp32']:.4f}x | {r['final_val_loss']:.4f} | {r['val_loss_vs_fp32']:+.4f} |"
+            )
+        lines += [
+            "",
+            f"{res['params']:,} parameters (tied weights once), fp32 model "
+            f"{res['fp32_model_bytes'] / 1e6:.3f} MB; bytes per client per round; quantization block "
+            f"{res['quant_block']}",
+            "",
+            "| relative error of one update | " + " | ".join(f"block {b}" for b in BLOCKS) + " |",
+            "| --- |" + " ---: |" * len(BLOCKS),
+        ]
+        for fmt, errs in res["quantization_error"].items():
+            lines.append(f"| {fmt} | " + " | ".join(f"{errs[b]:.4f}" for b in BLOCKS) + " |")
+    if res["lora"]:
+        lo = res["lora"]
+        lines += [
+            "",
+            "| comm: fine-tuning | rank | up MB per client per round | of the full model | final val loss "
+            "| vs full |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in lo["rows"].items():
+            lines.append(
+                f"| {name} | {r['rank']} | {r['uplink_bytes_per_client'] / 1e6:.4f} | "
+                f"{r['uplink_vs_fp32']:.2%} | {r['final_val_loss']:.4f} | {r['val_loss_vs_full']:+.4f} |"
+            )
         lines.append(
-            f"| {r['label']} | {r['downlink_bytes_per_client'] / 1e6:.4f} | "
-            f"{r['uplink_bytes_per_client'] / 1e6:.4f} | {r['uplink_vs_fp32']:.4f}x | "
-            f"{r['round_trip_vs_fp32']:.4f}x | {r['final_val_loss']:.4f} | {r['val_loss_vs_fp32']:+.4f} |"
+            f"\nbase {lo['base']}, fine-tuned on {lo['corpus']} ({lo['config']}); full model "
+            f"{lo['model_bytes'] / 1e6:.2f} MB"
         )
-    lines += [
-        "",
-        f"{res['params']:,} parameters (tied weights once), fp32 model "
-        f"{res['fp32_model_bytes'] / 1e6:.3f} MB, "
-        f"bytes per client per round, quantization block {res['quant_block']}",
-        "",
-        "| relative error of one update | " + " | ".join(f"block {b}" for b in BLOCKS) + " |",
-        "| --- |" + " ---: |" * len(BLOCKS),
-    ]
-    for fmt, errs in res["quantization_error"].items():
-        lines.append(f"| {fmt} | " + " | ".join(f"{errs[b]:.4f}" for b in BLOCKS) + " |")
     return "\n".join(lines)

@@ -265,6 +265,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             )
         else:
             p.add_argument("--num-clients", type=int, default=8, help="clients (default: %(default)s)")
+        if name == "comm":
+            comm.add_arguments(p)
         if name == "fed":
             p.add_argument(
                 "--trainer-steps",
