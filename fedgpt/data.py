@@ -222,6 +222,38 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     )
 
 
+def load_node_tokens(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path) -> np.ndarray:
+    """A federated node's own text (a file, or every *.txt of a folder, in name order), encoded with the run's
+    tokenizer and cached in cache_dir by content: the tokens it trains on, all of them.
+
+    A char-level run's vocabulary is the server's: text with characters outside it is refused, naming them.
+    """
+    path = Path(path).expanduser()
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(
+            f"node data folder {path} holds no *.txt file: give input-file a text file or a folder of them"
+        )
+    raws = [_read_source(f) for f in files]
+    sha = hashlib.sha256(b"".join(hashlib.sha256(r).digest() for r in raws)).hexdigest()
+    kind = json.dumps(tokenizer.meta(), sort_keys=True)
+    cache = Path(cache_dir) / f"node-{hashlib.sha256((sha + kind).encode()).hexdigest()[:16]}.bin"
+    if cache.is_file():
+        return _memmap(cache)
+    text = "".join(_decode_utf8(r, f) for r, f in zip(raws, files))
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as e:  # a char-level vocabulary that lacks some of this node's characters
+        raise ValueError(
+            f"{path}: {e} of this run (the server's corpus): give the node text in the run's "
+            "alphabet, or train with data.tokenizer=gpt2, which encodes any text"
+        ) from None
+    if len(ids) < 2:
+        raise ValueError(f"{path} holds {len(ids)} token(s): a node needs at least 2 to train on")
+    atomic_write_bytes(cache, np.asarray(ids, dtype=np.uint16).tobytes())
+    return _memmap(cache)
+
+
 # --- batches
 # --------------------------------------------------------------------------------------------------------
 

@@ -324,3 +324,25 @@ def test_all_windows_cover_every_target_once_or_twice_at_the_tail():
     assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
     small = Batches(np.arange(5), block_size=16, batch_size=2).all_windows()
     assert small[0].tolist() == [[0, 1, 2, 3]] and small[1].tolist() == [[1, 2, 3, 4]]
+
+
+def test_node_tokens_are_its_own_text_in_the_runs_tokenizer_and_cached(tmp_path):
+    from fedgpt.data import load_node_tokens
+
+    tok = CharTokenizer("\n :ABCabc")
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "a.txt").write_text("A:\nabc\n", encoding="utf-8")
+    (tmp_path / "own" / "b.txt").write_text("B:\ncab\n", encoding="utf-8")
+    folder = load_node_tokens(tmp_path / "own", tok, tmp_path / "cache")
+    assert tok.decode(folder) == "A:\nabc\nB:\ncab\n"  # the folder's *.txt in name order
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert np.array_equal(
+        load_node_tokens(tmp_path / "own", tok, tmp_path / "cache"), folder
+    )  # from the cache
+    (tmp_path / "odd.txt").write_text("A:\nabé€\n", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"odd.txt: 2 character\(s\) not in the 9-character vocabulary: 'é€' of this run"
+    ):
+        load_node_tokens(tmp_path / "odd.txt", tok, tmp_path / "cache")
+    with pytest.raises(ValueError, match="holds no \\*.txt file"):
+        load_node_tokens(tmp_path / "cache", tok, tmp_path / "cache")

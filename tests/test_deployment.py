@@ -141,3 +141,37 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(
     assert sample.returncode == 0, sample.stderr
     text = sample.stdout.split("-" * 40)[0]
     assert len(text.strip()) > 0, sample.stdout
+
+
+@pytest.mark.slow
+def test_three_supernodes_train_on_their_own_plays(deployment: Deployment, data_dir: Path, tmp_path: Path):
+    # Each node holds one play of Tiny Shakespeare and a data folder of its own: none holds the others' text.
+    # The server holds the corpus only for its central validation split and the char vocabulary.
+    from fedgpt.fed.plays import play_texts
+
+    plays = play_texts((data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8"))
+    nodes = [tmp_path / f"node{i}" for i in range(3)]
+    for i, node in enumerate(nodes):
+        (node / "data").mkdir(parents=True)
+        (node / "play.txt").write_text(plays[(0, 3, 7)[i]], encoding="utf-8")  # Coriolanus, R&J, the Shrew
+    configs = [f"input-file='{node / 'play.txt'}' data-dir='{node / 'data'}'" for node in nodes]
+    deployment.start_federation(data_dir, supernodes=3, node_configs=configs)
+    out = tmp_path / "out"
+    overrides = (
+        f"fed.num_clients=3 fed.rounds=2 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir}"
+    )
+    run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"
+    res = deployment.flwr(
+        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO
+    )
+    context = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{deployment.logs()}"
+    assert res.returncode == 0, context
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients_ok"] == 3 for r in rows[1:]), context
+    # every node trained on all of its play (char tokens: one per character), and the server was told so
+    sizes = ", ".join(f"{i}: {len(plays[p]):,}" for i, p in enumerate((0, 3, 7)))
+    assert f"nodes with their own data (partition: train tokens): {sizes}" in res.stdout, context
+    for node in nodes:  # each node's folder holds its own encoded play and nothing of the corpus
+        assert [p.name.startswith("node-") for p in (node / "data").iterdir()] == [True], list(
+            (node / "data").iterdir()
+        )

@@ -96,10 +96,16 @@ class Deployment:
         return self.procs[name]
 
     def start_federation(
-        self, data_dir: Path, supernodes: int = 2, timeout: float = 60, state_dirs: list[Path] | None = None
+        self,
+        data_dir: Path,
+        supernodes: int = 2,
+        timeout: float = 60,
+        state_dirs: list[Path] | None = None,
+        node_configs: list[str] | None = None,
     ) -> None:
         """A SuperLink and `supernodes` SuperNodes (partition-id 0..N-1), all reading the corpus under
-        `data_dir`; with `state_dirs`, node i keeps its clients' state in state_dirs[i]."""
+        `data_dir`; with `state_dirs`, node i keeps its clients' state in state_dirs[i]; node_configs[i] is
+        added to node i's --node-config (e.g. "input-file='/abs/own.txt'")."""
         self.link_port, *node_ports = free_ports(1 + supernodes)
         link = self.start(
             "superlink",
@@ -116,9 +122,13 @@ class Deployment:
         wait_for_port(self.link_port, link, timeout)
         for i, port in enumerate(node_ports):
             # TOML-style values: quoted strings for paths (absolute: the app runs from $FLWR_HOME/apps/...).
-            node_config = f"partition-id={i} num-partitions={supernodes} data-dir='{data_dir.resolve()}'"
+            node_config = f"partition-id={i} num-partitions={supernodes}"
+            if not (node_configs and "data-dir=" in node_configs[i]):  # a node's own data-dir wins
+                node_config += f" data-dir='{data_dir.resolve()}'"
             if state_dirs:
                 node_config += f" state-dir='{state_dirs[i].resolve()}'"
+            if node_configs:
+                node_config += " " + node_configs[i]
             self.start(
                 f"supernode{i}",
                 [

@@ -10,19 +10,23 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedgpt.config import Config, TrainConfig, from_dict
-from fedgpt.data import Batches, load_dataset
+from fedgpt.data import Batches, load_dataset, load_node_tokens
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.partition import ClientPartition, client_partitions
 from fedgpt.fed.wire import check_keys, decode, encode, flatten, from_record, tied_aliases, to_record
 from fedgpt.lora import adapter_state, add_lora
 from fedgpt.model import GPT
+from fedgpt.tokenizer import Tokenizer, get_tokenizer
 from fedgpt.train import Trainer, build_model, evaluate, resolve_device
 
 
@@ -48,7 +52,12 @@ def run_config(msg: Message) -> tuple[Config, dict, ConfigRecord]:
 
 def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
     """This process's model, trainer and partitions for the message's run (cached), and this node's partition
-    id."""
+    id.
+
+    A node whose node config names `input-file` (a text, or a folder of them) trains on all of that data, in
+    the run's tokenizer: its own data, which no other process ever reads. Otherwise every node holds the run's
+    corpus and trains on its partition of it (node config `data-dir` says where the corpus lives).
+    """
     cfg, tokenizer_meta, record = run_config(msg)
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
@@ -57,42 +66,64 @@ def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
             '--node-config "partition-id=0 num-partitions=2"'
         )
     partition_id, n = int(node["partition-id"]), int(node["num-partitions"])
-    # Deployed apps do not run from the repository: a node says where its data lives.
-    if "data-dir" in node:
+    if "data-dir" in node:  # deployed apps do not run from the repository: a node says where its data lives
         cfg.data.data_dir = str(node["data-dir"])
-    if "input-file" in node:
-        cfg.data.input_file = str(node["input-file"])
-    key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer_meta, n]).encode()).hexdigest()
+    own = str(node["input-file"]) if "input-file" in node else None
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer_meta, n, own]).encode()).hexdigest()
     if key in _CACHE:
         return _CACHE[key], partition_id
     threads = int(record.get("client-threads", 0))
     if threads > 0:
         torch.set_num_threads(threads)
-    ds = load_dataset(cfg.data)
-    if ds.tokenizer.meta() != tokenizer_meta:
-        raise ValueError(
-            f"client {partition_id}: its corpus/tokenizer ({ds.tokenizer.meta().get('kind')}, vocab "
-            f"{ds.tokenizer.vocab_size}) differs from the server's ({tokenizer_meta.get('kind')}): give "
-            "every node the same corpus (node-config data-dir / input-file) and data.tokenizer"
-        )
-    model = client_model(cfg, ds)
-    device = resolve_device(cfg.train.device)
-    aliases = {} if cfg.lora.rank else tied_aliases(model)
-    state = ClientState(
-        cfg, client_partitions(cfg, ds, n), Trainer(model, cfg.train, device, log=None), aliases
+    tokenizer, parts = (
+        own_data(cfg, tokenizer_meta, own, partition_id, n) if own else shared_data(cfg, tokenizer_meta, n)
     )
+    model = client_model(cfg, tokenizer)
+    aliases = {} if cfg.lora.rank else tied_aliases(model)
+    trainer = Trainer(model, cfg.train, resolve_device(cfg.train.device), log=None)
+    state = ClientState(cfg, parts, trainer, aliases)
     _CACHE.clear()  # one run at a time per process: drop the model of an earlier run
     _CACHE[key] = state
     return state, partition_id
 
 
-def client_model(cfg: Config, ds) -> GPT:
+def shared_data(cfg: Config, tokenizer_meta: dict, n: int) -> tuple[Tokenizer, list[ClientPartition]]:
+    """The run's corpus, which this node holds too, split into its n partitions (as spans: tokens on use)."""
+    ds = load_dataset(cfg.data)
+    if ds.tokenizer.meta() != tokenizer_meta:
+        raise ValueError(
+            f"its corpus/tokenizer ({ds.tokenizer.meta().get('kind')}, vocab {ds.tokenizer.vocab_size}) "
+            f"differs from the server's ({tokenizer_meta.get('kind')}): give every node the same corpus "
+            "(node-config data-dir) and data.tokenizer, or the node its own data (node-config input-file)"
+        )
+    return ds.tokenizer, client_partitions(cfg, ds, n)
+
+
+def own_data(
+    cfg: Config, tokenizer_meta: dict, path: str, partition_id: int, n: int
+) -> tuple[Tokenizer, list[ClientPartition]]:
+    """This node's own text as its one partition, in the run's tokenizer; no other partition is here."""
+    cache = (
+        Path(cfg.data.data_dir)
+        if Path(cfg.data.data_dir).is_dir()
+        else Path(tempfile.gettempdir()) / "fedgpt"
+    )
+    tokenizer = get_tokenizer(tokenizer_meta, cache_dir=cache / "tiktoken_cache")
+    tokens = load_node_tokens(path, tokenizer, cache)
+    f = cfg.fed
+    n_val = round(len(tokens) * f.client_val_fraction) if f.client_eval_interval > 0 else 0
+    spans = np.array([[0, len(tokens)]], dtype=np.int64)
+    mine = ClientPartition(partition_id, spans, n_val, [], "own data", source=tokens)
+    return tokenizer, [mine if i == partition_id else None for i in range(n)]
+
+
+def client_model(cfg: Config, tokenizer: Tokenizer) -> GPT:
     """The model a client trains. Its initial weights do not matter, the global model arrives with every
     message; with LoRA only the adapters arrive, so the client builds the frozen base from train.init_from,
     once per process."""
     if not cfg.lora.rank:
         return GPT(cfg.model)
-    return add_lora(build_model(cfg, ds.tokenizer.meta(), ds.tokenizer.vocab_size), cfg.lora)
+    return add_lora(build_model(cfg, tokenizer.meta(), tokenizer.vocab_size), cfg.lora)
 
 
 def exchanged(model: GPT, cfg: Config) -> dict[str, torch.Tensor]:
@@ -117,6 +148,7 @@ def handshake(msg: Message, context: Context) -> Message:
         {
             "partition-id": partition_id,
             "num-partitions": len(st.parts),
+            "own-data": int(part.scheme == "own data"),
             "train-tokens": int(len(part.train)),
             "val-tokens": int(len(part.val)),
         }

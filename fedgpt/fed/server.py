@@ -145,6 +145,14 @@ class FederatedRun:
             self.log,
         )
         self.partition_of = {node: int(info["partition-id"]) for node, info in answers.items()}
+        own = sorted(
+            (int(i["partition-id"]), int(i["train-tokens"])) for i in answers.values() if i.get("own-data")
+        )
+        if own:  # nodes with data of their own: the partition summary above is not theirs
+            self.log(
+                "nodes with their own data (partition: train tokens): "
+                + ", ".join(f"{p}: {t:,}" for p, t in own)
+            )
         rows = []
         with ThreadPoolExecutor(1, thread_name_prefix="central-eval") as evaluator:
             pending = (
