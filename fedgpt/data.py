@@ -300,10 +300,17 @@ class Batches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_device(self.draw())
+
+    def draw(self) -> torch.Tensor:
+        """The next batch's windows on the CPU: (2, B, T), x then y."""
         starts = torch.randint(
             self.num_tokens - self.block_size, (self.batch_size, 1), generator=self.generator
         )
-        xy = self.data[starts + self._window]  # (2, B, T)
+        return self.data[starts + self._window]  # (2, B, T)
+
+    def to_device(self, xy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) on this stream's device: on CUDA one pinned, asynchronous copy of both."""
         if self.device.type == "cuda":
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         elif self.device.type != "cpu":

@@ -50,7 +50,8 @@ class Processes:
 
 class RankBatches:
     """Rank r of W takes every W-th batch of one shared stream, so W processes see exactly the
-    micro-batches one process would, and a DDP run equals a single-process run with the same global batch."""
+    micro-batches one process would, and a DDP run equals a single-process run with the same global batch.
+    Every rank draws all W batches' windows (cheap, on the CPU) but copies only its own to its device."""
 
     def __init__(self, batches: Batches, rank: int, world: int):
         self.batches, self.rank, self.world = batches, rank, world
@@ -59,12 +60,8 @@ class RankBatches:
         return self
 
     def __next__(self):
-        mine = None
-        for i in range(self.world):
-            b = next(self.batches)
-            if i == self.rank:
-                mine = b
-        return mine
+        drawn = [self.batches.draw() for _ in range(self.world)]
+        return self.batches.to_device(drawn[self.rank])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
