@@ -1,6 +1,6 @@
 """fedgpt's ClientApp with two probes, for tests: in each train message it saves, to $FEDGPT_TEST_PROBE_DIR,
 the optimizer state as restored before training and the weights it sends back. The probed code is fedgpt's
-own: client_app.py's handlers, with fedgpt.fed.client.restore_optimizer and fit wrapped to record what they
+own: client_app.py's handlers, with fedgpt.fed.client.restore and fit wrapped to record what they
 did. (A ClientApp of this module's own, so that Ray's actors import this module, and the probes with it.)
 
 A client that should fail: $FEDGPT_TEST_FAIL="partition:round" makes that partition raise in that round.
@@ -17,11 +17,11 @@ import client_app
 import fedgpt.fed.client as client
 
 PROBE_DIR = Path(os.environ["FEDGPT_TEST_PROBE_DIR"])
-_restore, _fit = client.restore_optimizer, client.fit
+_restore, _fit = client.restore, client.fit
 
 
-def restore_and_record(trainer, store, rnd, max_age):
-    result = _restore(trainer, store, rnd, max_age)
+def restore_and_record(trainer, store, rnd, cfg):
+    result = _restore(trainer, store, rnd, cfg)
     if store is not None:
         partition = store.dir.name.removeprefix("partition-")
         torch.save(trainer.optimizer.state_dict(), PROBE_DIR / f"restored-p{partition}-r{rnd}.pt")
@@ -37,7 +37,7 @@ def fit_and_record(msg, context):
     return reply
 
 
-client.restore_optimizer, client.fit = restore_and_record, fit_and_record
+client.restore, client.fit = restore_and_record, fit_and_record
 
 app = ClientApp()
 

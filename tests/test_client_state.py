@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from fedgpt.config import ModelConfig, TrainConfig
+from fedgpt.config import Config, ModelConfig, TrainConfig
 from fedgpt.data import Batches
-from fedgpt.fed.client import client_schedule, restore_optimizer
+from fedgpt.fed.client import client_schedule, restore
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.model import GPT
 from fedgpt.train import Trainer, lr_at
@@ -21,6 +21,20 @@ def trainer(seed: int = 0) -> Trainer:
     return Trainer(
         model, TrainConfig(batch_size=4, max_steps=100, warmup_steps=0), torch.device("cpu"), log=None
     )
+
+
+def keeping(max_age: int) -> Config:
+    """A run whose clients keep their AdamW state for up to max_age rounds (no quantized uplink)."""
+    cfg = Config()
+    cfg.fed.client_optimizer, cfg.fed.client_state_max_age = "keep", max_age
+    return cfg
+
+
+def restore_optimizer(t: Trainer, store, rnd: int, max_age: int) -> tuple[int, int]:
+    """(age of the state restored, 1 if a stale one was dropped): what fedgpt.fed.client.restore says."""
+    age, stale, residual = restore(t, store, rnd, keeping(max_age))
+    assert residual is None
+    return age, stale
 
 
 def batches(seed: int) -> Batches:
