@@ -37,7 +37,9 @@ STRATEGY_SERVER_LR: dict[str, float | None] = {
 STRATEGIES = tuple(STRATEGY_SERVER_LR)
 PARTITIONS = ("iid", "speaker", "role", "contiguous", "dirichlet")
 SMALL_ROLES = ("keep", "drop", "merge")
-WEIGHTINGS = ("data", "trained")
+WEIGHTINGS = ("data", "trained", "uniform")
+STRAGGLER_POLICIES = ("accept", "drop")
+DP_CLIPPING = ("server", "client")
 CLIENT_OPTIMIZER = ("auto", "keep", "reset")
 UPLINKS, DOWNLINKS = ("fp32", "fp16", "int8", "int4"), ("fp32", "fp16")
 LORA_TARGETS = ("attn", "mlp")
@@ -107,7 +109,7 @@ class FedConfig:
     dirichlet_alpha: float = 0.5  # "dirichlet" partitions: smaller is more skewed
     min_role_tokens: int = 0  # "role" partitions: a role with fewer train tokens is small (see small_roles)
     small_roles: str = "keep"  # "role": small roles are kept, dropped (LEAF's rule) or merged per play
-    weighting: str = "data"  # a client's weight: "data" (tokens it holds) or "trained" (tokens it trained on)
+    weighting: str = "data"  # a client's weight: "data" (tokens held), "trained" (tokens trained), "uniform"
     client_optimizer: str = "auto"  # keep / reset clients' AdamW state; auto: keep if fraction_train is 1
     client_state_max_age: int = 1  # rounds a kept client state may be old; older is dropped (and counted)
     client_state_dir: str = ""  # where clients keep that state; "": <train.out_dir>/client_state
@@ -119,6 +121,8 @@ class FedConfig:
     downlink: str = "fp32"  # server to client: the global weights in fp32 or fp16
     quant_block: int = 256  # int8 / int4 uplink: values per fp32 scale
     error_feedback: bool = True  # int8 / int4: clients add their last quantization error to their next update
+    stragglers: float = 0.0  # share of each round's clients that run fewer local steps (1 to local_steps - 1)
+    straggler_policy: str = "accept"  # "accept" their partial work (FedProx), or "drop" them (FedAvg)
     node_timeout: float = 120.0  # seconds to wait for min_clients before failing
     round_timeout: float = 3600.0  # seconds to wait for the replies of one round
 
@@ -132,12 +136,26 @@ class LoRAConfig:
 
 
 @dataclass
+class DPConfig:
+    noise_multiplier: float = 0.0  # noise std / clipping_norm, on the sum of clipped updates; 0: no DP
+    target_epsilon: float = 0.0  # > 0: the noise multiplier that spends this epsilon over fed.rounds
+    clipping_norm: float = 1.0  # each client's update is clipped to this L2 norm
+    delta: float = 1e-5  # epsilon is reported at this delta
+    clipping: str = "server"  # "server": clipped on receipt; "client": clients clip before they send
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -166,6 +184,7 @@ def _section_types(section: str) -> dict[str, type]:
         "train": TrainConfig,
         "fed": FedConfig,
         "lora": LoRAConfig,
+        "dp": DPConfig,
     }[section]
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -294,6 +313,13 @@ def validate(cfg: Config) -> list[str]:
     check(f.client_eval_interval >= 0, "fed.client_eval_interval", "must be >= 0 (0: never)")
     check(0 <= f.min_clients <= f.num_clients, "fed.min_clients", "must be in [0, fed.num_clients]")
     check(f.node_timeout > 0 and f.round_timeout > 0, "fed.node_timeout/round_timeout", "must be > 0")
+    check(0 <= f.stragglers <= 1, "fed.stragglers", "must be in [0, 1]")
+    check(
+        f.straggler_policy in STRAGGLER_POLICIES,
+        "fed.straggler_policy",
+        f"{f.straggler_policy!r} is not one of {', '.join(STRAGGLER_POLICIES)}",
+    )
+    problems += _validate_dp(cfg)
     lo = cfg.lora
     check(lo.rank >= 0, "lora.rank", "must be >= 0 (0: no adapters)")
     check(
@@ -309,6 +335,40 @@ def validate(cfg: Config) -> list[str]:
         "lora.targets",
         f"{lo.targets!r}: give one or more of {', '.join(LORA_TARGETS)}, comma-separated",
     )
+    return problems
+
+
+def _validate_dp(cfg: Config) -> list[str]:
+    """The dp section, and what DP needs of the rest: a plain unweighted average (what the noise is calibrated
+    for) and every sampled client's reply."""
+    dp, f, problems = cfg.dp, cfg.fed, []
+    for key in ("noise_multiplier", "target_epsilon"):
+        if getattr(dp, key) < 0:
+            problems.append(f"dp.{key}: must be >= 0 (0: off)")
+    if dp.noise_multiplier > 0 and dp.target_epsilon > 0:
+        problems.append("dp.noise_multiplier: give it or dp.target_epsilon, not both")
+    if dp.clipping_norm <= 0:
+        problems.append("dp.clipping_norm: must be > 0")
+    if not 0 < dp.delta < 1:
+        problems.append("dp.delta: must be in (0, 1)")
+    if dp.clipping not in DP_CLIPPING:
+        problems.append(f"dp.clipping: {dp.clipping!r} is not one of {', '.join(DP_CLIPPING)}")
+    if not dp.enabled:
+        return problems
+    if f.strategy not in ("fedavg", "fedprox"):
+        problems.append(
+            f"dp: fed.strategy {f.strategy} is not supported: the noise is added after the strategy's server "
+            "step and is calibrated for a plain average; use fedavg or fedprox"
+        )
+    if f.weighting != "uniform":
+        problems.append("dp: needs fed.weighting=uniform (the noise is calibrated for an unweighted average)")
+    if f.stragglers > 0 and f.straggler_policy == "drop":
+        problems.append("dp: dropped stragglers leave the round short of its sampled clients; use accept")
+    if dp.clipping == "client" and f.uplink in ("int8", "int4"):
+        problems.append(
+            f"dp.clipping: client clipping with fed.uplink={f.uplink} would quantize (and carry error into) "
+            "the clipped update: use dp.clipping=server, or fed.uplink fp32 or fp16"
+        )
     return problems
 
 
@@ -419,6 +479,7 @@ def reference_markdown() -> str:
         ("train", TrainConfig),
         ("fed", FedConfig),
         ("lora", LoRAConfig),
+        ("dp", DPConfig),
     ):
         comments = dict(re.findall(r"^\s+(\w+): [^=]+=[^#\n]*(?:#\s*(.*))?$", inspect.getsource(cls), re.M))
         for f in dataclasses.fields(cls):

@@ -176,13 +176,18 @@ def fit(msg: Message, context: Context) -> Message:
     if cfg.fed.full_batch:  # FedSGD: every step is the gradient of all the client's windows
         batches = itertools.repeat(batches.all_windows())
     t_start = time.time()
-    m = trainer.train_steps(batches, cfg.fed.local_steps, mu=mu, ref=ref)
-    arrays, residual = upload(exchanged(trainer.raw_model, cfg), st.aliases, received, residual, cfg)
+    steps = int(record.get("local-steps", cfg.fed.local_steps))  # fewer for a straggler (fed.stragglers)
+    m = trainer.train_steps(batches, steps, mu=mu, ref=ref)
+    trained = exchanged(trainer.raw_model, cfg)
+    length = float(flatten(trained, st.aliases, base=received).norm())  # this round's update's L2 norm
+    if "clipping_norm" in record:  # dp.clipping=client: Flower's wrapper sends the norm
+        trained = clip_update(trained, received, length, float(record["clipping_norm"]))
+    arrays, residual = upload(trained, st.aliases, received, residual, cfg)
     if store is not None:
         optimizer = trainer.optimizer.state_dict() if cfg.keeps_client_state else None
         store.save(rnd, {"optimizer": optimizer, "residual": residual})
         store.prune(keep_from_round=int(record["keep-from-round"]))
-    weight = len(part.train) if cfg.fed.weighting == "data" else m["tokens"]
+    weight = {"data": len(part.train), "trained": m["tokens"], "uniform": 1}[cfg.fed.weighting]
     metrics = {
         "train-loss": m["loss"],
         "train-seconds": m["seconds"],
@@ -192,8 +197,21 @@ def fit(msg: Message, context: Context) -> Message:
         "state-age": age,
         "state-stale": stale,
         "num-examples": max(1, weight),
+        # what a clipping norm is chosen from; under DP a client's metrics would reveal it in the clear
+        **({} if cfg.dp.enabled else {"update-norm": length}),
     }
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def clip_update(
+    trained: dict[str, torch.Tensor], received: dict[str, torch.Tensor], length: float, norm: float
+) -> dict[str, torch.Tensor]:
+    """The received weights plus the update (trained minus received, of L2 norm `length`) scaled down to
+    norm `norm` if it is longer."""
+    scale = min(1.0, norm / length) if length > 0 else 1.0
+    return {
+        k: received[k].float() + scale * (trained[k].float().cpu() - received[k].float()) for k in trained
+    }
 
 
 def upload(

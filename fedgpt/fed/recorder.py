@@ -117,6 +117,10 @@ def format_round(row: RoundRow) -> str:
         f"{row.clients_failed} failed | {row.round_s:.2f} s | sent {row.bytes_sent / 1e6:.2f} MB | "
         f"received {row.bytes_received / 1e6:.2f} MB"
     )
+    if row.clients_straggling:
+        line += f" | stragglers {row.clients_straggling}"
+    if row.dp_epsilon is not None:
+        line += f" | epsilon {row.dp_epsilon:.3f}"
     if row.clients_state_resumed or row.clients_state_stale:
         line += f" | state resumed {row.clients_state_resumed}, stale {row.clients_state_stale}"
     return line

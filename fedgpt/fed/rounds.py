@@ -30,6 +30,9 @@ class RoundRow:
     clients_failed: int = 0
     clients_state_resumed: int = 0  # clients that went on from their own optimizer state (keep mode)
     clients_state_stale: int = 0  # clients whose saved state was older than fed.client_state_max_age: dropped
+    update_norm: float | None = None  # median L2 norm of the clients' updates (not reported under DP)
+    clients_straggling: int = 0  # clients given fewer local steps this round (fed.stragglers)
+    dp_epsilon: float | None = None  # privacy spent so far, at dp.delta (dp on)
     bytes_sent: int = 0  # weights and configs, server to clients, all messages of the round
     bytes_received: int = 0
     round_s: float | None = None  # send to aggregate, with client evaluation; central runs beside the next

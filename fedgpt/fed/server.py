@@ -16,18 +16,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import statistics
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedgpt.config import Config
 from fedgpt.data import load_dataset
+from fedgpt.fed import privacy
 from fedgpt.fed.evaluation import CentralEvaluator
 from fedgpt.fed.grid import error_reason, exchange, preflight
 from fedgpt.fed.partition import client_partitions, format_summary, summarize
@@ -74,7 +77,14 @@ class FederatedRun:
         # The server partitions too: the summary is saved with the run, and a bad split fails before any
         # round.
         self.summary = summarize(client_partitions(cfg, self.ds), self.ds.train, tok.vocab_size)
-        self.strategy = make_strategy(cfg.fed)
+        self.strategy = privacy.private(make_strategy(cfg.fed), cfg)
+        if cfg.dp.enabled:
+            sigma = self.strategy.noise_multiplier
+            log(
+                f"dp: noise multiplier {sigma:.4g}, updates clipped to {cfg.dp.clipping_norm:g} "
+                f"({cfg.dp.clipping}); epsilon after {cfg.fed.rounds} rounds: "
+                f"{privacy.epsilon_after(cfg, sigma, cfg.fed.rounds):.3f} at delta {cfg.dp.delta:g}"
+            )
         self.round, self.tokens = 0, 0
         self.partition_of: dict[int, int] = {}  # node id -> partition id, from the pre-flight check
         out_dir = claim_run_dir(
@@ -182,6 +192,7 @@ class FederatedRun:
         msgs = list(
             self.strategy.configure_train(rnd, arrays, self.train_config(), self.sampling_grid(grid, rnd))
         )
+        msgs, straggling = self.stragglers(rnd, msgs)
         sent_arrays = to_record(self.global_state, self.aliases, fmt=fed.downlink)
         for m in msgs:
             m.content["arrays"] = sent_arrays
@@ -201,6 +212,8 @@ class FederatedRun:
             clients_failed=len(msgs) - len(ok),
             bytes_sent=bytes_sent,
             bytes_received=bytes_received,
+            clients_straggling=straggling,
+            dp_epsilon=privacy.spent_epsilon(self.strategy),
         )
         self._timings(row, metrics, time.time() - t0)
         if metrics:
@@ -210,14 +223,41 @@ class FederatedRun:
             row.lr = float(metrics[0]["train-lr"])
             row.clients_state_resumed = sum(int(m["state-age"]) > 0 for m in metrics)
             row.clients_state_stale = sum(int(m["state-stale"]) for m in metrics)
+            norms = [float(m["update-norm"]) for m in metrics if "update-norm" in m]
+            row.update_norm = statistics.median(norms) if norms else None
         return row
 
     def sampling_grid(self, grid: Grid, rnd: int) -> Grid:
         """The grid as the strategy sees it when sampling this round's clients: nodes in partition order, and
         Flower's sampler (the global `random`) seeded by the run's seed and the round. The same partitions
-        train in every run of this config, a resumed one included, whatever ids its nodes have."""
+        train in every run of this config, a resumed one included, whatever ids its nodes have. Flower's DP
+        noise (the global numpy generator) is seeded the same way."""
         random.seed(self.cfg.train.seed * 1_000_003 + rnd)
+        np.random.seed((self.cfg.train.seed * 1_000_003 + rnd) % 2**32)
         return PartitionOrderedGrid(grid, self.partition_of)
+
+    def stragglers(self, rnd: int, msgs: list[Message]) -> tuple[list[Message], int]:
+        """fed.stragglers of this round's messages go to stragglers, drawn from the run's seed and the round:
+        as in Li et al. 2020 (FedProx, section 5), each gets a local step budget drawn from 1 to
+        local_steps - 1 ("accept"), or is left out of the round ("drop": FedAvg does not wait for it).
+        Returns the messages to send and how many clients straggle."""
+        f = self.cfg.fed
+        k = round(f.stragglers * len(msgs)) if f.local_steps > 1 else 0
+        if k == 0:
+            return msgs, 0
+        rng = random.Random(self.cfg.train.seed * 7_919 + rnd)
+        chosen = set(rng.sample(range(len(msgs)), k))
+        if f.straggler_policy == "drop":
+            return [m for i, m in enumerate(msgs) if i not in chosen], k
+        out = []
+        for i, m in enumerate(msgs):
+            if i in chosen:  # the strategy's messages share one RecordDict: a straggler gets its own
+                steps = rng.randint(1, f.local_steps - 1)
+                config = ConfigRecord({**m.content["config"], "local-steps": steps})
+                content = RecordDict({**m.content, "config": config})
+                m = Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type)
+            out.append(m)
+        return out, k
 
     def _timings(self, row: RoundRow, metrics: list, round_s: float) -> None:
         train_s = [float(m["train-seconds"]) for m in metrics]

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedgpt.config import STRATEGY_SERVER_LR, FedConfig
+from fedgpt.fed import privacy
 
 
 class OuterSGD(FedAvg):
@@ -137,7 +138,10 @@ def make_strategy(fed: FedConfig) -> Strategy:
 
 
 def strategy_state(strategy: Strategy) -> dict:
-    """The strategy's optimizer state as tensors (checkpoints are loaded with weights_only)."""
+    """The strategy's optimizer state as tensors (checkpoints are loaded with weights_only), and a DP
+    wrapper's privacy ledger."""
+    if privacy.inner(strategy) is not strategy:
+        return {**strategy_state(privacy.inner(strategy)), **privacy.accountant_state(strategy)}
     if isinstance(strategy, OuterSGD):
         return strategy.state_dict()
     return {
@@ -148,6 +152,10 @@ def strategy_state(strategy: Strategy) -> dict:
 
 
 def load_strategy_state(strategy: Strategy, state: dict) -> None:
+    if privacy.inner(strategy) is not strategy:
+        privacy.load_accountant_state(strategy, state)
+        load_strategy_state(privacy.inner(strategy), {k: v for k, v in state.items() if k != "accountant"})
+        return
     if isinstance(strategy, OuterSGD):
         strategy.load_state_dict(state)
         return
