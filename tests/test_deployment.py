@@ -175,3 +175,51 @@ def test_three_supernodes_train_on_their_own_plays(deployment: Deployment, data_
         assert [p.name.startswith("node-") for p in (node / "data").iterdir()] == [True], list(
             (node / "data").iterdir()
         )
+
+
+def doc_blocks(section: str) -> list[str]:
+    """The ```bash blocks of a docs/deployment.md section, in order."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", body, re.S)
+
+
+@pytest.mark.slow
+def test_tls_with_supernode_auth_trains_and_refuses_an_unregistered_node(data_dir: Path, tmp_path: Path):
+    # Certificates and node keys exactly as docs/deployment.md makes them (its first two blocks), and a third
+    # key that is never registered.
+    secure = tmp_path / "secure"
+    certs, keys = doc_blocks("TLS and SuperNode authentication")[:2]
+    for block in (certs, keys, 'ssh-keygen -q -t ecdsa -b 384 -N "" -C "" -f $D/keys/supernode2\n'):
+        res = subprocess.run(
+            ["bash", "-ec", block],
+            env={"D": str(secure), "PATH": "/usr/bin:/bin"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, f"{block}\n{res.stdout}{res.stderr}"
+    dep = Deployment(tmp_path / "flwr", secure=secure)
+    try:
+        dep.start_federation(data_dir, supernodes=2)
+        intruder = dep.start_supernode(2, f"partition-id=0 num-partitions=2 data-dir='{data_dir}'")
+        out = tmp_path / "out"
+        overrides = (
+            f"fed.num_clients=2 fed.rounds=1 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir}"
+        )
+        run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"
+        res = dep.flwr(
+            ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO
+        )
+        context = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{dep.logs()}"
+        assert res.returncode == 0, context
+        rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients_ok"] == 2, context
+        # the unregistered node was refused and is gone; it never joined the run
+        intruder.wait(timeout=60)
+        log = (tmp_path / "flwr" / "supernode2.log").read_text(errors="replace")
+        assert intruder.returncode != 0 and "Failed to activate SuperNode" in log, log[-3000:]
+    finally:
+        left = dep.stop()
+        assert not left, f"processes left after teardown: {left}"

@@ -63,13 +63,66 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 
 
 class Deployment:
-    """Processes of one loopback deployment, each with its own FLWR_HOME and working folder under `root`."""
+    """Processes of one loopback deployment, each with its own FLWR_HOME and working folder under `root`.
 
-    def __init__(self, root: Path):
-        self.root = root
+    With `secure` (a folder holding certs/ca.crt, certs/server.crt, certs/server.key and keys/supernode<i>, as
+    docs/deployment.md makes them) the SuperLink serves TLS and authenticates SuperNodes: node i connects with
+    keys/supernode<i>, which must be registered (register_supernodes) before it starts.
+    """
+
+    def __init__(self, root: Path, secure: Path | None = None):
+        self.root, self.secure = root, secure
         self.marker = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
         self.link_port: int | None = None
+
+    def link_security(self) -> list[str]:
+        if self.secure is None:
+            return ["--insecure"]
+        certs = self.secure / "certs"
+        return [
+            *("--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt")),
+            *("--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"),
+        ]
+
+    def node_security(self, i: int) -> list[str]:
+        if self.secure is None:
+            return ["--insecure"]
+        ca, key = self.secure / "certs" / "ca.crt", self.secure / "keys" / f"supernode{i}"
+        return ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+
+    def start_superlink(self, timeout: float = 60) -> None:
+        (self.link_port,) = free_ports(1)
+        link = self.start(
+            "superlink",
+            [
+                "flower-superlink",
+                *self.link_security(),
+                *("--host", "127.0.0.1", "--port", str(self.link_port)),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        wait_for_port(self.link_port, link, timeout)
+
+    def start_supernode(self, i: int, node_config: str) -> subprocess.Popen:
+        (port,) = free_ports(1)
+        return self.start(
+            f"supernode{i}",
+            [
+                "flower-supernode",
+                *self.node_security(i),
+                *("--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1", "--port", str(port)),
+                *("--node-config", node_config),
+            ],
+        )
+
+    def register_supernodes(self, nodes: list[int]) -> None:
+        """Register the public keys of these SuperNodes with the SuperLink (`flwr supernode register`)."""
+        for i in nodes:
+            pub = self.secure / "keys" / f"supernode{i}.pub"
+            res = self.flwr(["supernode", "register", str(pub), "loopback"], timeout=60, cwd=self.root)
+            if res.returncode != 0:
+                raise RuntimeError(f"flwr supernode register {pub} failed: {res.stdout}{res.stderr}")
 
     def env(self, home: Path) -> dict[str, str]:
         return {
@@ -106,21 +159,10 @@ class Deployment:
         """A SuperLink and `supernodes` SuperNodes (partition-id 0..N-1), all reading the corpus under
         `data_dir`; with `state_dirs`, node i keeps its clients' state in state_dirs[i]; node_configs[i] is
         added to node i's --node-config (e.g. "input-file='/abs/own.txt'")."""
-        self.link_port, *node_ports = free_ports(1 + supernodes)
-        link = self.start(
-            "superlink",
-            [
-                "flower-superlink",
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.link_port),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        wait_for_port(self.link_port, link, timeout)
-        for i, port in enumerate(node_ports):
+        self.start_superlink(timeout)
+        if self.secure is not None:
+            self.register_supernodes(list(range(supernodes)))
+        for i in range(supernodes):
             # TOML-style values: quoted strings for paths (absolute: the app runs from $FLWR_HOME/apps/...).
             node_config = f"partition-id={i} num-partitions={supernodes}"
             if not (node_configs and "data-dir=" in node_configs[i]):  # a node's own data-dir wins
@@ -129,21 +171,7 @@ class Deployment:
                 node_config += f" state-dir='{state_dirs[i].resolve()}'"
             if node_configs:
                 node_config += " " + node_configs[i]
-            self.start(
-                f"supernode{i}",
-                [
-                    "flower-supernode",
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{self.link_port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--node-config",
-                    node_config,
-                ],
-            )
+            self.start_supernode(i, node_config)
 
     def flwr(self, args: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
         """Run the `flwr` CLI in `cwd` (the app directory, for `flwr run .`) against this deployment's
@@ -151,8 +179,13 @@ class Deployment:
         home = self.root / "cli"
         if not home.is_dir():
             home.mkdir(parents=True)
+            security = (
+                "insecure = true"
+                if self.secure is None
+                else f'root-certificates = "{self.secure / "certs" / "ca.crt"}"'
+            )
             (home / "config.toml").write_text(
-                f'[superlink.loopback]\naddress = "127.0.0.1:{self.link_port}"\ninsecure = true\n'
+                f'[superlink.loopback]\naddress = "127.0.0.1:{self.link_port}"\n{security}\n'
             )
         return subprocess.run(
             [str(BIN / "flwr"), *args],
