@@ -24,15 +24,19 @@ from pathlib import Path
 
 from fedgpt.bench import targets
 from fedgpt.bench.common import app_dir, run_logged
-from fedgpt.config import TrainConfig, load_config
+from fedgpt.config import TrainConfig, from_dict, load_config
+from fedgpt.fed import privacy as privacy_module
 from fedgpt.fed.rounds import read_rounds
 from fedgpt.files import atomic_write, atomic_write_bytes
 from fedgpt.metrics import read_jsonl
+from fedgpt.rundir import RUN_FILE
 
 MARKERS = {
     "target": ("<!-- target:start -->", "<!-- target:end -->"),
     "main": ("<!-- results:start -->", "<!-- results:end -->"),
     "frontier": ("<!-- frontier:start -->", "<!-- frontier:end -->"),
+    "privacy": ("<!-- privacy:start -->", "<!-- privacy:end -->"),
+    "stragglers": ("<!-- stragglers:start -->", "<!-- stragglers:end -->"),
 }
 START, END = MARKERS["main"]
 
@@ -146,6 +150,58 @@ def frontier() -> list[Experiment]:
     ]
 
 
+# Client-level DP at the main table's budget (8 clients, IID, 10 rounds x 25 steps): unweighted FedAvg without
+# DP, with its updates clipped but (almost) no noise, and at epsilon 8 and 1 (delta 1e-5). DP_CLIP is about
+# the median update norm of the run without DP (update_norm in its rounds.jsonl): clipping at the median keeps
+# half of each round's updates whole.
+DP_CLIP = 4.0
+
+
+def privacy() -> list[Experiment]:
+    base, clip = ["--iid", "--strategy", "fedavg", "--fed.weighting=uniform"], f"--dp.clipping_norm={DP_CLIP}"
+    return [
+        Experiment("dp_none", "FedAvg, IID, unweighted, no DP", base),
+        Experiment(
+            "dp_clip",
+            f"clipped to {DP_CLIP}, noise multiplier 1e-6",
+            [*base, clip, "--dp.noise_multiplier=1e-6"],
+        ),
+        Experiment("dp_eps8", f"clipped to {DP_CLIP}, epsilon 8", [*base, clip, "--dp.target_epsilon=8"]),
+        Experiment("dp_eps1", f"clipped to {DP_CLIP}, epsilon 1", [*base, clip, "--dp.target_epsilon=1"]),
+    ]
+
+
+# Li et al. 2020's systems heterogeneity on the speaker split: a share of each round's clients runs 1 to 24 of
+# its 25 steps; FedAvg drops them (the paper's baseline) or averages their partial work (FedProx with mu 0),
+# and FedProx at STRAGGLER_MU averages it too.
+STRAGGLER_MU = "0.01"
+
+
+def stragglers() -> list[Experiment]:
+    speaker = ["--non-iid", "speaker"]
+    rows = [Experiment("straggle0_fedavg", "FedAvg, no stragglers", [*speaker, "--strategy", "fedavg"])]
+    for pct in (50, 90):
+        share = f"--fed.stragglers={pct / 100}"
+        rows += [
+            Experiment(
+                f"straggle{pct}_fedavg_drop",
+                f"FedAvg, {pct}% stragglers dropped",
+                [*speaker, "--strategy", "fedavg", share, "--fed.straggler_policy=drop"],
+            ),
+            Experiment(
+                f"straggle{pct}_fedavg_accept",
+                f"FedProx mu=0, {pct}% stragglers' partial work",
+                [*speaker, "--strategy", "fedavg", share],
+            ),
+            Experiment(
+                f"straggle{pct}_fedprox",
+                f"FedProx mu={STRAGGLER_MU}, {pct}% stragglers' partial work",
+                [*speaker, "--mu", STRAGGLER_MU, share],
+            ),
+        ]
+    return rows
+
+
 def command(
     e: Experiment, a: argparse.Namespace, overrides: list[str], out_dir: Path, tc: TrainConfig
 ) -> list[str]:
@@ -243,7 +299,14 @@ def collect(e: Experiment, runs_dir: Path) -> dict | None:
             )
             / 1e6
         )
-        extra = {"rounds": len(trained), "mb_per_client": mb}
+        norms = [r.update_norm for r in trained if r.update_norm is not None]
+        extra = {
+            "rounds": len(trained),
+            "mb_per_client": mb,
+            "epsilon": trained[-1].dp_epsilon if trained else None,
+            "update_norm": norms[len(norms) // 2] if norms else None,  # the middle round's median
+            "noise_multiplier": noise_multiplier(d),
+        }
         if e.kind == "target":
             split, method = e.name.split("_")[1:]
             extra.update(
@@ -268,6 +331,27 @@ def collect(e: Experiment, runs_dir: Path) -> dict | None:
         "tokens": curve[-1][0],
         "curve": curve,
     }
+
+
+def noise_multiplier(run_dir: Path) -> float | None:
+    """The noise multiplier a run's config asked for (or found for its target epsilon); None without DP."""
+    cfg = from_dict(json.loads((run_dir / RUN_FILE).read_text())["config"])
+    return privacy_module.noise_multiplier(cfg) if cfg.dp.enabled else None
+
+
+def privacy_table(res: list[dict]) -> str:
+    lines = [
+        "| run | noise multiplier | epsilon (delta 1e-5) | final val loss | best val loss | update norm |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    for r in res:
+        lines.append(
+            f"| {r['label']} | {fmt(r['noise_multiplier'], '.4g')} | {fmt(r['epsilon'], '.2f')} | "
+            f"{r['final_val_loss']:.4f} | {r['best_val_loss']:.4f} | {fmt(r['update_norm'], '.3f')} |"
+        )
+    lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in res]
+    return "\n".join(lines)
 
 
 def table(res: list[dict], a: argparse.Namespace) -> str:
@@ -395,13 +479,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--frontier", action="store_true", help="the frontier table instead of the main one")
+    which.add_argument("--privacy", action="store_true", help="val loss without DP and at epsilon 8 and 1")
+    which.add_argument(
+        "--stragglers", action="store_true", help="50%% and 90%% stragglers: dropped, or their work kept"
+    )
     which.add_argument(
         "--rounds-to-target",
         action="store_true",
         help="rounds to a target accuracy (FedSGD, "
         "FedAvg, DiLoCo; role split and IID) instead of the main table",
     )
-    names = [e.name for e in experiments() + frontier() + targets.experiments(Experiment)]
+    names = [e.name for exps in GROUPS.values() for e in exps()]
     p.add_argument(
         "--only", nargs="+", choices=names, metavar="NAME", help=f"run only these ({', '.join(names)})"
     )
@@ -422,10 +510,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     tc = load_config(a.config, overrides).train  # a bad config or override fails here, before any run
     app = app_dir(a.app_dir)
-    kind = "frontier" if a.frontier else "target" if a.rounds_to_target else "main"
-    exps = {"frontier": frontier, "target": lambda: targets.experiments(Experiment), "main": experiments}[
-        kind
-    ]()
+    kind = next((k for k in ("frontier", "privacy", "stragglers") if getattr(a, k)), None)
+    kind = kind or ("target" if a.rounds_to_target else "main")
+    exps = GROUPS[kind]()
     for e in exps:
         if a.only is None or e.name in a.only:
             run(e, a, overrides, tc, app)
@@ -440,10 +527,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return res
 
 
+GROUPS = {
+    "main": experiments,
+    "frontier": frontier,
+    "target": lambda: targets.experiments(Experiment),
+    "privacy": privacy,
+    "stragglers": stragglers,
+}
+
+
 def render(kind: str, res: list[dict], a: argparse.Namespace, doc: Path) -> str:
     """One kind of table's block of the results document, with its plot (written beside the document)."""
     if kind == "target":
         return targets.table(res)
+    if kind == "privacy":
+        return privacy_table(res)
+    if kind == "stragglers":
+        return table(res, a)
     png = doc.parent / "results" / ("frontier.png" if kind == "frontier" else "val_vs_tokens.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     if kind == "frontier":
