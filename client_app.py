@@ -3,9 +3,9 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedgpt.fed import client
+from fedgpt.fed import client, secagg
 
-app = ClientApp()
+app = ClientApp(mods=[secagg.secure_aggregation])  # SecAgg+ when the run asks for it (secagg.enabled)
 
 
 @app.query()

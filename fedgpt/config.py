@@ -149,6 +149,15 @@ class DPConfig:
 
 
 @dataclass
+class SecAggConfig:
+    enabled: bool = False  # clients' updates are summed under Flower's SecAgg+: the server sees only the mean
+    shares: int = 3  # each client's secrets go to this many clients (itself included; odd; <= clients)
+    threshold: int = 2  # shares needed to unmask; shares - threshold clients may drop out of a round
+    clipping_range: float = 8.0  # every value of an update is clipped to +-this before quantization
+    quantization_range: int = 4194304  # levels over [-clipping_range, clipping_range] (2**22)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -156,6 +165,7 @@ class Config:
     fed: FedConfig = field(default_factory=FedConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -185,6 +195,7 @@ def _section_types(section: str) -> dict[str, type]:
         "fed": FedConfig,
         "lora": LoRAConfig,
         "dp": DPConfig,
+        "secagg": SecAggConfig,
     }[section]
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -320,6 +331,7 @@ def validate(cfg: Config) -> list[str]:
         f"{f.straggler_policy!r} is not one of {', '.join(STRAGGLER_POLICIES)}",
     )
     problems += _validate_dp(cfg)
+    problems += _validate_secagg(cfg)
     lo = cfg.lora
     check(lo.rank >= 0, "lora.rank", "must be >= 0 (0: no adapters)")
     check(
@@ -368,6 +380,27 @@ def _validate_dp(cfg: Config) -> list[str]:
         problems.append(
             f"dp.clipping: client clipping with fed.uplink={f.uplink} would quantize (and carry error into) "
             "the clipped update: use dp.clipping=server, or fed.uplink fp32 or fp16"
+        )
+    return problems
+
+
+def _validate_secagg(cfg: Config) -> list[str]:
+    """The secagg section, and what SecAgg+ cannot share the round with."""
+    s, problems = cfg.secagg, []
+    if s.threshold < 2 or s.shares < s.threshold:
+        problems.append("secagg.threshold: needs 2 <= threshold <= secagg.shares")
+    if s.clipping_range <= 0 or s.quantization_range < 2:
+        problems.append("secagg.clipping_range / quantization_range: must be > 0 and >= 2")
+    if not s.enabled:
+        return problems
+    if cfg.fed.uplink != "fp32":
+        problems.append(
+            f"secagg: fed.uplink {cfg.fed.uplink} is not used: SecAgg+ quantizes the update itself "
+            "(secagg.quantization_range) and sends it masked; leave fed.uplink at fp32"
+        )
+    if cfg.dp.enabled and cfg.dp.clipping == "server":
+        problems.append(
+            "secagg: the server cannot clip updates it never sees: use dp.clipping=client with secagg"
         )
     return problems
 
@@ -480,6 +513,7 @@ def reference_markdown() -> str:
         ("fed", FedConfig),
         ("lora", LoRAConfig),
         ("dp", DPConfig),
+        ("secagg", SecAggConfig),
     ):
         comments = dict(re.findall(r"^\s+(\w+): [^=]+=[^#\n]*(?:#\s*(.*))?$", inspect.getsource(cls), re.M))
         for f in dataclasses.fields(cls):

@@ -35,7 +35,7 @@ def test_every_yaml_loads_and_its_keys_are_dataclass_fields(path: Path):
 def test_defaults_without_a_file():
     cfg = load_config()
     assert cfg == Config()
-    assert set(cfg.to_dict()) == {"model", "data", "train", "fed", "lora", "dp"}
+    assert set(cfg.to_dict()) == {"model", "data", "train", "fed", "lora", "dp", "secagg"}
 
 
 def test_overrides_parse_ints_floats_bools_strings():

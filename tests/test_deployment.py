@@ -146,7 +146,9 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(
 @pytest.mark.slow
 def test_three_supernodes_train_on_their_own_plays(deployment: Deployment, data_dir: Path, tmp_path: Path):
     # Each node holds one play of Tiny Shakespeare and a data folder of its own: none holds the others' text.
-    # The server holds the corpus only for its central validation split and the char vocabulary.
+    # The server holds the corpus only for its central validation split and the char vocabulary. Their
+    # updates are summed under SecAgg+ (four message stages a round, each a fresh ClientApp process on a node,
+    # the protocol's state kept in the node's context), weighted by the size of each node's play.
     from fedgpt.fed.plays import play_texts
 
     plays = play_texts((data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8"))
@@ -158,7 +160,8 @@ def test_three_supernodes_train_on_their_own_plays(deployment: Deployment, data_
     deployment.start_federation(data_dir, supernodes=3, node_configs=configs)
     out = tmp_path / "out"
     overrides = (
-        f"fed.num_clients=3 fed.rounds=2 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir}"
+        f"fed.num_clients=3 fed.rounds=2 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir} "
+        "secagg.enabled=true"
     )
     run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"
     res = deployment.flwr(
@@ -171,6 +174,7 @@ def test_three_supernodes_train_on_their_own_plays(deployment: Deployment, data_
     # every node trained on all of its play (char tokens: one per character), and the server was told so
     sizes = ", ".join(f"{i}: {len(plays[p]):,}" for i, p in enumerate((0, 3, 7)))
     assert f"nodes with their own data (partition: train tokens): {sizes}" in res.stdout, context
+    assert res.stdout.count("Secure aggregation completed") == 2, context
     for node in nodes:  # each node's folder holds its own encoded play and nothing of the corpus
         assert [p.name.startswith("node-") for p in (node / "data").iterdir()] == [True], list(
             (node / "data").iterdir()

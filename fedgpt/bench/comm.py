@@ -4,7 +4,7 @@
 
 Every row is the same federation (the config's, at --num-clients x --rounds x --local-steps) with another
 fed.uplink / fed.downlink: fp32 weights both ways; fp16; the update quantized to int8 or int4, with and
-without error feedback, under fp16 downlinks. Beside them, the relative error of quantizing one real update
+without error feedback, under fp16 downlinks; and the update under SecAgg+ (all four of its stages counted). Beside them, the relative error of quantizing one real update
 (25 local steps from the initial model) at several block sizes: what the scales buy.
 """
 
@@ -33,6 +33,7 @@ ROWS = (
         "int4 update up, no error feedback; fp16 down",
         ["--fed.uplink=int4", "--fed.downlink=fp16", "--fed.error_feedback=false"],
     ),
+    ("secagg", "SecAgg+: masked update up (fp32 down)", ["--secagg.enabled=true"]),
 )
 BLOCKS = (32, 64, 128, 256, 512, 1024)
 
@@ -111,6 +112,7 @@ def _run(app: Path, args: list[str], out_dir: Path, fp32_bytes: int) -> dict[str
         "round_trip_vs_fp32": round((down + up) / (2 * fp32_bytes), 5),
         "final_val_loss": rs[-1].val_loss,
         "rounds": len(rs),
+        "median_round_s": median([r.round_s for r in rs]),
         "wall_s": round(run.wall_s, 1),
     }
 

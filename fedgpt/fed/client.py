@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedgpt.config import Config, TrainConfig, from_dict
 from fedgpt.data import Batches, load_dataset, load_node_tokens
+from fedgpt.fed import secagg
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.partition import ClientPartition, client_partitions
 from fedgpt.fed.wire import check_keys, decode, encode, flatten, from_record, tied_aliases, to_record
@@ -182,7 +183,10 @@ def fit(msg: Message, context: Context) -> Message:
     length = float(flatten(trained, st.aliases, base=received).norm())  # this round's update's L2 norm
     if "clipping_norm" in record:  # dp.clipping=client: Flower's wrapper sends the norm
         trained = clip_update(trained, received, length, float(record["clipping_norm"]))
-    arrays, residual = upload(trained, st.aliases, received, residual, cfg)
+    if cfg.secagg.enabled:  # the update travels masked (secaggplus_mod), quantized by SecAgg+ itself
+        arrays, residual = None, None
+    else:
+        arrays, residual = upload(trained, st.aliases, received, residual, cfg)
     if store is not None:
         optimizer = trainer.optimizer.state_dict() if cfg.keeps_client_state else None
         store.save(rnd, {"optimizer": optimizer, "residual": residual})
@@ -197,9 +201,12 @@ def fit(msg: Message, context: Context) -> Message:
         "state-age": age,
         "state-stale": stale,
         "num-examples": max(1, weight),
-        # what a clipping norm is chosen from; under DP a client's metrics would reveal it in the clear
-        **({} if cfg.dp.enabled else {"update-norm": length}),
+        # what a clipping norm is chosen from; under DP or SecAgg+ it would reveal in the clear what they hide
+        **({} if cfg.dp.enabled or cfg.secagg.enabled else {"update-norm": length}),
     }
+    if arrays is None:
+        update = flatten(trained, st.aliases, base=received).numpy()
+        return Message(secagg.masked_reply(update, metrics["num-examples"], metrics), reply_to=msg)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

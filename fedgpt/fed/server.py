@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 
 from fedgpt.config import Config
 from fedgpt.data import load_dataset
-from fedgpt.fed import privacy
+from fedgpt.fed import privacy, secagg
 from fedgpt.fed.evaluation import CentralEvaluator
 from fedgpt.fed.grid import error_reason, exchange, preflight
 from fedgpt.fed.partition import client_partitions, format_summary, summarize
@@ -38,7 +38,7 @@ from fedgpt.fed.recorder import RunRecorder, Snapshot
 from fedgpt.fed.rounds import RoundRow
 from fedgpt.fed.rounds import summarize as summarize_rounds
 from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_state
-from fedgpt.fed.wire import check_keys, from_record, tied_aliases, to_record
+from fedgpt.fed.wire import check_keys, encode, from_record, tied_aliases, to_record
 from fedgpt.files import atomic_write_bytes
 from fedgpt.lora import adapter_state, add_lora
 from fedgpt.rundir import claim_run_dir
@@ -87,6 +87,7 @@ class FederatedRun:
             )
         self.round, self.tokens = 0, 0
         self.partition_of: dict[int, int] = {}  # node id -> partition id, from the pre-flight check
+        self.node_tokens: dict[int, int] = {}  # node id -> its train tokens, from the pre-flight check
         out_dir = claim_run_dir(
             cfg.train.out_dir, "federated", cfg.to_dict(), resume=resume, overwrite=overwrite
         )
@@ -155,6 +156,7 @@ class FederatedRun:
             self.log,
         )
         self.partition_of = {node: int(info["partition-id"]) for node, info in answers.items()}
+        self.node_tokens = {node: int(info["train-tokens"]) for node, info in answers.items()}
         own = sorted(
             (int(i["partition-id"]), int(i["train-tokens"])) for i in answers.values() if i.get("own-data")
         )
@@ -196,8 +198,11 @@ class FederatedRun:
         sent_arrays = to_record(self.global_state, self.aliases, fmt=fed.downlink)
         for m in msgs:
             m.content["arrays"] = sent_arrays
-        bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
-        ok, bytes_received = self.aggregate(rnd, exchange(grid, msgs, fed.round_timeout))
+        if self.cfg.secagg.enabled:
+            ok, bytes_sent, bytes_received = self.secure_aggregate(grid, rnd, msgs)
+        else:
+            bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
+            ok, bytes_received = self.aggregate(rnd, exchange(grid, msgs, fed.round_timeout))
         client_val, client_acc = self.client_evaluate(grid, rnd)
         self.round = rnd
         metrics = [r.content["metrics"] for r in ok]
@@ -304,11 +309,38 @@ class FederatedRun:
                 continue
             r.content["arrays"] = ArrayRecord(state)
             ok.append(r)
+        self.step(rnd, ok)
+        return ok, bytes_received
+
+    def secure_aggregate(self, grid: Grid, rnd: int, msgs: list[Message]) -> tuple[list[Message], int, int]:
+        """The round under SecAgg+ (fedgpt.fed.secagg): the server learns only the clients' weighted mean
+        update, so the strategy gets, in place of each client's weights, the global model plus that mean (a
+        FedAvg of them is the mean itself; DiLoCo, FedAdam & co. see the same pseudo-gradient as without
+        SecAgg+). Returns the replies used, and the bytes sent and received over the protocol's four
+        stages."""
+        f, b = self.cfg.fed, self.cfg.train
+        most_data = max(self.node_tokens.values(), default=1)  # the largest weight a client can send
+        step_tokens = most_data if f.full_batch else b.batch_size * self.cfg.model.block_size
+        max_weight = {"uniform": 1, "trained": f.local_steps * step_tokens, "data": most_data}[f.weighting]
+        mean, replies, sent, received = secagg.secure_round(grid, msgs, rnd, self.cfg, max_weight)
+        if mean is None:
+            self.log(f"round {rnd}: secure aggregation halted, too few clients answered; the model stays")
+            return [], sent, received
+        expected = {k: v for k, v in self.global_state.items() if k not in self.aliases}
+        state = from_record(encode(torch.from_numpy(mean), "fp32"), {}, base=self.global_state, like=expected)
+        arrays = ArrayRecord(state)
+        replies = sorted(replies, key=lambda r: self.partition_of.get(r.metadata.src_node_id, -1))
+        for r in replies:
+            r.content = RecordDict({"arrays": arrays, "metrics": r.content["metrics"]})
+        self.step(rnd, replies)
+        return replies, sent, received
+
+    def step(self, rnd: int, ok: list[Message]) -> None:
+        """Move the global model to the strategy's aggregate of the replies (fp32 weights each)."""
         agg, _ = self.strategy.aggregate_train(rnd, ok) if ok else (None, None)
         if agg is not None:
             new = from_record(agg, self.aliases)  # FedAdam & co. return float64: back to fp32
             self.global_state = {k: new[k].float() for k in self.global_state}
-        return ok, bytes_received
 
     def client_evaluate(self, grid: Grid, rnd: int) -> tuple[float | None, float | None]:
         """The global model's loss and accuracy on the clients' own validation slices, every
