@@ -9,6 +9,7 @@ out-of-range values are collected and raised as one ValueError naming every key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,12 @@ def _validate_secagg(cfg: Config) -> list[str]:
         problems.append("secagg.clipping_range / quantization_range: must be > 0 and >= 2")
     if not s.enabled:
         return problems
+    per_round = math.ceil(cfg.fed.num_clients * cfg.fed.fraction_train)
+    if per_round * s.quantization_range >= 2**32:  # SecAgg+ sums the clients' integers modulo 2**32
+        problems.append(
+            f"secagg.quantization_range: {per_round} clients a round x {s.quantization_range} levels "
+            f"overflow the protocol's 2**32 modulus: use at most {2**32 // per_round - 1}"
+        )
     if cfg.fed.uplink != "fp32":
         problems.append(
             f"secagg: fed.uplink {cfg.fed.uplink} is not used: SecAgg+ quantizes the update itself "

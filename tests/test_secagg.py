@@ -110,6 +110,7 @@ def test_the_server_sees_only_the_mean_and_it_is_fedavgs(data_dir, tmp_path, mon
         (["--fed.uplink=int8"], "leave fed.uplink at fp32"),
         (["--dp.noise_multiplier=1", "--fed.weighting=uniform"], "use dp.clipping=client"),
         (["--secagg.shares=3", "--secagg.threshold=4"], "threshold <= secagg.shares"),
+        (["--fed.num_clients=1024"], "overflow the protocol's 2\\*\\*32 modulus"),
     ],
 )
 def test_secagg_refuses_what_it_cannot_run_with(overrides, needle):

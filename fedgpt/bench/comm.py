@@ -4,8 +4,9 @@
 
 Every row is the same federation (the config's, at --num-clients x --rounds x --local-steps) with another
 fed.uplink / fed.downlink: fp32 weights both ways; fp16; the update quantized to int8 or int4, with and
-without error feedback, under fp16 downlinks; and the update under SecAgg+ (all four of its stages counted). Beside them, the relative error of quantizing one real update
-(25 local steps from the initial model) at several block sizes: what the scales buy.
+without error feedback, under fp16 downlinks; the update under SecAgg+ (all four of its stages counted).
+Beside them, the relative error of quantizing one real update (25 local steps from the initial model) at
+several block sizes: what the scales buy.
 """
 
 from __future__ import annotations
