@@ -250,16 +250,31 @@ def from_dict(d: dict[str, Any], errors: list[str] | None = None) -> Config:
     return cfg
 
 
+class _Checks(list):
+    """Problems found so far, each naming its key."""
+
+    def __call__(self, ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            self.append(f"{key}: {msg}")
+
+    def choice(self, value: str, options, key: str) -> None:
+        self(value in options, key, f"{value!r} is not one of {', '.join(options)}")
+
+
 def validate(cfg: Config) -> list[str]:
     """Range and choice checks; returns a list of problems, each naming its key."""
-    m, d, t, f = cfg.model, cfg.data, cfg.train, cfg.fed
-    problems = []
+    return (
+        _validate_core(cfg)
+        + _validate_fed(cfg)
+        + _validate_dp(cfg)
+        + _validate_secagg(cfg)
+        + _validate_lora(cfg)
+    )
 
-    def check(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            problems.append(f"{key}: {msg}")
 
-    check(m.arch in ARCHS, "model.arch", f"{m.arch!r} is not one of {', '.join(ARCHS)}")
+def _validate_core(cfg: Config) -> list[str]:
+    m, d, t, check = cfg.model, cfg.data, cfg.train, _Checks()
+    check.choice(m.arch, ARCHS, "model.arch")
     check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 takes the tokenizer's size)")
     for key in ("block_size", "n_layer", "n_head", "n_embd"):
         check(getattr(m, key) > 0, f"model.{key}", "must be > 0")
@@ -272,9 +287,7 @@ def validate(cfg: Config) -> list[str]:
         check((m.n_embd // m.n_head) % 2 == 0, "model.n_embd", "head size must be even for RoPE")
     check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     check(m.rope_theta > 0, "model.rope_theta", "must be > 0")
-    check(
-        d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}"
-    )
+    check.choice(d.tokenizer, TOKENIZERS, "data.tokenizer")
     check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     for key in ("max_steps", "lr_decay_steps", "warmup_steps"):
         check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
@@ -282,43 +295,32 @@ def validate(cfg: Config) -> list[str]:
         check(getattr(t, key) > 0, f"train.{key}", "must be > 0")
     check(t.learning_rate > 0, "train.learning_rate", "must be > 0")
     check(0 <= t.min_lr <= t.learning_rate, "train.min_lr", "must be in [0, train.learning_rate]")
-    check(
-        t.optimizer in OPTIMIZERS, "train.optimizer", f"{t.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
-    )
+    check.choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
     check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    check(
-        t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {', '.join(PRECISIONS)}"
-    )
+    check.choice(t.precision, PRECISIONS, "train.precision")
+    return check
+
+
+def _validate_fed(cfg: Config) -> list[str]:
+    f, check = cfg.fed, _Checks()
     check(f.num_clients > 0, "fed.num_clients", "must be > 0")
     check(f.rounds > 0, "fed.rounds", "must be > 0")
     check(f.local_steps >= 0, "fed.local_steps", "must be >= 0")
-    check(f.strategy in STRATEGIES, "fed.strategy", f"{f.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    check.choice(f.strategy, STRATEGIES, "fed.strategy")
     check(f.proximal_mu >= 0, "fed.proximal_mu", "must be >= 0")
     check(f.server_lr >= 0, "fed.server_lr", "must be >= 0 (0: the strategy's default)")
     check(0 <= f.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
-    check(
-        f.partition in PARTITIONS, "fed.partition", f"{f.partition!r} is not one of {', '.join(PARTITIONS)}"
-    )
+    check.choice(f.partition, PARTITIONS, "fed.partition")
     check(f.dirichlet_alpha > 0, "fed.dirichlet_alpha", "must be > 0")
     check(f.min_role_tokens >= 0, "fed.min_role_tokens", "must be >= 0")
-    check(
-        f.small_roles in SMALL_ROLES,
-        "fed.small_roles",
-        f"{f.small_roles!r} is not one of {', '.join(SMALL_ROLES)}",
-    )
-    check(
-        f.weighting in WEIGHTINGS, "fed.weighting", f"{f.weighting!r} is not one of {', '.join(WEIGHTINGS)}"
-    )
-    check(
-        f.client_optimizer in CLIENT_OPTIMIZER,
-        "fed.client_optimizer",
-        f"{f.client_optimizer!r} is not one of {', '.join(CLIENT_OPTIMIZER)}",
-    )
+    check.choice(f.small_roles, SMALL_ROLES, "fed.small_roles")
+    check.choice(f.weighting, WEIGHTINGS, "fed.weighting")
+    check.choice(f.client_optimizer, CLIENT_OPTIMIZER, "fed.client_optimizer")
     check(f.client_state_max_age >= 1, "fed.client_state_max_age", "must be >= 1")
-    check(f.uplink in UPLINKS, "fed.uplink", f"{f.uplink!r} is not one of {', '.join(UPLINKS)}")
-    check(f.downlink in DOWNLINKS, "fed.downlink", f"{f.downlink!r} is not one of {', '.join(DOWNLINKS)}")
+    check.choice(f.uplink, UPLINKS, "fed.uplink")
+    check.choice(f.downlink, DOWNLINKS, "fed.downlink")
     check(f.quant_block >= 1, "fed.quant_block", "must be >= 1")
     check(0 < f.client_val_fraction < 1, "fed.client_val_fraction", "must be in (0, 1)")
     check(0 < f.fraction_train <= 1, "fed.fraction_train", "must be in (0, 1]")
@@ -326,17 +328,15 @@ def validate(cfg: Config) -> list[str]:
     check(0 <= f.min_clients <= f.num_clients, "fed.min_clients", "must be in [0, fed.num_clients]")
     check(f.node_timeout > 0 and f.round_timeout > 0, "fed.node_timeout/round_timeout", "must be > 0")
     check(0 <= f.stragglers <= 1, "fed.stragglers", "must be in [0, 1]")
-    check(
-        f.straggler_policy in STRAGGLER_POLICIES,
-        "fed.straggler_policy",
-        f"{f.straggler_policy!r} is not one of {', '.join(STRAGGLER_POLICIES)}",
-    )
-    problems += _validate_dp(cfg)
-    problems += _validate_secagg(cfg)
-    lo = cfg.lora
+    check.choice(f.straggler_policy, STRAGGLER_POLICIES, "fed.straggler_policy")
+    return check
+
+
+def _validate_lora(cfg: Config) -> list[str]:
+    lo, check = cfg.lora, _Checks()
     check(lo.rank >= 0, "lora.rank", "must be >= 0 (0: no adapters)")
     check(
-        lo.rank == 0 or t.init_from != "scratch",
+        lo.rank == 0 or cfg.train.init_from != "scratch",
         "lora.rank",
         "adapters fine-tune a pretrained model: set train.init_from to a checkpoint or hf:DIR",
     )
@@ -348,7 +348,7 @@ def validate(cfg: Config) -> list[str]:
         "lora.targets",
         f"{lo.targets!r}: give one or more of {', '.join(LORA_TARGETS)}, comma-separated",
     )
-    return problems
+    return check
 
 
 def _validate_dp(cfg: Config) -> list[str]:

@@ -116,3 +116,13 @@ def accountant_state(strategy: Strategy) -> dict:
 def load_accountant_state(strategy: Strategy, state: dict) -> None:
     if isinstance(strategy, Wrapper) and "accountant" in state:
         strategy.accountant.load_state_dict(json.loads(state["accountant"]))
+
+
+def describe(strategy: Wrapper, cfg: Config) -> str:
+    """The run's DP in one log line: its noise, its clipping, and the epsilon it will have spent."""
+    sigma = strategy.noise_multiplier
+    return (
+        f"dp: noise multiplier {sigma:.4g}, updates clipped to {cfg.dp.clipping_norm:g} ({cfg.dp.clipping}); "
+        f"epsilon after {cfg.fed.rounds} rounds: {epsilon_after(cfg, sigma, cfg.fed.rounds):.3f} "
+        f"at delta {cfg.dp.delta:g}"
+    )

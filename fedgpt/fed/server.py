@@ -79,12 +79,7 @@ class FederatedRun:
         self.summary = summarize(client_partitions(cfg, self.ds), self.ds.train, tok.vocab_size)
         self.strategy = privacy.private(make_strategy(cfg.fed), cfg)
         if cfg.dp.enabled:
-            sigma = self.strategy.noise_multiplier
-            log(
-                f"dp: noise multiplier {sigma:.4g}, updates clipped to {cfg.dp.clipping_norm:g} "
-                f"({cfg.dp.clipping}); epsilon after {cfg.fed.rounds} rounds: "
-                f"{privacy.epsilon_after(cfg, sigma, cfg.fed.rounds):.3f} at delta {cfg.dp.delta:g}"
-            )
+            log(privacy.describe(self.strategy, cfg))
         self.round, self.tokens = 0, 0
         self.partition_of: dict[int, int] = {}  # node id -> partition id, from the pre-flight check
         self.node_tokens: dict[int, int] = {}  # node id -> its train tokens, from the pre-flight check
