@@ -335,7 +335,10 @@ def collect(e: Experiment, runs_dir: Path) -> dict | None:
 
 def noise_multiplier(run_dir: Path) -> float | None:
     """The noise multiplier a run's config asked for (or found for its target epsilon); None without DP."""
-    cfg = from_dict(json.loads((run_dir / RUN_FILE).read_text())["config"])
+    config = json.loads((run_dir / RUN_FILE).read_text())["config"]
+    if not config.get("dp"):  # a run from before the dp section (its other keys may have changed since)
+        return None
+    cfg = from_dict(config)
     return privacy_module.noise_multiplier(cfg) if cfg.dp.enabled else None
 
 
@@ -493,6 +496,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument(
         "--only", nargs="+", choices=names, metavar="NAME", help=f"run only these ({', '.join(names)})"
     )
+    p.add_argument(
+        "--no-run", action="store_true", help="run nothing: rewrite the table from the finished runs on disk"
+    )
     p.add_argument("--runs-dir", default="results/runs", help="where each run writes (default: %(default)s)")
     p.add_argument("--app-dir", default=".", help="the fedgpt app directory (default: the current one)")
     p.add_argument(
@@ -514,7 +520,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     kind = kind or ("target" if a.rounds_to_target else "main")
     exps = GROUPS[kind]()
     for e in exps:
-        if a.only is None or e.name in a.only:
+        if not a.no_run and (a.only is None or e.name in a.only):
             run(e, a, overrides, tc, app)
     runs_dir = Path(a.runs_dir).resolve()
     res = [r for e in exps if (r := collect(e, runs_dir)) is not None]
