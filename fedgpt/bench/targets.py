@@ -29,8 +29,8 @@ FEDSGD = [
     "--train.warmup_steps=0",
     "--fed.rounds=200",
 ]
-FEDAVG = ["--strategy", "fedavg", "--fed.local_steps=25", "--fed.rounds=40"]
-DILOCO = ["--strategy", "diloco", "--fed.local_steps=25", "--fed.rounds=40"]
+FEDAVG = ["--strategy", "fedavg", "--fed.local_steps=25", "--fed.rounds=20"]
+DILOCO = ["--strategy", "diloco", "--fed.local_steps=25", "--fed.rounds=20"]
 METHODS = (("fedsgd", "FedSGD", FEDSGD), ("fedavg", "FedAvg", FEDAVG), ("diloco", "DiLoCo", DILOCO))
 SPLITS = (("role", "role split"), ("iid", "IID"))
 
