@@ -152,7 +152,7 @@ class DPConfig:
 @dataclass
 class SecAggConfig:
     enabled: bool = False  # clients' updates are summed under Flower's SecAgg+: the server sees only the mean
-    shares: int = 3  # each client's secrets go to this many clients (itself included; odd; <= clients)
+    shares: int = 3  # each client's secrets go to this many clients (itself included; odd; > threshold)
     threshold: int = 2  # shares needed to unmask; shares - threshold clients may drop out of a round
     clipping_range: float = 8.0  # every value of an update is clipped to +-this before quantization
     quantization_range: int = 4194304  # levels over [-clipping_range, clipping_range] (2**22)
@@ -388,13 +388,15 @@ def _validate_dp(cfg: Config) -> list[str]:
 def _validate_secagg(cfg: Config) -> list[str]:
     """The secagg section, and what SecAgg+ cannot share the round with."""
     s, problems = cfg.secagg, []
-    if s.threshold < 2 or s.shares < s.threshold:
-        problems.append("secagg.threshold: needs 2 <= threshold <= secagg.shares")
+    if s.threshold < 2 or s.shares <= s.threshold:
+        problems.append("secagg.threshold: needs 2 <= threshold < secagg.shares (as Flower's SecAgg+ does)")
     if s.clipping_range <= 0 or s.quantization_range < 2:
         problems.append("secagg.clipping_range / quantization_range: must be > 0 and >= 2")
     if not s.enabled:
         return problems
     per_round = math.ceil(cfg.fed.num_clients * cfg.fed.fraction_train)
+    if per_round < 2:
+        problems.append("secagg: a round needs 2 or more clients to hide one among them")
     if per_round * s.quantization_range >= 2**32:  # SecAgg+ sums the clients' integers modulo 2**32
         problems.append(
             f"secagg.quantization_range: {per_round} clients a round x {s.quantization_range} levels "

@@ -94,6 +94,11 @@ def test_bench_comm_bytes_follow_each_format(data_dir, tmp_path):
         "int4_ef": n / 2 + scales,
         "int4": n / 2 + scales,
     }
+    secagg = rows.pop("secagg")  # SecAgg+: fp32 weights down, its masked int64 values (and the weight) up,
+    keys = 8192  # and its keys and key shares, a few hundred bytes a client and stage
+    assert 4 * n <= secagg["downlink_bytes_per_client"] <= 4 * n + header + keys
+    assert 8 * (n + 1) <= secagg["uplink_bytes_per_client"] <= 8 * (n + 1) + header + keys
+    assert abs(secagg["val_loss_vs_fp32"]) < 0.05
     for name, row in rows.items():
         down = 4 * n if name == "fp32" else 2 * n  # fp32 weights, else fp16 weights down
         assert down <= row["downlink_bytes_per_client"] <= down + header, name

@@ -109,7 +109,8 @@ def test_the_server_sees_only_the_mean_and_it_is_fedavgs(data_dir, tmp_path, mon
     [
         (["--fed.uplink=int8"], "leave fed.uplink at fp32"),
         (["--dp.noise_multiplier=1", "--fed.weighting=uniform"], "use dp.clipping=client"),
-        (["--secagg.shares=3", "--secagg.threshold=4"], "threshold <= secagg.shares"),
+        (["--secagg.shares=3", "--secagg.threshold=3"], "threshold < secagg.shares"),
+        (["--fed.num_clients=1"], "needs 2 or more clients"),
         (["--fed.num_clients=1024"], "overflow the protocol's 2\\*\\*32 modulus"),
     ],
 )

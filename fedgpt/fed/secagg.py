@@ -146,7 +146,8 @@ def secure_round(
     context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
     workflow = _Workflow(
         {m.metadata.dst_node_id: m.content for m in msgs},
-        num_shares=min(s.shares, len(msgs)),
+        # fewer clients than shares: each shares with all of them (Flower's 1.0)
+        num_shares=s.shares if len(msgs) >= s.shares else 1.0,
         reconstruction_threshold=min(s.threshold, len(msgs)),
         max_weight=float(max_weight),
         clipping_range=s.clipping_range,
