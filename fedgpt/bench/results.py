@@ -350,7 +350,7 @@ def privacy_table(res: list[dict]) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)
     for r in res:
         lines.append(
-            f"| {r['label']} | {fmt(r['noise_multiplier'], '.4g')} | {fmt(r['epsilon'], '.2f')} | "
+            f"| {r['label']} | {fmt(r['noise_multiplier'], '.4g')} | {fmt(r['epsilon'], '.3g')} | "
             f"{r['final_val_loss']:.4f} | {r['best_val_loss']:.4f} | {fmt(r['update_norm'], '.3f')} |"
         )
     lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in res]
