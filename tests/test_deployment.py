@@ -143,6 +143,23 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(
     assert len(text.strip()) > 0, sample.stdout
 
 
+def run_tiny(dep: Deployment, out: Path, data_dir: Path, clients: int, rounds: int, *overrides: str):
+    """`flwr run .` of configs/tiny.yaml on the deployment; its result, rounds.jsonl rows and the logs to
+    show when an assertion fails. The run must succeed."""
+    extra = " ".join(overrides)
+    opts = f"fed.num_clients={clients} fed.rounds={rounds} fed.node_timeout=90 train.out_dir={out}"
+    run_config = (
+        f"config='configs/tiny.yaml' client-threads=1 overrides='{opts} data.data_dir={data_dir} {extra}'"
+    )
+    res = dep.flwr(
+        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO
+    )
+    context = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{dep.logs()}"
+    assert res.returncode == 0, context
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    return res, rows, context
+
+
 @pytest.mark.slow
 def test_three_supernodes_train_on_their_own_plays(deployment: Deployment, data_dir: Path, tmp_path: Path):
     # Each node holds one play of Tiny Shakespeare and a data folder of its own: none holds the others' text.
@@ -158,18 +175,7 @@ def test_three_supernodes_train_on_their_own_plays(deployment: Deployment, data_
         (node / "play.txt").write_text(plays[(0, 3, 7)[i]], encoding="utf-8")  # Coriolanus, R&J, the Shrew
     configs = [f"input-file='{node / 'play.txt'}' data-dir='{node / 'data'}'" for node in nodes]
     deployment.start_federation(data_dir, supernodes=3, node_configs=configs)
-    out = tmp_path / "out"
-    overrides = (
-        f"fed.num_clients=3 fed.rounds=2 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir} "
-        "secagg.enabled=true"
-    )
-    run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"
-    res = deployment.flwr(
-        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO
-    )
-    context = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{deployment.logs()}"
-    assert res.returncode == 0, context
-    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    res, rows, context = run_tiny(deployment, tmp_path / "out", data_dir, 3, 2, "secagg.enabled=true")
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients_ok"] == 3 for r in rows[1:]), context
     # every node trained on all of its play (char tokens: one per character), and the server was told so
     sizes = ", ".join(f"{i}: {len(plays[p]):,}" for i, p in enumerate((0, 3, 7)))
@@ -208,17 +214,7 @@ def test_tls_with_supernode_auth_trains_and_refuses_an_unregistered_node(data_di
     try:
         dep.start_federation(data_dir, supernodes=2)
         intruder = dep.start_supernode(2, f"partition-id=0 num-partitions=2 data-dir='{data_dir}'")
-        out = tmp_path / "out"
-        overrides = (
-            f"fed.num_clients=2 fed.rounds=1 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir}"
-        )
-        run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"
-        res = dep.flwr(
-            ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO
-        )
-        context = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{dep.logs()}"
-        assert res.returncode == 0, context
-        rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+        _, rows, context = run_tiny(dep, tmp_path / "out", data_dir, 2, 1)
         assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients_ok"] == 2, context
         # the unregistered node was refused and is gone; it never joined the run
         intruder.wait(timeout=60)
