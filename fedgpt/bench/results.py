@@ -342,6 +342,11 @@ def noise_multiplier(run_dir: Path) -> float | None:
     return privacy_module.noise_multiplier(cfg) if cfg.dp.enabled else None
 
 
+def commands(res: list[dict]) -> list[str]:
+    """A line per run: its command, and where a run came from elsewhere, the note that says so."""
+    return [f"- {r['name']}: `{r['command']}`" + (f" ({r['note']})" if r.get("note") else "") for r in res]
+
+
 def privacy_table(res: list[dict]) -> str:
     lines = [
         "| run | noise multiplier | epsilon (delta 1e-5) | final val loss | best val loss | update norm |",
@@ -353,14 +358,16 @@ def privacy_table(res: list[dict]) -> str:
             f"| {r['label']} | {fmt(r['noise_multiplier'], '.4g')} | {fmt(r['epsilon'], '.3g')} | "
             f"{r['final_val_loss']:.4f} | {r['best_val_loss']:.4f} | {fmt(r['update_norm'], '.3f')} |"
         )
-    lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in res]
+    lines += ["", "Commands:", ""] + commands(res)
     return "\n".join(lines)
 
 
 def table(res: list[dict], a: argparse.Namespace) -> str:
-    base = next((r for r in res if r["name"] == "centralized"), None)
+    """Each run's losses against the centralized run's, or when there is none (stragglers) the first run's."""
+    base = next((r for r in res if r["name"] == "centralized"), res[0] if res else None)
+    vs = "centralized" if base and base["name"] == "centralized" else "the first row"
     lines = [
-        "| run | final val loss | vs centralized | best val loss | tokens (M) | MB per client | wall (s) |",
+        f"| run | final val loss | vs {vs} | best val loss | tokens (M) | MB per client | wall (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res:
@@ -378,7 +385,7 @@ def table(res: list[dict], a: argparse.Namespace) -> str:
         f"{a.rounds * a.local_steps} steps of {a.num_clients}x the batch. Commands:",
         "",
     ]
-    lines += [f"- {r['name']}: `{r['command']}`" for r in res]
+    lines += commands(res)
     return "\n".join(lines)
 
 
@@ -393,7 +400,7 @@ def frontier_table(res: list[dict]) -> str:
             f"| {strategy} | {steps.split()[0]} | {r['rounds']} | {r['mb_per_client']:.0f} | "
             f"{r['final_val_loss']:.4f} | {r['best_val_loss']:.4f} |"
         )
-    lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in res]
+    lines += ["", "Commands:", ""] + commands(res)
     return "\n".join(lines)
 
 
