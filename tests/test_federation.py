@@ -241,8 +241,8 @@ def test_fedprox_with_zero_mu_equals_fedavg(fedavg_out, data_dir, tmp_path):
 @pytest.mark.slow
 def test_overlapped_evaluation_matches_a_run_that_ends_there(fedavg_out, data_dir, tmp_path):
     # In the 2-round run, round 1 was evaluated while round 2 trained; a 1-round run evaluates it with nothing
-    # beside.
-    simulate_main(tiny_args(data_dir, tmp_path, "--rounds", "1"))
+    # beside. Its clients' learning-rate schedule must be the 2-round run's (2 rounds x 5 local steps).
+    simulate_main(tiny_args(data_dir, tmp_path, "--rounds", "1", "--train.lr_decay_steps=10"))
     one, two = rounds(tmp_path), rounds(fedavg_out)
     assert [r["val_loss"] for r in one] == [r["val_loss"] for r in two[:2]]
     assert load_checkpoint(tmp_path / "last.pt")["val_loss"] == one[1]["val_loss"]
