@@ -1,5 +1,5 @@
 """What the benchmarks share: the app directory they run fedgpt's entry points from, a logged subprocess, a
-simulation's rows, and the model's size on the wire."""
+simulation's rows, the model's size on the wire, and the command lines under the results tables."""
 
 from __future__ import annotations
 
@@ -95,3 +95,8 @@ def wire_params(cfg) -> int:
     model = build_model(cfg, tok.meta(), tok.vocab_size)
     aliases = tied_aliases(model)
     return sum(v.numel() for k, v in model.state_dict().items() if k not in aliases and v.is_floating_point())
+
+
+def commands(res: list[dict]) -> list[str]:
+    """A line per run: its command, and where a run came from elsewhere, the note that says so."""
+    return [f"- {r['name']}: `{r['command']}`" + (f" ({r['note']})" if r.get("note") else "") for r in res]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedgpt.bench import targets
-from fedgpt.bench.common import app_dir, run_logged
+from fedgpt.bench.common import app_dir, commands, run_logged
 from fedgpt.config import TrainConfig, from_dict, load_config
 from fedgpt.fed import privacy as privacy_module
 from fedgpt.fed.rounds import read_rounds
@@ -340,11 +340,6 @@ def noise_multiplier(run_dir: Path) -> float | None:
         return None
     cfg = from_dict(config)
     return privacy_module.noise_multiplier(cfg) if cfg.dp.enabled else None
-
-
-def commands(res: list[dict]) -> list[str]:
-    """A line per run: its command, and where a run came from elsewhere, the note that says so."""
-    return [f"- {r['name']}: `{r['command']}`" + (f" ({r['note']})" if r.get("note") else "") for r in res]
 
 
 def privacy_table(res: list[dict]) -> str:

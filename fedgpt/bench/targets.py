@@ -12,6 +12,7 @@ sampled each round, FedAvg and DiLoCo at 25 local steps of the config's batch.
 
 from __future__ import annotations
 
+from fedgpt.bench.common import commands
 from fedgpt.fed.rounds import read_rounds
 
 TARGET_ACCURACY = 0.35
@@ -83,9 +84,7 @@ def table(res: list[dict]) -> str:
             f"| {r['split_label']} | {r['method_label']} | {cells} | {speedup} | "
             f"{r['best_accuracy']:.3f} | {r['rounds_run']} |"
         )
-    lines += ["", "Commands:", ""] + [
-        f"- {r['name']}: `{r['command']}`" + (f" ({r['note']})" if r.get("note") else "") for r in res
-    ]
+    lines += ["", "Commands:", ""] + commands(res)
     return "\n".join(lines)
 
 
