@@ -141,7 +141,7 @@ class FederatedRun:
         trains: clients never wait for the server's validation. Rows, checkpoints and log lines still
         follow round by round.
         """
-        fed = self.cfg.fed
+        fed, t_preflight = self.cfg.fed, time.time()
         answers = preflight(
             grid,
             fed.min_clients or fed.num_clients,
@@ -150,6 +150,9 @@ class FederatedRun:
             fed.node_timeout,
             self.log,
         )
+        # One query per node, sampled or not (sampling draws from nodes ordered by partition, which makes it
+        # reproducible): start-up grows with the node count by a ClientApp call each.
+        self.log(f"pre-flight: {len(answers)} nodes answered in {time.time() - t_preflight:.1f} s")
         self.partition_of = {node: int(info["partition-id"]) for node, info in answers.items()}
         self.node_tokens = {node: int(info["train-tokens"]) for node, info in answers.items()}
         own = sorted(
