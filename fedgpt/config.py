@@ -43,7 +43,7 @@ STRAGGLER_POLICIES = ("accept", "drop")
 DP_CLIPPING = ("server", "client")
 CLIENT_OPTIMIZER = ("auto", "keep", "reset")
 UPLINKS, DOWNLINKS = ("fp32", "fp16", "int8", "int4"), ("fp32", "fp16")
-LORA_TARGETS = ("attn", "mlp")
+LORA_TARGETS = ("attn", "mlp", "embedding")
 
 
 @dataclass
@@ -133,7 +133,7 @@ class LoRAConfig:
     rank: int = 0  # 0: every weight trains; > 0: rank-r adapters on the targets train, the rest is frozen
     alpha: float = 16.0  # an adapter's output is scaled by alpha / rank
     dropout: float = 0.0  # on the adapters' input
-    targets: str = "attn,mlp"  # "attn" (c_attn, attn.c_proj), "mlp" (c_fc, mlp.c_proj), or both
+    targets: str = "attn,mlp"  # any of "attn" (c_attn, c_proj), "mlp" (c_fc, c_proj), "embedding" (tied wte)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """LoRA (Hu et al. 2021): low-rank adapters beside the GPT's projections, the rest of the model frozen.
 
     add_lora(model, cfg.lora)         # c_attn, attn.c_proj, c_fc, mlp.c_proj get adapters; all else frozen
+                                      # (lora.targets=attn,mlp,embedding: the tied embedding and head too)
     adapters = adapter_state(model)   # what a federated client trains and sends: {name.lora_A, name.lora_B}
     plain = merged_state(model)       # base + scale * B @ A: a plain GPT's state dict (checkpoints, sampling)
 
@@ -19,7 +20,7 @@ from torch import nn
 from fedgpt.config import LoRAConfig
 from fedgpt.model import GPT
 
-TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
+TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}  # in every block
 
 
 class LoRALinear(nn.Module):
@@ -42,11 +43,52 @@ class LoRALinear(nn.Module):
         return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
 
 
+class LoRAEmbedding(nn.Module):
+    """The token embedding W (vocab, n_embd) as W + (alpha / r) B A, with B (vocab, r) and A (r, n_embd); A
+    starts at zero. The output head shares W (tied weights), so it is wrapped too (LoRAHead) and uses the same
+    adapter: the embedding and the head stay one matrix."""
+
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.zeros(rank, base.embedding_dim, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.randn(base.num_embeddings, rank, device=base.weight.device))
+        self.scale = alpha / rank
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.base(idx) + nn.functional.embedding(idx, self.lora_B) @ self.lora_A * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+
+
+class LoRAHead(nn.Module):
+    """The output head tied to a LoRAEmbedding: logits = x W^T + scale (x A^T) B^T with the embedding's A and
+    B, which stay the embedding's parameters (held outside this module's state, so they travel once)."""
+
+    def __init__(self, base: nn.Linear, embedding: LoRAEmbedding):
+        super().__init__()
+        self.base = base
+        self._embedding = (embedding,)  # a tuple: not registered as a submodule, its adapter not listed twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self._embedding[0]
+        return self.base(x) + (x @ e.lora_A.t() @ e.lora_B.t()) * e.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        return self._embedding[0].merged_weight()
+
+
 def add_lora(model: GPT, cfg: LoRAConfig) -> GPT:
-    """Wrap the target projections of every block in LoRALinear; freeze every other parameter (in place)."""
-    suffixes = [s for t in cfg.targets.split(",") for s in TARGETS[t.strip()]]
+    """Wrap the target projections of every block in LoRALinear, and with the "embedding" target the tied
+    embedding and head; freeze every other parameter (in place)."""
+    targets = [t.strip() for t in cfg.targets.split(",")]
+    suffixes = [s for t in targets if t in TARGETS for s in TARGETS[t]]
     for p in model.parameters():
         p.requires_grad_(False)
+    if "embedding" in targets:
+        model.transformer.wte = LoRAEmbedding(model.transformer.wte, cfg.rank, cfg.alpha)
+        model.lm_head = LoRAHead(model.lm_head, model.transformer.wte)
     for block in model.transformer.h:
         for suffix in suffixes:
             parent_name, name = suffix.split(".")
@@ -64,7 +106,9 @@ def merged_state(model: GPT) -> dict[str, torch.Tensor]:
     """The state dict of the plain GPT that computes what the adapted model computes: each adapter folded into
     its base weight (for checkpoints: python -m fedgpt.sample reads them as any other)."""
     merged = {}
-    wrapped = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    wrapped = {
+        name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAHead))
+    }
     for k, v in model.state_dict().items():
         owner, _, leaf = k.rpartition(".")
         if leaf in ("lora_A", "lora_B"):

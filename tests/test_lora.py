@@ -38,10 +38,18 @@ def test_adapters_start_as_the_base_model_and_only_they_train():
     )
     only_attn = add_lora(gpt(), LoRAConfig(rank=2, targets="attn"))
     assert {k.split(".")[3] for k in adapter_state(only_attn)} == {"attn"}
+    # the tied embedding and head: one adapter of r * (vocab + n_embd) values, listed once
+    with_embedding = add_lora(gpt(), LoRAConfig(rank=2, targets="attn,embedding"))
+    extra = {
+        k: v.numel() for k, v in adapter_state(with_embedding).items() if k not in adapter_state(only_attn)
+    }
+    assert extra == {"transformer.wte.lora_A": 2 * 32, "transformer.wte.lora_B": 65 * 2}
+    torch.testing.assert_close(with_embedding(tokens())[0], base(tokens())[0], rtol=0, atol=0)  # A at zero
 
 
-def test_training_moves_only_the_adapters_and_the_merged_gpt_computes_the_same():
-    model = add_lora(gpt(), LoRAConfig(rank=4, alpha=8.0))
+@pytest.mark.parametrize("targets", ["attn,mlp", "attn,mlp,embedding"])
+def test_training_moves_only_the_adapters_and_the_merged_gpt_computes_the_same(targets):
+    model = add_lora(gpt(), LoRAConfig(rank=4, alpha=8.0, targets=targets))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     trainer = Trainer(
         model, TrainConfig(batch_size=4, learning_rate=1e-2, warmup_steps=0), torch.device("cpu"), log=None
@@ -63,12 +71,21 @@ def test_training_moves_only_the_adapters_and_the_merged_gpt_computes_the_same()
         - frozen["transformer.h.0.attn.c_attn.base.weight"]
     )
     assert torch.linalg.matrix_rank(update) <= 4  # a rank-4 change of the weight
+    merged = merged_state(model)
+    assert torch.equal(merged["transformer.wte.weight"], merged["lm_head.weight"])  # still one matrix
+    moved = not torch.equal(
+        merged["transformer.wte.weight"],
+        frozen["transformer.wte.base.weight" if "embedding" in targets else "transformer.wte.weight"],
+    )
+    assert moved == ("embedding" in targets)
 
 
 def test_lora_needs_a_pretrained_model_and_a_known_target():
     with pytest.raises(ValueError, match="lora.rank: adapters fine-tune a pretrained model"):
         load_config(None, ["--lora.rank=4"])
-    with pytest.raises(ValueError, match="lora.targets: 'attn,emb': give one or more of attn, mlp"):
+    with pytest.raises(
+        ValueError, match="lora.targets: 'attn,emb': give one or more of attn, mlp, embedding"
+    ):
         load_config(None, ["--lora.rank=4", "--train.init_from=x.pt", "--lora.targets=attn,emb"])
 
 
