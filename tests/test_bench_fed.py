@@ -81,19 +81,20 @@ def test_bench_fed_counts_every_client_token(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_bench_comm_bytes_follow_each_format(data_dir, tmp_path):
-    r = tiny(data_dir, tmp_path, "comm", "--num-clients", "2", "--rounds", "2", "--local-steps", "2")
+    # the rows without error feedback send what the rows with it send: not run here
+    r = tiny(
+        data_dir,
+        tmp_path,
+        "comm",
+        *("--num-clients", "2", "--rounds", "2", "--local-steps", "2"),
+        *("--rows", "fp16", "int8_ef", "int4_ef", "secagg"),
+    )
     n, rows, block = r["params"], r["rows"], r["quant_block"]
+    assert list(rows) == ["fp32", "fp16", "int8_ef", "int4_ef", "secagg"]
     assert r["fp32_model_bytes"] == 4 * n
     scales = 4 * -(-n // block)  # one fp32 scale per block
     header = 256  # per array, np.save's header and Flower's record, generously
-    expected_up = {
-        "fp32": 4 * n,
-        "fp16": 2 * n,
-        "int8_ef": n + scales,
-        "int8": n + scales,
-        "int4_ef": n / 2 + scales,
-        "int4": n / 2 + scales,
-    }
+    expected_up = {"fp32": 4 * n, "fp16": 2 * n, "int8_ef": n + scales, "int4_ef": n / 2 + scales}
     secagg = rows.pop("secagg")  # SecAgg+: fp32 weights down, its masked int64 values (and the weight) up,
     keys = 8192  # and its keys and key shares, a few hundred bytes a client and stage
     assert 4 * n <= secagg["downlink_bytes_per_client"] <= 4 * n + header + keys
@@ -113,11 +114,11 @@ def test_bench_comm_bytes_follow_each_format(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
-    r = tiny(data_dir, tmp_path, "deploy", "--rounds", "2", "--local-steps", "0")
-    assert r["supernodes"] == 2 and r["rounds"] == 2 and r["tokens"] == 0
-    assert len(r["round_s_by_round"]) == 2 and all(s > 0 for s in r["round_s_by_round"])
+    r = tiny(data_dir, tmp_path, "deploy", "--rounds", "1", "--local-steps", "0")
+    assert r["supernodes"] == 2 and r["rounds"] == 1 and r["tokens"] == 0
+    assert len(r["round_s_by_round"]) == 1 and r["round_s_by_round"][0] > 0
     # the floor ran the same rounds on the same federation, every node sending the weights back
-    assert len(r["floor_round_s_by_round"]) == 2 and all(s > 0 for s in r["floor_round_s_by_round"])
+    assert len(r["floor_round_s_by_round"]) == 1 and r["floor_round_s_by_round"][0] > 0
     assert r["median_round_over_floor_s"] == pytest.approx(
         r["median_round_s"] - r["floor_median_round_s"], abs=1e-3
     )
@@ -205,7 +206,6 @@ def test_bench_scale_samples_a_fraction_and_measures_the_session(data_dir, tmp_p
         tmp_path,
         "scale",
         "--clients",
-        "6",
         "12",
         "--fraction",
         "0.5",
@@ -215,7 +215,7 @@ def test_bench_scale_samples_a_fraction_and_measures_the_session(data_dir, tmp_p
         "1",
     )
     by = r["by_clients"]
-    assert [(x["clients"], x["sampled_per_round"]) for x in by] == [(6, 3), (12, 6)]
+    assert [(x["clients"], x["sampled_per_round"]) for x in by] == [(12, 6)]
     # the simulation, Ray's daemons and two actors that import torch: more than one process's worth
     assert all(x["peak_memory_mb"] > 500 and 0 < x["startup_s"] < x["wall_s"] for x in by)
 

@@ -175,12 +175,12 @@ def test_three_supernodes_train_on_their_own_plays(deployment: Deployment, data_
         (node / "play.txt").write_text(plays[(0, 3, 7)[i]], encoding="utf-8")  # Coriolanus, R&J, the Shrew
     configs = [f"input-file='{node / 'play.txt'}' data-dir='{node / 'data'}'" for node in nodes]
     deployment.start_federation(data_dir, supernodes=3, node_configs=configs)
-    res, rows, context = run_tiny(deployment, tmp_path / "out", data_dir, 3, 2, "secagg.enabled=true")
-    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients_ok"] == 3 for r in rows[1:]), context
+    res, rows, context = run_tiny(deployment, tmp_path / "out", data_dir, 3, 1, "secagg.enabled=true")
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients_ok"] == 3, context
     # every node trained on all of its play (char tokens: one per character), and the server was told so
     sizes = ", ".join(f"{i}: {len(plays[p]):,}" for i, p in enumerate((0, 3, 7)))
     assert f"nodes with their own data (partition: train tokens): {sizes}" in res.stdout, context
-    assert res.stdout.count("Secure aggregation completed") == 2, context
+    assert res.stdout.count("Secure aggregation completed") == 1, context
     for node in nodes:  # each node's folder holds its own encoded play and nothing of the corpus
         assert [p.name.startswith("node-") for p in (node / "data").iterdir()] == [True], list(
             (node / "data").iterdir()

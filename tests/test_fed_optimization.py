@@ -63,6 +63,12 @@ def test_every_strategy_runs_and_resumes_with_its_state(strategy, data_dir, tmp_
     saved = load_checkpoint(out / "last.pt")["extra"]["strategy"]
     if strategy in ("diloco", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
         assert saved, f"{strategy} keeps state across rounds, and its checkpoint must hold it"
+    elif strategy != "fedprox":
+        # Aggregation alone, no state of its own: its resume is the weights and client state that
+        # test_resume_after_kill_ends_as_an_uninterrupted_run checks against an uninterrupted run, DiLoCo's
+        # state on top (a relaunch here would cost CI ~15 s each).
+        assert not saved
+        return
     simulate(data_dir, out, "client_app", f"--fed.strategy={strategy}", "--fed.rounds=3", *extra, resume=True)
     rows = read_rounds(out / "rounds.jsonl")
     assert [r.round for r in rows] == [0, 1, 2, 3]

@@ -79,7 +79,8 @@ def bench_comm(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[
         "quant_block": cfg.fed.quant_block,
         "lora": None,
     }
-    for name, label, flags in () if a.lora_only else ROWS:
+    wanted = {"fp32", *(a.rows or (name for name, _, _ in ROWS))}  # fp32: the rows' reference
+    for name, label, flags in () if a.lora_only else [r for r in ROWS if r[0] in wanted]:
         out["rows"][name] = {
             "label": label,
             **_run(app, sim_args(a) + overrides + flags, work / name, fp32_bytes),
@@ -152,6 +153,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-config", default="configs/shakespeare_bpe_cpu.yaml", help="their config")
     p.add_argument("--lora-ranks", type=int, nargs="+", default=[4, 16], help="LoRA ranks (default: 4 16)")
     p.add_argument("--lora-only", action="store_true", help="the LoRA rows alone, not the wire formats")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=[name for name, _, _ in ROWS],
+        metavar="ROW",
+        help=f"run only these wire-format rows, and fp32 ({', '.join(name for name, _, _ in ROWS)})",
+    )
 
 
 def markdown(res: dict[str, Any]) -> str:
