@@ -422,10 +422,11 @@ def _save(plt, fig, ax, path: Path) -> None:
 def plot(res: list[dict], path: Path) -> None:
     """Central val loss against training tokens, one curve per run."""
     plt, fig, ax = _axes((11, 5))
-    for r in res:
+    for i, r in enumerate(res):
         xs, ys = zip(*r["curve"])
         style = "-" if "centralized" in r["name"] else "--"
-        ax.plot([x / 1e6 for x in xs], ys, marker=".", label=r["label"], linestyle=style)
+        color = plt.cm.tab20(i % 20)  # 20 colours: the table's rows do not share one
+        ax.plot([x / 1e6 for x in xs], ys, marker=".", label=r["label"], linestyle=style, color=color)
     ax.set_xlabel("training tokens (millions, all clients)")
     ax.set_ylabel("central val loss")
     later = [y for r in res for _, y in r["curve"][1:]]
