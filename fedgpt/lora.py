@@ -44,15 +44,17 @@ class LoRALinear(nn.Module):
 
 
 class LoRAEmbedding(nn.Module):
-    """The token embedding W (vocab, n_embd) as W + (alpha / r) B A, with B (vocab, r) and A (r, n_embd); A
-    starts at zero. The output head shares W (tied weights), so it is wrapped too (LoRAHead) and uses the same
-    adapter: the embedding and the head stay one matrix."""
+    """The token embedding W (vocab, n_embd) as W + (alpha / r) B A, with B (vocab, r) and A (r, n_embd).
+    The output head shares W (tied weights), so it is wrapped too (LoRAHead) with the same adapter: embedding
+    and head stay one matrix. Initialised as a LoRALinear of the head would be (A random, B zero): with B
+    random, A's steps would move the logits only along r fixed random directions of the vocabulary."""
 
     def __init__(self, base: nn.Embedding, rank: int, alpha: float):
         super().__init__()
         self.base = base
-        self.lora_A = nn.Parameter(torch.zeros(rank, base.embedding_dim, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.randn(base.num_embeddings, rank, device=base.weight.device))
+        self.lora_A = nn.Parameter(torch.empty(rank, base.embedding_dim, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.num_embeddings, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ def test_adapters_start_as_the_base_model_and_only_they_train():
         k: v.numel() for k, v in adapter_state(with_embedding).items() if k not in adapter_state(only_attn)
     }
     assert extra == {"transformer.wte.lora_A": 2 * 32, "transformer.wte.lora_B": 65 * 2}
-    torch.testing.assert_close(with_embedding(tokens())[0], base(tokens())[0], rtol=0, atol=0)  # A at zero
+    torch.testing.assert_close(with_embedding(tokens())[0], base(tokens())[0], rtol=0, atol=0)  # B at zero
 
 
 @pytest.mark.parametrize("targets", ["attn,mlp", "attn,mlp,embedding"])
