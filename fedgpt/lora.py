@@ -23,45 +23,44 @@ from fedgpt.model import GPT
 TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}  # in every block
 
 
-class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * dropout(x) A^T B^T, with A (r, in) and B (out, r); B starts at zero, so the
-    wrapped layer starts as the base layer."""
+class LowRank(nn.Module):
+    """What every adapter here holds: its base layer (weight (out, in)), A (r, in) initialised as nn.Linear
+    initialises its weight, B (out, r) at zero, so the adapted layer starts as the base; the merged weight."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, n_in: int, n_out: int):
         super().__init__()
         self.base = base
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.lora_A = nn.Parameter(torch.empty(rank, n_in, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+
+
+class LoRALinear(LowRank):
+    """y = base(x) + (alpha / r) * dropout(x) A^T B^T."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__(base, rank, alpha, base.in_features, base.out_features)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
 
-
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(LowRank):
     """The token embedding W (vocab, n_embd) as W + (alpha / r) B A, with B (vocab, r) and A (r, n_embd).
     The output head shares W (tied weights), so it is wrapped too (LoRAHead) with the same adapter: embedding
-    and head stay one matrix. Initialised as a LoRALinear of the head would be (A random, B zero): with B
-    random, A's steps would move the logits only along r fixed random directions of the vocabulary."""
+    and head stay one matrix. Initialised as an adapter of the head (in n_embd, out vocab): with B random
+    instead, A's steps would move the logits only along r fixed random directions of the vocabulary."""
 
     def __init__(self, base: nn.Embedding, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.lora_A = nn.Parameter(torch.empty(rank, base.embedding_dim, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.num_embeddings, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scale = alpha / rank
+        super().__init__(base, rank, alpha, base.embedding_dim, base.num_embeddings)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.base(idx) + nn.functional.embedding(idx, self.lora_B) @ self.lora_A * self.scale
-
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
 
 
 class LoRAHead(nn.Module):
@@ -108,9 +107,7 @@ def merged_state(model: GPT) -> dict[str, torch.Tensor]:
     """The state dict of the plain GPT that computes what the adapted model computes: each adapter folded into
     its base weight (for checkpoints: python -m fedgpt.sample reads them as any other)."""
     merged = {}
-    wrapped = {
-        name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAHead))
-    }
+    wrapped = {name: m for name, m in model.named_modules() if isinstance(m, (LowRank, LoRAHead))}
     for k, v in model.state_dict().items():
         owner, _, leaf = k.rpartition(".")
         if leaf in ("lora_A", "lora_B"):
