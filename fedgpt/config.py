@@ -115,7 +115,7 @@ class FedConfig:
     client_state_max_age: int = 1  # rounds a kept client state may be old; older is dropped (and counted)
     client_state_dir: str = ""  # where clients keep that state; "": <train.out_dir>/client_state
     client_val_fraction: float = 0.1  # share of a client's data held out, when client evaluation is on
-    fraction_train: float = 1.0  # share of clients sampled each round
+    fraction_train: float = 1.0  # share of clients sampled each round (under DP: Poisson, with this rate)
     client_eval_interval: int = 0  # rounds between client evaluations on their own val slices; 0: never
     min_clients: int = 0  # clients that must be connected before round 1; 0: num_clients
     uplink: str = "fp32"  # client to server: fp32 weights, or the update in fp16, int8 or int4 (fed/wire.py)
@@ -138,11 +138,15 @@ class LoRAConfig:
 
 @dataclass
 class DPConfig:
-    noise_multiplier: float = 0.0  # noise std / clipping_norm, on the sum of clipped updates; 0: no DP
-    target_epsilon: float = 0.0  # > 0: the noise multiplier that spends this epsilon over fed.rounds
-    clipping_norm: float = 1.0  # each client's update is clipped to this L2 norm
-    delta: float = 1e-5  # epsilon is reported at this delta
+    noise_multiplier: float = 0.0  # noise std / clipping norm on the sum of clipped updates; 0: no DP
+    target_epsilon: float = 0.0  # > 0: the least noise that keeps the whole run (resumes too) within it
+    clipping_norm: float = 1.0  # each client's update is clipped to this L2 norm (adaptive: the first)
+    delta: float = 1e-5  # epsilon is reported at this delta; must be below 1 / fed.num_clients
     clipping: str = "server"  # "server": clipped on receipt; "client": clients clip before they send
+    adaptive_clipping: bool = False  # the norm follows a quantile of update norms (Andrew et al. 2021)
+    target_quantile: float = 0.5  # adaptive: the share of updates to leave unclipped
+    clip_lr: float = 0.2  # adaptive: the norm's geometric step per round
+    count_noise: float = 0.0  # adaptive: noise std on the unclipped count; 0: expected clients / 20
 
     @property
     def enabled(self) -> bool:
@@ -352,10 +356,10 @@ def _validate_lora(cfg: Config) -> list[str]:
 
 
 def _validate_dp(cfg: Config) -> list[str]:
-    """The dp section, and what DP needs of the rest: a plain unweighted average (what the noise is calibrated
-    for) and every sampled client's reply."""
+    """The dp section, and what DP needs of the rest: an unweighted sum of clipped updates (what the noise is
+    calibrated for) over Poisson-sampled clients (what the accountant counts)."""
     dp, f, problems = cfg.dp, cfg.fed, []
-    for key in ("noise_multiplier", "target_epsilon"):
+    for key in ("noise_multiplier", "target_epsilon", "count_noise"):
         if getattr(dp, key) < 0:
             problems.append(f"dp.{key}: must be >= 0 (0: off)")
     if dp.noise_multiplier > 0 and dp.target_epsilon > 0:
@@ -366,15 +370,24 @@ def _validate_dp(cfg: Config) -> list[str]:
         problems.append("dp.delta: must be in (0, 1)")
     if dp.clipping not in DP_CLIPPING:
         problems.append(f"dp.clipping: {dp.clipping!r} is not one of {', '.join(DP_CLIPPING)}")
+    if not 0 < dp.target_quantile < 1:
+        problems.append("dp.target_quantile: must be in (0, 1)")
+    if dp.clip_lr <= 0:
+        problems.append("dp.clip_lr: must be > 0")
     if not dp.enabled:
         return problems
-    if f.strategy not in ("fedavg", "fedprox"):
+    if dp.delta >= 1 / max(1, f.num_clients):
         problems.append(
-            f"dp: fed.strategy {f.strategy} is not supported: the noise is added after the strategy's server "
-            "step and is calibrated for a plain average; use fedavg or fedprox"
+            f"dp.delta: {dp.delta:g} is not below 1 / fed.num_clients ({1 / max(1, f.num_clients):g}): "
+            "at that delta one client's data could be released outright; lower it"
+        )
+    if f.strategy in ("fedmedian", "fedtrimmedavg"):
+        problems.append(
+            f"dp: fed.strategy {f.strategy} needs each client's update, and DP gives the strategy only their "
+            "noised sum; use fedavg, fedprox, diloco, fedavgm or fedadam & co."
         )
     if f.weighting != "uniform":
-        problems.append("dp: needs fed.weighting=uniform (the noise is calibrated for an unweighted average)")
+        problems.append("dp: needs fed.weighting=uniform (the noise is calibrated for an unweighted sum)")
     if f.stragglers > 0 and f.straggler_policy == "drop":
         problems.append("dp: dropped stragglers leave the round short of its sampled clients; use accept")
     if dp.clipping == "client" and f.uplink in ("int8", "int4"):
@@ -410,6 +423,11 @@ def _validate_secagg(cfg: Config) -> list[str]:
     if cfg.dp.enabled and cfg.dp.clipping == "server":
         problems.append(
             "secagg: the server cannot clip updates it never sees: use dp.clipping=client with secagg"
+        )
+    if cfg.dp.enabled and s.clipping_range < 1:
+        problems.append(
+            "secagg.clipping_range: under DP each client's 0/1 clipped count travels masked with its update: "
+            "use 1 or more"
         )
     return problems
 

@@ -13,6 +13,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
 # ../shared holds pre-seeded copies of what fedgpt downloads (the build machines are offline).
 SHARED = Path(os.environ.get("FEDGPT_SHARED", REPO.parent / "shared"))
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
@@ -113,3 +115,51 @@ def train_instruction(node: int):
         message_type=MessageType.TRAIN,
     )
     return Message(RecordDict(), metadata=meta)
+
+
+def backend_config() -> dict:
+    """What simulate.py passes on a CPU machine: one CPU per client, as many clients at once as cores."""
+    from fedgpt.fed import simulation
+
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": simulation.ray_init_args()}
+
+
+def simulate(
+    data_dir: Path,
+    out: Path,
+    app: str = "client_app",
+    *overrides: str,
+    resume: bool = False,
+    run_class: type | None = None,
+) -> dict:
+    """A tiny federation (configs/tiny.yaml: 3 clients) in this process, on real Ray, with the ClientApp of
+    module `app` and a FederatedRun (or `run_class`, a subclass) as the server; its summary."""
+    import importlib
+
+    from fedgpt.config import load_config
+    from fedgpt.fed import simulation
+    from fedgpt.fed.server import FederatedRun
+
+    cfg = load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out}", *overrides])
+    run = (run_class or FederatedRun)(cfg, resume=resume, log=print)
+    return simulation.simulate(run, importlib.import_module(app).app, cfg.fed.num_clients, backend_config())
+
+
+@pytest.fixture(scope="module")
+def no_ray_left():
+    """A module that starts Ray ends it: a failing test must not leave its Ray to the next module."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def probe_dir(tmp_path: Path, monkeypatch) -> Path:
+    """Where tests/probe_client_app.py records what clients restore and send ($FEDGPT_TEST_PROBE_DIR, which
+    Ray's workers and Flower's processes inherit)."""
+    d = tmp_path / "probe"
+    d.mkdir()
+    monkeypatch.setenv("FEDGPT_TEST_PROBE_DIR", str(d))
+    return d

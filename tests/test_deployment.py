@@ -54,20 +54,28 @@ def deployment(tmp_path):
         assert not left, f"processes left after teardown: {left}"
 
 
+def app_copy(tmp_path: Path, name: str, serverapp: str | None = None, clientapp: str | None = None) -> Path:
+    """fedgpt's app with a test module of tests/ as its ServerApp or ClientApp, bundled by `flwr run` like the
+    repository's own."""
+    app = tmp_path / name
+    (app / "configs").mkdir(parents=True)
+    for f in ("server_app.py", "client_app.py", "configs/tiny.yaml"):
+        shutil.copyfile(REPO / f, app / f)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for key, module in (("serverapp", serverapp), ("clientapp", clientapp)):
+        if module:
+            shutil.copyfile(REPO / "tests" / f"{module}.py", app / f"{module}.py")
+            own = f'{key} = "{key.replace("app", "_app")}:app"'
+            assert own in pyproject
+            pyproject = pyproject.replace(own, f'{key} = "{module}:app"')
+    (app / "pyproject.toml").write_text(pyproject)
+    return app
+
+
 def probe_app(tmp_path: Path) -> Path:
     """fedgpt's app with tests/probe_client_app.py as its ClientApp (fedgpt's handlers, recording what they
-    restore and send), bundled by `flwr run` like the repository's own."""
-    app = tmp_path / "app"
-    (app / "configs").mkdir(parents=True)
-    for name in ("server_app.py", "client_app.py", "configs/tiny.yaml"):
-        shutil.copyfile(REPO / name, app / name)
-    shutil.copyfile(REPO / "tests" / "probe_client_app.py", app / "probe_client_app.py")
-    pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'clientapp = "client_app:app"' in pyproject
-    (app / "pyproject.toml").write_text(
-        pyproject.replace('clientapp = "client_app:app"', 'clientapp = "probe_client_app:app"')
-    )
-    return app
+    restore and send)."""
+    return app_copy(tmp_path, "app", clientapp="probe_client_app")
 
 
 @pytest.mark.slow
@@ -161,20 +169,43 @@ def run_tiny(dep: Deployment, out: Path, data_dir: Path, clients: int, rounds: i
 
 
 @pytest.mark.slow
-def test_three_supernodes_train_on_their_own_plays(deployment: Deployment, data_dir: Path, tmp_path: Path):
+def test_three_supernodes_train_on_their_own_plays(
+    deployment: Deployment, data_dir: Path, tmp_path: Path, monkeypatch
+):
     # Each node holds one play of Tiny Shakespeare and a data folder of its own: none holds the others' text.
     # The server holds the corpus only for its central validation split and the char vocabulary. Their
     # updates are summed under SecAgg+ (four message stages a round, each a fresh ClientApp process on a node,
-    # the protocol's state kept in the node's context), weighted by the size of each node's play.
+    # the protocol's state kept in the node's context), weighted by the size of each node's play. Every node
+    # requires SecAgg+ (its own setting): a curious server that sends plain train messages gets none of it.
     from fedgpt.fed.plays import play_texts
 
+    probes = tmp_path / "probe"
+    probes.mkdir()
+    monkeypatch.setenv("FEDGPT_TEST_PROBE_DIR", str(probes))  # the ServerApp processes inherit it
     plays = play_texts((data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8"))
     nodes = [tmp_path / f"node{i}" for i in range(3)]
     for i, node in enumerate(nodes):
         (node / "data").mkdir(parents=True)
         (node / "play.txt").write_text(plays[(0, 3, 7)[i]], encoding="utf-8")  # Coriolanus, R&J, the Shrew
-    configs = [f"input-file='{node / 'play.txt'}' data-dir='{node / 'data'}'" for node in nodes]
+    configs = [
+        f"input-file='{node / 'play.txt'}' data-dir='{node / 'data'}' require-secagg=true" for node in nodes
+    ]
     deployment.start_federation(data_dir, supernodes=3, node_configs=configs)
+
+    curious = app_copy(tmp_path, "curious", serverapp="curious_server_app")
+    overrides = f"fed.num_clients=3 fed.node_timeout=90 train.out_dir={tmp_path / 'curious_out'}"
+    run_config = f"config='configs/tiny.yaml' overrides='{overrides} data.data_dir={data_dir}'"
+    res = deployment.flwr(
+        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=curious
+    )
+    assert res.returncode == 0 and (probes / "replies.json").is_file(), (
+        res.stdout + res.stderr + deployment.logs()
+    )
+    replies = json.loads((probes / "replies.json").read_text())
+    assert len(replies) == 3 and all(
+        r["arrays"] == 0 and "requires SecAgg+" in r["error"] for r in replies
+    ), replies
+
     res, rows, context = run_tiny(deployment, tmp_path / "out", data_dir, 3, 1, "secagg.enabled=true")
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients_ok"] == 3, context
     # every node trained on all of its play (char tokens: one per character), and the server was told so

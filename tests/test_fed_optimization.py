@@ -5,53 +5,17 @@ weights clients by their data."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, simulate
 
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.config import STRATEGIES, load_config
-from fedgpt.fed import simulation
 from fedgpt.fed.rounds import read_rounds
-from fedgpt.fed.server import FederatedRun
 from fedgpt.fed.wire import tied_aliases
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
-os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
-
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_ray_left():
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-def simulate(
-    data_dir: Path, out: Path, app: str = "client_app", *overrides: str, resume: bool = False
-) -> dict:
-    """A tiny federation (3 clients) in this process, on real Ray; its summary."""
-    import importlib
-
-    cfg = load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out}", *overrides])
-    run = FederatedRun(cfg, resume=resume, log=print)
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": simulation.ray_init_args()}
-    return simulation.simulate(run, importlib.import_module(app).app, cfg.fed.num_clients, backend)
-
-
-@pytest.fixture
-def probe_dir(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "probe"
-    d.mkdir()
-    monkeypatch.setenv("FEDGPT_TEST_PROBE_DIR", str(d))  # Ray's workers inherit it
-    return d
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from fedgpt.bench import targets
 from fedgpt.bench.common import app_dir, commands, run_logged
-from fedgpt.config import TrainConfig, from_dict, load_config
-from fedgpt.fed import privacy as privacy_module
+from fedgpt.checkpoint import load_checkpoint
+from fedgpt.config import TrainConfig, load_config
+from fedgpt.fed.privacy import DPState
 from fedgpt.fed.rounds import read_rounds
 from fedgpt.files import atomic_write, atomic_write_bytes
 from fedgpt.metrics import read_jsonl
-from fedgpt.rundir import RUN_FILE
 
 MARKERS = {
     "target": ("<!-- target:start -->", "<!-- target:end -->"),
@@ -334,12 +334,10 @@ def collect(e: Experiment, runs_dir: Path) -> dict | None:
 
 
 def noise_multiplier(run_dir: Path) -> float | None:
-    """The noise multiplier a run's config asked for (or found for its target epsilon); None without DP."""
-    config = json.loads((run_dir / RUN_FILE).read_text())["config"]
-    if not config.get("dp"):  # a run from before the dp section (its other keys may have changed since)
-        return None
-    cfg = from_dict(config)
-    return privacy_module.noise_multiplier(cfg) if cfg.dp.enabled else None
+    """The noise multiplier a DP run's last rounds were released at (its last.pt); None without DP."""
+    ckpt = run_dir / "last.pt"
+    saved = load_checkpoint(ckpt)["extra"].get("dp") if ckpt.is_file() else None
+    return DPState.from_json(saved).noise_multiplier if saved else None
 
 
 def privacy_table(res: list[dict]) -> str:

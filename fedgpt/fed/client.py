@@ -152,6 +152,7 @@ def handshake(msg: Message, context: Context) -> Message:
             "own-data": int(part.scheme == "own data"),
             "train-tokens": int(len(part.train)),
             "val-tokens": int(len(part.val)),
+            "requires-secagg": int(secagg.node_requires_secagg(context)),
         }
     )
     return Message(RecordDict({"info": reply}), reply_to=msg)
@@ -181,8 +182,9 @@ def fit(msg: Message, context: Context) -> Message:
     m = trainer.train_steps(batches, steps, mu=mu, ref=ref)
     trained = exchanged(trainer.raw_model, cfg)
     length = float(flatten(trained, st.aliases, base=received).norm())  # this round's update's L2 norm
-    if "clipping_norm" in record:  # dp.clipping=client: Flower's wrapper sends the norm
-        trained = clip_update(trained, received, length, float(record["clipping_norm"]))
+    clipping = float(record["dp-clipping-norm"]) if "dp-clipping-norm" in record else None
+    if clipping is not None:  # dp.clipping=client: the server sends the norm, adaptive clipping moves it
+        trained = clip_update(trained, received, length, clipping)
     if cfg.secagg.enabled:  # the update travels masked (secaggplus_mod), quantized by SecAgg+ itself
         arrays, residual = None, None
     else:
@@ -204,9 +206,14 @@ def fit(msg: Message, context: Context) -> Message:
         # what a clipping norm is chosen from; under DP or SecAgg+ it would reveal in the clear what they hide
         **({} if cfg.dp.enabled or cfg.secagg.enabled else {"update-norm": length}),
     }
+    unclipped = float(clipping is not None and length <= clipping)  # adaptive clipping's count
     if arrays is None:
-        update = flatten(trained, st.aliases, base=received).numpy()
-        return Message(secagg.masked_reply(update, metrics["num-examples"], metrics), reply_to=msg)
+        update = flatten(trained, st.aliases, base=received)
+        if clipping is not None:  # summed under the mask with the others: the server sees only the count
+            update = torch.cat([update, torch.tensor([unclipped])])
+        return Message(secagg.masked_reply(update.numpy(), metrics["num-examples"], metrics), reply_to=msg)
+    if clipping is not None:  # central DP: the server sees this update anyway
+        metrics["dp-unclipped"] = int(unclipped)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -1,128 +1,250 @@
-"""Client-level differential privacy (DP-FedAvg, McMahan et al. 2018) through Flower's central-DP wrappers and
-its Rényi accountant.
+"""Client-level differential privacy (DP-FedAvg, McMahan et al. 2018), done by fedgpt around any strategy.
 
-    strategy = private(make_strategy(cfg.fed), cfg)    # the strategy itself when dp is off
-    epsilon = spent_epsilon(strategy)                   # after each round; None when dp is off
+    dp = ClientDP(cfg, DPState.from_json(saved))  # the noise is chosen here, for the rounds left
+    nodes = dp.sample(nodes)                     # each node trains with probability q = fed.fraction_train
+    mean = dp.release(updates, unclipped)        # clip each update, sum, add Gaussian noise, / q x clients
+    rdp, pld = epsilons(dp.state.ledger, cfg.dp.delta)
 
-Each client's update (its weights minus the global model it started from) is clipped to dp.clipping_norm, by
-the server on receipt ("server") or by the client before it sends ("client"); the server averages the clipped
-updates without weights and adds Gaussian noise of std noise_multiplier x clipping_norm / sampled clients to
-the average. The accountant composes one Gaussian release per round without sampling amplification (what
-Flower's fixed-clipping accounting supports), so the epsilon it reports holds whichever clients are sampled.
+Each round, every client is sampled independently with probability q (Poisson sampling); each update (the
+client's trained weights minus the global model it received) is clipped to L2 norm C, by the server on
+receipt or by the client before it sends; the server sums them, adds Gaussian noise of std z x C, and
+divides by the expected cohort q x N (a fixed denominator: the noise is calibrated to it, whoever answers).
+The strategy (FedAvg, FedProx, DiLoCo, FedAdam, ...) then steps on that noised mean: its server step is
+post-processing. With adaptive clipping (Andrew et al. 2021) C follows a quantile of the clients' update norms
+through a noised count of the updates left unclipped; the two Gaussian queries on one sample compose into one
+of noise multiplier z (what the accountant sees), so the update's own noise is a little larger than z.
+
+Randomness: which clients train and the noise are drawn from the operating system's entropy (`secrets`), a
+fresh 128-bit seed per release, never from train.seed or anything else a participant knows. A DP run is
+therefore not bit-reproducible; --resume continues its ledger and its clipping norm exactly.
+
+Accounting: every round is one Poisson-sampled Gaussian release, PoissonSampledDpEvent(q, GaussianDpEvent(z)),
+and the ledger lists them all, resumes included. Epsilon is dp-accounting's RDP accountant's, cross-checked by
+its PLD accountant (tighter). dp.target_epsilon holds for the whole run: the noise of the rounds left is the
+smallest whose RDP epsilon, added to what the ledger holds, stays within the target; when none does, the run
+is refused before any round. A round counts in the ledger once its clients are sent their work, whatever
+comes back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import secrets
+from dataclasses import dataclass, field
 
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    Strategy,
-)
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+import numpy as np
+import torch
+from dp_accounting import dp_event
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
 
 from fedgpt.config import Config
 
-Wrapper = DifferentialPrivacyServerSideFixedClipping | DifferentialPrivacyClientSideFixedClipping
+# dp-accounting drops RDP orders that do not converge and says so on absl's logger, once per order and call.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+# The largest noise multiplier calibration looks at: a target that needs more is refused (noise of 100 x the
+# clipping norm on the sum would need cohorts of hundreds of thousands to learn, and RDP epsilons this small
+# underflow).
+MAX_NOISE = 100.0
 
 
-def sampled_clients(cfg: Config) -> int:
-    """Clients per round, as Flower's FedAvg samples them when every client is connected."""
-    f = cfg.fed
-    return max(int(f.num_clients * f.fraction_train), max(1, math.ceil(f.fraction_train * f.num_clients)))
+@dataclass
+class Ledger:
+    """Every release so far, as runs of equal releases: [[q, z, count], ...]."""
 
+    groups: list[list[float]] = field(default_factory=list)
 
-def accountant(cfg: Config) -> RdpAccountant:
-    return RdpAccountant(
-        PrivacyConfig(
-            target_delta=cfg.dp.delta,
-            population_size=cfg.fed.num_clients,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+    def add(self, q: float, z: float, count: int = 1) -> None:
+        if self.groups and self.groups[-1][:2] == [q, z]:
+            self.groups[-1][2] += count
+        else:
+            self.groups.append([q, z, count])
+
+    @property
+    def rounds(self) -> int:
+        return int(sum(n for _, _, n in self.groups))
+
+    def plus(self, q: float, z: float, count: int) -> Ledger:
+        out = Ledger([list(g) for g in self.groups])
+        if count > 0:
+            out.add(q, z, count)
+        return out
+
+    def event(self) -> dp_event.DpEvent:
+        return dp_event.ComposedDpEvent(
+            [
+                dp_event.SelfComposedDpEvent(
+                    dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)), int(n)
+                )
+                for q, z, n in self.groups
+            ]
         )
-    )
 
 
-def epsilon_after(cfg: Config, noise_multiplier: float, rounds: int) -> float:
-    """The epsilon (at dp.delta) that `rounds` releases at this noise multiplier spend."""
-    acc = accountant(cfg)
-    acc.compose(GaussianPrivacyEvent(noise_multiplier, sampled_clients(cfg), cfg.fed.num_clients), rounds)
-    return acc.get_epsilon(cfg.dp.delta)
+def epsilon(ledger: Ledger, delta: float, accountant: str = "rdp") -> float:
+    """The epsilon at `delta` of the ledger's releases, by dp-accounting's RDP or PLD accountant."""
+    if not ledger.groups:
+        return 0.0
+    acc = RdpAccountant() if accountant == "rdp" else PLDAccountant()
+    acc.compose(ledger.event())
+    return float(acc.get_epsilon(delta))
 
 
-def noise_multiplier(cfg: Config) -> float:
-    """dp.noise_multiplier, or the smallest one (to 0.1%) whose fed.rounds releases spend at most
-    dp.target_epsilon."""
-    if cfg.dp.noise_multiplier > 0:
-        return cfg.dp.noise_multiplier
-    lo, hi = 0.01, 1.0
-    while epsilon_after(cfg, hi, cfg.fed.rounds) > cfg.dp.target_epsilon:
+# Above this RDP epsilon the PLD figure is not computed: there is no privacy left to cross-check, and PLD's
+# discretization of such a loss distribution takes minutes, or more memory than exists (noise 1e-3).
+PLD_MAX_EPSILON = 100.0
+
+
+def epsilons(ledger: Ledger, delta: float) -> tuple[float, float | None]:
+    """(RDP, PLD) epsilon of the ledger at `delta`; PLD is None above PLD_MAX_EPSILON."""
+    rdp = epsilon(ledger, delta, "rdp")
+    return rdp, (epsilon(ledger, delta, "pld") if rdp <= PLD_MAX_EPSILON else None)
+
+
+def calibrate(ledger: Ledger, q: float, rounds: int, target: float, delta: float) -> float:
+    """The smallest noise multiplier (to 0.01%) whose `rounds` more releases at sampling rate q keep the
+    ledger's RDP epsilon within `target`; ValueError when none up to MAX_NOISE does."""
+    spent = lambda z: epsilon(ledger.plus(q, z, rounds), delta)
+    if rounds <= 0 or spent(MAX_NOISE) > target:
+        if ledger.rounds:
+            raise ValueError(
+                f"dp.target_epsilon={target:g} is spent: the {ledger.rounds} rounds already run spent "
+                f"{epsilon(ledger, delta):.4f} of it (delta {delta:g}), too little is left for {rounds} "
+                "more: "
+                "keep fed.rounds, or raise dp.target_epsilon (a resume may)"
+            )
+        raise ValueError(
+            f"dp.target_epsilon={target:g} is out of reach at delta {delta:g}: noise {MAX_NOISE:g} on "
+            f"{rounds} round(s) at sampling rate {q:g} spends {spent(MAX_NOISE):.3g}: raise "
+            "dp.target_epsilon, or lower fed.rounds or fed.fraction_train"
+        )
+    lo, hi = 0.0, 0.5
+    while spent(hi) > target:
         lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise ValueError(f"dp.target_epsilon={cfg.dp.target_epsilon} is out of reach: raise it")
     # epsilon falls as the noise grows: bisect for the smallest noise within the target
-    while hi - lo > 1e-3 * hi:
+    while hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if epsilon_after(cfg, mid, cfg.fed.rounds) <= cfg.dp.target_epsilon else (mid, hi)
+        lo, hi = (lo, mid) if spent(mid) <= target else (mid, hi)
     return hi
 
 
-def private(strategy: Strategy, cfg: Config) -> Strategy:
-    """`strategy` inside Flower's fixed-clipping DP wrapper as cfg.dp says, with an accountant; the strategy
-    itself when dp is off."""
-    if not cfg.dp.enabled:
-        return strategy
-    wrapper = (
-        DifferentialPrivacyServerSideFixedClipping
-        if cfg.dp.clipping == "server"
-        else DifferentialPrivacyClientSideFixedClipping
-    )
-    return wrapper(
-        strategy,
-        noise_multiplier=noise_multiplier(cfg),
-        clipping_norm=cfg.dp.clipping_norm,
-        num_sampled_clients=sampled_clients(cfg),
-        accountant=accountant(cfg),
-    )
+@dataclass
+class DPState:
+    """What a DP run carries from round to round and across resumes (checkpointed as JSON)."""
+
+    ledger: Ledger = field(default_factory=Ledger)
+    clipping_norm: float | None = None  # the current one (adaptive clipping moves it); None: dp.clipping_norm
+    noise_multiplier: float | None = None  # the z the rounds so far were released at
+    rounds_dropped: int = 0  # rounds counted in the ledger whose release did not happen (SecAgg+ halted)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "ledger": self.ledger.groups,
+                "clipping_norm": self.clipping_norm,
+                "noise_multiplier": self.noise_multiplier,
+                "rounds_dropped": self.rounds_dropped,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> DPState:
+        if not text:
+            return cls()
+        d = json.loads(text)
+        return cls(Ledger(d["ledger"]), d["clipping_norm"], d["noise_multiplier"], d["rounds_dropped"])
 
 
-def inner(strategy: Strategy) -> Strategy:
-    """The strategy a DP wrapper holds, or the strategy itself."""
-    return strategy.strategy if isinstance(strategy, Wrapper) else strategy
+def gaussian(n: int, std: float) -> torch.Tensor:
+    """n draws of N(0, std^2), from a generator seeded afresh with 128 bits of the OS's entropy."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    return torch.from_numpy(rng.standard_normal(n)).float().mul_(std)
 
 
-def spent_epsilon(strategy: Strategy) -> float | None:
-    """Epsilon spent so far (at dp.delta), or None without DP."""
-    if not isinstance(strategy, Wrapper):
-        return None
-    return strategy.privacy_spent().epsilon
+class ClientDP:
+    """The DP of one run: its sampler, its noise and clipping, its ledger."""
 
+    def __init__(self, cfg: Config, state: DPState, log=print):
+        dp, f = cfg.dp, cfg.fed
+        self.cfg, self.state, self.log = cfg, state, log
+        self.q = f.fraction_train
+        self.expected = self.q * f.num_clients  # the fixed denominator of the mean
+        if state.clipping_norm is None:
+            state.clipping_norm = dp.clipping_norm
+        left = f.rounds - state.ledger.rounds
+        z = dp.noise_multiplier
+        if dp.target_epsilon > 0:
+            kept = state.noise_multiplier  # a resume without added rounds keeps the noise it started with
+            if kept is None or epsilon(state.ledger.plus(self.q, kept, left), dp.delta) > dp.target_epsilon:
+                kept = calibrate(state.ledger, self.q, left, dp.target_epsilon, dp.delta)
+            z = kept
+        state.noise_multiplier = z
+        self.count_std = (dp.count_noise or self.expected / 20) if dp.adaptive_clipping else math.inf
+        if z >= self.count_std:
+            raise ValueError(
+                f"dp.count_noise={self.count_std:g} must exceed the noise multiplier {z:.4g}: adaptive "
+                "clipping spends part of the budget on the clipped count; raise dp.count_noise, or sample "
+                "more clients"
+            )
+        # Two Gaussian queries on one sample (the updates, sensitivity C; the unclipped count, sensitivity 1)
+        # are one Gaussian query of multiplier (z_update^-2 + count_std^-2)^-1/2 = z.
+        self.update_noise = (z**-2 - self.count_std**-2) ** -0.5
 
-def accountant_state(strategy: Strategy) -> dict:
-    """The accountant's ledger for a checkpoint (a JSON string: checkpoints load with weights_only)."""
-    if not isinstance(strategy, Wrapper):
-        return {}
-    return {"accountant": json.dumps(strategy.accountant.state_dict())}
+    @property
+    def clipping_norm(self) -> float:
+        return float(self.state.clipping_norm)
 
+    def describe(self) -> str:
+        """The run's DP in one log line: its sampling, noise and clipping, and the epsilon it will have
+        spent."""
+        dp, f = self.cfg.dp, self.cfg.fed
+        final = self.state.ledger.plus(
+            self.q, self.state.noise_multiplier, f.rounds - self.state.ledger.rounds
+        )
+        clip = "adaptive from" if dp.adaptive_clipping else "clipped to"
+        return (
+            f"dp: Poisson sampling q={self.q:g} (expected {self.expected:g} clients a round), noise "
+            f"multiplier {self.state.noise_multiplier:.4g}, updates {clip} {self.clipping_norm:g} "
+            f"({dp.clipping}); "
+            f"epsilon after {f.rounds} rounds: {epsilon(final, dp.delta):.3f} (RDP) at delta {dp.delta:g}"
+        )
 
-def load_accountant_state(strategy: Strategy, state: dict) -> None:
-    if isinstance(strategy, Wrapper) and "accountant" in state:
-        strategy.accountant.load_state_dict(json.loads(state["accountant"]))
+    def sample(self, nodes: list[int]) -> list[int]:
+        """Each node independently with probability q, drawn from the OS's entropy."""
+        if self.q >= 1:
+            return list(nodes)
+        rng = secrets.SystemRandom()
+        return [n for n in nodes if rng.random() < self.q]
 
+    def clip(self, updates: list[torch.Tensor]) -> tuple[torch.Tensor | None, int]:
+        """The sum of the updates, each clipped to the clipping norm, and how many were within it."""
+        total, unclipped, c = None, 0, self.clipping_norm
+        for u in updates:
+            norm = float(u.norm())
+            unclipped += norm <= c
+            scaled = u * min(1.0, c / norm) if norm > 0 else u
+            total = scaled.clone() if total is None else total.add_(scaled)
+        return total, unclipped
 
-def describe(strategy: Wrapper, cfg: Config) -> str:
-    """The run's DP in one log line: its noise, its clipping, and the epsilon it will have spent."""
-    sigma = strategy.noise_multiplier
-    return (
-        f"dp: noise multiplier {sigma:.4g}, updates clipped to {cfg.dp.clipping_norm:g} ({cfg.dp.clipping}); "
-        f"epsilon after {cfg.fed.rounds} rounds: {epsilon_after(cfg, sigma, cfg.fed.rounds):.3f} "
-        f"at delta {cfg.dp.delta:g}"
-    )
+    def release(self, total: torch.Tensor | None, size: int, unclipped: float) -> torch.Tensor:
+        """The noised mean update of a round: (sum of clipped updates + noise) / expected cohort; then the
+        adaptive clipping step on the noised count of unclipped updates, and the round in the ledger."""
+        c = self.clipping_norm
+        total = torch.zeros(size) if total is None else total
+        mean = (total + gaussian(size, self.update_noise * c)) / self.expected
+        if self.cfg.dp.adaptive_clipping:
+            # Andrew et al.: geometric update towards the target quantile of unclipped updates
+            share = (unclipped + float(gaussian(1, self.count_std))) / self.expected
+            self.state.clipping_norm = c * math.exp(
+                -self.cfg.dp.clip_lr * (share - self.cfg.dp.target_quantile)
+            )
+        self.state.ledger.add(self.q, self.state.noise_multiplier)
+        return mean
+
+    def drop(self) -> None:
+        """A round whose release did not happen: its clients were asked, so it counts in the ledger."""
+        self.state.ledger.add(self.q, self.state.noise_multiplier)
+        self.state.rounds_dropped += 1

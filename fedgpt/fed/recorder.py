@@ -14,8 +14,9 @@ from fedgpt.config import RUN_NEUTRAL, Config, ModelConfig, config_diff
 from fedgpt.fed.rounds import RoundRow
 from fedgpt.metrics import MetricsLog
 
-# Config keys that may change when a run is resumed: more rounds, and what does not change results.
-RESUMABLE = RUN_NEUTRAL | {"fed.rounds"}
+# Config keys that may change when a run is resumed: more rounds (and a privacy budget raised to pay for
+# them), and what does not change results.
+RESUMABLE = RUN_NEUTRAL | {"fed.rounds", "dp.target_epsilon"}
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Snapshot:
     state: dict[str, torch.Tensor]  # the global model, fp32
     tokens: int
     strategy: dict  # the strategy's own state (fedgpt.fed.strategies.strategy_state)
+    privacy: str | None = None  # DP's ledger and clipping norm (fedgpt.fed.privacy.DPState, as JSON)
 
 
 class RunRecorder:
@@ -81,7 +83,9 @@ class RunRecorder:
         self.log(f"resumed from {path} at round {ckpt['round']} (best val {self.best_val_loss:.4f})")
         saved = extra["adapters"] if "adapters" in extra else ckpt["model"]
         model = {k: v.float() for k, v in saved.items()}
-        return Snapshot(ckpt["round"], model, extra.get("tokens", 0), extra.get("strategy", {}))
+        return Snapshot(
+            ckpt["round"], model, extra.get("tokens", 0), extra.get("strategy", {}), extra.get("dp")
+        )
 
     def record(self, snap: Snapshot, row: RoundRow) -> None:
         """A round's row, then its checkpoints (a run killed in between redoes the round, row and all)."""
@@ -99,6 +103,7 @@ class RunRecorder:
                 "tokens": snap.tokens,
                 "strategy": snap.strategy,
                 "run": self.run_info,
+                **({"dp": snap.privacy} if snap.privacy is not None else {}),
                 **({"adapters": snap.state} if self.merge else {}),
             },
         )
@@ -120,7 +125,10 @@ def format_round(row: RoundRow) -> str:
     if row.clients_straggling:
         line += f" | stragglers {row.clients_straggling}"
     if row.dp_epsilon is not None:
-        line += f" | epsilon {row.dp_epsilon:.3f}"
+        pld = "-" if row.dp_epsilon_pld is None else f"{row.dp_epsilon_pld:.3f}"
+        line += f" | epsilon {row.dp_epsilon:.3f} (RDP), {pld} (PLD)"
+        if row.dp_rounds_dropped:
+            line += f", {row.dp_rounds_dropped} round(s) dropped"
     if row.clients_state_resumed or row.clients_state_stale:
         line += f" | state resumed {row.clients_state_resumed}, stale {row.clients_state_stale}"
     return line

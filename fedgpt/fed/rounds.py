@@ -32,7 +32,12 @@ class RoundRow:
     clients_state_stale: int = 0  # clients whose saved state was older than fed.client_state_max_age: dropped
     update_norm: float | None = None  # median L2 norm of the clients' updates (not reported under DP)
     clients_straggling: int = 0  # clients given fewer local steps this round (fed.stragglers)
-    dp_epsilon: float | None = None  # privacy spent so far, at dp.delta (dp on)
+    dp_epsilon: float | None = None  # privacy spent so far, at dp.delta (dp on): RDP accountant
+    dp_epsilon_pld: float | None = None  # the same, by the PLD accountant (tighter); None above RDP 100
+    dp_clipping_norm: float | None = (
+        None  # the clipping norm the next round uses (adaptive clipping moves it)
+    )
+    dp_rounds_dropped: int = 0  # rounds so far counted by the accountant whose release did not happen
     bytes_sent: int = 0  # weights and configs, server to clients, all messages of the round
     bytes_received: int = 0
     round_s: float | None = None  # send to aggregate, with client evaluation; central runs beside the next

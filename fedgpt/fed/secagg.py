@@ -8,7 +8,8 @@ LegacyContext and a legacy strategy, and drives four stages of messages (setup, 
 vectors, unmask). fedgpt's round loop keeps its own Message-API strategy, so this module hands the workflow
 the nodes fedgpt sampled through a relay strategy, and fedgpt's own train messages for the stage in which the
 clients train; the protocol and its cryptography are Flower's. On the client, `secure_aggregation` (the
-ClientApp's mod) passes SecAgg+ messages to Flower's secaggplus_mod and everything else straight through.
+ClientApp's mod) passes SecAgg+ messages to Flower's secaggplus_mod and everything else straight through,
+unless the node itself requires SecAgg+ (node config require-secagg): then it refuses plain train messages.
 
 What the clients mask is their update (trained minus received weights, one fp32 vector), scaled by their
 weight: SecAgg+ clips every value to +-secagg.clipping_range and quantizes it to secagg.quantization_range
@@ -18,13 +19,14 @@ quantization_range per value (the weights' rounding aside). Metrics (train loss,
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
@@ -37,11 +39,71 @@ from fedgpt.config import Config
 from fedgpt.fed.grid import exchange
 
 
+def node_setting(context: Context, key: str, default: str | int | bool) -> str | int | bool:
+    """A setting of this node: its node config `key`, else the environment of its SuperNode as
+    FEDGPT_NODE_<KEY> (how a simulation sets it: Flower gives simulated nodes no config of their own), else
+    `default`. The run config never decides it."""
+    if key in context.node_config:
+        value = context.node_config[key]
+    else:
+        value = os.environ.get("FEDGPT_NODE_" + key.upper().replace("-", "_"))
+        if value is None:
+            return default
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
+    return type(default)(value)
+
+
+def node_requires_secagg(context: Context) -> bool:
+    return bool(node_setting(context, "require-secagg", False))
+
+
+class NodeRefusal(PermissionError):
+    """A node's privacy floor refused a message (the reply carries only this error)."""
+
+
 def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
-    """The ClientApp's mod: SecAgg+ for the messages of its protocol, nothing for the others."""
+    """The ClientApp's mod: SecAgg+ for the messages of its protocol, nothing for the others, and the node's
+    own floor, whatever the server's run config says.
+
+    A node started with `require-secagg=true` refuses any train message outside the protocol, and within it
+    the deviations a single node can see: a cohort under `secagg-min-clients` (default 2), a reconstruction
+    threshold under 2, and an unmask request that asks for both secrets of one node (listed active and dead)
+    or for its own key as if it had dropped out. The refusal is an error reply: no arrays, no training.
+    """
+    if msg.metadata.message_type == MessageType.TRAIN and node_requires_secagg(context):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is None:
+            raise NodeRefusal(
+                "this node requires SecAgg+ (node config require-secagg) and refuses a plain train message: "
+                "run with secagg.enabled=true"
+            )
+        check_protocol(configs, msg.metadata.dst_node_id, int(node_setting(context, "secagg-min-clients", 2)))
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+def check_protocol(configs: ConfigRecord, node_id: int, min_clients: int) -> None:
+    """Raise NodeRefusal if this stage's message asks for what an honest SecAgg+ server never would."""
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        if int(configs.get(Key.THRESHOLD, 0)) < 2 or int(configs.get(Key.SAMPLE_NUMBER, 0)) < min_clients:
+            raise NodeRefusal(
+                f"this node requires SecAgg+ among {min_clients} or more clients with a threshold of 2 or "
+                f"more (got {configs.get(Key.SAMPLE_NUMBER)} clients, threshold {configs.get(Key.THRESHOLD)})"
+            )
+    elif stage == Stage.SHARE_KEYS:
+        peers = len([k for k in configs if k != Key.STAGE])
+        if peers < min_clients:
+            raise NodeRefusal(f"this node requires SecAgg+ among {min_clients} or more clients (got {peers})")
+    elif stage == Stage.UNMASK:
+        active, dead = set(configs[Key.ACTIVE_NODE_ID_LIST]), set(configs[Key.DEAD_NODE_ID_LIST])
+        if active & dead or node_id in dead:
+            raise NodeRefusal(
+                "the server asked for both secrets of a node (or this node's own key): refused, it would "
+                "unmask one client's update"
+            )
 
 
 def masked_reply(update: np.ndarray, weight: int, metrics: dict[str, Any]) -> RecordDict:

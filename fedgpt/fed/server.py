@@ -23,9 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedgpt.config import Config
@@ -38,7 +37,7 @@ from fedgpt.fed.recorder import RunRecorder, Snapshot
 from fedgpt.fed.rounds import RoundRow
 from fedgpt.fed.rounds import summarize as summarize_rounds
 from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_state
-from fedgpt.fed.wire import check_keys, encode, from_record, tied_aliases, to_record
+from fedgpt.fed.wire import check_keys, encode, flatten, from_record, tied_aliases, to_record
 from fedgpt.files import atomic_write_bytes
 from fedgpt.lora import adapter_state, add_lora
 from fedgpt.rundir import claim_run_dir
@@ -77,9 +76,9 @@ class FederatedRun:
         # The server partitions too: the summary is saved with the run, and a bad split fails before any
         # round.
         self.summary = summarize(client_partitions(cfg, self.ds), self.ds.train, tok.vocab_size)
-        self.strategy = privacy.private(make_strategy(cfg.fed), cfg)
-        if cfg.dp.enabled:
-            log(privacy.describe(self.strategy, cfg))
+        # Under DP fedgpt samples the clients (privacy.ClientDP); the strategy takes every node it is given.
+        self.strategy = make_strategy(cfg.fed, presampled=cfg.dp.enabled)
+        self.dp: privacy.ClientDP | None = None
         self.round, self.tokens = 0, 0
         self.partition_of: dict[int, int] = {}  # node id -> partition id, from the pre-flight check
         self.node_tokens: dict[int, int] = {}  # node id -> its train tokens, from the pre-flight check
@@ -92,10 +91,12 @@ class FederatedRun:
         self.run_info = {"run_id": uuid.uuid4().hex, "schedule_steps": schedule}
         merge = self.evaluator.merged if cfg.lora.rank else None  # checkpoints hold a plain GPT
         self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), self.run_info, log, merge=merge)
+        dp_state = privacy.DPState()
         if resume:
             snap = self.recorder.resume()
             self.round, self.global_state, self.tokens = snap.round, snap.state, snap.tokens
             load_strategy_state(self.strategy, snap.strategy)
+            dp_state = privacy.DPState.from_json(snap.privacy)
             if self.run_info["schedule_steps"] != schedule:
                 log(
                     f"fed.rounds is now {cfg.fed.rounds}: the clients' learning-rate schedule keeps its "
@@ -103,33 +104,43 @@ class FederatedRun:
                 )
         else:
             self.recorder.start_fresh()
+        if cfg.dp.enabled:  # its noise is chosen for the rounds left: after the resume
+            self.dp = privacy.ClientDP(cfg, dp_state, log)
+            log(self.dp.describe())
         self.state_dir = str(Path(cfg.fed.client_state_dir or out_dir / "client_state").resolve())
         atomic_write_bytes(out_dir / "partition.json", json.dumps(self.summary, indent=1).encode())
         log(format_summary(self.summary))
 
     def train_config(self) -> ConfigRecord:
         """What every client needs: the run config, the tokenizer it must use, its threads, and the run's
-        facts (its id, the schedule's length, where client state lives, the newest checkpointed round)."""
-        return ConfigRecord(
-            {
-                "fedgpt-config": json.dumps(self.cfg.to_dict()),
-                "tokenizer": json.dumps(self.ds.tokenizer.meta()),
-                "client-threads": self.client_threads,
-                "run-id": self.run_info["run_id"],
-                "schedule-steps": self.run_info["schedule_steps"],
-                "client-state-dir": self.state_dir,
-                "keep-from-round": self.recorder.saved_round,
-            }
-        )
+        facts (its id, the schedule's length, where client state lives, the newest checkpointed round) and,
+        when clients clip for DP, the norm to clip to."""
+        config = {
+            "fedgpt-config": json.dumps(self.cfg.to_dict()),
+            "tokenizer": json.dumps(self.ds.tokenizer.meta()),
+            "client-threads": self.client_threads,
+            "run-id": self.run_info["run_id"],
+            "schedule-steps": self.run_info["schedule_steps"],
+            "client-state-dir": self.state_dir,
+            "keep-from-round": self.recorder.saved_round,
+        }
+        if self.dp is not None and self.cfg.dp.clipping == "client":
+            config["dp-clipping-norm"] = self.dp.clipping_norm
+        return ConfigRecord(config)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.round, self.global_state, self.tokens, strategy_state(self.strategy))
+        dp = self.dp.state.to_json() if self.dp else None
+        return Snapshot(self.round, self.global_state, self.tokens, strategy_state(self.strategy), dp)
 
     def finish_round(self, snap: Snapshot, row: RoundRow) -> RoundRow:
         """Central evaluation of a round's global model, then its row, checkpoints and log line."""
         t_eval = time.time()
         scores = self.evaluator.evaluate(snap.state)
         row.val_loss, row.val_accuracy = scores["loss"], scores["accuracy"]
+        if snap.privacy is not None:  # both accountants over the ledger as of this round
+            dp = privacy.DPState.from_json(snap.privacy)
+            row.dp_epsilon, row.dp_epsilon_pld = privacy.epsilons(dp.ledger, self.cfg.dp.delta)
+            row.dp_clipping_norm, row.dp_rounds_dropped = dp.clipping_norm, dp.rounds_dropped
         row.eval_s, row.elapsed_s = round(time.time() - t_eval, 3), round(time.time() - self.t_start, 3)
         self.recorder.record(snap, row)
         return row
@@ -153,6 +164,12 @@ class FederatedRun:
         # One query per node, sampled or not (sampling draws from nodes ordered by partition, which makes it
         # reproducible): start-up grows with the node count by a ClientApp call each.
         self.log(f"pre-flight: {len(answers)} nodes answered in {time.time() - t_preflight:.1f} s")
+        strict = sorted(int(i["partition-id"]) for i in answers.values() if i.get("requires-secagg"))
+        if strict and not self.cfg.secagg.enabled:
+            raise RuntimeError(
+                f"the nodes of partitions {strict} require SecAgg+ (their node config require-secagg) and "
+                "refuse plain train messages: run with secagg.enabled=true"
+            )
         self.partition_of = {node: int(info["partition-id"]) for node, info in answers.items()}
         self.node_tokens = {node: int(info["train-tokens"]) for node, info in answers.items()}
         own = sorted(
@@ -216,7 +233,6 @@ class FederatedRun:
             bytes_sent=bytes_sent,
             bytes_received=bytes_received,
             clients_straggling=straggling,
-            dp_epsilon=privacy.spent_epsilon(self.strategy),
         )
         self._timings(row, metrics, time.time() - t0)
         if metrics:
@@ -231,13 +247,17 @@ class FederatedRun:
         return row
 
     def sampling_grid(self, grid: Grid, rnd: int) -> Grid:
-        """The grid as the strategy sees it when sampling this round's clients: nodes in partition order, and
-        Flower's sampler (the global `random`) seeded by the run's seed and the round. The same partitions
-        train in every run of this config, a resumed one included, whatever ids its nodes have. Flower's DP
-        noise (the global numpy generator) is seeded the same way."""
+        """The grid as the strategy sees it when sampling this round's clients.
+
+        Without DP: nodes in partition order, and Flower's sampler (the global `random`) seeded by the run's
+        seed and the round, so that the same partitions train in every run of this config, a resumed one
+        included, whatever ids its nodes have. Under DP: only the nodes privacy.ClientDP sampled, from the
+        OS's entropy (the strategy takes them all)."""
+        ordered = PartitionOrderedGrid(grid, self.partition_of)
+        if self.dp is not None:
+            return PartitionOrderedGrid(grid, self.partition_of, only=self.dp.sample(ordered.get_node_ids()))
         random.seed(self.cfg.train.seed * 1_000_003 + rnd)
-        np.random.seed((self.cfg.train.seed * 1_000_003 + rnd) % 2**32)
-        return PartitionOrderedGrid(grid, self.partition_of)
+        return ordered
 
     def stragglers(self, rnd: int, msgs: list[Message]) -> tuple[list[Message], int]:
         """fed.stragglers of this round's messages go to stragglers, drawn from the run's seed and the round:
@@ -275,7 +295,7 @@ class FederatedRun:
 
     def aggregate(self, rnd: int, replies: list[Message]) -> tuple[list[Message], int]:
         """Unpack the train replies, drop failed or misfit ones, and move the global model to the strategy's
-        aggregate.
+        aggregate (under DP: of the noised mean of their clipped updates).
 
         Returns the replies used (fp32 weights in their ArrayRecord) and the bytes received.
         """
@@ -307,31 +327,62 @@ class FederatedRun:
                 continue
             r.content["arrays"] = ArrayRecord(state)
             ok.append(r)
-        self.step(rnd, ok)
+        if self.dp is None:
+            self.step(rnd, ok)
+            return ok, bytes_received
+        deltas = [flatten(r.content["arrays"].to_torch_state_dict(), {}, base=expected) for r in ok]
+        total, unclipped = self.dp.clip(deltas)
+        if self.cfg.dp.clipping == "client":  # clipped before they were sent: the clients say which were not
+            unclipped = sum(int(r.content["metrics"]["dp-unclipped"]) for r in ok)
+        self.step_to_mean(rnd, self.dp.release(total, self.exchanged_size, unclipped))
         return ok, bytes_received
+
+    @property
+    def exchanged_size(self) -> int:
+        """Values in one update (tied aliases once)."""
+        return sum(v.numel() for k, v in self.global_state.items() if k not in self.aliases)
 
     def secure_aggregate(self, grid: Grid, rnd: int, msgs: list[Message]) -> tuple[list[Message], int, int]:
         """The round under SecAgg+ (fedgpt.fed.secagg): the server learns only the clients' weighted mean
-        update, so the strategy gets, in place of each client's weights, the global model plus that mean (a
-        FedAvg of them is the mean itself; DiLoCo, FedAdam & co. see the same pseudo-gradient as without
-        SecAgg+). Returns the replies used, and the bytes sent and received over the protocol's four
-        stages."""
-        f, b = self.cfg.fed, self.cfg.train
-        most_data = max(self.node_tokens.values(), default=1)  # the largest weight a client can send
-        step_tokens = most_data if f.full_batch else b.batch_size * self.cfg.model.block_size
-        max_weight = {"uniform": 1, "trained": f.local_steps * step_tokens, "data": most_data}[f.weighting]
-        mean, replies, sent, received = secagg.secure_round(grid, msgs, rnd, self.cfg, max_weight)
+        update, and the strategy steps on it (a FedAvg of one reply is itself; DiLoCo, FedAdam & co. see the
+        same pseudo-gradient as without SecAgg+). Under DP the clients have clipped their updates, the last
+        value of each says whether it was within the norm, and the server adds the noise to their sum. Returns
+        the replies used, and the bytes sent and received over the protocol's four stages."""
+        if len(msgs) < 2:  # one client's "sum" is its update: never run the protocol for it
+            self.log(f"round {rnd}: {len(msgs)} client(s) sampled, SecAgg+ needs 2 or more; the model stays")
+            if self.dp is not None:
+                self.dp.drop()
+            return [], 0, 0
+        mean, replies, sent, received = secagg.secure_round(grid, msgs, rnd, self.cfg, self.max_weight())
         if mean is None:
             self.log(f"round {rnd}: secure aggregation halted, too few clients answered; the model stays")
+            if self.dp is not None:
+                self.dp.drop()
             return [], sent, received
-        expected = {k: v for k, v in self.global_state.items() if k not in self.aliases}
-        state = from_record(encode(torch.from_numpy(mean), "fp32"), {}, base=self.global_state, like=expected)
-        arrays = ArrayRecord(state)
         replies = sorted(replies, key=lambda r: self.partition_of.get(r.metadata.src_node_id, -1))
-        for r in replies:
-            r.content = RecordDict({"arrays": arrays, "metrics": r.content["metrics"]})
-        self.step(rnd, replies)
+        mean = torch.from_numpy(mean).float()
+        if self.dp is not None:  # uniform weights: the mean times the clients is their sum
+            total = mean * len(replies)
+            mean = self.dp.release(total[:-1], self.exchanged_size, float(total[-1]))
+        self.step_to_mean(rnd, mean)
         return replies, sent, received
+
+    def max_weight(self) -> int:
+        """The largest weight a client can send (SecAgg+ scales every update by weight / this, which must not
+        exceed 1): its data, or the tokens of fed.local_steps steps of every micro-batch."""
+        f, t = self.cfg.fed, self.cfg.train
+        most_data = max(self.node_tokens.values(), default=1)
+        step_tokens = (
+            most_data if f.full_batch else t.batch_size * self.cfg.model.block_size * t.grad_accum_steps
+        )
+        return {"uniform": 1, "trained": f.local_steps * step_tokens, "data": most_data}[f.weighting]
+
+    def step_to_mean(self, rnd: int, mean: torch.Tensor) -> None:
+        """Let the strategy step on a round's mean update (flat), as if one client had sent global + mean."""
+        expected = {k: v for k, v in self.global_state.items() if k not in self.aliases}
+        state = from_record(encode(mean, "fp32"), {}, base=self.global_state, like=expected)
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 1})})
+        self.step(rnd, [Message(content, dst_node_id=0, message_type=MessageType.TRAIN)])
 
     def step(self, rnd: int, ok: list[Message]) -> None:
         """Move the global model to the strategy's aggregate of the replies (fp32 weights each)."""
@@ -355,13 +406,15 @@ class FederatedRun:
 
 
 class PartitionOrderedGrid:
-    """A Grid whose get_node_ids lists nodes by the partition they serve; everything else is the grid's."""
+    """A Grid whose get_node_ids lists nodes by the partition they serve (with `only`: just those nodes);
+    everything else is the grid's."""
 
-    def __init__(self, grid: Grid, partition_of: dict[int, int]):
-        self._grid, self._partition_of = grid, partition_of
+    def __init__(self, grid: Grid, partition_of: dict[int, int], only: list[int] | None = None):
+        self._grid, self._partition_of, self._only = grid, partition_of, only
 
     def get_node_ids(self) -> list[int]:
-        return sorted(self._grid.get_node_ids(), key=lambda n: (self._partition_of.get(n, -1), n))
+        nodes = self._grid.get_node_ids() if self._only is None else self._only
+        return sorted(nodes, key=lambda n: (self._partition_of.get(n, -1), n))
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)

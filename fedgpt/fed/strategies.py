@@ -28,7 +28,6 @@ from flwr.serverapp.strategy import (
 )
 
 from fedgpt.config import STRATEGY_SERVER_LR, FedConfig
-from fedgpt.fed import privacy
 
 
 class OuterSGD(FedAvg):
@@ -125,23 +124,22 @@ def server_lr(fed: FedConfig) -> float | None:
     return None if default is None else (fed.server_lr or default)
 
 
-def make_strategy(fed: FedConfig) -> Strategy:
-    """The Flower strategy fed.strategy names, sampling fraction_train of the clients each round."""
+def make_strategy(fed: FedConfig, presampled: bool = False) -> Strategy:
+    """The Flower strategy fed.strategy names, sampling fraction_train of the clients each round; with
+    `presampled`, every node of the grid it is given (the caller sampled them: DP's Poisson sampling)."""
+    fraction = 1.0 if presampled else fed.fraction_train
     common = dict(
-        fraction_train=fed.fraction_train,
+        fraction_train=fraction,
         fraction_evaluate=1.0,
-        min_available_nodes=fed.min_clients or fed.num_clients,
-        min_train_nodes=max(1, math.ceil(fed.fraction_train * fed.num_clients)),
+        min_available_nodes=0 if presampled else fed.min_clients or fed.num_clients,
+        min_train_nodes=0 if presampled else max(1, math.ceil(fraction * fed.num_clients)),
         min_evaluate_nodes=1,
     )
     return _BUILDERS[fed.strategy](fed, server_lr(fed), common)
 
 
 def strategy_state(strategy: Strategy) -> dict:
-    """The strategy's optimizer state as tensors (checkpoints are loaded with weights_only), and a DP
-    wrapper's privacy ledger."""
-    if privacy.inner(strategy) is not strategy:
-        return {**strategy_state(privacy.inner(strategy)), **privacy.accountant_state(strategy)}
+    """The strategy's optimizer state as tensors (checkpoints are loaded with weights_only)."""
     if isinstance(strategy, OuterSGD):
         return strategy.state_dict()
     return {
@@ -152,10 +150,6 @@ def strategy_state(strategy: Strategy) -> dict:
 
 
 def load_strategy_state(strategy: Strategy, state: dict) -> None:
-    if privacy.inner(strategy) is not strategy:
-        privacy.load_accountant_state(strategy, state)
-        load_strategy_state(privacy.inner(strategy), {k: v for k, v in state.items() if k != "accountant"})
-        return
     if isinstance(strategy, OuterSGD):
         strategy.load_state_dict(state)
         return
