@@ -15,5 +15,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, opts = config_from_run_config(context.run_config, app_dir=Path(__file__).parent)
-    summary = FederatedRun(cfg, **opts).run(grid)
-    print(json.dumps(summary))
+    run = FederatedRun(cfg, **opts)
+    run.open_folder()
+    print(json.dumps(run.run(grid)))

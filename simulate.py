@@ -15,7 +15,8 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
-from fedgpt.config import PARTITIONS, STRATEGIES, load_config  # noqa: E402
+from fedgpt.config import load_config, parse_overrides  # noqa: E402
+from fedgpt.config_rules import PARTITIONS, STRATEGIES  # noqa: E402
 from fedgpt.fed.simulation import Resources, launch  # noqa: E402
 
 
@@ -65,10 +66,17 @@ def main(argv=None) -> dict:
         "fed.strategy": args.strategy,
         "fed.proximal_mu": args.mu,
     }
-    flag_overrides = [f"--{k}={v}" for k, v in flags.items() if v is not None]
     if args.mu is not None and args.strategy is None:
-        flag_overrides.append("--fed.strategy=fedprox")
-    cfg = load_config(args.config, flag_overrides + overrides)
+        flags["fed.strategy"] = "fedprox"
+    # The flags as values (dotted overrides win over them), checked with the rest of the config.
+    extra: dict[str, dict] = {}
+    for key, value in flags.items():
+        if value is not None:
+            section, name = key.split(".")
+            extra.setdefault(section, {})[name] = value
+    for section, values in parse_overrides(overrides).items():
+        extra.setdefault(section, {}).update(values)
+    cfg = load_config(args.config, extra)
     resources = Resources(args.client_cpus, args.client_gpus, args.ray_address)
     # client_app by module name: Ray actors import it, and its per-process cache lives on between rounds.
     summary = launch(

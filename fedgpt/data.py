@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedgpt.config import TOKENIZERS, DataConfig
+from fedgpt.config import DataConfig
+from fedgpt.config_rules import TOKENIZERS
 from fedgpt.download import download_shakespeare
 from fedgpt.files import atomic_write_bytes
 from fedgpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, get_tokenizer
@@ -195,16 +196,24 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     source = Path(cfg.input_file).expanduser().resolve() if cfg.input_file else download_shakespeare(data_dir)
     raw = _read_source(source)
     sha = hashlib.sha256(raw).hexdigest()
-    cache_dir = data_dir / f"{source.stem}-{cfg.tokenizer}"
+    vocab = _vocab(cfg) if cfg.tokenizer == "char" and cfg.vocab_file else None
+    suffix = f"-{hashlib.sha256(vocab.chars.encode()).hexdigest()[:8]}" if vocab else ""
+    cache_dir = data_dir / f"{source.stem}-{cfg.tokenizer}{suffix}"
     tiktoken_dir = data_dir / "tiktoken_cache"
 
     meta = _cache_is_valid(cache_dir, sha, cfg)
     if meta is None:
         text = _decode_utf8(raw, source)
         log.info("encoding %s with the %s tokenizer into %s", source, cfg.tokenizer, cache_dir)
-        tokenizer = (
-            CharTokenizer.from_text(text) if cfg.tokenizer == "char" else BPETokenizer(cache_dir=tiktoken_dir)
-        )
+        if cfg.tokenizer == "gpt2":
+            tokenizer = BPETokenizer(cache_dir=tiktoken_dir)
+        else:
+            tokenizer = vocab or CharTokenizer.from_text(text)
+            if vocab and set(text) - set(vocab.chars):
+                raise ValueError(
+                    f"{source} has characters that data.vocab_file={cfg.vocab_file} lacks "
+                    f"({''.join(sorted(set(text) - set(vocab.chars)))!r}): give a vocab_file that holds them"
+                )
         meta = _encode_to_cache(text, tokenizer, cfg, source, sha, cache_dir)
     else:
         tokenizer = get_tokenizer(meta["tokenizer"], cache_dir=tiktoken_dir)
@@ -220,6 +229,39 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         meta=meta,
         cache_dir=cache_dir,
     )
+
+
+def check_windows(block_size: int, ds: Dataset, client_tokens: list[int] | None = None) -> None:
+    """Refuse a context longer than the data can fill: the validation split (central evaluation needs one
+    window), the train split, or (federated) every client's data. Small clients may train on shorter windows;
+    a model none of whose data fills one window is a mistaken config, and an expensive one."""
+    val, train = len(ds.val) - 1, len(ds.train) - 1
+    largest = max(client_tokens) - 1 if client_tokens else train
+    for what, n in (
+        ("the validation split", val),
+        ("the train split", train),
+        ("any client's data", largest),
+    ):
+        if n < 1:  # no (input, target) pair at all
+            raise ValueError(
+                f"{what} has only {n + 1} token(s), need at least 2 for one (input, target) pair: use a "
+                "larger corpus"
+            )
+        if block_size > n:
+            raise ValueError(
+                f"model.block_size={block_size} is longer than {what} ({n + 1:,} tokens): lower it to "
+                f"{n:,} or less"
+            )
+
+
+def _vocab(cfg: DataConfig) -> CharTokenizer:
+    """The char vocabulary of data.vocab_file."""
+    path = Path(cfg.vocab_file).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"data.vocab_file={cfg.vocab_file} is not a file: give the text whose characters to use"
+        )
+    return CharTokenizer.from_text(_decode_utf8(_read_source(path), path))
 
 
 def load_node_tokens(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path) -> np.ndarray:

@@ -1,58 +1,21 @@
-"""Generation apart from the network: a KV cache and a sampling loop, ids in and ids out (no tokenizer here).
+"""Generation apart from the network: a sampling loop, ids in and ids out (no tokenizer here).
 
     out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)   # (B, T + new)
-    cache = KVCache.for_model(model, batch_size=2)                               # model(idx, kv_cache=cache)
 
-GPT.forward writes each layer's keys and values into the cache it is given.
+It works with any model that has a block_size in its cfg and a KV cache of its own (model.new_cache(batch):
+fedgpt.model's GPT), and imports none of them.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn import functional as F
-
-from fedgpt.model import GPT
-
-
-class KVCache:
-    """Keys and values of every layer for incremental decoding; GPT.forward appends to it in place."""
-
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int):
-        self.batch_size, self.n_head, self.max_len, self.head_size = batch_size, n_head, max_len, head_size
-        # Allocated on the first write of each layer, with the dtype and device of the keys that arrive:
-        # under autocast they are bf16/fp16, and a float32 cache would hand SDPA mixed dtypes.
-        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, max_len, hs)
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-        self.pos = 0  # positions filled so far, the same in every layer
-
-    @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty cache for up to max_len (default: the model's block_size) positions."""
-        c = model.cfg
-        length = min(max_len or c.block_size, c.block_size)
-        return cls(c.n_layer, batch_size, c.n_head, length, c.n_embd // c.n_head)
-
-    def __len__(self) -> int:
-        return self.pos
-
-    def reset(self) -> None:
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
-        if self.k[layer] is None:
-            shape = (self.batch_size, self.n_head, self.max_len, self.head_size)
-            self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos + T, hs)
 
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -72,7 +35,7 @@ def generate(
     was_training = model.training
     model.eval()
     bs = model.cfg.block_size
-    cache = KVCache.for_model(model, idx.size(0))
+    cache = model.new_cache(idx.size(0))
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     logits, _ = model(idx[:, -bs:], kv_cache=cache)  # prefill
     for i in range(max_new_tokens):
@@ -83,7 +46,7 @@ def generate(
         idx = torch.cat((idx, next_id), dim=1)
         if bool(finished.all()) or i == max_new_tokens - 1:
             break
-        if cache.pos < bs:
+        if len(cache) < bs:
             logits, _ = model(next_id, kv_cache=cache)
         else:
             # Cache full: positions would have to shift (learned wpe, RoPE angles), so re-run the last

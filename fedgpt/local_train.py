@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from fedgpt.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, model_from_checkpoint
 from fedgpt.config import Config, load_config
-from fedgpt.data import Batches, Dataset, load_dataset
+from fedgpt.data import Batches, Dataset, check_windows, load_dataset
 from fedgpt.download import DataUnavailableError
 from fedgpt.metrics import MetricsLog
 from fedgpt.rundir import claim_run_dir
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds = load_dataset(cfg.data)
     if procs.master:
         procs.barrier()
+    check_windows(cfg.model.block_size, ds)
 
     out_dir = Path(tc.out_dir)
     resume = load_checkpoint(out_dir / "last.pt") if args.resume else None
@@ -188,12 +189,7 @@ class LocalRun:
             self.evaluate_and_save(0.0)
         while tr.step < tc.max_steps:
             n = min(tc.eval_interval - tr.step % tc.eval_interval, tc.max_steps - tr.step)
-            tr.train_steps(
-                self.batches,
-                n,
-                total_steps=tc.max_steps,
-                grad_accum_steps=tc.grad_accum_steps // self.procs.world,
-            )
+            tr.train_steps(self.batches, n, grad_accum_steps=tc.grad_accum_steps // self.procs.world)
             self.evaluate_and_save(time.perf_counter() - t0)
         if self.procs.ddp:
             dist.destroy_process_group()

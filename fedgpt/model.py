@@ -4,7 +4,8 @@
     model = GPT(ModelConfig(arch="gpt2", vocab_size=65))
     logits, loss = model(idx, targets)                      # (B, T, vocab), scalar
 
-Generation and its KV cache live in fedgpt/generate.py, Hugging Face loading in fedgpt/hf.py.
+The KV cache lives here with the model (model.new_cache(batch)); the sampling loop in fedgpt/generate.py,
+Hugging Face loading in fedgpt/hf.py.
 
 Both architectures share one module layout (transformer.wte/h/ln_f, lm_head, and inside each
 block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj), so parameter names match
@@ -15,18 +16,58 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from fedgpt.config import ARCHS, ModelConfig
+from fedgpt.config import ModelConfig
+from fedgpt.config_rules import ARCHS
 from fedgpt.ops import gelu_tanh
 from fedgpt.optim import FusedAdamW, fused_supported
 
-if TYPE_CHECKING:
-    from fedgpt.generate import KVCache
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding (GPT.new_cache makes one). A forward pass
+    reserves its positions, each layer writes its keys and values there, and the pass moves the cache on."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int):
+        self.batch_size, self.n_head, self.max_len, self.head_size = batch_size, n_head, max_len, head_size
+        # Allocated on the first write of each layer, with the dtype and device of the keys that arrive:
+        # under autocast they are bf16/fp16, and a float32 cache would hand SDPA mixed dtypes.
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, max_len, hs)
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.pos = 0  # positions filled so far, the same in every layer
+
+    def __len__(self) -> int:
+        return self.pos
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def reserve(self, batch_size: int, length: int) -> int:
+        """Check that `length` more positions of `batch_size` rows fit; the position they start at."""
+        if self.pos + length > self.max_len or batch_size != self.batch_size:
+            raise ValueError(
+                f"KV cache holds {self.batch_size} rows of {self.max_len} positions, got {batch_size} rows "
+                f"reaching position {self.pos + length}"
+            )
+        return self.pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at the reserved position; return all keys and values so far."""
+        if self.k[layer] is None:
+            shape = (self.batch_size, self.n_head, self.max_len, self.head_size)
+            self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos + T, hs)
+
+    def advance(self, length: int) -> None:
+        """Move on past the positions every layer has now written."""
+        self.pos += length
 
 
 def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +112,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
         if kv_cache is not None:
-            past = kv_cache.pos
+            past = len(kv_cache)
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
         mask = None
         if past > 0 and T > 1:
@@ -201,14 +242,11 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for every position, and the mean cross-entropy when targets are given."""
         B, T = idx.size()
-        past = 0 if kv_cache is None else kv_cache.pos
+        past = 0 if kv_cache is None else len(kv_cache)
         if past + T > self.cfg.block_size:
             raise ValueError(f"sequence length {past + T} exceeds model.block_size={self.cfg.block_size}")
-        if kv_cache is not None and (past + T > kv_cache.max_len or B != kv_cache.batch_size):
-            raise ValueError(
-                f"KV cache holds {kv_cache.batch_size} rows of {kv_cache.max_len} positions, got {B} rows "
-                f"reaching position {past + T}"
-            )
+        if kv_cache is not None:
+            kv_cache.reserve(B, T)
 
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
@@ -223,7 +261,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         if kv_cache is not None:
-            kv_cache.pos += T  # only now: every layer wrote at the same offset
+            kv_cache.advance(T)  # only now: every layer wrote at the same offset
 
         loss = None
         if targets is not None:
@@ -232,6 +270,13 @@ class GPT(nn.Module):
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
         return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for up to max_len (default: block_size) positions of batch_size rows."""
+        c = self.cfg
+        return KVCache(
+            c.n_layer, batch_size, c.n_head, min(max_len or c.block_size, c.block_size), c.n_embd // c.n_head
+        )
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (e.g. GPT-2's 1024 to 256 for fine-tuning on a small corpus)."""

@@ -1,7 +1,7 @@
 """The one training core: every caller (local trainer, ClientApp, benchmarks, tests) trains through `Trainer`.
 
     trainer = Trainer(model, cfg.train, device)
-    metrics = trainer.train_steps(batches, num_steps=50, total_steps=cfg.train.max_steps)
+    metrics = trainer.train_steps(batches, num_steps=50)            # the local trainer's schedule
     val = evaluate(trainer.model, val_batches, iters=20, ctx=trainer.ctx)
 
 Also here: the learning-rate schedule, precision (autocast, GradScaler), FedProx's proximal gradient, and
@@ -17,6 +17,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -95,19 +96,36 @@ def precision_context(
     return ctx, scaler, precision
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
-    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_steps (default:
-    total_steps)."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    decay_steps = cfg.lr_decay_steps or total_steps or cfg.max_steps
-    if step >= decay_steps:
-        return cfg.min_lr
-    ratio = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of every optimizer step: linear warm-up to `peak`, cosine decay to `floor` at step
+    `decay_steps` (0: `peak` after warm-up, no decay), `floor` after it."""
+
+    peak: float
+    floor: float
+    warmup: int
+    decay_steps: int
+
+    @classmethod
+    def of(cls, tc: TrainConfig, steps: int | None = None) -> Schedule:
+        """The local trainer's schedule (over train.lr_decay_steps, or train.max_steps); over `steps` instead
+        (a federation's rounds x local steps), with warm-up taking the same share of it."""
+        if steps is None:
+            warmup, decay = tc.warmup_steps, tc.lr_decay_steps or tc.max_steps
+        else:
+            warmup, decay = round(tc.warmup_steps * steps / max(1, tc.max_steps)), steps
+        return cls(tc.learning_rate, tc.min_lr, warmup, decay if tc.decay_lr else 0)
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / (self.warmup + 1)
+        if not self.decay_steps:
+            return self.peak
+        if step >= self.decay_steps:
+            return self.floor
+        ratio = (step - self.warmup) / max(1, self.decay_steps - self.warmup)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+        return self.floor + coeff * (self.peak - self.floor)
 
 
 def proximal_term(params: list[torch.Tensor], ref: list[torch.Tensor]) -> torch.Tensor:
@@ -180,8 +198,6 @@ class Trainer:
 
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.step = 0  # optimizer steps taken, drives the LR schedule
-        # A model with LoRA adapters trains and exchanges only them (fedgpt.lora).
-        self.adapters_only = any(k.endswith(".lora_A") for k in model.state_dict())
         self.log = log
         self.peak = peak_flops(device)
 
@@ -198,26 +214,27 @@ class Trainer:
             )
         return self._optimizer
 
-    def load_global(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load weights into the model in place (keeps any compiled graph valid); with LoRA, the adapters."""
-        self.raw_model.load_state_dict(state_dict, strict=not self.adapters_only)
-
     def train_steps(
         self,
         batches: Iterator,
         num_steps: int,
-        total_steps: int | None = None,
+        schedule: Schedule | None = None,
+        at_step: int | None = None,
         grad_accum_steps: int | None = None,
         mu: float = 0.0,
         ref: list[torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """Run `num_steps` optimizer steps. Returns loss (mean), tokens, seconds, tokens_per_s, grad_norm, lr.
 
-        total_steps sizes the cosine schedule (default cfg.max_steps); mu > 0 adds FedProx's proximal term
-        against `ref` (the parameters of raw_model in order, e.g. the global model of this round).
+        The learning rate follows `schedule` (default: the local trainer's, Schedule.of(cfg)) from step
+        `at_step` (default: the steps this trainer has taken); mu > 0 adds FedProx's proximal term against
+        `ref` (the parameters of raw_model in order, e.g. the global model of this round).
         """
         if mu > 0 and ref is None:
             raise ValueError("mu > 0 needs ref, the reference parameters of the proximal term")
+        schedule = schedule or Schedule.of(self.cfg)
+        if at_step is not None:
+            self.step = at_step
         accum = grad_accum_steps or self.cfg.grad_accum_steps
         params = list(self.raw_model.parameters())
         self.model.train()
@@ -226,7 +243,7 @@ class Trainer:
         t0 = t_log = time.perf_counter()
         since_log = 0
         for _ in range(num_steps):
-            lr = lr_at(self.step, self.cfg, total_steps)
+            lr = schedule.lr(self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, step_tokens = self._forward_backward(batches, accum)

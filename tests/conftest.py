@@ -142,6 +142,7 @@ def simulate(
 
     cfg = load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out}", *overrides])
     run = (run_class or FederatedRun)(cfg, resume=resume, log=print)
+    run.open_folder()
     return simulation.simulate(run, importlib.import_module(app).app, cfg.fed.num_clients, backend_config())
 
 
@@ -163,3 +164,14 @@ def probe_dir(tmp_path: Path, monkeypatch) -> Path:
     d.mkdir()
     monkeypatch.setenv("FEDGPT_TEST_PROBE_DIR", str(d))
     return d
+
+
+@pytest.fixture
+def serverapp_identity(monkeypatch):
+    """The run and node a ServerApp process has (Messages take their ids from it), for tests that build the
+    server's messages outside a ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

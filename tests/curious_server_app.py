@@ -13,7 +13,6 @@ from flwr.serverapp import Grid, ServerApp
 from fedgpt.fed.grid import error_reason, exchange, wait_for_nodes
 from fedgpt.fed.run_config import config_from_run_config
 from fedgpt.fed.server import FederatedRun
-from fedgpt.fed.wire import to_record
 
 
 class PlainTrainRun(FederatedRun):
@@ -23,8 +22,8 @@ class PlainTrainRun(FederatedRun):
         nodes = wait_for_nodes(grid, self.cfg.fed.num_clients, self.cfg.fed.node_timeout, self.log)
         content = RecordDict(
             {
-                "arrays": to_record(self.global_state, self.aliases, fmt=self.cfg.fed.downlink),
-                "config": ConfigRecord({**self.train_config(), "server-round": 1}),
+                "arrays": self.exchange.downlink(self.global_state, base_id=1),
+                "config": ConfigRecord({**self.run_facts(), **self.work_order(1).to_config()}),
             }
         )
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]

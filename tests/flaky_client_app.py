@@ -18,7 +18,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    pid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
+    pid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["work.round"])
     if (pid, rnd) == (FAIL_PARTITION, FAIL_ROUND):
         raise RuntimeError(f"planned failure of partition {pid} in round {rnd}")
     return client.fit(msg, context)

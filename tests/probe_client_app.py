@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 
 import client_app
 import fedgpt.fed.client as client
+from fedgpt.fed.work import WorkOrder
 
 PROBE_DIR = Path(os.environ["FEDGPT_TEST_PROBE_DIR"])
 _restore, _fit = client.restore, client.fit
@@ -29,7 +30,10 @@ def restore_and_record(trainer, store, rnd, cfg):
 
 
 def fit_and_record(msg, context):
-    partition, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
+    partition, rnd = (
+        int(context.node_config["partition-id"]),
+        WorkOrder.from_config(msg.content["config"]).round,
+    )
     if os.environ.get("FEDGPT_TEST_FAIL") == f"{partition}:{rnd}":
         raise RuntimeError(f"planned failure of partition {partition} in round {rnd}")
     reply = _fit(msg, context)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from fedgpt.bench.results import END, MARKERS, START, write_doc
+from fedgpt.bench.results import END, START, TABLES, write_doc
 
-FRONTIER = MARKERS["frontier"]
+FRONTIER = TABLES["frontier"].markers
 
 TINY_TOKENS_PER_STEP = 8 * 16  # configs/tiny.yaml: batch_size x block_size
 
@@ -248,7 +248,7 @@ def test_rounds_to_target_counts_the_first_round_at_the_target(data_dir, tmp_pat
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((tmp_path / "runs" / "results-target.json").read_text())
-    assert [(r["split"], r["method"], r["rounds_run"]) for r in results] == [
+    assert [(r["group"], r["method"], r["rounds_run"]) for r in results] == [
         ("iid", "fedsgd", 3),
         ("iid", "fedavg", 3),
     ]

@@ -9,10 +9,10 @@ import torch
 
 from fedgpt.config import Config, ModelConfig, TrainConfig
 from fedgpt.data import Batches
-from fedgpt.fed.client import client_schedule, restore
+from fedgpt.fed.client import restore
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.model import GPT
-from fedgpt.train import Trainer, lr_at
+from fedgpt.train import Schedule, Trainer
 
 
 def trainer(seed: int = 0) -> Trainer:
@@ -74,9 +74,9 @@ def test_a_restored_optimizer_is_bitwise_the_one_saved_and_trains_on_identically
     for i, s in saved["state"].items():
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(s[name], restored["state"][i][name]), (i, name)
-    second.step = first.step  # the schedule's position comes with the round, not with the state
-    first.train_steps(batches(2), 2)
-    second.train_steps(batches(2), 2)
+    # the schedule's position comes with the round's work order, not with the state
+    first.train_steps(batches(2), 2, at_step=3)
+    second.train_steps(batches(2), 2, at_step=3)
     for a, b in zip(first.raw_model.parameters(), second.raw_model.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -92,21 +92,19 @@ def test_a_state_older_than_max_age_is_dropped_and_said_so(tmp_path):
     assert restore_optimizer(t, None, rnd=3, max_age=2) == (0, 0)  # client_optimizer=reset
 
 
-def test_client_schedule_stretches_the_local_trainers_shape_over_the_run():
+def test_the_clients_schedule_stretches_the_local_trainers_shape_over_the_run():
     tc = TrainConfig(learning_rate=3e-3, min_lr=3e-4, warmup_steps=100, max_steps=2000)
-    fed = client_schedule(tc, schedule_steps=250)  # e.g. 10 rounds x 25 local steps
-    assert fed.warmup_steps == 12  # 100 / 2000 of 250 steps, rounded
+    fed = Schedule.of(tc, steps=250)  # e.g. 10 rounds x 25 local steps
+    assert fed.warmup == 12  # 100 / 2000 of 250 steps, rounded
     # warm-up: linear to the peak over the same share; then the cosine, by hand
-    assert math.isclose(lr_at(0, fed), 3e-3 * 1 / 13)
-    assert math.isclose(lr_at(11, fed), 3e-3 * 12 / 13)
-    assert math.isclose(lr_at(12, fed), 3e-3)
+    assert math.isclose(fed.lr(0), 3e-3 * 1 / 13)
+    assert math.isclose(fed.lr(11), 3e-3 * 12 / 13)
+    assert math.isclose(fed.lr(12), 3e-3)
     halfway = 12 + (250 - 12) / 2
     assert math.isclose(
-        lr_at(int(halfway), fed), 3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + math.cos(math.pi * 0.5)), rel_tol=1e-2
+        fed.lr(int(halfway)), 3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + math.cos(math.pi * 0.5)), rel_tol=1e-2
     )
-    assert (
-        lr_at(249, fed) > 3e-4 and lr_at(250, fed) == 3e-4 and lr_at(400, fed) == 3e-4
-    )  # rounds added later
+    assert fed.lr(249) > 3e-4 and fed.lr(250) == 3e-4 and fed.lr(400) == 3e-4  # rounds added later
 
 
 def test_auto_keeps_client_state_only_when_every_client_trains_every_round():
@@ -125,8 +123,10 @@ def test_fedsgd_step_is_one_sgd_step_on_the_gradient_of_all_the_clients_windows(
     import itertools
 
     tokens = torch.randint(65, (300,), generator=torch.Generator().manual_seed(3)).numpy()
-    t = trainer()
-    t.cfg = TrainConfig(optimizer="sgd", learning_rate=0.5, warmup_steps=0, decay_lr=False, grad_clip=0.0)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65))
+    sgd = TrainConfig(optimizer="sgd", learning_rate=0.5, warmup_steps=0, decay_lr=False, grad_clip=0.0)
+    t = Trainer(model, sgd, torch.device("cpu"), log=None)
     x, y = Batches(tokens, 16, 4, seed=0).all_windows()
     assert x.shape == (19, 16)  # 18 windows of 16 cover 288 targets; the 19th ends at the last token
     before = {k: v.clone() for k, v in t.raw_model.named_parameters()}

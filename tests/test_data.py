@@ -206,6 +206,22 @@ def test_cache_without_meta_is_not_trusted(small_corpus, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 
 
+def test_vocab_file_gives_a_char_corpus_another_texts_vocabulary(tmp_path):
+    # A base model's vocabulary for a fine-tuning corpus that uses fewer characters, and a refusal of one that
+    # uses characters the base never saw.
+    base, small, odd = tmp_path / "base.txt", tmp_path / "small.txt", tmp_path / "odd.txt"
+    base.write_text("ALICE:\nhello, world!\n\nBOB:\nhi.\n" * 50)
+    small.write_text("BOB:\nhello hello\n\n" * 50)
+    odd.write_text("BOB:\nhello $3\n\n" * 50)
+    own = load_dataset(DataConfig(input_file=str(small), data_dir=str(tmp_path / "d")))
+    ds = load_dataset(DataConfig(input_file=str(small), data_dir=str(tmp_path / "d"), vocab_file=str(base)))
+    assert ds.tokenizer.meta() == CharTokenizer.from_text(base.read_text()).meta()
+    assert own.tokenizer.vocab_size < ds.tokenizer.vocab_size
+    assert ds.tokenizer.decode(np.concatenate([ds.train, ds.val])) == small.read_text()
+    with pytest.raises(ValueError, match=r"characters that data.vocab_file=.* lacks \('\$3'\)"):
+        load_dataset(DataConfig(input_file=str(odd), data_dir=str(tmp_path / "d"), vocab_file=str(base)))
+
+
 def test_load_dataset_rejects_bad_files(tmp_path):
     def load(path: Path):
         return load_dataset(DataConfig(input_file=str(path), data_dir=str(tmp_path / "data")))

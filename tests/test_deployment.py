@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from fedgpt.bench.loopback import Deployment
 from fedgpt.fed.run_config import config_from_run_config
 
-REPO = Path(__file__).resolve().parents[1]
 # seconds for `flwr run --stream`; 2 rounds take ~60-100 s on 2 busy cores (a fresh ClientApp process per
 # message)
 RUN_TIMEOUT = 240

@@ -9,11 +9,14 @@ import json
 import pytest
 import torch
 from conftest import TINY, simulate
+from flwr.app import ArrayRecord
 
 from fedgpt.checkpoint import load_checkpoint
-from fedgpt.config import STRATEGIES, load_config
+from fedgpt.config import load_config
+from fedgpt.config_rules import STRATEGIES
 from fedgpt.fed.rounds import read_rounds
-from fedgpt.fed.wire import tied_aliases
+from fedgpt.fed.server import FederatedRun
+from fedgpt.fed.wire import decode
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 
@@ -95,14 +98,15 @@ def test_fedavg_weights_clients_by_their_data(data_dir, tmp_path, probe_dir):
     )
     sizes = json.loads((out / "partition.json").read_text())["tokens"]
     assert max(sizes) > 1.5 * min(sizes), sizes  # a skewed split, or the test proves nothing
-    sent = [torch.load(probe_dir / f"sent-p{p}-r1.pt", weights_only=True)["flat"] for p in range(3)]
-    expected = sum(n * w for n, w in zip(sizes, sent)) / sum(sizes)  # McMahan et al.: n_k / n
-    ckpt = load_checkpoint(out / "last.pt")
-    from fedgpt.checkpoint import model_from_checkpoint
-
-    model = model_from_checkpoint(ckpt)
-    aliases = tied_aliases(model)
-    flat = torch.cat([v.reshape(-1) for k, v in ckpt["model"].items() if k not in aliases])
+    # what each client sent: its update (fp32), against the initial model every run of this config has
+    sent = [
+        decode(ArrayRecord(torch.load(probe_dir / f"sent-p{p}-r1.pt", weights_only=True))) for p in range(3)
+    ]
+    cfg = load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={tmp_path / 'init'}"])
+    init = FederatedRun(cfg, log=lambda s: None)
+    start = init.exchange.flatten(init.global_state)
+    expected = start + sum(n * u for n, u in zip(sizes, sent)) / sum(sizes)  # McMahan et al.: n_k / n
+    flat = init.exchange.flatten(load_checkpoint(out / "last.pt")["model"])
     torch.testing.assert_close(flat, expected, rtol=0, atol=1e-6)
-    unweighted = sum(sent) / 3
+    unweighted = start + sum(sent) / 3
     assert (flat - unweighted).abs().max() > 1e-4  # the weights made a difference

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_instruction
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from conftest import REPO, TINY, backend_config, train_instruction
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from test_strategies import Grid
 
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.config import load_config
@@ -26,11 +27,7 @@ from fedgpt.fed.server import FederatedRun
 from fedgpt.rundir import claim_run_dir
 from simulate import main as simulate_main
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
-QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-os.environ.update(QUIET)  # the simulations run in this process
-ENV = {**os.environ, **QUIET}
+ENV = dict(os.environ)  # conftest keeps Flower offline and quiet in this process and its children
 ROUND_FIELDS = {
     "round",
     "val_loss",
@@ -52,11 +49,6 @@ def tiny_run(data_dir: Path, out_dir: Path, *overrides: str) -> FederatedRun:
         load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out_dir}", *overrides]),
         log=print,
     )
-
-
-def backend_config() -> dict:
-    """What simulate.main passes on a CPU machine: one CPU per client, as many clients at once as cores."""
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": simulation.ray_init_args()}
 
 
 def rounds(out_dir: Path) -> list[dict]:
@@ -97,14 +89,7 @@ def kill_session(sid: int, grace: float = 10.0) -> list[int]:
     return session_pids(sid)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_ray_left():
-    """A failing test must not leave this process's Ray instance to the next one."""
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("no_ray_left")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +105,7 @@ def fedavg_out(data_dir, tmp_path_factory) -> Path:
 # --------------------------------------------------------------------
 
 
-def train_reply(node: int, arrays: dict[str, torch.Tensor], tokens: int, loss: float) -> Message:
+def train_reply(node: int, arrays: ArrayRecord, tokens: int, loss: float) -> Message:
     """A client's train reply as it reaches the ServerApp."""
     metrics = MetricRecord(
         {
@@ -131,36 +116,39 @@ def train_reply(node: int, arrays: dict[str, torch.Tensor], tokens: int, loss: f
             "train-start": 0.0,
         }
     )
-    return Message(
-        RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=train_instruction(node)
-    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=train_instruction(node))
 
 
 def test_fedavg_is_token_weighted_mean(data_dir, tmp_path):
     run = tiny_run(data_dir, tmp_path)
-    canonical = {k: v for k, v in run.global_state.items() if k not in run.aliases}
+    ex, start = run.exchange, run.exchange.flatten(run.global_state)
+    sent = ex.downlink(run.global_state, base_id=1)
     g = torch.Generator().manual_seed(0)
-    clients = [{k: torch.randn(v.shape, generator=g) for k, v in canonical.items()} for _ in range(3)]
+    updates = [torch.randn(ex.size, generator=g) for _ in range(3)]
     tokens = [128, 384, 1024]
-    replies = [train_reply(node, arrays, n, 4.0) for node, arrays, n in zip((11, 12, 13), clients, tokens)]
+    replies = [
+        train_reply(n, ex.uplink(u, sent)[0], t, 4.0) for n, u, t in zip((11, 12, 13), updates, tokens)
+    ]
     failed = Message(
         Error(code=0, reason="Traceback ...\nRuntimeError: out of memory"), reply_to=train_instruction(14)
     )
-    run.partition_of = {11: 2, 12: 0, 13: 1, 14: 3}
+    run.nodes.partition_of = {11: 2, 12: 0, 13: 1, 14: 3}
     received = sum(r.content["arrays"].count_bytes() for r in replies)
 
-    ok, nbytes = run.aggregate(1, [replies[2], failed, replies[0], replies[1]])
+    ok, nbytes = run.aggregate(1, [replies[2], failed, replies[0], replies[1]], sent)
 
     assert len(ok) == 3 and nbytes == received
     assert [r.metadata.src_node_id for r in ok] == [12, 13, 11]  # by partition id, whatever the arrival order
-    for k in canonical:
-        expected = sum(n * c[k] for n, c in zip(tokens, clients)) / sum(tokens)
-        torch.testing.assert_close(run.global_state[k], expected, rtol=1e-6, atol=1e-6)
-        assert run.global_state[k].dtype == torch.float32
+    expected = start + sum(t * u for t, u in zip(tokens, updates)) / sum(tokens)
+    torch.testing.assert_close(ex.flatten(run.global_state), expected, rtol=1e-6, atol=1e-6)
+    assert all(v.dtype == torch.float32 for v in run.global_state.values())
     assert torch.equal(run.global_state["lm_head.weight"], run.global_state["transformer.wte.weight"])
     # Another arrival order gives the same bits: the sums run in partition order.
-    first = run.global_state
-    run.aggregate(1, [replies[1], replies[0], replies[2]])
+    first, run.global_state = run.global_state, ex.unflatten(start)
+    replies = [
+        train_reply(n, ex.uplink(u, sent)[0], t, 4.0) for n, u, t in zip((11, 12, 13), updates, tokens)
+    ]
+    run.aggregate(1, [replies[1], replies[0], replies[2]], sent)
     assert all(torch.equal(first[k], run.global_state[k]) for k in first)
 
 
@@ -168,8 +156,33 @@ def test_aggregate_keeps_global_model_when_all_clients_fail(data_dir, tmp_path):
     run = tiny_run(data_dir, tmp_path)
     before = {k: v.clone() for k, v in run.global_state.items()}
     failed = [Message(Error(code=0, reason="boom"), reply_to=train_instruction(n)) for n in (1, 2)]
-    assert run.aggregate(1, failed) == ([], 0)
+    assert run.aggregate(1, failed, run.exchange.downlink(before, base_id=1)) == ([], 0)
     assert all(torch.equal(before[k], run.global_state[k]) for k in before)
+
+
+def test_diloco_stays_put_when_clients_change_nothing_over_an_fp16_downlink(
+    data_dir, tmp_path, serverapp_identity
+):
+    # Clients that train from the fp16-rounded weights and change nothing send a zero update; the global model
+    # (and DiLoCo's momentum) must not move. Taking their weights for their work, it moved by the rounding.
+    run = tiny_run(data_dir, tmp_path, "--fed.downlink=fp16", "--fed.strategy=diloco")
+    before = {k: v.clone() for k, v in run.global_state.items()}
+    run.nodes.partition_of = {1: 0, 2: 1, 3: 2}
+    for rnd in (1, 2):
+        run.strategy.configure_train(
+            rnd, run.exchange.per_tensor(run.global_state), ConfigRecord(), Grid([1, 2, 3])
+        )
+        sent = run.exchange.downlink(run.global_state, base_id=rnd)
+        received = run.exchange.read_downlink(sent)
+        assert any(not torch.equal(received[k], before[k]) for k in before)  # the downlink is rounded
+        zero = run.exchange.difference(received, received)
+        replies = [train_reply(n, run.exchange.uplink(zero, sent)[0], 10, 4.0) for n in (1, 2, 3)]
+        run.aggregate(rnd, replies, sent)
+    # FedAvg's float sum of three equal weights may differ from them in the last bit; the downlink's rounding
+    # is thousands of times that (2^-11 of a weight)
+    moved = max(float((before[k] - run.global_state[k]).abs().max()) for k in before)
+    rounding = max(float((received[k] - before[k]).abs().max()) for k in before)
+    assert moved < 1e-3 * rounding, (moved, rounding)
 
 
 def test_round_is_evaluated_and_saved_as_it_ended(data_dir, tmp_path):

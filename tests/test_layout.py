@@ -5,6 +5,7 @@ on a checkout."""
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import subprocess
 import sys
@@ -122,3 +123,36 @@ def test_nothing_in_the_package_locates_a_checkout():
     # A module that finds files next to itself (Path(__file__).parents[...]) only works from a checkout.
     for path in PACKAGE.rglob("*.py"):
         assert "__file__" not in path.read_text(), f"{path.relative_to(REPO)} locates files from __file__"
+
+
+def test_model_and_generation_do_not_import_each_other():
+    # The KV cache lives with the model and moves itself on; the sampling loop takes any model with one.
+    for a, b in (("model", "generate"), ("generate", "model")):
+        tree = ast.parse((PACKAGE / f"{a}.py").read_text())
+        names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert f"fedgpt.{b}" not in names, f"fedgpt/{a}.py imports fedgpt.{b} (TYPE_CHECKING included)"
+
+
+# A room a reader can read top to bottom, and functions that fit on a screen, but for the model's forward
+# passes and the training step, which read best whole.
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+LONG_BY_NATURE = {"fedgpt.model.*.forward", "fedgpt.train.Trainer.train_steps"}
+
+
+def test_modules_and_functions_stay_readable():
+    long_modules, long_functions = [], []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            long_modules.append(f"{path.relative_to(REPO)} ({text.count(chr(10))} lines)")
+        tree = ast.parse(text)
+        for cls in [None, *[n for n in tree.body if isinstance(n, ast.ClassDef)]]:
+            for fn in (tree if cls is None else cls).body:
+                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    name = f"{module_name(path)}.{cls.name + '.' if cls else ''}{fn.name}"
+                    exempt = any(fnmatch.fnmatch(name, pattern) for pattern in LONG_BY_NATURE)
+                    if fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES and not exempt:
+                        long_functions.append(f"{name} ({fn.end_lineno - fn.lineno + 1} lines)")
+    assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"

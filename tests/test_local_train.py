@@ -201,7 +201,7 @@ def bad_runs(run_a: Path, tmp_path_factory, data_dir: Path) -> dict[str, subproc
 BAD = {
     "missing_input": r"input file /nonexistent/corpus.txt not found",
     "not_utf8": r"latin1.txt is not UTF-8 text",
-    "too_small": r"only 1 token\(s\), need at least 2 for one \(input, target\) pair",
+    "too_small": r"has only 1 token\(s\), need at least 2 for one \(input, target\) pair",
     "block_size": r"another architecture than the config's \(model.block_size: checkpoint 16 vs config 32\)",
     "resume_nothing": r"last.pt not found",
     "unknown_key": r"invalid config: (?=.*train.max_stepz: unknown key)(?=.*model.n_layerz: unknown key)",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedgpt.config import ModelConfig
-from fedgpt.generate import KVCache, generate
+from fedgpt.generate import generate
 from fedgpt.hf import from_hf
 from fedgpt.model import GPT, swiglu_hidden
 from fedgpt.ops import _SigmoidTanhGELU, gelu_tanh
@@ -58,14 +58,14 @@ def test_kv_cache_matches_full_sequence(arch):
     idx = randint(2, 16)
     full, _ = model(idx)
 
-    cache = KVCache.for_model(model, 2)
+    cache = model.new_cache(2)
     steps = [model(idx[:, :5], kv_cache=cache)[0]]
     steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 16)]
     assert len(cache) == 16
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
     # a multi-token chunk at an offset must be causal inside the chunk and see the whole cache
-    cache = KVCache.for_model(model, 2)
+    cache = model.new_cache(2)
     chunks = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 5), (5, 9), (9, 16))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
 
@@ -233,7 +233,7 @@ def test_loss_ignores_minus_one_and_autocast():
     torch.testing.assert_close(loss, want)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, loss = model(x, y)
-        cache = KVCache.for_model(model, 2)
+        cache = model.new_cache(2)
         model(x[:, :5], kv_cache=cache)
         model(x[:, 5:6], kv_cache=cache)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)

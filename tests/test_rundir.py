@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, TINY
 
 from fedgpt.config import load_config
 from fedgpt.rundir import RUN_FILE, claim_run_dir
-
-TINY = REPO / "configs" / "tiny.yaml"
 
 
 def config(*overrides: str) -> dict:

@@ -20,7 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.config import load_config
 from fedgpt.fed.server import FederatedRun
-from fedgpt.fed.wire import flatten, from_record
+from fedgpt.fed.wire import decode
 
 pytestmark = pytest.mark.usefixtures("no_ray_left")  # Ray, started by the slow tests, ends with the module
 
@@ -53,7 +53,7 @@ class RecordingRun(FederatedRun):
 
     def run(self, grid):
         name = self.cfg.train.out_dir.rsplit("/", 1)[-1]
-        SEEN[name] = [{k: v.clone() for k, v in self.global_state.items() if k not in self.aliases}, self, []]
+        SEEN[name] = [{k: self.global_state[k].clone() for k in self.exchange.names}, self, []]
         return super().run(RecordingGrid(grid, SEEN[name][2]))
 
 
@@ -74,15 +74,12 @@ def test_the_server_sees_only_the_mean_and_it_is_fedavgs(data_dir, tmp_path, mon
     )
     init, plain_run, plain = SEEN["plain"]
     _, secure_run, secure = SEEN["secure"]
-    partition_of, partition_of_secure = plain_run.partition_of, secure_run.partition_of
+    partition_of, partition_of_secure = plain_run.nodes.partition_of, secure_run.nodes.partition_of
     plain, secure = train_replies(plain), train_replies(secure)
     assert len(plain) == len(secure) == 3
 
-    # Without SecAgg+ each client's weights reach the server: its update is there to read.
-    updates = {}
-    for r in plain:
-        state = from_record(r.content["arrays"], {}, like=init)
-        updates[partition_of[r.metadata.src_node_id]] = flatten(state, {}, base=init).numpy()
+    # Without SecAgg+ each client's update reaches the server, there to read.
+    updates = {partition_of[r.metadata.src_node_id]: decode(r.content["arrays"]).numpy() for r in plain}
     assert all(np.abs(u).max() > 1e-3 for u in updates.values())
 
     # With it, no reply holds an array, and what each client sent (its masked vector) is uncorrelated with
@@ -227,7 +224,7 @@ def test_clients_clip_then_secagg_sums_then_the_server_adds_noise_and_moves_the_
     simulate(data_dir, out, "client_app", "--fed.rounds=1", *flags)
     cfg = load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={tmp_path / 'init'}"])
     init = FederatedRun(cfg, log=lambda s: None)  # the initial global model every run of this config has
-    keys = [k for k in init.global_state if k not in init.aliases]
+    keys = init.exchange.names
     end = load_checkpoint(out / "last.pt")["model"]
     step = float(torch.cat([(end[k].float() - init.global_state[k]).ravel() for k in keys]).norm())
     values = sum(init.global_state[k].numel() for k in keys)
@@ -284,7 +281,7 @@ def test_the_weight_bound_counts_every_micro_batch(data_dir, tmp_path):
     overrides = ["--fed.weighting=trained", "--train.grad_accum_steps=2", "--secagg.enabled=true"]
     cfg = load_config(TINY, [*overrides, f"--data.data_dir={data_dir}", f"--train.out_dir={tmp_path}"])
     run = FederatedRun(cfg, log=lambda s: None)
-    run.node_tokens = {1: 10_000}
+    run.nodes.train_tokens = {1: 10_000}
     trainer = Trainer(GPT(cfg.model), cfg.train, torch.device("cpu"), log=None)
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 10_000)
     trained = trainer.train_steps(

@@ -8,18 +8,11 @@ import torch
 from conftest import train_instruction
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedgpt.config import STRATEGIES, FedConfig
+from fedgpt.config import FedConfig
+from fedgpt.config_rules import STRATEGIES
 from fedgpt.fed.strategies import OuterSGD, load_strategy_state, make_strategy, server_lr, strategy_state
 
-
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    """The run and node a ServerApp process has (Messages take their ids from it), for the strategies here."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 class Grid:
@@ -164,12 +157,12 @@ def test_sampled_partitions_do_not_depend_on_node_ids(data_dir, tmp_path):
     run = FederatedRun(cfg, log=lambda _: None)
     samples = []
     for ids in ([101 + 7 * i for i in range(10)], [9000 - 13 * i for i in range(10)]):
-        run.partition_of = {node: p for p, node in enumerate(ids)}
+        run.nodes.partition_of = {node: p for p, node in enumerate(ids)}
         grid = Grid(list(reversed(ids)) if ids[0] > 1000 else ids)
         per_round = []
         for rnd in (1, 2, 3):
             msgs = run.strategy.configure_train(rnd, ArrayRecord({}), _config(), run.sampling_grid(grid, rnd))
-            per_round.append(sorted(run.partition_of[m.metadata.dst_node_id] for m in msgs))
+            per_round.append(sorted(run.nodes.partition_of[m.metadata.dst_node_id] for m in msgs))
         samples.append(per_round)
     assert samples[0] == samples[1] and all(len(s) == 3 for s in samples[0])
     assert len({tuple(s) for s in samples[0]}) > 1  # a new sample each round

@@ -15,11 +15,11 @@ from fedgpt.checkpoint import save_checkpoint
 from fedgpt.config import Config, ModelConfig, TrainConfig
 from fedgpt.model import GPT
 from fedgpt.train import (
+    Schedule,
     Trainer,
     add_proximal_grad,
     build_model,
     evaluate,
-    lr_at,
     precision_context,
     proximal_term,
 )
@@ -66,32 +66,33 @@ def flat(model: GPT) -> torch.Tensor:
 
 def test_lr_warmup_is_linear_and_peaks_at_warmup():
     cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
-    warm = [lr_at(s, cfg) for s in range(10)]
+    warm = [Schedule.of(cfg).lr(s) for s in range(10)]
     steps = [b - a for a, b in zip(warm, warm[1:])]
     assert all(d > 0 for d in steps)
     assert max(steps) - min(steps) < 1e-12, "warmup must be linear"
     assert warm[-1] < cfg.learning_rate
-    assert lr_at(10, cfg) == pytest.approx(cfg.learning_rate)
-    assert max(lr_at(s, cfg) for s in range(100)) == pytest.approx(cfg.learning_rate)
+    assert Schedule.of(cfg).lr(10) == pytest.approx(cfg.learning_rate)
+    assert max(Schedule.of(cfg).lr(s) for s in range(100)) == pytest.approx(cfg.learning_rate)
 
 
 def test_lr_cosine_ends_at_min_lr_at_the_decay_step():
     cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
-    lrs = [lr_at(s, cfg) for s in range(10, 101)]
+    lrs = [Schedule.of(cfg).lr(s) for s in range(10, 101)]
     assert all(b <= a for a, b in zip(lrs, lrs[1:])), "cosine decay must be monotone"
-    assert lr_at(100, cfg) == pytest.approx(cfg.min_lr)
-    assert lr_at(55, cfg) == pytest.approx((cfg.learning_rate + cfg.min_lr) / 2)  # halfway through the cosine
-    assert lr_at(500, cfg) == cfg.min_lr
-    # lr_decay_steps and total_steps size the decay instead of max_steps
-    assert lr_at(40, dataclasses.replace(cfg, lr_decay_steps=40)) == pytest.approx(cfg.min_lr)
-    assert lr_at(60, cfg, total_steps=60) == pytest.approx(cfg.min_lr)
-    assert lr_at(59, cfg, total_steps=60) > cfg.min_lr
+    assert Schedule.of(cfg).lr(100) == pytest.approx(cfg.min_lr)
+    assert Schedule.of(cfg).lr(55) == pytest.approx(
+        (cfg.learning_rate + cfg.min_lr) / 2
+    )  # halfway through the cosine
+    assert Schedule.of(cfg).lr(500) == cfg.min_lr
+    # lr_decay_steps sizes the decay instead of max_steps
+    assert Schedule.of(dataclasses.replace(cfg, lr_decay_steps=40)).lr(40) == pytest.approx(cfg.min_lr)
+    assert Schedule.of(dataclasses.replace(cfg, lr_decay_steps=40)).lr(39) > cfg.min_lr
 
 
 def test_lr_constant_without_decay():
     cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=5, max_steps=100, decay_lr=False)
-    assert lr_at(2, cfg) < cfg.learning_rate
-    assert {lr_at(s, cfg) for s in range(5, 300)} == {cfg.learning_rate}
+    assert Schedule.of(cfg).lr(2) < cfg.learning_rate
+    assert {Schedule.of(cfg).lr(s) for s in range(5, 300)} == {cfg.learning_rate}
 
 
 # --- training core

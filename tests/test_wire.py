@@ -1,5 +1,7 @@
-"""What crosses the wire: one flat array, tied weights once; fp16 updates; int8 / int4 quantized updates
-against a hand-computed quantizer, their sizes, and error feedback's bookkeeping; misfit records refused."""
+"""What crosses the wire (fedgpt.fed.wire.Exchange): one flat array, tied weights once; records that say what
+they hold; fp16 and int8 / int4 updates against a hand-computed quantizer, and their sizes; updates taken
+against exactly what the client received (an fp16 downlink's rounding never accumulates); error feedback
+through the client's own round (fedgpt.fed.client.fit, in process); misfit records refused."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import TINY, train_instruction
+from flwr.app import ConfigRecord, Context, RecordDict
 
-from fedgpt.config import ModelConfig
-from fedgpt.fed.wire import decode, dequantize, encode, from_record, quantize, tied_aliases, to_record
+from fedgpt.config import Config, ModelConfig, load_config
+from fedgpt.fed.wire import Exchange, decode, dequantize, encode, header, quantize
 from fedgpt.model import GPT
 
 
@@ -19,6 +23,12 @@ def gpt() -> GPT:
     return GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65))
 
 
+def exchange_of(model: GPT, **fed) -> Exchange:
+    cfg = Config()
+    cfg.fed = dataclasses.replace(cfg.fed, **fed)
+    return Exchange.of(model, cfg)
+
+
 def trained_from(base: dict, scale: float = 1e-2, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     trained = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
@@ -26,45 +36,44 @@ def trained_from(base: dict, scale: float = 1e-2, seed: int = 1) -> dict:
     return trained
 
 
-def test_wire_sends_tied_weights_once(gpt):
-    aliases = tied_aliases(gpt)
-    assert aliases == {"lm_head.weight": "transformer.wte.weight"}
+def test_the_wire_sends_tied_weights_once_and_says_what_it_holds(gpt):
+    ex = exchange_of(gpt)
+    assert ex.aliases == {"lm_head.weight": "transformer.wte.weight"} and "lm_head.weight" not in ex.names
     sd = gpt.state_dict()
-    per_tensor = to_record(sd, aliases, flat=False)  # what strategies average
+    per_tensor = ex.per_tensor(sd)  # what strategies average
     assert "lm_head.weight" not in per_tensor and "transformer.wte.weight" in per_tensor
-    record = to_record(sd, aliases)  # the wire: one array, tied weights once
-    params = sum(v.numel() for k, v in sd.items() if k not in aliases)
-    assert len(record) == 1 and all(
-        a.dtype == "float32" and tuple(a.shape) == (params,) for a in record.values()
-    )
-    for rec, like in ((per_tensor, None), (record, sd)):
-        back = from_record(rec, aliases, like=like)
-        assert set(back) == set(sd)
-        assert all(torch.equal(back[k], sd[k]) for k in sd)
+    down = ex.downlink(sd, base_id=41)  # the wire: a header and one array, tied weights once
+    params = sum(v.numel() for k, v in sd.items() if k not in ex.aliases)
+    assert (header(down).kind, header(down).values, header(down).base) == ("weights", params, 41)
+    assert down["flat"].dtype == "float32" and tuple(down["flat"].shape) == (params,)
+    for back in (ex.from_per_tensor(per_tensor), ex.read_downlink(down)):
+        assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     torch.manual_seed(1)
     other = GPT(gpt.cfg)
-    other.load_state_dict(back)
+    ex.load(other, back)
     assert other.lm_head.weight is other.transformer.wte.weight  # still tied after loading
     assert torch.equal(other.lm_head.weight, sd["lm_head.weight"])
+    # a tied weight's change counts once in an update's norm
+    trained = {k: v.clone() for k, v in sd.items()}
+    trained["transformer.wte.weight"][0, 0] += 3.0  # lm_head.weight is the same tensor in a model
+    trained["lm_head.weight"] = trained["transformer.wte.weight"]
+    assert float(ex.difference(trained, sd).norm()) == pytest.approx(3.0)
+    # updates and weights are not interchangeable
+    with pytest.raises(ValueError, match="sent weights where update belong"):
+        ex.apply(down, sd, down, "node 7")
 
 
-def test_wire_fp16_update_round_trip(gpt):
-    aliases = tied_aliases(gpt)
+def test_fp16_update_round_trip(gpt):
+    ex = exchange_of(gpt, uplink="fp16")
     base = {k: v.clone() for k, v in gpt.state_dict().items()}
-    trained = trained_from(base)
-    record = to_record(trained, aliases, fmt="fp16", base=base)
-    assert len(record) == 1 and all(a.dtype == "float16" for a in record.values())
-    back = from_record(record, aliases, base=base, like=base)
-    for k, v in trained.items():
-        delta = v - base[k]
-        assert torch.equal(back[k], base[k] + delta.half().float())  # exactly the fp16-rounded update
-        assert (
-            back[k] - v
-        ).abs().max() <= delta.abs().max() * 2**-11 + 1e-6  # fp16 keeps 11 significant bits
-    fp32 = to_record(trained, aliases)
-    params = sum(v.numel() for k, v in base.items() if k not in aliases)
-    assert 0 <= 2 * record.count_bytes() - fp32.count_bytes() <= 256  # half of fp32, but for a header
-    assert record.count_bytes() <= 2 * params + 256
+    sent = ex.downlink(base, base_id=3)
+    update = ex.difference(trained_from(base), base)
+    record, residual = ex.uplink(update, sent)
+    assert residual is None and record["flat"].dtype == "float16"
+    back = ex.apply(record, base, sent, "node 1")
+    torch.testing.assert_close(ex.difference(back, base), update.half().float(), rtol=0, atol=1e-7)
+    fp32, _ = exchange_of(gpt).uplink(update, sent)
+    assert 0 <= 2 * record.count_bytes() - fp32.count_bytes() <= 512  # half of fp32, but for the headers
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -90,40 +99,91 @@ def test_quantize_is_round_to_nearest_on_a_per_block_absmax_grid(bits):
 
 @pytest.mark.parametrize("fmt,bits_per_value", [("int8", 8), ("int4", 4)])
 def test_quantized_updates_round_trip_and_their_size(gpt, fmt, bits_per_value):
-    aliases = tied_aliases(gpt)
+    ex = exchange_of(gpt, uplink=fmt, quant_block=256)
     base = {k: v.clone() for k, v in gpt.state_dict().items()}
-    trained = trained_from(base)
-    n = sum(v.numel() for k, v in base.items() if k not in aliases)
-    record = to_record(trained, aliases, fmt=fmt, base=base, block=256)
-    headers = 3 * 200  # three arrays (codes, scales, block), each with an np.save header
-    assert record.count_bytes() <= n * bits_per_value / 8 + 4 * -(-n // 256) + 8 + headers
-    back = from_record(record, aliases, base=base, like=base)
-    update = torch.cat([(trained[k] - base[k]).reshape(-1) for k in base if k not in aliases])
-    sent = torch.cat([(back[k] - base[k]).reshape(-1) for k in base if k not in aliases])
-    error = (sent - update).norm() / update.norm()
+    sent = ex.downlink(base, base_id=5)
+    update = ex.difference(trained_from(base), base)
+    record, _ = ex.uplink(update, sent)
+    n, headers = ex.size, 3 * 200  # three arrays (header, codes, scales), each with an np.save header
+    assert record.count_bytes() <= n * bits_per_value / 8 + 4 * -(-n // 256) + 40 + headers
+    back = ex.apply(record, base, sent, "node 1")
+    error = (ex.difference(back, base) - update).norm() / update.norm()
     assert error < (0.01 if fmt == "int8" else 0.2)  # 127 or 7 steps either side of zero per block
     assert torch.equal(back["lm_head.weight"], back["transformer.wte.weight"])
 
 
-def test_error_feedback_sends_everything_in_the_end():
-    # Quantize an update, carry the error into the next: what was sent over the rounds plus the last error is
-    # exactly what there was to send.
-    g = torch.Generator().manual_seed(3)
-    updates = [torch.randn(500, generator=g) * 1e-3 for _ in range(6)]
-    residual, sent = torch.zeros(500), torch.zeros(500)
-    for u in updates:
-        x = u + residual
-        out = decode(encode(x, "int4", 64), 500)
-        residual, sent = x - out, sent + out
-    torch.testing.assert_close(sent + residual, sum(updates), rtol=0, atol=1e-6)
-    assert residual.abs().max() < updates[0].abs().max()  # the carried error stays one step's size
+def test_an_fp16_downlink_never_loses_small_updates(gpt):
+    # The issue's case: a weight of 1.0, 20 rounds of +3e-4 (under half an fp16 step at 1.0, 2^-11 = 4.9e-4).
+    # A client trains from the rounded weights it received and sends only its change; the server adds it to
+    # its exact fp32 model: 1.006, as with an fp32 downlink (the rounding of the downlink used to be taken for
+    # the client's work, and the weight stayed at 1.0003).
+    ex = exchange_of(gpt, downlink="fp16")
+    global_state = {k: torch.ones_like(v) for k, v in gpt.state_dict().items()}
+    for rnd in range(20):
+        sent = ex.downlink(global_state, base_id=rnd)
+        received = ex.read_downlink(sent)
+        trained = {k: v + 3e-4 for k, v in received.items()}
+        record, _ = ex.uplink(ex.difference(trained, received), sent)
+        global_state = ex.apply(record, global_state, sent, "node 1")
+    w = global_state["transformer.h.0.mlp.c_fc.weight"]
+    torch.testing.assert_close(w, torch.full_like(w, 1.006), rtol=0, atol=1e-5)
+    # an update against an older downlink is refused, not added
+    with pytest.raises(ValueError, match="against another model than this round's"):
+        ex.apply(record, global_state, ex.downlink(global_state, base_id=99), "node 1")
+
+
+def fit_rounds(data_dir, tmp_path, uplink: str, error_feedback: bool, rounds: int = 6) -> list:
+    """Client 0's round, run `rounds` times in this process (fedgpt.fed.client.fit, its state store on disk)
+    from the same global model; the update each round sends, as the server decodes it."""
+    from fedgpt.fed import client
+    from fedgpt.fed.server import FederatedRun
+
+    overrides = [f"--fed.uplink={uplink}", f"--fed.error_feedback={str(error_feedback).lower()}"]
+    overrides += [
+        f"--fed.rounds={rounds}",
+        "--train.decay_lr=false",
+    ]  # updates of one size, round after round
+    out = tmp_path / f"{uplink}-{error_feedback}"
+    cfg = load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out}", *overrides])
+    run = FederatedRun(cfg, log=lambda s: None)  # the server's side of the exchange; nothing on disk
+    context = Context(1, 1, {"partition-id": 0, "num-partitions": 3}, RecordDict(), {})
+    client._CACHE.clear()
+    sent_updates = []
+    for rnd in range(1, rounds + 1):
+        msg = train_instruction(1)
+        sent = run.exchange.downlink(run.global_state, base_id=rnd)
+        msg.content["arrays"] = sent
+        msg.content["config"] = ConfigRecord({**run.run_facts(), **run.work_order(rnd).to_config()})
+        reply = client.fit(msg, context)
+        state = run.exchange.apply(reply.content["arrays"], run.global_state, sent, "client 0")
+        sent_updates.append(run.exchange.difference(state, run.global_state))
+    return sent_updates
+
+
+def test_error_feedback_keeps_quantization_error_from_adding_up_over_rounds(data_dir, tmp_path):
+    # The same client, the same global model every round: the true updates are what an fp32 uplink sends.
+    # Without error feedback each round's int4 error adds to the last; with it, what was sent over the rounds
+    # is the true total but for the one residual still carried.
+    true = fit_rounds(data_dir, tmp_path, "fp32", False)
+    with_ef = fit_rounds(data_dir, tmp_path, "int4", True)
+    without = fit_rounds(data_dir, tmp_path, "int4", False)
+    total = sum(true)
+    one_round = max(float((w - t).norm()) for w, t in zip(without, true))  # a round's quantization error
+    err_with, err_without = float((sum(with_ef) - total).norm()), float((sum(without) - total).norm())
+    assert err_without > 1.8 * one_round  # grows with the rounds (6 independent errors: sqrt(6) = 2.4 x)
+    assert err_with < 1.2 * one_round  # stays at one round's error
+    assert err_with < 0.5 * err_without
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8", "int4"])
-def test_wire_from_another_model_is_refused(gpt, fmt):
-    aliases = tied_aliases(gpt)
-    base = gpt.state_dict()
-    record = to_record(base, aliases, fmt=fmt, base=base if fmt.startswith("int") else None)
-    smaller = GPT(dataclasses.replace(gpt.cfg, n_layer=1)).state_dict()
+def test_records_from_another_model_are_refused(gpt, fmt):
+    ex = exchange_of(gpt, uplink=fmt)
+    sd = gpt.state_dict()
+    sent = ex.downlink(sd, base_id=1)
+    record, _ = ex.uplink(torch.zeros(ex.size), sent)
+    smaller = exchange_of(GPT(dataclasses.replace(gpt.cfg, n_layer=1)), uplink=fmt)
     with pytest.raises(ValueError, match="node 7 sent .* values for a model of"):
-        from_record(record, aliases, like=smaller, who="node 7")
+        smaller.apply(record, sd, sent, "node 7")
+    with pytest.raises(ValueError, match="the server sent .* values for a model of"):
+        smaller.read_downlink(sent)
+    assert decode(encode(torch.ones(5), "update", fmt, 4)).tolist() == [1.0] * 5

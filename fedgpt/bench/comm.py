@@ -45,21 +45,22 @@ def quantization_error(cfg: Config, steps: int = 25) -> dict[str, dict[int, floa
     import torch
 
     from fedgpt.data import Batches, load_dataset
-    from fedgpt.fed.wire import decode, encode, flatten, tied_aliases
+    from fedgpt.fed.wire import Exchange, decode, encode
     from fedgpt.train import Trainer, build_model, resolve_device
 
     ds = load_dataset(cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, ds.tokenizer.meta(), ds.tokenizer.vocab_size)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ex = Exchange.of(model, cfg)
+    start = {k: v.clone() for k, v in ex.state(model).items()}
     trainer = Trainer(model, cfg.train, resolve_device(cfg.train.device), log=None)
     trainer.train_steps(
         Batches(ds.train, cfg.model.block_size, cfg.train.batch_size, seed=cfg.train.seed), steps
     )
-    update = flatten(model.state_dict(), tied_aliases(model), base=start)
+    update = ex.difference(ex.state(model), start)
     return {
         fmt: {
-            b: float((update - decode(encode(update, fmt, b), update.numel())).norm() / update.norm())
+            b: float((update - decode(encode(update, "update", fmt, b))).norm() / update.norm())
             for b in BLOCKS
         }
         for fmt in ("int8", "int4")

@@ -85,8 +85,8 @@ class FedgptRunner:
 
     def run(self, steps: int, warmup: int) -> list[float]:
         """Milliseconds of each of `steps` optimizer steps, after `warmup` untimed ones."""
-        tr, total = self.trainer, self.cfg.train.max_steps
-        tr.train_steps(self.batches, warmup, total_steps=total)
+        tr = self.trainer
+        tr.train_steps(self.batches, warmup)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -94,7 +94,7 @@ class FedgptRunner:
         for _ in range(steps):
             t0 = time.perf_counter()
             # ends in loss.item(): a device sync every step
-            tr.train_steps(self.batches, 1, total_steps=total)
+            tr.train_steps(self.batches, 1)
             step_ms.append((time.perf_counter() - t0) * 1000)
         return step_ms
 
@@ -393,12 +393,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", required=True, help="YAML config, e.g. configs/shakespeare_char_cpu.yaml")
     t.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
     t.add_argument("--warmup", type=int, default=10, help="untimed steps before each repeat")
-    t.add_argument(
-        "--repeats", type=int, default=3, help="repeats (alternating with nanoGPT when --nanogpt is given)"
-    )
+    t.add_argument("--repeats", type=int, default=3, help="repeats (alternating with nanoGPT, if given)")
     t.add_argument("--threads", type=int, default=0, help="torch threads for both runs; 0: torch's default")
-    t.add_argument(
-        "--nanogpt",
-        help="path of a karpathy/nanoGPT checkout to run at identical settings (copied, not modified)",
-    )
+    t.add_argument("--nanogpt", help="a karpathy/nanoGPT checkout to run at identical settings (copied)")
     t.add_argument("--out", help="JSON result file (default results/bench-train-<time>.json)")

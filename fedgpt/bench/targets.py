@@ -13,6 +13,7 @@ sampled each round, FedAvg and DiLoCo at 25 local steps of the config's batch.
 from __future__ import annotations
 
 from fedgpt.bench.common import commands
+from fedgpt.bench.experiments import Experiment
 from fedgpt.fed.rounds import read_rounds
 
 TARGET_ACCURACY = 0.35
@@ -35,6 +36,7 @@ FEDAVG = ["--strategy", "fedavg", "--fed.local_steps=25", "--fed.rounds=20"]
 DILOCO = ["--strategy", "diloco", "--fed.local_steps=25", "--fed.rounds=20"]
 METHODS = (("fedsgd", "FedSGD", FEDSGD), ("fedavg", "FedAvg", FEDAVG), ("diloco", "DiLoCo", DILOCO))
 SPLITS = (("role", "role split"), ("iid", "IID"))
+METHOD_LABELS = {method: label for method, label, _ in METHODS}
 
 
 def rounds_to(rows, accuracy: float) -> int | None:
@@ -74,29 +76,35 @@ def table(res: list[dict]) -> str:
         "| --- | --- | " + " | ".join("---:" for _ in levels) + " | ---: | ---: | ---: |",
     ]
     for r in res:
-        base = next((b for b in res if b["split"] == r["split"] and b["method"] == "fedsgd"), None)
+        base = next((b for b in res if b["group"] == r["group"] and b["method"] == "fedsgd"), None)
         top = next((a for a in reversed(levels) if r["rounds_to_level"][a] is not None), None)
         speedup = f"{_speedup(r, base, top)} at {float(top):.0%}" if top and r is not base else "-"
         cells = " | ".join(
             "-" if r["rounds_to_level"][a] is None else str(r["rounds_to_level"][a]) for a in levels
         )
         lines.append(
-            f"| {r['split_label']} | {r['method_label']} | {cells} | {speedup} | "
+            f"| {dict(SPLITS)[r['group']]} | {METHOD_LABELS[r['method']]} | {cells} | {speedup} | "
             f"{r['best_accuracy']:.3f} | {r['rounds_run']} |"
         )
     lines += ["", "Commands:", ""] + commands(res)
     return "\n".join(lines)
 
 
-def experiments(experiment_cls) -> list:
-    """The runs of the table, as results.Experiment objects (kind "target": their own rounds and steps)."""
+def experiments() -> list[Experiment]:
+    """The runs of the table (each with its own clients, rounds and steps)."""
     return [
-        experiment_cls(
+        Experiment(
             f"target_{split}_{method}",
             f"{label}, {split_label}",
             [f"--fed.partition={split}", *CLIENTS, *args],
-            kind="target",
+            kind="own",
+            group=split,
+            method=method,
         )
         for split, split_label in SPLITS
         for method, label, args in METHODS
     ]
+
+
+def render(res: list[dict], a, doc) -> str:
+    return table(res)

@@ -1,12 +1,12 @@
 """The ClientApp's work: answer the pre-flight query, train one partition on the shared core, evaluate it.
 
-Everything a client needs arrives in the message's ConfigRecord (the run config as JSON, the tokenizer the
-server expects, the round); the node adds its partition id and, in deployment, where its data lives.
+Everything a client needs arrives in the message: the global weights (fedgpt.fed.wire), the run config as JSON
+and the tokenizer the server expects, and this round's work order (fedgpt.fed.work); the node adds its
+partition id and, in deployment, where its data lives.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedgpt.config import Config, TrainConfig, from_dict
+from fedgpt.config import Config, from_dict
 from fedgpt.data import Batches, load_dataset, load_node_tokens
 from fedgpt.fed import secagg
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.partition import ClientPartition, client_partitions
-from fedgpt.fed.wire import check_keys, decode, encode, flatten, from_record, tied_aliases, to_record
-from fedgpt.lora import adapter_state, add_lora
+from fedgpt.fed.wire import Exchange
+from fedgpt.fed.work import WorkOrder
+from fedgpt.lora import add_lora
 from fedgpt.model import GPT
 from fedgpt.tokenizer import Tokenizer, get_tokenizer
 from fedgpt.train import Trainer, build_model, evaluate, resolve_device
@@ -36,7 +37,7 @@ class ClientState:
     cfg: Config
     parts: list[ClientPartition]  # every client's partition: any of them may be served by this process
     trainer: Trainer
-    aliases: dict[str, str]
+    exchange: Exchange  # what the server and this client exchange (fedgpt.fed.wire)
 
 
 # One entry per run in this process. In a Ray actor it lives across rounds and serves whichever partitions
@@ -80,9 +81,8 @@ def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
         own_data(cfg, tokenizer_meta, own, partition_id, n) if own else shared_data(cfg, tokenizer_meta, n)
     )
     model = client_model(cfg, tokenizer)
-    aliases = {} if cfg.lora.rank else tied_aliases(model)
     trainer = Trainer(model, cfg.train, resolve_device(cfg.train.device), log=None)
-    state = ClientState(cfg, parts, trainer, aliases)
+    state = ClientState(cfg, parts, trainer, Exchange.of(model, cfg))
     _CACHE.clear()  # one run at a time per process: drop the model of an earlier run
     _CACHE[key] = state
     return state, partition_id
@@ -127,16 +127,10 @@ def client_model(cfg: Config, tokenizer: Tokenizer) -> GPT:
     return add_lora(build_model(cfg, tokenizer.meta(), tokenizer.vocab_size), cfg.lora)
 
 
-def exchanged(model: GPT, cfg: Config) -> dict[str, torch.Tensor]:
-    """What a client receives and sends back: the whole state, or with LoRA the adapters."""
-    return adapter_state(model) if cfg.lora.rank else model.state_dict()
-
-
 def load_global(st: ClientState, arrays: ArrayRecord, partition_id: int) -> dict[str, torch.Tensor]:
-    own, who = exchanged(st.trainer.raw_model, st.cfg), f"the server (to client {partition_id})"
-    weights = from_record(arrays, st.aliases, like=own, who=who)
-    check_keys(weights, own, who)
-    st.trainer.load_global(weights)
+    """The global weights a message holds, loaded into this client's model; returned as received."""
+    weights = st.exchange.read_downlink(arrays, f"the server (to client {partition_id})")
+    st.exchange.load(st.trainer.raw_model, weights)
     return weights
 
 
@@ -159,40 +153,38 @@ def handshake(msg: Message, context: Context) -> Message:
 
 
 def fit(msg: Message, context: Context) -> Message:
-    """Run fed.local_steps optimizer steps from the global weights; reply with weights and metrics."""
+    """Carry out the round's work order from the global weights; reply with the update and metrics."""
     st, partition_id = client_state(msg, context)
-    cfg, record, part = st.cfg, msg.content["config"], st.parts[partition_id]
-    rnd, trainer = int(record["server-round"]), st.trainer
+    cfg, part, trainer = st.cfg, st.parts[partition_id], st.trainer
+    order = WorkOrder.from_config(msg.content["config"])
     received = load_global(st, msg.content["arrays"], partition_id)
-    store = state_store(cfg, record, context, partition_id)
-    age, stale, residual = restore(trainer, store, rnd, cfg)
-    # One schedule over the run's rounds x local steps, shaped like the local trainer's (see client_schedule).
-    trainer.cfg = client_schedule(cfg.train, int(record["schedule-steps"]))
-    trainer.step = (rnd - 1) * cfg.fed.local_steps
-    mu = float(record.get("proximal-mu", 0.0))
+    store = state_store(cfg, msg.content["config"], context, partition_id)
+    age, stale, residual = restore(trainer, store, order.round, cfg)
+    mu = order.proximal_mu
     ref = [p.detach().clone() for p in trainer.raw_model.parameters()] if mu > 0 else None
     # A new, deterministic stream of windows per (client, round), identical whichever process serves it.
-    seed = cfg.train.seed * 100_003 + partition_id * 1_009 + rnd
+    seed = cfg.train.seed * 100_003 + partition_id * 1_009 + order.round
     torch.manual_seed(seed)  # dropout masks too: reproducible whichever process serves this partition
     batches = Batches(part.train, cfg.model.block_size, cfg.train.batch_size, trainer.device, seed=seed)
     if cfg.fed.full_batch:  # FedSGD: every step is the gradient of all the client's windows
         batches = itertools.repeat(batches.all_windows())
     t_start = time.time()
-    steps = int(record.get("local-steps", cfg.fed.local_steps))  # fewer for a straggler (fed.stragglers)
-    m = trainer.train_steps(batches, steps, mu=mu, ref=ref)
-    trained = exchanged(trainer.raw_model, cfg)
-    length = float(flatten(trained, st.aliases, base=received).norm())  # this round's update's L2 norm
-    clipping = float(record["dp-clipping-norm"]) if "dp-clipping-norm" in record else None
+    m = trainer.train_steps(
+        batches, order.local_steps, order.schedule, at_step=order.first_step, mu=mu, ref=ref
+    )
+    update = st.exchange.difference(st.exchange.state(trainer.raw_model), received)
+    length = float(update.norm())  # this round's update's L2 norm
+    clipping = order.dp_clipping_norm
     if clipping is not None:  # dp.clipping=client: the server sends the norm, adaptive clipping moves it
-        trained = clip_update(trained, received, length, clipping)
+        update = update * min(1.0, clipping / length) if length > 0 else update
     if cfg.secagg.enabled:  # the update travels masked (secaggplus_mod), quantized by SecAgg+ itself
         arrays, residual = None, None
     else:
-        arrays, residual = upload(trained, st.aliases, received, residual, cfg)
+        arrays, residual = st.exchange.uplink(update, msg.content["arrays"], residual)
     if store is not None:
         optimizer = trainer.optimizer.state_dict() if cfg.keeps_client_state else None
-        store.save(rnd, {"optimizer": optimizer, "residual": residual})
-        store.prune(keep_from_round=int(record["keep-from-round"]))
+        store.save(order.round, {"optimizer": optimizer, "residual": residual})
+        store.prune(keep_from_round=order.keep_from_round)
     weight = {"data": len(part.train), "trained": m["tokens"], "uniform": 1}[cfg.fed.weighting]
     metrics = {
         "train-loss": m["loss"],
@@ -208,50 +200,12 @@ def fit(msg: Message, context: Context) -> Message:
     }
     unclipped = float(clipping is not None and length <= clipping)  # adaptive clipping's count
     if arrays is None:
-        update = flatten(trained, st.aliases, base=received)
         if clipping is not None:  # summed under the mask with the others: the server sees only the count
             update = torch.cat([update, torch.tensor([unclipped])])
         return Message(secagg.masked_reply(update.numpy(), metrics["num-examples"], metrics), reply_to=msg)
     if clipping is not None:  # central DP: the server sees this update anyway
         metrics["dp-unclipped"] = int(unclipped)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-def clip_update(
-    trained: dict[str, torch.Tensor], received: dict[str, torch.Tensor], length: float, norm: float
-) -> dict[str, torch.Tensor]:
-    """The received weights plus the update (trained minus received, of L2 norm `length`) scaled down to
-    norm `norm` if it is longer."""
-    scale = min(1.0, norm / length) if length > 0 else 1.0
-    return {
-        k: received[k].float() + scale * (trained[k].float().cpu() - received[k].float()) for k in trained
-    }
-
-
-def upload(
-    trained: dict[str, torch.Tensor],
-    aliases: dict[str, str],
-    received: dict[str, torch.Tensor],
-    residual: torch.Tensor | None,
-    cfg: Config,
-) -> tuple[ArrayRecord, torch.Tensor | None]:
-    """The reply's arrays in fed.uplink (fp32 weights, or the update), and what quantization left out of this
-    update for the next one (error feedback), or None."""
-    if cfg.fed.uplink == "fp32":
-        return to_record(trained, aliases), None
-    update = flatten(trained, aliases, base=received)
-    if residual is not None:
-        update = update + residual
-    record = encode(update, cfg.fed.uplink, cfg.fed.quant_block)
-    return record, (update - decode(record, update.numel())) if cfg.error_feedback else None
-
-
-def client_schedule(tc: TrainConfig, schedule_steps: int) -> TrainConfig:
-    """The local trainer's learning-rate schedule stretched over a federated run's schedule_steps (rounds x
-    local steps): warm-up takes the same share of it (train.warmup_steps of train.max_steps), then the cosine
-    decays to train.min_lr at its end. Steps past it (rounds added on --resume) stay at min_lr."""
-    warmup = round(tc.warmup_steps * schedule_steps / max(1, tc.max_steps))
-    return dataclasses.replace(tc, warmup_steps=warmup, lr_decay_steps=schedule_steps)
 
 
 def state_store(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -51,22 +52,38 @@ def error_reason(msg: Message) -> str:
     return reason[-1] if reason else f"error code {msg.error.code}"
 
 
+@dataclass
+class Nodes:
+    """What the pre-flight learned of the nodes: the partition each serves and its train tokens."""
+
+    partition_of: dict[int, int] = field(default_factory=dict)  # node id -> partition id
+    train_tokens: dict[int, int] = field(default_factory=dict)  # node id -> its train tokens
+    requiring_secagg: list[int] = field(default_factory=list)  # partitions whose nodes refuse plain training
+
+    def partition(self, node: int) -> int:
+        return self.partition_of.get(node, -1)
+
+
 def preflight(
     grid: Grid,
     needed: int,
     num_partitions: int,
-    config: ConfigRecord,
+    config: dict,
     timeout: float,
     log: Callable[[str], None] = print,
-) -> dict[int, dict]:
-    """Wait for the nodes, then ask each what it will serve: {node id: its answer (partition-id, sizes, ...)}.
+) -> Nodes:
+    """Wait for the nodes, then ask each what it will serve (its partition, its data, its privacy floor).
 
     Data or config problems on any node (another corpus, a wrong num-partitions, a partition served twice)
-    fail the run here, before round 1, with every problem in one RuntimeError.
+    fail the run here, before round 1, with every problem in one RuntimeError. One query per node, sampled or
+    not (sampling draws from nodes ordered by partition, which makes it reproducible): start-up grows with the
+    node count by a ClientApp call each.
     """
+    t0 = time.time()
     nodes = wait_for_nodes(grid, needed, timeout, log)
     msgs = [
-        Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
+        Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in nodes
     ]
     replies = exchange(grid, msgs, timeout)
     errors = [f"node {r.metadata.src_node_id}: {error_reason(r)}" for r in replies if r.has_error()]
@@ -87,4 +104,31 @@ def preflight(
         )
     if errors:
         raise RuntimeError("pre-flight check failed: " + "; ".join(errors))
-    return answers
+    log(f"pre-flight: {len(answers)} nodes answered in {time.time() - t0:.1f} s")
+    own = sorted(
+        (int(i["partition-id"]), int(i["train-tokens"])) for i in answers.values() if i.get("own-data")
+    )
+    if own:  # nodes with data of their own: the partition summary is not theirs
+        log(
+            "nodes with their own data (partition: train tokens): " + ", ".join(f"{p}: {t:,}" for p, t in own)
+        )
+    return Nodes(
+        {node: int(info["partition-id"]) for node, info in answers.items()},
+        {node: int(info["train-tokens"]) for node, info in answers.items()},
+        sorted(int(i["partition-id"]) for i in answers.values() if i.get("requires-secagg")),
+    )
+
+
+class PartitionOrderedGrid:
+    """A Grid whose get_node_ids lists nodes by the partition they serve (with `only`: just those nodes);
+    everything else is the grid's."""
+
+    def __init__(self, grid: Grid, partition_of: dict[int, int], only: list[int] | None = None):
+        self._grid, self._partition_of, self._only = grid, partition_of, only
+
+    def get_node_ids(self) -> list[int]:
+        nodes = self._grid.get_node_ids() if self._only is None else self._only
+        return sorted(nodes, key=lambda n: (self._partition_of.get(n, -1), n))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)

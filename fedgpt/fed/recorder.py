@@ -61,8 +61,8 @@ class RunRecorder:
     def start_fresh(self) -> None:
         self.metrics.truncate(-1)
 
-    def resume(self) -> Snapshot:
-        """The snapshot last.pt holds (run_info is taken from it too); rows after its round are dropped."""
+    def read_last(self) -> Snapshot:
+        """The snapshot last.pt holds, to resume from (run_info and the best loss are taken from it too)."""
         path = self.out_dir / "last.pt"
         ckpt = load_checkpoint(path)
         if ckpt.get("round") is None:
@@ -79,13 +79,24 @@ class RunRecorder:
         extra = ckpt["extra"]
         self.run_info.update(extra.get("run", {}))
         self.ckpt.best_val_loss, self.saved_round = ckpt["best_val_loss"], ckpt["round"]
-        self.metrics.truncate(ckpt["round"])
-        self.log(f"resumed from {path} at round {ckpt['round']} (best val {self.best_val_loss:.4f})")
         saved = extra["adapters"] if "adapters" in extra else ckpt["model"]
         model = {k: v.float() for k, v in saved.items()}
         return Snapshot(
             ckpt["round"], model, extra.get("tokens", 0), extra.get("strategy", {}), extra.get("dp")
         )
+
+    def continue_from(self, rnd: int) -> None:
+        """Drop the rows after round rnd (the resumed run redoes them)."""
+        self.metrics.truncate(rnd)
+        self.log(
+            f"resumed from {self.out_dir / 'last.pt'} at round {rnd} (best val {self.best_val_loss:.4f})"
+        )
+        steps = self.cfg.fed.rounds * self.cfg.fed.local_steps
+        if not self.cfg.train.lr_decay_steps and steps != self.run_info["schedule_steps"]:
+            self.log(
+                f"fed.rounds is now {self.cfg.fed.rounds}: the clients' learning-rate schedule keeps its "
+                f"{self.run_info['schedule_steps']} steps, and steps past it train at train.min_lr"
+            )
 
     def record(self, snap: Snapshot, row: RoundRow) -> None:
         """A round's row, then its checkpoints (a run killed in between redoes the round, row and all)."""

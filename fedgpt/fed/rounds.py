@@ -48,6 +48,27 @@ class RoundRow:
     startup_s: float | None = None  # round 1 only: launch to the first client step
     first_step_at: float | None = None  # round 1 only: Unix time of the first client step
 
+    def add_clients(self, metrics: list, round_s: float, slots: int) -> None:
+        """The round's figures from its clients' train metrics: their tokens-weighted train loss, learning
+        rate, state, update norms and training seconds, with `slots` clients training at once."""
+        self.round_s = round(round_s, 3)
+        if not metrics:
+            return
+        tokens = sum(int(m["train-tokens"]) for m in metrics)
+        self.train_loss = sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(
+            1, tokens
+        )
+        self.lr = float(metrics[0]["train-lr"])
+        self.clients_state_resumed = sum(int(m["state-age"]) > 0 for m in metrics)
+        self.clients_state_stale = sum(int(m["state-stale"]) for m in metrics)
+        norms = [float(m["update-norm"]) for m in metrics if "update-norm" in m]
+        self.update_norm = statistics.median(norms) if norms else None
+        train_s = [float(m["train-seconds"]) for m in metrics]
+        self.client_train_s = round(sum(train_s), 3)
+        busy = sum(train_s) / max(1, min(len(train_s), slots))
+        if round_s > 0:
+            self.outside_training_share = round(max(0.0, 1 - busy / round_s), 4)
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 

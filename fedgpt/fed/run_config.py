@@ -32,6 +32,7 @@ def config_from_run_config(run_config: dict, app_dir: Path) -> tuple[Config, dic
     d, t = cfg.data, cfg.train
     d.data_dir, t.out_dir = str(Path(d.data_dir).resolve()), str(Path(t.out_dir).resolve())
     d.input_file = str(Path(d.input_file).expanduser().resolve()) if d.input_file else ""
+    d.vocab_file = str(Path(d.vocab_file).expanduser().resolve()) if d.vocab_file else ""
     opts = {
         "resume": bool(run_config.get("resume", False)),
         "overwrite": bool(run_config.get("overwrite", False)),

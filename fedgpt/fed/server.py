@@ -1,14 +1,17 @@
-"""The ServerApp's round loop: send the global model, collect the clients' weights, let the strategy
-aggregate.
+"""The ServerApp's round loop: send the global model and each client's work order, collect their updates, let
+the strategy aggregate.
 
-    run = FederatedRun(cfg)          # data, initial model, strategy, run folder (resumed with resume=True)
+    run = FederatedRun(cfg)          # data, initial model, strategy, DP; reads only (resume: last.pt too)
+    run.open_folder()                # claims train.out_dir (run.json), writes partition.json
     summary = run.run(grid)          # pre-flight, then rounds until fed.rounds
 
 The loop drives a Flower strategy through its own building blocks (configure_train / aggregate_train /
 configure_evaluate / aggregate_evaluate), like Strategy.start does, and adds what a GPT run needs: start at
-any round (resume), an fp32 global model whatever the wire or the strategy use, byte and failure accounting
-per round, a pre-flight check of every node (fedgpt.fed.grid), and each round's central evaluation and
-checkpoint (fedgpt.fed.evaluation, fedgpt.fed.recorder) in a thread beside the next round.
+any round (resume), an fp32 global model whatever the wire or the strategy use (fedgpt.fed.wire), a work order
+per client (fedgpt.fed.work), byte and failure accounting per round, a pre-flight check of every node
+(fedgpt.fed.grid), client-level DP (fedgpt.fed.privacy) and SecAgg+ (fedgpt.fed.secagg), and each round's
+central evaluation and checkpoint (fedgpt.fed.evaluation, fedgpt.fed.recorder) in a thread beside the next
+round.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import statistics
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -28,24 +31,26 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedgpt.config import Config
-from fedgpt.data import load_dataset
+from fedgpt.data import check_windows, load_dataset
 from fedgpt.fed import privacy, secagg
 from fedgpt.fed.evaluation import CentralEvaluator
-from fedgpt.fed.grid import error_reason, exchange, preflight
+from fedgpt.fed.grid import Nodes, PartitionOrderedGrid, error_reason, exchange, preflight
 from fedgpt.fed.partition import client_partitions, format_summary, summarize
 from fedgpt.fed.recorder import RunRecorder, Snapshot
 from fedgpt.fed.rounds import RoundRow
 from fedgpt.fed.rounds import summarize as summarize_rounds
 from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_state
-from fedgpt.fed.wire import check_keys, encode, flatten, from_record, tied_aliases, to_record
+from fedgpt.fed.wire import Exchange
+from fedgpt.fed.work import WorkOrder
 from fedgpt.files import atomic_write_bytes
-from fedgpt.lora import adapter_state, add_lora
+from fedgpt.lora import add_lora
 from fedgpt.rundir import claim_run_dir
-from fedgpt.train import build_model, resolve_device
+from fedgpt.train import Schedule, build_model, resolve_device
 
 
 class FederatedRun:
-    """One federated training run: the global model, its strategy, and its folder."""
+    """One federated training run: the global model, its strategy, and its folder. Constructing it reads
+    (data, partitions, with resume=True the last checkpoint) and writes nothing; open_folder writes."""
 
     def __init__(
         self,
@@ -58,75 +63,96 @@ class FederatedRun:
         log: Callable[[str], None] = print,
     ):
         self.t_start, self.log, self.cfg = t_start or time.time(), log, cfg
-        self.ds = load_dataset(cfg.data)
-        tok = self.ds.tokenizer
-        torch.manual_seed(cfg.train.seed)  # the same initial global model in every run with this config
-        model = build_model(cfg, tok.meta(), tok.vocab_size)
-        # vocab resolved: clients build the same
-        cfg.model = dataclasses.replace(model.cfg, dropout=cfg.model.dropout)
-        if (
-            cfg.lora.rank
-        ):  # the federation trains and exchanges the adapters; the base stays as init_from has it
-            add_lora(model, cfg.lora)
-        self.aliases = {} if cfg.lora.rank else tied_aliases(model)
-        exchanged = adapter_state(model) if cfg.lora.rank else model.state_dict()
-        self.global_state = {k: v.detach().float().cpu().clone() for k, v in exchanged.items()}
-        self.evaluator = CentralEvaluator(cfg, self.ds, model, resolve_device(cfg.train.device))
+        self.resume, self.overwrite = resume, overwrite
         self.slots, self.client_threads = slots or cfg.fed.num_clients, client_threads
-        # The server partitions too: the summary is saved with the run, and a bad split fails before any
-        # round.
-        self.summary = summarize(client_partitions(cfg, self.ds), self.ds.train, tok.vocab_size)
+        self.ds = load_dataset(cfg.data)
+        # The server partitions too: the summary is saved with the run, a bad split fails before any round,
+        # and so does a context no client's data fills (before the model is built: it may be huge).
+        parts = client_partitions(cfg, self.ds)
+        check_windows(cfg.model.block_size, self.ds, [len(p.train) for p in parts])
+        tok = self.ds.tokenizer
+        self.summary = summarize(parts, self.ds.train, tok.vocab_size)
+        model = self.initial_model()
+        self.exchange = Exchange.of(model, cfg)
+        self.global_state = {
+            k: v.detach().float().cpu().clone() for k, v in self.exchange.state(model).items()
+        }
+        self.evaluator = CentralEvaluator(
+            cfg, self.ds, model, resolve_device(cfg.train.device), self.exchange
+        )
         # Under DP fedgpt samples the clients (privacy.ClientDP); the strategy takes every node it is given.
         self.strategy = make_strategy(cfg.fed, presampled=cfg.dp.enabled)
-        self.dp: privacy.ClientDP | None = None
-        self.round, self.tokens = 0, 0
-        self.partition_of: dict[int, int] = {}  # node id -> partition id, from the pre-flight check
-        self.node_tokens: dict[int, int] = {}  # node id -> its train tokens, from the pre-flight check
-        out_dir = claim_run_dir(
-            cfg.train.out_dir, "federated", cfg.to_dict(), resume=resume, overwrite=overwrite
-        )
-        # Fixed for the whole run, resumes included: its id (client state files carry it) and the length of
-        # the clients' learning-rate schedule, rounds x local steps as the run was started.
-        schedule = cfg.train.lr_decay_steps or cfg.fed.rounds * cfg.fed.local_steps
-        self.run_info = {"run_id": uuid.uuid4().hex, "schedule_steps": schedule}
+        # Fixed for the whole run, resumes included: its id (client state files carry it) and the clients'
+        # learning-rate schedule, over rounds x local steps as the run was started.
+        self.run_info = {
+            "run_id": uuid.uuid4().hex,
+            "schedule_steps": cfg.train.lr_decay_steps or cfg.fed.rounds * cfg.fed.local_steps,
+        }
         merge = self.evaluator.merged if cfg.lora.rank else None  # checkpoints hold a plain GPT
         self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), self.run_info, log, merge=merge)
-        dp_state = privacy.DPState()
+        self.round, self.tokens, dp_state = 0, 0, privacy.DPState()
         if resume:
-            snap = self.recorder.resume()
+            snap = self.recorder.read_last()
             self.round, self.global_state, self.tokens = snap.round, snap.state, snap.tokens
             load_strategy_state(self.strategy, snap.strategy)
             dp_state = privacy.DPState.from_json(snap.privacy)
-            if self.run_info["schedule_steps"] != schedule:
-                log(
-                    f"fed.rounds is now {cfg.fed.rounds}: the clients' learning-rate schedule keeps its "
-                    f"{self.run_info['schedule_steps']} steps, and steps past it train at train.min_lr"
-                )
+        self.dp = (
+            privacy.ClientDP(cfg, dp_state, log) if cfg.dp.enabled else None
+        )  # noise for the rounds left
+        self.schedule = Schedule.of(cfg.train, self.run_info["schedule_steps"])
+        self.nodes = Nodes()  # from the pre-flight: which partition each node serves, and its data
+        out_dir = Path(cfg.train.out_dir)
+        self.state_dir = str(Path(cfg.fed.client_state_dir or out_dir / "client_state").resolve())
+
+    def initial_model(self):
+        """The global model every run of this config starts from (seeded); with LoRA, the base with adapters.
+        Fixes cfg.model to the model's (the vocabulary resolved), so that clients build the same."""
+        cfg, tok = self.cfg, self.ds.tokenizer
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, tok.meta(), tok.vocab_size)
+        cfg.model = dataclasses.replace(model.cfg, dropout=cfg.model.dropout)
+        return add_lora(model, cfg.lora) if cfg.lora.rank else model
+
+    def open_folder(self) -> None:
+        """Claim train.out_dir for this run (run.json; --overwrite removes an earlier run's outputs), start or
+        continue rounds.jsonl, and write partition.json."""
+        cfg = self.cfg
+        out_dir = claim_run_dir(
+            cfg.train.out_dir, "federated", cfg.to_dict(), resume=self.resume, overwrite=self.overwrite
+        )
+        if self.resume:
+            self.recorder.continue_from(self.round)
         else:
             self.recorder.start_fresh()
-        if cfg.dp.enabled:  # its noise is chosen for the rounds left: after the resume
-            self.dp = privacy.ClientDP(cfg, dp_state, log)
-            log(self.dp.describe())
-        self.state_dir = str(Path(cfg.fed.client_state_dir or out_dir / "client_state").resolve())
         atomic_write_bytes(out_dir / "partition.json", json.dumps(self.summary, indent=1).encode())
-        log(format_summary(self.summary))
+        self.log(format_summary(self.summary))
+        if self.dp is not None:
+            self.log(self.dp.describe())
 
-    def train_config(self) -> ConfigRecord:
-        """What every client needs: the run config, the tokenizer it must use, its threads, and the run's
-        facts (its id, the schedule's length, where client state lives, the newest checkpointed round) and,
-        when clients clip for DP, the norm to clip to."""
-        config = {
+    def run_facts(self) -> dict:
+        """What every client needs, whatever its work: the run config, the tokenizer it must use, its threads,
+        the run's id and where client state lives."""
+        return {
             "fedgpt-config": json.dumps(self.cfg.to_dict()),
             "tokenizer": json.dumps(self.ds.tokenizer.meta()),
             "client-threads": self.client_threads,
             "run-id": self.run_info["run_id"],
-            "schedule-steps": self.run_info["schedule_steps"],
             "client-state-dir": self.state_dir,
-            "keep-from-round": self.recorder.saved_round,
         }
-        if self.dp is not None and self.cfg.dp.clipping == "client":
-            config["dp-clipping-norm"] = self.dp.clipping_norm
-        return ConfigRecord(config)
+
+    def work_order(self, rnd: int, local_steps: int | None = None) -> WorkOrder:
+        """A client's work in round rnd: fed.local_steps (or `local_steps`, a straggler's), from its place in
+        the run's schedule."""
+        f = self.cfg.fed
+        return WorkOrder(
+            round=rnd,
+            local_steps=f.local_steps if local_steps is None else local_steps,
+            first_step=(rnd - 1) * f.local_steps,
+            schedule=self.schedule,
+            keep_from_round=self.recorder.saved_round,
+            dp_clipping_norm=self.dp.clipping_norm if self.dp and self.cfg.dp.clipping == "client" else None,
+            proximal_mu=float(getattr(self.strategy, "proximal_mu", 0.0)),
+        )
 
     def snapshot(self) -> Snapshot:
         dp = self.dp.state.to_json() if self.dp else None
@@ -152,33 +178,19 @@ class FederatedRun:
         trains: clients never wait for the server's validation. Rows, checkpoints and log lines still
         follow round by round.
         """
-        fed, t_preflight = self.cfg.fed, time.time()
-        answers = preflight(
+        fed = self.cfg.fed
+        self.nodes = preflight(
             grid,
             fed.min_clients or fed.num_clients,
             fed.num_clients,
-            self.train_config(),
+            self.run_facts(),
             fed.node_timeout,
             self.log,
         )
-        # One query per node, sampled or not (sampling draws from nodes ordered by partition, which makes it
-        # reproducible): start-up grows with the node count by a ClientApp call each.
-        self.log(f"pre-flight: {len(answers)} nodes answered in {time.time() - t_preflight:.1f} s")
-        strict = sorted(int(i["partition-id"]) for i in answers.values() if i.get("requires-secagg"))
-        if strict and not self.cfg.secagg.enabled:
+        if self.nodes.requiring_secagg and not self.cfg.secagg.enabled:
             raise RuntimeError(
-                f"the nodes of partitions {strict} require SecAgg+ (their node config require-secagg) and "
-                "refuse plain train messages: run with secagg.enabled=true"
-            )
-        self.partition_of = {node: int(info["partition-id"]) for node, info in answers.items()}
-        self.node_tokens = {node: int(info["train-tokens"]) for node, info in answers.items()}
-        own = sorted(
-            (int(i["partition-id"]), int(i["train-tokens"])) for i in answers.values() if i.get("own-data")
-        )
-        if own:  # nodes with data of their own: the partition summary above is not theirs
-            self.log(
-                "nodes with their own data (partition: train tokens): "
-                + ", ".join(f"{p}: {t:,}" for p, t in own)
+                f"the nodes of partitions {self.nodes.requiring_secagg} require SecAgg+ (their node config "
+                "require-secagg) and refuse plain train messages: run with secagg.enabled=true"
             )
         rows = []
         with ThreadPoolExecutor(1, thread_name_prefix="central-eval") as evaluator:
@@ -192,37 +204,39 @@ class FederatedRun:
                 pending = evaluator.submit(self.finish_round, self.snapshot(), row)
             if pending is not None:
                 rows.append(pending.result())
-        summary = summarize_rounds(rows)
         return {
-            **summary,
+            **summarize_rounds(rows),
             "best_val_loss": self.recorder.best_val_loss,
             "wall_s": round(time.time() - self.t_start, 1),
         }
 
     def run_round(self, grid: Grid, rnd: int) -> RoundRow:
-        """One round: configure, send, collect, aggregate, and (every fed.client_eval_interval) client
-        evaluation."""
+        """One round: sample, send each client the weights and its work order, collect, aggregate, and (every
+        fed.client_eval_interval) client evaluation."""
         fed, t0 = self.cfg.fed, time.time()
-        # The strategy sees one fp32 array per tensor (its own state keeps them); the wire carries one flat
-        # array.
-        arrays = to_record(self.global_state, self.aliases, flat=False)
-        msgs = list(
-            self.strategy.configure_train(rnd, arrays, self.train_config(), self.sampling_grid(grid, rnd))
-        )
-        msgs, straggling = self.stragglers(rnd, msgs)
-        sent_arrays = to_record(self.global_state, self.aliases, fmt=fed.downlink)
-        for m in msgs:
-            m.content["arrays"] = sent_arrays
+        # The strategy sees one fp32 array per tensor (its own state keeps them); the wire carries one array.
+        arrays = self.exchange.per_tensor(self.global_state)
+        sampled = self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.sampling_grid(grid, rnd))
+        nodes = [m.metadata.dst_node_id for m in sampled]
+        orders, straggling = self.stragglers(rnd, nodes)
+        sent = self.exchange.downlink(self.global_state, secrets.randbits(62))
+        msgs = [
+            Message(
+                RecordDict({"arrays": sent, "config": ConfigRecord({**self.run_facts(), **o.to_config()})}),
+                dst_node_id=n,
+                message_type=MessageType.TRAIN,
+            )
+            for n, o in orders.items()
+        ]
         if self.cfg.secagg.enabled:
             ok, bytes_sent, bytes_received = self.secure_aggregate(grid, rnd, msgs)
         else:
             bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
-            ok, bytes_received = self.aggregate(rnd, exchange(grid, msgs, fed.round_timeout))
+            ok, bytes_received = self.aggregate(rnd, exchange(grid, msgs, fed.round_timeout), sent)
         client_val, client_acc = self.client_evaluate(grid, rnd)
         self.round = rnd
         metrics = [r.content["metrics"] for r in ok]
-        tokens = sum(int(m["train-tokens"]) for m in metrics)
-        self.tokens += tokens
+        self.tokens += sum(int(m["train-tokens"]) for m in metrics)
         row = RoundRow(
             rnd,
             tokens=self.tokens,
@@ -234,16 +248,10 @@ class FederatedRun:
             bytes_received=bytes_received,
             clients_straggling=straggling,
         )
-        self._timings(row, metrics, time.time() - t0)
-        if metrics:
-            row.train_loss = sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(
-                1, tokens
-            )
-            row.lr = float(metrics[0]["train-lr"])
-            row.clients_state_resumed = sum(int(m["state-age"]) > 0 for m in metrics)
-            row.clients_state_stale = sum(int(m["state-stale"]) for m in metrics)
-            norms = [float(m["update-norm"]) for m in metrics if "update-norm" in m]
-            row.update_norm = statistics.median(norms) if norms else None
+        row.add_clients(metrics, time.time() - t0, self.slots)
+        if rnd == 1 and metrics:
+            first = min(float(m["train-start"]) for m in metrics)
+            row.startup_s, row.first_step_at = round(first - self.t_start, 3), first
         return row
 
     def sampling_grid(self, grid: Grid, rnd: int) -> Grid:
@@ -253,60 +261,44 @@ class FederatedRun:
         seed and the round, so that the same partitions train in every run of this config, a resumed one
         included, whatever ids its nodes have. Under DP: only the nodes privacy.ClientDP sampled, from the
         OS's entropy (the strategy takes them all)."""
-        ordered = PartitionOrderedGrid(grid, self.partition_of)
+        ordered = PartitionOrderedGrid(grid, self.nodes.partition_of)
         if self.dp is not None:
-            return PartitionOrderedGrid(grid, self.partition_of, only=self.dp.sample(ordered.get_node_ids()))
+            return PartitionOrderedGrid(
+                grid, self.nodes.partition_of, only=self.dp.sample(ordered.get_node_ids())
+            )
         random.seed(self.cfg.train.seed * 1_000_003 + rnd)
         return ordered
 
-    def stragglers(self, rnd: int, msgs: list[Message]) -> tuple[list[Message], int]:
-        """fed.stragglers of this round's messages go to stragglers, drawn from the run's seed and the round:
-        as in Li et al. 2020 (FedProx, section 5), each gets a local step budget drawn from 1 to
-        local_steps - 1 ("accept"), or is left out of the round ("drop": FedAvg does not wait for it).
-        Returns the messages to send and how many clients straggle."""
+    def stragglers(self, rnd: int, nodes: list[int]) -> tuple[dict[int, WorkOrder], int]:
+        """Each sampled node's work order; fed.stragglers of them go to stragglers, drawn from the run's
+        seed and the round: as in Li et al. 2020 (FedProx, section 5), each gets a local step budget drawn
+        from 1 to local_steps - 1 ("accept"), or is left out of the round ("drop": FedAvg does not wait for
+        it). Returns the orders of the nodes to send to, and how many clients straggle."""
         f = self.cfg.fed
-        k = round(f.stragglers * len(msgs)) if f.local_steps > 1 else 0
-        if k == 0:
-            return msgs, 0
+        k = round(f.stragglers * len(nodes)) if f.local_steps > 1 else 0
         rng = random.Random(self.cfg.train.seed * 7_919 + rnd)
-        chosen = set(rng.sample(range(len(msgs)), k))
-        if f.straggler_policy == "drop":
-            return [m for i, m in enumerate(msgs) if i not in chosen], k
-        out = []
-        for i, m in enumerate(msgs):
-            if i in chosen:  # the strategy's messages share one RecordDict: a straggler gets its own
-                steps = rng.randint(1, f.local_steps - 1)
-                config = ConfigRecord({**m.content["config"], "local-steps": steps})
-                content = RecordDict({**m.content, "config": config})
-                m = Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type)
-            out.append(m)
-        return out, k
+        chosen = set(rng.sample(range(len(nodes)), k)) if k else set()
+        orders = {}
+        for i, n in enumerate(nodes):
+            if i not in chosen:
+                orders[n] = self.work_order(rnd)
+            elif f.straggler_policy == "accept":
+                orders[n] = self.work_order(rnd, local_steps=rng.randint(1, f.local_steps - 1))
+        return orders, k
 
-    def _timings(self, row: RoundRow, metrics: list, round_s: float) -> None:
-        train_s = [float(m["train-seconds"]) for m in metrics]
-        # training time with `slots` clients at once
-        busy = sum(train_s) / max(1, min(len(train_s), self.slots))
-        row.round_s, row.client_train_s = round(round_s, 3), round(sum(train_s), 3)
-        if round_s > 0 and metrics:
-            row.outside_training_share = round(max(0.0, 1 - busy / round_s), 4)
-        if row.round == 1 and metrics:
-            first = min(float(m["train-start"]) for m in metrics)
-            row.startup_s, row.first_step_at = round(first - self.t_start, 3), first
+    def aggregate(self, rnd: int, replies: list[Message], sent: ArrayRecord) -> tuple[list[Message], int]:
+        """Take each train reply's update against the global model it was sent (failed or misfit ones are
+        logged and left out), and move the global model to the strategy's aggregate of them (under DP: of the
+        noised mean of their clipped updates).
 
-    def aggregate(self, rnd: int, replies: list[Message]) -> tuple[list[Message], int]:
-        """Unpack the train replies, drop failed or misfit ones, and move the global model to the strategy's
-        aggregate (under DP: of the noised mean of their clipped updates).
-
-        Returns the replies used (fp32 weights in their ArrayRecord) and the bytes received.
+        Returns the replies used (fp32 client weights in their ArrayRecord) and the bytes received.
         """
-        updates = self.cfg.fed.uplink != "fp32"  # clients send trained minus received weights
         # Replies arrive in completion order; a fixed order (by partition) makes the float sums, and so the
         # run, reproducible.
         replies = sorted(
-            replies, key=lambda r: (self.partition_of.get(r.metadata.src_node_id, -1), r.metadata.src_node_id)
+            replies, key=lambda r: (self.nodes.partition(r.metadata.src_node_id), r.metadata.src_node_id)
         )
-        expected = {k: v for k, v in self.global_state.items() if k not in self.aliases}
-        ok, bytes_received = [], 0
+        ok, bytes_received, deltas = [], 0, []
         for r in replies:
             node = r.metadata.src_node_id
             if r.has_error():
@@ -314,33 +306,22 @@ class FederatedRun:
                 continue
             bytes_received += r.content["arrays"].count_bytes()
             try:
-                state = from_record(
-                    r.content["arrays"],
-                    {},
-                    base=self.global_state if updates else None,
-                    like=expected,
-                    who=f"node {node}",
-                )
-                check_keys(state, expected, f"node {node}")
+                state = self.exchange.apply(r.content["arrays"], self.global_state, sent, f"node {node}")
             except ValueError as e:
                 self.log(f"round {rnd}: reply dropped: {e}")
                 continue
-            r.content["arrays"] = ArrayRecord(state)
+            if self.dp is not None:
+                deltas.append(self.exchange.difference(state, self.global_state))
+            r.content["arrays"] = self.exchange.per_tensor(state)
             ok.append(r)
         if self.dp is None:
             self.step(rnd, ok)
             return ok, bytes_received
-        deltas = [flatten(r.content["arrays"].to_torch_state_dict(), {}, base=expected) for r in ok]
         total, unclipped = self.dp.clip(deltas)
         if self.cfg.dp.clipping == "client":  # clipped before they were sent: the clients say which were not
             unclipped = sum(int(r.content["metrics"]["dp-unclipped"]) for r in ok)
-        self.step_to_mean(rnd, self.dp.release(total, self.exchanged_size, unclipped))
+        self.step_to_mean(rnd, self.dp.release(total, self.exchange.size, unclipped))
         return ok, bytes_received
-
-    @property
-    def exchanged_size(self) -> int:
-        """Values in one update (tied aliases once)."""
-        return sum(v.numel() for k, v in self.global_state.items() if k not in self.aliases)
 
     def secure_aggregate(self, grid: Grid, rnd: int, msgs: list[Message]) -> tuple[list[Message], int, int]:
         """The round under SecAgg+ (fedgpt.fed.secagg): the server learns only the clients' weighted mean
@@ -359,11 +340,11 @@ class FederatedRun:
             if self.dp is not None:
                 self.dp.drop()
             return [], sent, received
-        replies = sorted(replies, key=lambda r: self.partition_of.get(r.metadata.src_node_id, -1))
+        replies = sorted(replies, key=lambda r: self.nodes.partition(r.metadata.src_node_id))
         mean = torch.from_numpy(mean).float()
         if self.dp is not None:  # uniform weights: the mean times the clients is their sum
             total = mean * len(replies)
-            mean = self.dp.release(total[:-1], self.exchanged_size, float(total[-1]))
+            mean = self.dp.release(total[:-1], self.exchange.size, float(total[-1]))
         self.step_to_mean(rnd, mean)
         return replies, sent, received
 
@@ -371,7 +352,7 @@ class FederatedRun:
         """The largest weight a client can send (SecAgg+ scales every update by weight / this, which must not
         exceed 1): its data, or the tokens of fed.local_steps steps of every micro-batch."""
         f, t = self.cfg.fed, self.cfg.train
-        most_data = max(self.node_tokens.values(), default=1)
+        most_data = max(self.nodes.train_tokens.values(), default=1)
         step_tokens = (
             most_data if f.full_batch else t.batch_size * self.cfg.model.block_size * t.grad_accum_steps
         )
@@ -379,17 +360,16 @@ class FederatedRun:
 
     def step_to_mean(self, rnd: int, mean: torch.Tensor) -> None:
         """Let the strategy step on a round's mean update (flat), as if one client had sent global + mean."""
-        expected = {k: v for k, v in self.global_state.items() if k not in self.aliases}
-        state = from_record(encode(mean, "fp32"), {}, base=self.global_state, like=expected)
-        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 1})})
+        state = self.exchange.unflatten(self.exchange.flatten(self.global_state) + mean)
+        metrics = MetricRecord({"num-examples": 1})
+        content = RecordDict({"arrays": self.exchange.per_tensor(state), "metrics": metrics})
         self.step(rnd, [Message(content, dst_node_id=0, message_type=MessageType.TRAIN)])
 
     def step(self, rnd: int, ok: list[Message]) -> None:
         """Move the global model to the strategy's aggregate of the replies (fp32 weights each)."""
         agg, _ = self.strategy.aggregate_train(rnd, ok) if ok else (None, None)
         if agg is not None:
-            new = from_record(agg, self.aliases)  # FedAdam & co. return float64: back to fp32
-            self.global_state = {k: new[k].float() for k in self.global_state}
+            self.global_state = self.exchange.from_per_tensor(agg)
 
     def client_evaluate(self, grid: Grid, rnd: int) -> tuple[float | None, float | None]:
         """The global model's loss and accuracy on the clients' own validation slices, every
@@ -397,24 +377,13 @@ class FederatedRun:
         every, fed = self.cfg.fed.client_eval_interval, self.cfg.fed
         if not every or (rnd % every and rnd != fed.rounds):
             return None, None
-        arrays = to_record(self.global_state, self.aliases, fmt=fed.downlink)
-        msgs = self.strategy.configure_evaluate(rnd, arrays, self.train_config(), grid)
+        msgs = self.strategy.configure_evaluate(
+            rnd, self.exchange.per_tensor(self.global_state), ConfigRecord(self.run_facts()), grid
+        )
+        sent = self.exchange.downlink(self.global_state, secrets.randbits(62))
+        for m in msgs:
+            m.content["arrays"] = sent
         agg = self.strategy.aggregate_evaluate(rnd, exchange(grid, list(msgs), fed.round_timeout))
         if agg is None:
             return None, None
         return float(agg["val-loss"]), float(agg["val-accuracy"])
-
-
-class PartitionOrderedGrid:
-    """A Grid whose get_node_ids lists nodes by the partition they serve (with `only`: just those nodes);
-    everything else is the grid's."""
-
-    def __init__(self, grid: Grid, partition_of: dict[int, int], only: list[int] | None = None):
-        self._grid, self._partition_of, self._only = grid, partition_of, only
-
-    def get_node_ids(self) -> list[int]:
-        nodes = self._grid.get_node_ids() if self._only is None else self._only
-        return sorted(nodes, key=lambda n: (self._partition_of.get(n, -1), n))
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)

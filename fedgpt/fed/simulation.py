@@ -74,6 +74,7 @@ def launch(
     because Ray's start must stay on the main thread.
     """
     t_start = t_start or time.time()
+    check_data(cfg)  # what a user gets wrong most (a context no data fills) is refused before Ray starts
     init_args = ray_init_args(res.ray_address)
     prepared: dict = {}
 
@@ -101,6 +102,15 @@ def launch(
     return {**simulate(prepared["run"], app, cfg.fed.num_clients, backend), "out_dir": cfg.train.out_dir}
 
 
+def check_data(cfg: Config) -> None:
+    """The corpus and its split into clients against the model's context (fedgpt.data.check_windows)."""
+    from fedgpt.data import check_windows, load_dataset
+    from fedgpt.fed.partition import client_partitions
+
+    ds = load_dataset(cfg.data)
+    check_windows(cfg.model.block_size, ds, [len(p.train) for p in client_partitions(cfg, ds)])
+
+
 def _prepare(
     cfg: Config, res: Resources, resume: bool, overwrite: bool, t_start: float
 ) -> tuple[FederatedRun, float]:
@@ -123,6 +133,7 @@ def _prepare(
         client_threads=max(1, int(res.client_cpus)),
         t_start=t_start,
     )
+    run.open_folder()
     return run, gpus
 
 

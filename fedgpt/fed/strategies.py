@@ -4,7 +4,7 @@
     extra = {"strategy": strategy_state(strategy)}     # saved in last.pt
     load_strategy_state(strategy, extra["strategy"])   # on --resume
 
-fedgpt.config.STRATEGY_SERVER_LR names the strategies and the server learning rate each starts from.
+fedgpt.config_rules.STRATEGY_SERVER_LR names the strategies and the server learning rate each starts from.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedgpt.config import STRATEGY_SERVER_LR, FedConfig
+from fedgpt.config import FedConfig
+from fedgpt.config_rules import STRATEGY_SERVER_LR
 
 
 class OuterSGD(FedAvg):
@@ -110,7 +111,7 @@ _BUILDERS: dict[str, Callable[[FedConfig, float, dict], Strategy]] = {
 }
 if set(_BUILDERS) != set(STRATEGY_SERVER_LR):
     raise ImportError(
-        "fedgpt.config.STRATEGY_SERVER_LR and the builders here name different strategies: "
+        "fedgpt.config_rules.STRATEGY_SERVER_LR and the builders here name different strategies: "
         f"{sorted(set(_BUILDERS) ^ set(STRATEGY_SERVER_LR))}"
     )
 

@@ -1,31 +1,41 @@
-"""What crosses the wire: model weights, or a client's update, as a Flower ArrayRecord of one flat array.
+"""What crosses the wire between the server and its clients, defined once for both sides.
 
-    record = to_record(state, aliases, fmt="int8", base=received)    # a client's update, quantized
-    state = from_record(record, aliases, base=global_state, like=global_state)
+    ex = Exchange.of(model, cfg)                    # what travels: the whole model, or its LoRA adapters
+    down = ex.downlink(global_state, base_id)       # server -> client: the weights, fp32 or fp16
+    received = ex.read_downlink(down)               # client: exactly what was sent (fp16-rounded, if so)
+    update = ex.difference(trained, received)       # the client's update, flat, against what it received
+    up, residual = ex.uplink(update, down, residual)   # client -> server: the update, fp32 to int4
+    state = ex.apply(up, global_state, down)        # server: its exact global model + the update
 
-Downlink (server -> client, fed.downlink): the global weights, fp32 or fp16. Uplink (client -> server,
-fed.uplink): the trained weights in fp32; or the update, trained minus received weights, in fp16, or
-quantized to int8 or int4 with one fp32 scale per block of fed.quant_block values (symmetric, round to
-nearest, zero exact). The server adds an update to its fp32 global model, so rounding never accumulates
-there, and with fed.error_feedback a client adds what quantization cut from its last update to its next one
-(fedgpt.fed.client). Flower's ArrayRecord rejects bf16, so half precision means fp16.
+A record says what it holds: a small header array gives its kind (weights or update), its format, its block
+and value count, and the id of the downlink it is based on. The server adds every update to its own fp32
+global model, so neither the downlink's nor the uplink's rounding ever accumulates there; with error feedback
+a client adds what quantization cut from its last update to its next one. The uplink is always an update,
+against exactly the weights the client received: with an fp16 downlink, what the client trains from is the
+rounded model, and only its own change travels back.
 
-All tensors travel as one flat array (a quantized update: its codes, their scales and the block size),
-split again by the receiver's own model: Flower moves every array of a message as its own object, each hop
-(ServerApp, SuperLink, SuperNode, ClientApp) pushing or pulling it with a request of its own
-(docs/deployment.md has what that cost). Strategies still see one fp32 array per tensor (to_record(...,
-flat=False)), and their state keeps those names.
+Formats: fp32, fp16 (Flower's ArrayRecord rejects bf16), or int8 / int4 with one fp32 scale per block of
+fed.quant_block values (symmetric, round to nearest, zero exact). All tensors travel as one flat array, split
+again by the receiver's own model: Flower moves every array of a message as its own object, each hop pushing
+or pulling it with a request of its own (docs/deployment.md has what that cost). Strategies still see one fp32
+array per tensor (Exchange.per_tensor), and their state keeps those names.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn import functional as F
 
+from fedgpt.config import Config
+from fedgpt.lora import adapter_state
+
 FORMATS = ("fp32", "fp16", "int8", "int4")
-FLAT, CODES, SCALES, BLOCK = "flat", "codes", "scales", "block"  # the arrays of a record
+KINDS = ("weights", "update")
+HEADER, FLAT, CODES, SCALES = "header", "flat", "codes", "scales"  # the arrays of a record
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -40,18 +50,6 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
         else:
             seen[ptr] = k
     return aliases
-
-
-def flatten(
-    state: dict[str, torch.Tensor], aliases: dict[str, str], base: dict[str, torch.Tensor] | None = None
-) -> torch.Tensor:
-    """Every tensor but tied aliases, in state order, as one fp32 vector; with `base`, state - base."""
-    parts = [
-        (v.detach().float().cpu() - (base[k].float() if base is not None else 0)).reshape(-1)
-        for k, v in state.items()
-        if k not in aliases
-    ]
-    return torch.cat(parts)
 
 
 def quantize(x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,93 +77,151 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int, n: int) ->
     return (q * scales[:, None]).view(-1)[:n]
 
 
-def encode(flat: torch.Tensor, fmt: str, block: int = 64) -> ArrayRecord:
-    """A flat fp32 vector as a record in `fmt` (fp32, fp16, int8, int4)."""
+def encode(flat: torch.Tensor, kind: str, fmt: str, block: int, base: int = 0) -> ArrayRecord:
+    """A flat fp32 vector as a self-describing record: `kind` (weights or update) in `fmt`, based on the
+    downlink with id `base` (an update) or carrying that id (weights)."""
+    header = torch.tensor(
+        [KINDS.index(kind), FORMATS.index(fmt), block, flat.numel(), base], dtype=torch.int64
+    )
     if fmt in ("fp32", "fp16"):
-        return ArrayRecord({FLAT: flat.half() if fmt == "fp16" else flat})
+        return ArrayRecord({HEADER: header, FLAT: flat.half() if fmt == "fp16" else flat.float()})
     codes, scales = quantize(flat, 8 if fmt == "int8" else 4, block)
-    return ArrayRecord({CODES: codes, SCALES: scales, BLOCK: torch.tensor([block])})
+    return ArrayRecord({HEADER: header, CODES: codes, SCALES: scales})
 
 
-def decode(record: ArrayRecord, n: int) -> torch.Tensor:
-    """The flat fp32 vector of n values a record of encode() holds."""
-    arrays = record.to_torch_state_dict()
-    if FLAT in arrays:
-        return arrays[FLAT].float()
-    return dequantize(arrays[CODES], arrays[SCALES], int(arrays[BLOCK][0]), n)
+@dataclass(frozen=True)
+class Header:
+    kind: str
+    fmt: str
+    block: int
+    values: int
+    base: int
 
 
-def to_record(
-    state: dict[str, torch.Tensor],
-    aliases: dict[str, str],
-    fmt: str = "fp32",
-    base: dict[str, torch.Tensor] | None = None,
-    block: int = 64,
-    flat: bool = True,
-) -> ArrayRecord:
-    """Pack weights (minus tied aliases) in `fmt`; with `base`, pack state - base (an update).
-
-    flat: every tensor, in state order, in one array (the wire). Not flat: one fp32 array per tensor (what
-    strategies average).
-    """
-    if not flat:
-        return ArrayRecord({k: v.detach().float().cpu() for k, v in state.items() if k not in aliases})
-    return encode(flatten(state, aliases, base), fmt, block)
+def header(record: ArrayRecord, who: str = "the sender") -> Header:
+    if HEADER not in record:
+        raise ValueError(f"{who} sent a record without a header: every node must run the same fedgpt")
+    kind, fmt, block, values, base = (int(v) for v in record[HEADER].numpy())
+    if not (0 <= kind < len(KINDS) and 0 <= fmt < len(FORMATS)):
+        raise ValueError(f"{who} sent a record of unknown kind or format ({kind}, {fmt})")
+    return Header(KINDS[kind], FORMATS[fmt], block, values, base)
 
 
-def from_record(
-    record: ArrayRecord,
-    aliases: dict[str, str],
-    base: dict[str, torch.Tensor] | None = None,
-    like: dict[str, torch.Tensor] | None = None,
-    who: str = "the sender",
-) -> dict[str, torch.Tensor]:
-    """Unpack to fp32 tensors, adding `base` back for an update, and restore tied aliases.
-
-    A flat record is split by the names and shapes of `like` (the receiver's own model, in state order); a
-    size mismatch raises ValueError."""
-    if FLAT not in record and CODES not in record:
-        state = {k: v.float() for k, v in record.to_torch_state_dict().items()}  # one array per tensor
-    else:
-        if like is None:
-            raise ValueError("a flat record needs the receiving model's state dict (like=) to unpack")
-        names = [k for k in like if k not in aliases]
-        sizes = [like[k].numel() for k in names]
-        sent = _values(record)
-        if sent not in (sum(sizes), sum(sizes) + (CODES in record and record[CODES].dtype == "uint8")):
-            raise ValueError(
-                f"{who} sent {sent:,} values for a model of {sum(sizes):,}: every client must use "
-                "the server's model config and tokenizer"
-            )
-        flat = decode(record, sum(sizes))
-        state = {k: t.view(like[k].shape) for k, t in zip(names, flat.split(sizes))}
-    if base is not None:
-        state = {k: base[k].float() + v for k, v in state.items()}
-    for alias, canonical in aliases.items():
-        state[alias] = state[canonical]
-    return state
-
-
-def _values(record: ArrayRecord) -> int:
-    """How many values a flat record holds (two per byte in 4-bit codes, which may end in one of padding)."""
+def decode(record: ArrayRecord) -> torch.Tensor:
+    """The flat fp32 vector a record of encode() holds."""
+    h = header(record)
     if FLAT in record:
-        return record[FLAT].shape[0]
-    codes = record[CODES]
-    return codes.shape[0] * (2 if codes.dtype == "uint8" else 1)
+        return torch.from_numpy(record[FLAT].numpy()).float()
+    codes, scales = torch.from_numpy(record[CODES].numpy()), torch.from_numpy(record[SCALES].numpy())
+    return dequantize(codes, scales, h.block, h.values)
 
 
-def check_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], who: str) -> None:
-    """Raise ValueError if weights from `who` do not fit the expected model (another architecture or
-    vocabulary)."""
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or extra or shapes:
-        raise ValueError(
-            f"{who} sent weights of another model (missing {missing[:3]}, unexpected {extra[:3]}, shapes "
-            f"{shapes[:3]}): every client must use the server's model config and tokenizer"
+@dataclass(frozen=True)
+class Exchange:
+    """The contract of one run: which tensors travel (names in order, tied aliases once), in which formats."""
+
+    names: tuple[str, ...]  # exchanged tensors, tied aliases left out, in state order
+    shapes: tuple[torch.Size, ...]
+    aliases: dict[str, str]  # {alias: canonical}: restored on receipt
+    adapters: bool  # LoRA: only the adapters travel; the rest of the model is each side's frozen base
+    downlink_format: str = "fp32"
+    uplink_format: str = "fp32"
+    block: int = 256
+    error_feedback: bool = False
+
+    @classmethod
+    def of(cls, model: nn.Module, cfg: Config) -> Exchange:
+        """What cfg's run exchanges of `model` (a GPT, with adapters when lora.rank > 0)."""
+        adapters = cfg.lora.rank > 0
+        aliases = {} if adapters else tied_aliases(model)
+        state = adapter_state(model) if adapters else model.state_dict()
+        names = tuple(k for k in state if k not in aliases)
+        f = cfg.fed
+        return cls(
+            names,
+            tuple(state[k].shape for k in names),
+            aliases,
+            adapters,
+            f.downlink,
+            f.uplink,
+            f.quant_block,
+            cfg.error_feedback,
         )
+
+    @property
+    def size(self) -> int:
+        """Values in one update (tied aliases once)."""
+        return sum(s.numel() for s in self.shapes)
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What of `model` is exchanged (aliases included, as the model holds them)."""
+        return adapter_state(model) if self.adapters else model.state_dict()
+
+    def load(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load exchanged weights into `model` in place (a compiled graph stays valid)."""
+        model.load_state_dict(state, strict=not self.adapters)
+
+    def flatten(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The exchanged tensors of `state`, in order, as one fp32 vector."""
+        return torch.cat([state[k].detach().float().cpu().reshape(-1) for k in self.names])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector back into named tensors, tied aliases restored."""
+        sizes = [s.numel() for s in self.shapes]
+        state = {k: t.view(s) for k, t, s in zip(self.names, flat.split(sizes), self.shapes)}
+        for alias, canonical in self.aliases.items():
+            state[alias] = state[canonical]
+        return state
+
+    def difference(self, trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> torch.Tensor:
+        """trained - base over the exchanged tensors: an update, flat."""
+        return self.flatten(trained) - self.flatten(base)
+
+    def downlink(self, state: dict[str, torch.Tensor], base_id: int) -> ArrayRecord:
+        """The global weights as the server sends them; updates to them will carry base_id."""
+        return encode(self.flatten(state), "weights", self.downlink_format, self.block, base_id)
+
+    def read_downlink(self, record: ArrayRecord, who: str = "the server") -> dict[str, torch.Tensor]:
+        """The weights a downlink holds, as the client trains from them (fp32, rounded as sent)."""
+        self._check(record, "weights", who)
+        return self.unflatten(decode(record))
+
+    def uplink(
+        self, update: torch.Tensor, received: ArrayRecord, residual: torch.Tensor | None = None
+    ) -> tuple[ArrayRecord, torch.Tensor | None]:
+        """A client's update as it sends it, based on the downlink it received; and, with error feedback, what
+        quantization cut from it (to add to the next one), else None."""
+        if self.error_feedback and residual is not None:
+            update = update + residual
+        record = encode(update, "update", self.uplink_format, self.block, header(received).base)
+        return record, (update - decode(record)) if self.error_feedback else None
+
+    def apply(
+        self, record: ArrayRecord, global_state: dict[str, torch.Tensor], sent: ArrayRecord, who: str
+    ) -> dict[str, torch.Tensor]:
+        """The client's weights as the server takes them: its own global model plus the update, which must be
+        based on the downlink `sent`. ValueError for a record that is not."""
+        h = self._check(record, "update", who)
+        if h.base != header(sent).base:
+            raise ValueError(f"{who} sent an update against another model than this round's: dropped")
+        return self.unflatten(self.flatten(global_state) + decode(record))
+
+    def per_tensor(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
+        """One fp32 array per exchanged tensor: what strategies average and keep state for."""
+        return ArrayRecord({k: state[k].detach().float().cpu() for k in self.names})
+
+    def from_per_tensor(self, record: ArrayRecord) -> dict[str, torch.Tensor]:
+        """A strategy's record back into fp32 tensors (FedAdam & co. return float64), aliases restored."""
+        arrays = record.to_torch_state_dict()
+        return self.unflatten(torch.cat([arrays[k].float().reshape(-1) for k in self.names]))
+
+    def _check(self, record: ArrayRecord, kind: str, who: str) -> Header:
+        h = header(record, who)
+        if h.kind != kind:
+            raise ValueError(f"{who} sent {h.kind} where {kind} belong")
+        if h.values != self.size:
+            raise ValueError(
+                f"{who} sent {h.values:,} values for a model of {self.size:,}: every client must use the "
+                "server's model config and tokenizer"
+            )
+        return h
