@@ -225,6 +225,7 @@ def from_dict(d: dict[str, Any], errors: list[str] | None = None) -> Config:
 # folder is reused.
 RUN_NEUTRAL = frozenset(
     {
+        "train.out_dir",  # where a run is, not what it computes: a moved folder resumes
         "train.device",
         "train.compile",
         "train.log_interval",

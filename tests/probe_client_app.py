@@ -1,7 +1,8 @@
-"""fedgpt's ClientApp with two probes, for tests: in each train message it saves, to $FEDGPT_TEST_PROBE_DIR,
-the optimizer state as restored before training and the weights it sends back. The probed code is fedgpt's
-own: client_app.py's handlers, with fedgpt.fed.client.restore and fit wrapped to record what they
-did. (A ClientApp of this module's own, so that Ray's actors import this module, and the probes with it.)
+"""fedgpt's ClientApp with probes, for tests: in each train message it saves, to $FEDGPT_TEST_PROBE_DIR, the
+optimizer state as restored before training and as saved after it, and the update it sends back. The probed
+code is fedgpt's own: client_app.py's handlers, with fedgpt.fed.client's restore, fit and state store wrapped
+to record what they did. (A ClientApp of this module's own, so that Ray's actors import this module, and the
+probes with it.)
 
 A client that should fail: $FEDGPT_TEST_FAIL="partition:round" makes that partition raise in that round.
 """
@@ -41,7 +42,16 @@ def fit_and_record(msg, context):
     return reply
 
 
-client.restore, client.fit = restore_and_record, fit_and_record
+_save = client.ClientStateStore.save
+
+
+def save_and_record(store, rnd, state):
+    _save(store, rnd, state)
+    partition = store.dir.name.removeprefix("partition-")
+    torch.save(state["optimizer"], PROBE_DIR / f"saved-p{partition}-r{rnd}.pt")
+
+
+client.restore, client.fit, client.ClientStateStore.save = restore_and_record, fit_and_record, save_and_record
 
 app = ClientApp()
 

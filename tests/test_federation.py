@@ -221,6 +221,10 @@ def test_simulation_trains_and_writes_run(fedavg_out):
         assert (fedavg_out / name).is_file(), name
     assert load_checkpoint(fedavg_out / "last.pt")["round"] == 2
     assert json.loads((fedavg_out / "partition.json").read_text())["num_clients"] == 3
+    # once round 2 is checkpointed, each client keeps only its round-2 state: what a resume needs
+    (states,) = (fedavg_out / "client_state").iterdir()
+    assert sorted(p.name for p in states.iterdir()) == [f"partition-{i}" for i in range(3)]
+    assert all([f.name for f in p.iterdir()] == ["round-2.pt"] for p in states.iterdir())
     res = subprocess.run(
         [
             sys.executable,
@@ -242,16 +246,6 @@ def test_simulation_trains_and_writes_run(fedavg_out):
 
 
 @pytest.mark.slow
-def test_fedprox_with_zero_mu_equals_fedavg(fedavg_out, data_dir, tmp_path):
-    simulate_main(tiny_args(data_dir, tmp_path, "--strategy", "fedprox", "--mu", "0"))
-    prox, avg = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(fedavg_out / "last.pt")
-    assert prox["config"]["fed"]["strategy"] == "fedprox"
-    for k, v in avg["model"].items():
-        assert torch.equal(prox["model"][k], v), k
-    assert [r["val_loss"] for r in rounds(tmp_path)] == [r["val_loss"] for r in rounds(fedavg_out)]
-
-
-@pytest.mark.slow
 def test_overlapped_evaluation_matches_a_run_that_ends_there(fedavg_out, data_dir, tmp_path):
     # In the 2-round run, round 1 was evaluated while round 2 trained; a 1-round run evaluates it with nothing
     # beside. Its clients' learning-rate schedule must be the 2-round run's (2 rounds x 5 local steps).
@@ -259,18 +253,6 @@ def test_overlapped_evaluation_matches_a_run_that_ends_there(fedavg_out, data_di
     one, two = rounds(tmp_path), rounds(fedavg_out)
     assert [r["val_loss"] for r in one] == [r["val_loss"] for r in two[:2]]
     assert load_checkpoint(tmp_path / "last.pt")["val_loss"] == one[1]["val_loss"]
-
-
-@pytest.mark.slow
-def test_failing_client_does_not_stop_the_run(data_dir, tmp_path):
-    import flaky_client_app
-
-    summary = simulation.simulate(tiny_run(data_dir, tmp_path), flaky_client_app.app, 3, backend_config())
-    assert summary["rounds"] == 2
-    rows = rounds(tmp_path)
-    assert (rows[1]["clients_ok"], rows[1]["clients_failed"]) == (2, 1)
-    assert (rows[2]["clients_ok"], rows[2]["clients_failed"]) == (3, 0)
-    assert load_checkpoint(tmp_path / "last.pt")["round"] == 2
 
 
 @pytest.mark.slow
@@ -302,7 +284,7 @@ def test_too_few_nodes_fail_clearly(data_dir, tmp_path):
 def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
     # DiLoCo with kept client state: the strategy's momentum and every client's AdamW state come back too.
     out = tmp_path / "run"
-    cmd = [sys.executable, "simulate.py", *tiny_args(data_dir, out, "--fed.rounds=6", "--strategy", "diloco")]
+    cmd = [sys.executable, "simulate.py", *tiny_args(data_dir, out, "--fed.rounds=4", "--strategy", "diloco")]
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -322,7 +304,7 @@ def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
     assert not left, f"processes of the killed run still alive: {left}"
     # A round's row is written just before its checkpoint: k >= 1.
     k = load_checkpoint(out / "last.pt")["round"]
-    assert 1 <= k < 6, f"last.pt is from round {k}: killed too late to test a resume"
+    assert 1 <= k < 4, f"last.pt is from round {k}: killed too late to test a resume"
     before = (out / "rounds.jsonl").read_text()
 
     # Another model config: one clear line, before any round, nothing written.
@@ -355,8 +337,8 @@ def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
         left = kill_session(proc.pid)
     assert proc.returncode == 0, output[-3000:]
     assert f"resumed from {out / 'last.pt'} at round {k}" in output
-    assert [r["round"] for r in rounds(out)] == list(range(7))
-    assert load_checkpoint(out / "last.pt")["round"] == 6
+    assert [r["round"] for r in rounds(out)] == list(range(5))
+    assert load_checkpoint(out / "last.pt")["round"] == 4
     assert not left, f"Ray processes left after a finished run: {left}"
 
     straight = tmp_path / "straight"
@@ -364,7 +346,7 @@ def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
         [
             sys.executable,
             "simulate.py",
-            *tiny_args(data_dir, straight, "--fed.rounds=6", "--strategy", "diloco"),
+            *tiny_args(data_dir, straight, "--fed.rounds=4", "--strategy", "diloco"),
         ],
         cwd=REPO,
         env=ENV,
@@ -394,6 +376,7 @@ BAD_INPUT = {
     "negative mu": (["--mu", "-1"], "fed.proximal_mu: must be >= 0"),
     "non-numeric mu": (["--fed.proximal_mu=abc"], "fed.proximal_mu: expected float, got str 'abc'"),
     "folder of another run": ([], "holds a local_train run"),
+    "context no data fills": (["--model.block_size=999999"], "model.block_size=999999 is longer than"),
 }
 
 

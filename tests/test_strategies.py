@@ -166,3 +166,32 @@ def test_sampled_partitions_do_not_depend_on_node_ids(data_dir, tmp_path):
         samples.append(per_round)
     assert samples[0] == samples[1] and all(len(s) == 3 for s in samples[0])
     assert len({tuple(s) for s in samples[0]}) > 1  # a new sample each round
+
+
+def test_fedprox_adds_its_proximal_step_through_the_clients_work_order(data_dir, tmp_path):
+    # Plain SGD at lr 0.1, no clipping: the first step is the gradient's alone (w1 = w0), the second adds mu
+    # (w1 - w0) to the same gradient at w1, so 2 steps with mu > 0 end at 2 steps without it minus lr x mu x
+    # (w1 - w0), exactly; w1 - w0 is what one step sends. Strategy -> work order -> client -> trainer: a mu
+    # lost anywhere on the way (a misspelt key) leaves the two runs equal.
+    from conftest import TINY, fit_in_process
+
+    from fedgpt.config import load_config
+    from fedgpt.fed import client
+    from fedgpt.fed.server import FederatedRun
+
+    sgd = ["--train.optimizer=sgd", "--train.learning_rate=0.1", "--train.decay_lr=false"]
+    sgd += ["--train.warmup_steps=0", "--train.grad_clip=0", "--fed.client_optimizer=reset"]
+
+    def update(steps: int, mu: float):
+        prox = ["--fed.strategy=fedprox", f"--fed.proximal_mu={mu}"]
+        out = f"--train.out_dir={tmp_path / f'{steps}-{mu}'}"
+        cfg = load_config(
+            TINY, [f"--data.data_dir={data_dir}", out, *sgd, *prox, f"--fed.local_steps={steps}"]
+        )
+        client._CACHE.clear()
+        return fit_in_process(FederatedRun(cfg, log=lambda s: None), rnd=1)
+
+    one, plain, prox = update(1, 0.0), update(2, 0.0), update(2, 0.5)
+    assert float(one.norm()) > 0
+    torch.testing.assert_close(prox - plain, -0.1 * 0.5 * one, rtol=1e-3, atol=1e-6)
+    assert float((prox - plain).abs().max()) > 100 * 1e-6  # the proximal step is far above the tolerance

@@ -9,8 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TINY, train_instruction
-from flwr.app import ConfigRecord, Context, RecordDict
+from conftest import TINY, fit_in_process
 
 from fedgpt.config import Config, ModelConfig, load_config
 from fedgpt.fed.wire import Exchange, decode, dequantize, encode, header, quantize
@@ -139,25 +138,12 @@ def fit_rounds(data_dir, tmp_path, uplink: str, error_feedback: bool, rounds: in
     from fedgpt.fed.server import FederatedRun
 
     overrides = [f"--fed.uplink={uplink}", f"--fed.error_feedback={str(error_feedback).lower()}"]
-    overrides += [
-        f"--fed.rounds={rounds}",
-        "--train.decay_lr=false",
-    ]  # updates of one size, round after round
+    overrides += [f"--fed.rounds={rounds}", "--train.decay_lr=false"]  # updates of one size each round
     out = tmp_path / f"{uplink}-{error_feedback}"
     cfg = load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out}", *overrides])
     run = FederatedRun(cfg, log=lambda s: None)  # the server's side of the exchange; nothing on disk
-    context = Context(1, 1, {"partition-id": 0, "num-partitions": 3}, RecordDict(), {})
     client._CACHE.clear()
-    sent_updates = []
-    for rnd in range(1, rounds + 1):
-        msg = train_instruction(1)
-        sent = run.exchange.downlink(run.global_state, base_id=rnd)
-        msg.content["arrays"] = sent
-        msg.content["config"] = ConfigRecord({**run.run_facts(), **run.work_order(rnd).to_config()})
-        reply = client.fit(msg, context)
-        state = run.exchange.apply(reply.content["arrays"], run.global_state, sent, "client 0")
-        sent_updates.append(run.exchange.difference(state, run.global_state))
-    return sent_updates
+    return [fit_in_process(run, rnd) for rnd in range(1, rounds + 1)]
 
 
 def test_error_feedback_keeps_quantization_error_from_adding_up_over_rounds(data_dir, tmp_path):

@@ -65,3 +65,15 @@ class ClientStateStore:
         for r in rounds:
             if r < oldest_needed:
                 (self.dir / f"round-{r}.pt").unlink(missing_ok=True)
+
+    @staticmethod
+    def prune_run(root: str | Path, run_id: str, keep_from_round: int) -> None:
+        """prune(keep_from_round) for every partition of a run under `root` that this machine holds (a
+        simulation's, or a deployment's where the server shares the nodes' disk)."""
+        run_dir = Path(root) / run_id
+        if run_dir.is_dir():
+            for part in run_dir.iterdir():
+                if part.name.startswith("partition-"):
+                    ClientStateStore(root, run_id, int(part.name.removeprefix("partition-"))).prune(
+                        keep_from_round
+                    )

@@ -28,22 +28,36 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, log: Callable[[str],
     return nodes
 
 
-def exchange(grid: Grid, msgs: list[Message], timeout: float, poll_s: float = 0.1) -> list[Message]:
-    """Send `msgs` and collect their replies until all are in or `timeout` passes.
+def exchange(
+    grid: Grid,
+    msgs: list[Message],
+    timeout: float,
+    poll_s: float = 0.1,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Message]:
+    """Send `msgs` and collect their replies until all are in or `timeout` passes; `progress(answered,
+    total)` every PROGRESS_S seconds while they come in.
 
     Grid.send_and_receive, except that it polls every `poll_s`: Flower's deployment grid sleeps 3 s between
     pulls.
     """
     pending = set(grid.push_messages(msgs))
-    end, replies = time.monotonic() + timeout, []
+    now = time.monotonic()
+    end, replies, said = now + timeout, [], now
     while pending:
         got = list(grid.pull_messages(pending))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
         if not pending or time.monotonic() >= end:
             break
+        if progress is not None and time.monotonic() - said >= PROGRESS_S:
+            progress(len(replies), len(msgs))
+            said = time.monotonic()
         time.sleep(poll_s)
     return replies
+
+
+PROGRESS_S = 5.0  # seconds between progress lines of a long exchange (a pre-flight of thousands of nodes)
 
 
 def error_reason(msg: Message) -> str:
@@ -85,7 +99,8 @@ def preflight(
         Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=n, message_type=MessageType.QUERY)
         for n in nodes
     ]
-    replies = exchange(grid, msgs, timeout)
+    said = lambda n, total: log(f"pre-flight: {n:,} of {total:,} nodes answered ({time.time() - t0:.0f} s)")
+    replies = exchange(grid, msgs, timeout, progress=said)
     errors = [f"node {r.metadata.src_node_id}: {error_reason(r)}" for r in replies if r.has_error()]
     if len(replies) < len(msgs):
         errors.append(f"{len(msgs) - len(replies)} node(s) did not answer within {timeout:.0f} s")

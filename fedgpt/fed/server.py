@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from fedgpt.config import Config
 from fedgpt.data import check_windows, load_dataset
 from fedgpt.fed import privacy, secagg
+from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.evaluation import CentralEvaluator
 from fedgpt.fed.grid import Nodes, PartitionOrderedGrid, error_reason, exchange, preflight
 from fedgpt.fed.partition import client_partitions, format_summary, summarize
@@ -169,6 +170,8 @@ class FederatedRun:
             row.dp_clipping_norm, row.dp_rounds_dropped = dp.clipping_norm, dp.rounds_dropped
         row.eval_s, row.elapsed_s = round(time.time() - t_eval, 3), round(time.time() - self.t_start, 3)
         self.recorder.record(snap, row)
+        # Checkpointed: a resume starts here, and no client state older than this round's is needed again.
+        ClientStateStore.prune_run(self.state_dir, self.run_info["run_id"], snap.round)
         return row
 
     def run(self, grid: Grid) -> dict:
