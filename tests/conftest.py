@@ -177,18 +177,18 @@ def serverapp_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-def fit_in_process(run, rnd: int, partition: int = 0, num_partitions: int = 3):
-    """One client's train round through fedgpt.fed.client.fit in this process (no Ray, no Flower process):
-    the message `run` (a FederatedRun) would send it, and the update it sent back as the server decodes it."""
-    from flwr.app import ConfigRecord, Context, RecordDict
+def fit_in_process(run, rnd: int, partition: int = 0, num_partitions: int = 3, via=None):
+    """One client's train round as `run` (a FederatedRun) would send it, handled by fedgpt.fed.client.fit in
+    this process (no Ray, no Flower process), or `via` a node's worker (fedgpt.fed.relay.WorkerClient); the
+    update it sent back, as the server decodes it."""
+    from flwr.app import ConfigRecord, RecordDict
 
     from fedgpt.fed import client
 
-    context = Context(1, 1, {"partition-id": partition, "num-partitions": num_partitions}, RecordDict(), {})
-    msg = train_instruction(1)
+    node = {"partition-id": partition, "num-partitions": num_partitions}
     sent = run.exchange.downlink(run.global_state, base_id=rnd)
-    msg.content["arrays"] = sent
-    msg.content["config"] = ConfigRecord({**run.run_facts(), **run.work_order(rnd).to_config()})
-    reply = client.fit(msg, context)
-    state = run.exchange.apply(reply.content["arrays"], run.global_state, sent, f"client {partition}")
+    config = ConfigRecord({**run.run_facts(), **run.work_order(rnd).to_config()})
+    content = RecordDict({"arrays": sent, "config": config})
+    reply = via.call("train", content, node) if via is not None else client.fit(content, node)
+    state = run.exchange.apply(reply["arrays"], run.global_state, sent, f"client {partition}")
     return run.exchange.difference(state, run.global_state)

@@ -21,4 +21,4 @@ def query(msg: Message, context: Context) -> Message:
     cfg = json.loads(record["fedgpt-config"])
     cfg["data"].update(input_file=str(corpus), data_dir=str(corpus.parent))
     record["fedgpt-config"] = json.dumps(cfg)
-    return client.handshake(msg, context)
+    return Message(client.handshake(msg.content, dict(context.node_config)), reply_to=msg)

@@ -30,15 +30,12 @@ def restore_and_record(trainer, store, rnd, cfg):
     return result
 
 
-def fit_and_record(msg, context):
-    partition, rnd = (
-        int(context.node_config["partition-id"]),
-        WorkOrder.from_config(msg.content["config"]).round,
-    )
+def fit_and_record(content, node):
+    partition, rnd = int(node["partition-id"]), WorkOrder.from_config(content["config"]).round
     if os.environ.get("FEDGPT_TEST_FAIL") == f"{partition}:{rnd}":
         raise RuntimeError(f"planned failure of partition {partition} in round {rnd}")
-    reply = _fit(msg, context)
-    torch.save(reply.content["arrays"].to_torch_state_dict(), PROBE_DIR / f"sent-p{partition}-r{rnd}.pt")
+    reply = _fit(content, node)
+    torch.save(reply["arrays"].to_torch_state_dict(), PROBE_DIR / f"sent-p{partition}-r{rnd}.pt")
     return reply
 
 

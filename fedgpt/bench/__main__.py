@@ -1,4 +1,4 @@
-"""python -m fedgpt.bench {train,fed,comm,deploy,scale}: run one benchmark, print its table, write its JSON.
+"""python -m fedgpt.bench {train,fed,comm,deploy,scale,gpu}: run a benchmark, print its table, write its JSON.
 
     python -m fedgpt.bench train --config configs/shakespeare_char_cpu.yaml [--nanogpt ../nanoGPT]
     python -m fedgpt.bench fed | comm | deploy [--config ...]
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedgpt.bench import federation, scale, step
+from fedgpt.bench import federation, gpu, scale, step
 from fedgpt.files import atomic_write_bytes
 
 
@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     step.add_parser(sub)
     federation.add_parsers(sub)
     scale.add_parser(sub)
+    gpu.add_parser(sub)
     return p.parse_known_args(argv)
 
 
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.bench == "train":
         res = step.bench_train(args, overrides, command=command)
         table = step.markdown(res)
+    elif args.bench == "gpu":  # it writes its JSON as each step finishes
+        res = gpu.bench_gpu(args, overrides, Path("results/gpu"))
+        print(json.dumps(res, indent=1))
+        return res
     else:
         figures = federation.run(args.bench, args, overrides)
         res = {

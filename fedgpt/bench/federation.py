@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from fedgpt.bench import comm, scale
-from fedgpt.bench.common import SimRun, app_dir, run_logged, run_simulate_py, sim_args, wire_params
-from fedgpt.bench.loopback import Deployment
+from fedgpt.bench import comm, deploy, scale
+from fedgpt.bench.common import SimRun, app_dir, run_logged, run_simulate_py, sim_args
 from fedgpt.config import load_config
-from fedgpt.fed.rounds import median, read_rounds
+from fedgpt.fed.rounds import median
 
 
 def round_figures(run: SimRun) -> dict[str, Any]:
@@ -101,94 +98,10 @@ def startup_floor(app: Path, num_clients: int, log: Path) -> float:
     return round(result["first_message_at"] - t0, 2)
 
 
-def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
-    """Seconds per round of a real deployment on loopback (SuperLink, a.supernodes SuperNodes, `flwr run .`),
-    then of its floor on the same federation: the same rounds with fedgpt.bench.floor's apps, Flower and
-    torch alone."""
-    from fedgpt.bench.floor import deployment_floor_app
-
-    app = app_dir(a.app_dir)
-    _check_installed(work)
-    cfg = load_config(a.config, overrides)
-    data_dir, out_dir, floor_out = Path(cfg.data.data_dir).resolve(), work / "deploy", work / "floor.json"
-    run_overrides = " ".join(
-        [
-            f"fed.num_clients={a.supernodes}",
-            f"fed.rounds={a.rounds}",
-            f"fed.local_steps={a.local_steps}",
-            f"train.out_dir={out_dir}",
-            f"data.data_dir={data_dir}",
-            *(o.lstrip("-") for o in overrides),
-        ]
-    )
-    run_config = f"config='{Path(a.config).resolve()}' client-threads=1 overrides='{run_overrides}'"
-    floor_app = deployment_floor_app(work / "floor_app", a.supernodes, a.rounds, wire_params(cfg), floor_out)
-    dep = Deployment(work / "flwr")
-    try:
-        t0 = time.time()
-        dep.start_federation(data_dir, supernodes=a.supernodes)
-        t_up = time.time()
-        res = dep.flwr(
-            ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=a.timeout, cwd=app
-        )
-        wall = time.time() - t0
-        if res.returncode != 0 or not (out_dir / "rounds.jsonl").is_file():
-            raise RuntimeError(
-                f"flwr run exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}"
-            )
-        # The floor on the same SuperLink and SuperNodes: Flower's part of a round, with a ClientApp that only
-        # has torch.
-        res = dep.flwr(["run", str(floor_app), "loopback", "--stream"], timeout=a.timeout, cwd=work)
-        if res.returncode != 0 or not floor_out.is_file():
-            raise RuntimeError(
-                "the deployment floor exited "
-                f"{res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{dep.logs()}"
-            )
-    finally:
-        dep.stop()
-    return _deploy_figures(
-        a,
-        SimRun(read_rounds(out_dir / "rounds.jsonl"), t_up, wall, work / "flwr"),
-        json.loads(floor_out.read_text())["round_s"],
-        t_up - t0,
-    )
-
-
-def _check_installed(work: Path) -> None:
-    """The floor's ServerApp and ClientApp processes import fedgpt.bench.floor from outside this checkout."""
-    code = "import importlib.util as u; print(u.find_spec('fedgpt') is not None)"
-    found = subprocess.run(
-        [sys.executable, "-c", code], cwd=work, capture_output=True, text=True
-    ).stdout.strip()
-    if found != "True":
-        raise RuntimeError(
-            "bench deploy runs its floor from the installed fedgpt package: install it with pip install -e "
-            ". (the README's install command)"
-        )
-
-
-def _deploy_figures(
-    a: argparse.Namespace, run: SimRun, floor: list[float], federation_start_s: float
-) -> dict[str, Any]:
-    between = [b.elapsed_s - a_.elapsed_s for a_, b in zip(run.rows, run.rows[1:])]
-    fig = round_figures(run)
-    fig.update(
-        median_round_wall_s=round(median(between[1:]), 3) if len(between) > 1 else None,
-        round_s_by_round=[r.round_s for r in run.rounds],
-        supernodes=a.supernodes,
-        local_steps=a.local_steps,
-        federation_start_s=round(federation_start_s, 2),
-        floor_round_s_by_round=floor,
-        floor_median_round_s=median(floor),
-    )
-    fig["median_round_over_floor_s"] = round(fig["median_round_s"] - fig["floor_median_round_s"], 3)
-    return fig
-
-
 def markdown(kind: str, res: dict[str, Any]) -> str:
     """One result as a markdown table."""
-    if kind in ("scale", "comm"):
-        return {"scale": scale.markdown, "comm": comm.markdown}[kind](res)
+    if kind in ("scale", "comm", "deploy"):
+        return {"scale": scale.markdown, "comm": comm.markdown, "deploy": deploy.markdown}[kind](res)
     if kind == "fed":
         s, loc = res["simulation"], res["local_trainer"]
         rows = [
@@ -208,24 +121,6 @@ def markdown(kind: str, res: dict[str, Any]) -> str:
                 "simulation / local trainer (rounds; whole run)",
                 f"{res['tokens_per_s_ratio']}x; {res['tokens_per_s_ratio_wall']}x",
             ),
-        ]
-    else:
-        rows = [
-            ("SuperNodes, local steps", f"{res['supernodes']}, {res['local_steps']}"),
-            (
-                "round time: send to aggregate, central eval beside the next (s, median)",
-                res["median_round_s"],
-            ),
-            ("round time, by round (s)", ", ".join(f"{x:.2f}" for x in res["round_s_by_round"])),
-            (
-                "floor: the same rounds with Flower and a ClientApp that only has torch (s, median)",
-                res["floor_median_round_s"],
-            ),
-            ("floor, by round (s)", ", ".join(f"{x:.2f}" for x in res["floor_round_s_by_round"])),
-            ("round time over the floor: fedgpt's own part (s, median)", res["median_round_over_floor_s"]),
-            ("wall time between rounds (s, median)", res["median_round_wall_s"]),
-            ("start-up: federation up to first client step (s)", res["startup_s"]),
-            ("starting SuperLink and SuperNodes (s)", res["federation_start_s"]),
         ]
     lines = [f"| {kind} | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
@@ -257,12 +152,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             help="local steps per client per round (default: %(default)s)",
         )
         if name == "deploy":
-            p.add_argument(
-                "--supernodes", type=int, default=2, help="SuperNodes = clients (default: %(default)s)"
-            )
-            p.add_argument(
-                "--timeout", type=float, default=900, help="seconds for the whole run (default: %(default)s)"
-            )
+            deploy.add_arguments(p)
         else:
             p.add_argument("--num-clients", type=int, default=8, help="clients (default: %(default)s)")
         if name == "comm":
@@ -282,7 +172,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(kind: str, a: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    fn = {"fed": bench_fed, "comm": comm.bench_comm, "deploy": bench_deploy, "scale": scale.bench_scale}[kind]
+    fn = {
+        "fed": bench_fed,
+        "comm": comm.bench_comm,
+        "deploy": deploy.bench_deploy,
+        "scale": scale.bench_scale,
+    }[kind]
     if a.rounds < 1 or a.local_steps < 0:
         raise ValueError(f"--rounds={a.rounds} must be >= 1 and --local-steps={a.local_steps} >= 0")
     if a.keep:

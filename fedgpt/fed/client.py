@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedgpt.config import Config, from_dict
 from fedgpt.data import Batches, load_dataset, load_node_tokens
@@ -47,12 +47,12 @@ class ClientState:
 _CACHE: dict[str, ClientState] = {}
 
 
-def run_config(msg: Message) -> tuple[Config, dict, ConfigRecord]:
-    record = msg.content["config"]
+def run_config(content: RecordDict) -> tuple[Config, dict, ConfigRecord]:
+    record = content["config"]
     return from_dict(json.loads(record["fedgpt-config"])), json.loads(record["tokenizer"]), record
 
 
-def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
+def client_state(content: RecordDict, node: dict) -> tuple[ClientState, int]:
     """This process's model, trainer and partitions for the message's run (cached), and this node's partition
     id.
 
@@ -60,8 +60,7 @@ def client_state(msg: Message, context: Context) -> tuple[ClientState, int]:
     the run's tokenizer: its own data, which no other process ever reads. Otherwise every node holds the run's
     corpus and trains on its partition of it (node config `data-dir` says where the corpus lives).
     """
-    cfg, tokenizer_meta, record = run_config(msg)
-    node = context.node_config
+    cfg, tokenizer_meta, record = run_config(content)
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError(
             "node config lacks partition-id / num-partitions: start the SuperNode with "
@@ -134,10 +133,10 @@ def load_global(st: ClientState, arrays: ArrayRecord, partition_id: int) -> dict
     return weights
 
 
-def handshake(msg: Message, context: Context) -> Message:
+def handshake(content: RecordDict, node: dict) -> RecordDict:
     """Answer the server's pre-flight query: this node's partition and data sizes (errors surface before round
     1)."""
-    st, partition_id = client_state(msg, context)
+    st, partition_id = client_state(content, node)
     part = st.parts[partition_id]
     reply = ConfigRecord(
         {
@@ -146,19 +145,19 @@ def handshake(msg: Message, context: Context) -> Message:
             "own-data": int(part.scheme == "own data"),
             "train-tokens": int(len(part.train)),
             "val-tokens": int(len(part.val)),
-            "requires-secagg": int(secagg.node_requires_secagg(context)),
+            "requires-secagg": int(secagg.node_requires_secagg(node)),
         }
     )
-    return Message(RecordDict({"info": reply}), reply_to=msg)
+    return RecordDict({"info": reply})
 
 
-def fit(msg: Message, context: Context) -> Message:
+def fit(content: RecordDict, node: dict) -> RecordDict:
     """Carry out the round's work order from the global weights; reply with the update and metrics."""
-    st, partition_id = client_state(msg, context)
+    st, partition_id = client_state(content, node)
     cfg, part, trainer = st.cfg, st.parts[partition_id], st.trainer
-    order = WorkOrder.from_config(msg.content["config"])
-    received = load_global(st, msg.content["arrays"], partition_id)
-    store = state_store(cfg, msg.content["config"], context, partition_id)
+    order = WorkOrder.from_config(content["config"])
+    received = load_global(st, content["arrays"], partition_id)
+    store = state_store(cfg, content["config"], node, partition_id)
     age, stale, residual = restore(trainer, store, order.round, cfg)
     mu = order.proximal_mu
     ref = [p.detach().clone() for p in trainer.raw_model.parameters()] if mu > 0 else None
@@ -180,7 +179,7 @@ def fit(msg: Message, context: Context) -> Message:
     if cfg.secagg.enabled:  # the update travels masked (secaggplus_mod), quantized by SecAgg+ itself
         arrays, residual = None, None
     else:
-        arrays, residual = st.exchange.uplink(update, msg.content["arrays"], residual)
+        arrays, residual = st.exchange.uplink(update, content["arrays"], residual)
     if store is not None:
         optimizer = trainer.optimizer.state_dict() if cfg.keeps_client_state else None
         store.save(order.round, {"optimizer": optimizer, "residual": residual})
@@ -202,15 +201,13 @@ def fit(msg: Message, context: Context) -> Message:
     if arrays is None:
         if clipping is not None:  # summed under the mask with the others: the server sees only the count
             update = torch.cat([update, torch.tensor([unclipped])])
-        return Message(secagg.masked_reply(update.numpy(), metrics["num-examples"], metrics), reply_to=msg)
+        return secagg.masked_reply(update.numpy(), metrics["num-examples"], metrics)
     if clipping is not None:  # central DP: the server sees this update anyway
         metrics["dp-unclipped"] = int(unclipped)
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
 
 
-def state_store(
-    cfg: Config, record: ConfigRecord, context: Context, partition_id: int
-) -> ClientStateStore | None:
+def state_store(cfg: Config, record: ConfigRecord, node: dict, partition_id: int) -> ClientStateStore | None:
     """Where this client keeps its state between rounds (its optimizer state, its quantization error), or None
     if it keeps none.
 
@@ -218,7 +215,7 @@ def state_store(
     fed.client_state_dir, or <train.out_dir>/client_state as the server resolved it."""
     if not (cfg.keeps_client_state or cfg.error_feedback):
         return None
-    root = context.node_config.get("state-dir") or record["client-state-dir"]
+    root = node.get("state-dir") or record["client-state-dir"]
     return ClientStateStore(str(root), str(record["run-id"]), partition_id)
 
 
@@ -244,11 +241,11 @@ def restore(
     return rnd - saved_round, 0, residual
 
 
-def evaluate_partition(msg: Message, context: Context) -> Message:
+def evaluate_partition(content: RecordDict, node: dict) -> RecordDict:
     """Loss of the global weights on this client's own validation slice."""
-    st, partition_id = client_state(msg, context)
+    st, partition_id = client_state(content, node)
     cfg, part = st.cfg, st.parts[partition_id]
-    load_global(st, msg.content["arrays"], partition_id)
+    load_global(st, content["arrays"], partition_id)
     batches = Batches(
         part.val, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=cfg.train.seed
     )
@@ -256,4 +253,14 @@ def evaluate_partition(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {"val-loss": res["loss"], "val-accuracy": res["accuracy"], "num-examples": int(len(part.val))}
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return RecordDict({"metrics": metrics})
+
+
+# The handler of each kind of message, by name (looked up when called: tests wrap them): its reply content,
+# from the message's content and the node's config. fedgpt.fed.relay calls them in this process, or has the
+# node's worker call them.
+HANDLERS = {"query": "handshake", "train": "fit", "evaluate": "evaluate_partition"}
+
+
+def handle(kind: str, content: RecordDict, node: dict) -> RecordDict:
+    return globals()[HANDLERS[kind]](content, node)

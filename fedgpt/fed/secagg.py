@@ -39,12 +39,15 @@ from fedgpt.config import Config
 from fedgpt.fed.grid import exchange
 
 
-def node_setting(context: Context, key: str, default: str | int | bool) -> str | int | bool:
-    """A setting of this node: its node config `key`, else the environment of its SuperNode as
-    FEDGPT_NODE_<KEY> (how a simulation sets it: Flower gives simulated nodes no config of their own), else
-    `default`. The run config never decides it."""
-    if key in context.node_config:
-        value = context.node_config[key]
+def node_setting(
+    node: Context | dict, key: str, default: str | int | float | bool
+) -> str | int | float | bool:
+    """A setting of this node (its Context, or its node config): its node config `key`, else the environment
+    of its SuperNode as FEDGPT_NODE_<KEY> (how a simulation sets it: Flower gives simulated nodes no config of
+    their own), else `default`. The run config never decides it."""
+    config = node.node_config if isinstance(node, Context) else node
+    if key in config:
+        value = config[key]
     else:
         value = os.environ.get("FEDGPT_NODE_" + key.upper().replace("-", "_"))
         if value is None:
@@ -54,8 +57,8 @@ def node_setting(context: Context, key: str, default: str | int | bool) -> str |
     return type(default)(value)
 
 
-def node_requires_secagg(context: Context) -> bool:
-    return bool(node_setting(context, "require-secagg", False))
+def node_requires_secagg(node: Context | dict) -> bool:
+    return bool(node_setting(node, "require-secagg", False))
 
 
 class NodeRefusal(PermissionError):
