@@ -53,7 +53,7 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup
     lr_decay_steps: int = 0  # 0: decay over max_steps
     decay_lr: bool = True  # False: constant learning rate after warmup
-    optimizer: str = "adamw"  # "adamw"; "sgd": plain SGD (FedSGD's client step, with fed.full_batch)
+    optimizer: str = "adamw"  # "adamw"; "muon": Muon for the blocks' matrices, AdamW for the rest; "sgd"
     weight_decay: float = 0.1  # AdamW decay of matrices and embeddings (not biases or norms)
     beta1: float = 0.9  # AdamW
     beta2: float = 0.99  # AdamW
@@ -108,6 +108,7 @@ class LoRAConfig:
     alpha: float = 16.0  # an adapter's output is scaled by alpha / rank
     dropout: float = 0.0  # on the adapters' input
     targets: str = "attn,mlp"  # any of "attn" (c_attn, c_proj), "mlp" (c_fc, c_proj), "embedding" (tied wte)
+    scheme: str = "fedavg"  # "fedavg": A and B averaged apart (inexact); "ffa": A frozen, only B (exact)
 
 
 @dataclass

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 ARCHS = ("gpt2", "llama")
 TOKENIZERS = ("char", "gpt2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "muon", "sgd")
 # Every strategy fed.strategy may name (fedgpt/fed/strategies.py builds them), with the server learning rate
 # it takes when fed.server_lr is 0; None: it has none. Flower's own eta=0.1 makes a GPT diverge in its first
 # rounds.
@@ -39,6 +39,7 @@ DP_CLIPPING = ("server", "client")
 CLIENT_OPTIMIZER = ("auto", "keep", "reset")
 UPLINKS, DOWNLINKS = ("fp32", "fp16", "int8", "int4"), ("fp32", "fp16")
 LORA_TARGETS = ("attn", "mlp", "embedding")
+LORA_SCHEMES = ("fedavg", "ffa")
 
 
 class _Checks(list):
@@ -133,6 +134,7 @@ def _validate_lora(cfg: Config) -> list[str]:
     )
     check(lo.alpha > 0, "lora.alpha", "must be > 0")
     check(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    check.choice(lo.scheme, LORA_SCHEMES, "lora.scheme")
     targets = [t.strip() for t in lo.targets.split(",")]
     check(
         bool(targets) and set(targets) <= set(LORA_TARGETS),

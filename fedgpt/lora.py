@@ -27,12 +27,14 @@ class LowRank(nn.Module):
     """What every adapter here holds: its base layer (weight (out, in)), A (r, in) initialised as nn.Linear
     initialises its weight, B (out, r) at zero, so the adapted layer starts as the base; the merged weight."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, n_in: int, n_out: int):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, n_in: int, n_out: int, generator=None):
         super().__init__()
         self.base = base
-        self.lora_A = nn.Parameter(torch.empty(rank, n_in, device=base.weight.device))
+        a = nn.init.kaiming_uniform_(
+            torch.empty(rank, n_in), a=math.sqrt(5), generator=generator
+        )  # on the CPU:
+        self.lora_A = nn.Parameter(a.to(base.weight.device))  # the same A wherever it is built, from one seed
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
 
     def merged_weight(self) -> torch.Tensor:
@@ -42,8 +44,8 @@ class LowRank(nn.Module):
 class LoRALinear(LowRank):
     """y = base(x) + (alpha / r) * dropout(x) A^T B^T."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
-        super().__init__(base, rank, alpha, base.in_features, base.out_features)
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator=None):
+        super().__init__(base, rank, alpha, base.in_features, base.out_features, generator)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +58,8 @@ class LoRAEmbedding(LowRank):
     and head stay one matrix. Initialised as an adapter of the head (in n_embd, out vocab): with B random
     instead, A's steps would move the logits only along r fixed random directions of the vocabulary."""
 
-    def __init__(self, base: nn.Embedding, rank: int, alpha: float):
-        super().__init__(base, rank, alpha, base.embedding_dim, base.num_embeddings)
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float, generator=None):
+        super().__init__(base, rank, alpha, base.embedding_dim, base.num_embeddings, generator)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.base(idx) + nn.functional.embedding(idx, self.lora_B) @ self.lora_A * self.scale
@@ -80,27 +82,57 @@ class LoRAHead(nn.Module):
         return self._embedding[0].merged_weight()
 
 
-def add_lora(model: GPT, cfg: LoRAConfig) -> GPT:
+def add_lora(model: GPT, cfg: LoRAConfig, seed: int = 0) -> GPT:
     """Wrap the target projections of every block in LoRALinear, and with the "embedding" target the tied
-    embedding and head; freeze every other parameter (in place)."""
+    embedding and head; freeze every other parameter (in place). Every A is drawn from `seed`: the server and
+    every client build the same adapters. lora.scheme=ffa freezes A as drawn (FFA-LoRA: only B trains and
+    travels, so the average of the clients' B A is the averaged B times the one A: exact)."""
     targets = [t.strip() for t in cfg.targets.split(",")]
     suffixes = [s for t in targets if t in TARGETS for s in TARGETS[t]]
+    g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
     if "embedding" in targets:
-        model.transformer.wte = LoRAEmbedding(model.transformer.wte, cfg.rank, cfg.alpha)
+        model.transformer.wte = LoRAEmbedding(model.transformer.wte, cfg.rank, cfg.alpha, g)
         model.lm_head = LoRAHead(model.lm_head, model.transformer.wte)
     for block in model.transformer.h:
         for suffix in suffixes:
             parent_name, name = suffix.split(".")
             parent = getattr(block, parent_name)
-            setattr(parent, name, LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, cfg.dropout))
+            setattr(parent, name, LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, cfg.dropout, g))
+    if cfg.scheme == "ffa":
+        for m in model.modules():
+            if isinstance(m, LowRank):
+                m.lora_A.requires_grad_(False)
     return model
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors, by state_dict name (everything a LoRA client trains)."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    """The adapters' tensors that train, by state_dict name (everything a LoRA client trains and sends)."""
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and k in trains
+    }
+
+
+def aggregation_error(states: list[dict], weights: list[float], model: nn.Module) -> float:
+    """How far averaging A and B apart is from averaging the adapters' products: ||mean(B A) - mean(B)
+    mean(A)|| over ||mean(B A)||, every adapter of the clients' `states` together (an A a state lacks is the
+    model's: FFA-LoRA's frozen one), with the aggregation's `weights`."""
+    own = dict(model.state_dict())
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    gap, size = 0.0, 0.0
+    for key in [k for k in own if k.endswith(".lora_B")]:
+        a_key = key[: -len("B")] + "A"
+        bs = torch.stack([s[key].double() for s in states])  # (n, out, r)
+        as_ = torch.stack([s.get(a_key, own[a_key]).double() for s in states])  # (n, r, in)
+        product = torch.einsum("n,nor,nri->oi", w, bs, as_)  # mean(B A)
+        apart = torch.einsum("n,nor->or", w, bs) @ torch.einsum("n,nri->ri", w, as_)  # mean(B) mean(A)
+        gap += float((product - apart).square().sum())
+        size += float(product.square().sum())
+    return (gap / size) ** 0.5 if size > 0 else 0.0
 
 
 def merged_state(model: GPT) -> dict[str, torch.Tensor]:

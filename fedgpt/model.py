@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from fedgpt.config import ModelConfig
 from fedgpt.config_rules import ARCHS
 from fedgpt.ops import gelu_tanh
-from fedgpt.optim import FusedAdamW, fused_supported
+from fedgpt.optim import FusedAdamW, MuonAdamW, fused_supported
 
 
 class KVCache:
@@ -290,14 +290,25 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def configure_optimizers(
-        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
-    ) -> FusedAdamW | torch.optim.AdamW:
-        """AdamW that decays matrices and embeddings, not biases or norm weights; fused where torch has it."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        self,
+        weight_decay: float,
+        learning_rate: float,
+        betas: tuple[float, float],
+        device_type: str,
+        muon: bool = False,
+    ) -> FusedAdamW | MuonAdamW | torch.optim.AdamW:
+        """AdamW that decays matrices and embeddings, not biases or norm weights; fused where torch has it.
+        With `muon`, the blocks' weight matrices take Muon's step instead (MuonAdamW)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        matrices = [p for n, p in named if muon and p.dim() == 2 and n.startswith("transformer.h.")]
+        taken = {id(p) for p in matrices}
+        params = [p for _, p in named if id(p) not in taken]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+        if muon:
+            return MuonAdamW(matrices, groups, learning_rate, betas, weight_decay)
         if fused_supported(device_type):
             return FusedAdamW(groups, lr=learning_rate, betas=betas)
         # torch picks foreach where supported (CUDA)

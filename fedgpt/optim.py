@@ -1,4 +1,4 @@
-"""AdamW on torch's fused kernel, without torch.optim's start-up cost.
+"""AdamW on torch's fused kernel, without torch.optim's start-up cost; and Muon beside it (MuonAdamW).
 
 torch.optim.Optimizer wraps add_param_group in torch._disable_dynamo, so constructing any torch optimizer
 imports torch._dynamo, seconds of CPU in every process that trains: each Ray actor of a simulation, and in a
@@ -150,3 +150,69 @@ class FusedAdamW:
                 "exp_avg": s["exp_avg"].to(p.device, p.dtype, copy=True),
                 "exp_avg_sq": s["exp_avg_sq"].to(p.device, p.dtype, copy=True),
             }
+
+
+class _States:
+    """The state of MuonAdamW's two optimizers, cleared together (a client starting fresh moments)."""
+
+    def __init__(self, *states: dict):
+        self.states = states
+
+    def clear(self) -> None:
+        for s in self.states:
+            s.clear()
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.states)
+
+
+class MuonAdamW:
+    """Muon (torch.optim.Muon: momentum, then Newton-Schulz orthogonalization) for the 2-D weight matrices of
+    the transformer blocks, AdamW for everything else (embeddings, head, norms, biases), as Muon's authors use
+    it; one optimizer to the trainer: one list of param groups (setting a group's lr sets it), one step, one
+    state dict. Muon's step is scaled as Moonshot's (0.2 sqrt(max dim)), so that it takes AdamW's learning
+    rate and weight decay."""
+
+    def __init__(self, matrices: list, rest: list[dict], lr: float, betas: tuple, weight_decay: float):
+        # matrices: Muon's; rest: AdamW's param groups (with their own weight decay)
+        self.muon = torch.optim.Muon(
+            matrices,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=0.95,
+            nesterov=True,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        device = matrices[0].device.type if matrices else "cpu"
+        self.adamw = (
+            FusedAdamW(rest, lr=lr, betas=betas)
+            if fused_supported(device)
+            else torch.optim.AdamW(rest, lr=lr, betas=betas)
+        )
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Looked up each time: torch's load_state_dict replaces Muon's group dicts, and a list kept from
+        # before would set the learning rate of groups no longer in use.
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> _States:
+        return _States(self.muon.state, self.adamw.state)
+
+    def zero_grad(self) -> None:
+        self.muon.zero_grad(set_to_none=True)
+        self.adamw.zero_grad()
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if set(state_dict) != {"muon", "adamw"}:
+            raise ValueError("optimizer state was saved by another optimizer than train.optimizer=muon")
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])

@@ -24,7 +24,7 @@ from torch import nn
 
 from fedgpt.config import Config, TrainConfig
 from fedgpt.model import GPT
-from fedgpt.optim import FusedAdamW
+from fedgpt.optim import FusedAdamW, MuonAdamW
 
 # Dense bf16/fp16 peak of common accelerators, for MFU. CPUs have no meaningful figure here: MFU is not shown.
 PEAK_FLOPS = {
@@ -202,15 +202,19 @@ class Trainer:
         self.peak = peak_flops(device)
 
     @property
-    def optimizer(self) -> FusedAdamW | torch.optim.Optimizer:
-        """AdamW, built on first use: evaluation-only callers (a ClientApp answering a query) never pay for
-        it."""
+    def optimizer(self) -> FusedAdamW | MuonAdamW | torch.optim.Optimizer:
+        """AdamW (or Muon and AdamW, or SGD), built on first use: evaluation-only callers (a ClientApp
+        answering a query) never pay for it."""
         if self._optimizer is None and self.cfg.optimizer == "sgd":
             self._optimizer = torch.optim.SGD(self.raw_model.parameters(), lr=self.cfg.learning_rate)
         if self._optimizer is None:
             c = self.cfg
             self._optimizer = self.raw_model.configure_optimizers(
-                c.weight_decay, c.learning_rate, (c.beta1, c.beta2), self.device.type
+                c.weight_decay,
+                c.learning_rate,
+                (c.beta1, c.beta2),
+                self.device.type,
+                muon=c.optimizer == "muon",
             )
         return self._optimizer
 

@@ -146,3 +146,52 @@ def test_grad_scaler_drives_it_like_torch():
     assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters())), (
         "a step with inf gradients must be skipped"
     )
+
+
+def test_muon_is_torchs_muon_on_the_matrices_and_adamw_on_the_rest(tmp_path):
+    # train.optimizer=muon: torch.optim.Muon on the blocks' 2-D weights, AdamW (torch's fused kernel) on the
+    # rest, with one lr schedule; a state dict round trip (a checkpoint, a client's state) goes on
+    # identically.
+    from fedgpt.optim import MuonAdamW
+
+    ours, theirs = tiny(), tiny()
+    opt = ours.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", muon=True)
+    assert isinstance(opt, MuonAdamW)
+    matrices = [p for n, p in theirs.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")]
+    assert len(matrices) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    muon = torch.optim.Muon(
+        matrices, lr=1e-2, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"
+    )
+    rest = [p for p in theirs.parameters() if all(p is not m for m in matrices)]
+    adamw = torch.optim.AdamW(
+        [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        fused=True,
+    )
+
+    class Both:
+        param_groups = muon.param_groups + adamw.param_groups
+
+        def step(self):
+            muon.step()
+            adamw.step()
+
+        def zero_grad(self):
+            muon.zero_grad()
+            adamw.zero_grad()
+
+    train(ours, opt, 3)
+    train(theirs, Both(), 3)
+    assert_equal(ours, theirs)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    again = ours.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", muon=True)
+    again.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    train(ours, again, 3, first=3)
+    train(theirs, Both(), 3, first=3)
+    assert_equal(ours, theirs)
+    opt.state.clear()
+    assert len(opt.state) == 0

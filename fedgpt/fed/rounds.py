@@ -31,6 +31,7 @@ class RoundRow:
     clients_state_resumed: int = 0  # clients that went on from their own optimizer state (keep mode)
     clients_state_stale: int = 0  # clients whose saved state was older than fed.client_state_max_age: dropped
     update_norm: float | None = None  # median L2 norm of the clients' updates (not reported under DP)
+    lora_aggregation_error: float | None = None  # ||mean(BA) - mean(B) mean(A)|| / ||mean(BA)||, LoRA runs
     clients_straggling: int = 0  # clients given fewer local steps this round (fed.stragglers)
     dp_epsilon: float | None = None  # privacy spent so far, at dp.delta (dp on): RDP accountant
     dp_epsilon_pld: float | None = None  # the same, by the PLD accountant (tighter); None above RDP 100

@@ -44,7 +44,7 @@ from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_s
 from fedgpt.fed.wire import Exchange
 from fedgpt.fed.work import WorkOrder
 from fedgpt.files import atomic_write_bytes
-from fedgpt.lora import add_lora
+from fedgpt.lora import add_lora, aggregation_error
 from fedgpt.rundir import claim_run_dir
 from fedgpt.train import Schedule, build_model, resolve_device
 
@@ -102,6 +102,7 @@ class FederatedRun:
         )  # noise for the rounds left
         self.schedule = Schedule.of(cfg.train, self.run_info["schedule_steps"])
         self.nodes = Nodes()  # from the pre-flight: which partition each node serves, and its data
+        self.lora_error: float | None = None  # this round's LoRA aggregation error (fedgpt.lora)
         out_dir = Path(cfg.train.out_dir)
         self.state_dir = str(Path(cfg.fed.client_state_dir or out_dir / "client_state").resolve())
 
@@ -112,7 +113,7 @@ class FederatedRun:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, tok.meta(), tok.vocab_size)
         cfg.model = dataclasses.replace(model.cfg, dropout=cfg.model.dropout)
-        return add_lora(model, cfg.lora) if cfg.lora.rank else model
+        return add_lora(model, cfg.lora, seed=cfg.train.seed) if cfg.lora.rank else model
 
     def open_folder(self) -> None:
         """Claim train.out_dir for this run (run.json; --overwrite removes an earlier run's outputs), start or
@@ -252,6 +253,7 @@ class FederatedRun:
             clients_straggling=straggling,
         )
         row.add_clients(metrics, time.time() - t0, self.slots)
+        row.lora_aggregation_error, self.lora_error = self.lora_error, None
         if rnd == 1 and metrics:
             first = min(float(m["train-start"]) for m in metrics)
             row.startup_s, row.first_step_at = round(first - self.t_start, 3), first
@@ -301,7 +303,7 @@ class FederatedRun:
         replies = sorted(
             replies, key=lambda r: (self.nodes.partition(r.metadata.src_node_id), r.metadata.src_node_id)
         )
-        ok, bytes_received, deltas = [], 0, []
+        ok, bytes_received, deltas, states = [], 0, [], []
         for r in replies:
             node = r.metadata.src_node_id
             if r.has_error():
@@ -315,8 +317,12 @@ class FederatedRun:
                 continue
             if self.dp is not None:
                 deltas.append(self.exchange.difference(state, self.global_state))
+            states.append(state)
             r.content["arrays"] = self.exchange.per_tensor(state)
             ok.append(r)
+        if self.cfg.lora.rank and ok:  # what averaging A and B apart costs (0 with lora.scheme=ffa)
+            weights = [float(r.content["metrics"]["num-examples"]) for r in ok]
+            self.lora_error = aggregation_error(states, weights, self.evaluator.model)
         if self.dp is None:
             self.step(rnd, ok)
             return ok, bytes_received
