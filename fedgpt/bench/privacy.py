@@ -57,17 +57,12 @@ def prepare(a: argparse.Namespace, app: Path) -> None:
     subprocess.run(cmd, cwd=app, check=True)
 
 
-def experiments(a: argparse.Namespace) -> list[Experiment]:
-    runs, data = Path(a.runs_dir).resolve(), data_args(a)
-    base = Experiment(
-        "dp_base",
-        "public base (pretrained on 3 plays)",
-        [f"--data.input_file={runs / 'plays' / 'public.txt'}", *data],
-        kind="own-central",
-    )
-    private = [
+def private_args(a: argparse.Namespace) -> list[str]:
+    """What every fine-tuning run shares: the private plays as role clients, the public base, the sampling."""
+    runs = Path(a.runs_dir).resolve()
+    return [
         f"--data.input_file={runs / 'plays' / 'private.txt'}",
-        *data,
+        *data_args(a),
         f"--train.init_from={runs / 'dp_base' / 'best.pt'}",
         *("--non-iid", "role", "--num-clients", str(CLIENTS), f"--fed.fraction_train={Q}"),
         *("--rounds", str(ROUNDS), "--local-steps", str(LOCAL_STEPS), "--fed.weighting=uniform"),
@@ -75,6 +70,16 @@ def experiments(a: argparse.Namespace) -> list[Experiment]:
         f"--train.eval_iters={EVAL_ITERS}",
         f"--dp.delta={DELTA}",
     ]
+
+
+def experiments(a: argparse.Namespace) -> list[Experiment]:
+    runs, data, private = Path(a.runs_dir).resolve(), data_args(a), private_args(a)
+    base = Experiment(
+        "dp_base",
+        "public base (pretrained on 3 plays)",
+        [f"--data.input_file={runs / 'plays' / 'public.txt'}", *data],
+        kind="own-central",
+    )
     lora = ["--lora.rank=4", "--lora.targets=attn,mlp", "--train.learning_rate=1e-2", "--train.min_lr=1e-3"]
     diloco = ["--strategy", "diloco"]
     # Adaptive clipping (Andrew et al.) from a start near the median update norm without DP: the full model's
