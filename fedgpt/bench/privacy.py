@@ -72,69 +72,44 @@ def private_args(a: argparse.Namespace) -> list[str]:
     ]
 
 
+LORA = ["--lora.rank=4", "--lora.targets=attn,mlp", "--train.learning_rate=1e-2", "--train.min_lr=1e-3"]
+DILOCO = ["--strategy", "diloco"]
+# Adaptive clipping (Andrew et al.) starts near the median update norm without DP: the full model's updates
+# are a few units long after warm-up, LoRA's well under one.
+ADAPTIVE = ["--dp.adaptive_clipping=true"]
+EPS8_LORA = [*LORA, "--dp.target_epsilon=8", "--dp.clipping_norm=0.5"]
+ROWS = (  # name, label, what it adds to the shared arguments
+    ("dp_none_full", "no DP, full fine-tuning", []),
+    ("dp_none_lora", "no DP, LoRA r4", LORA),
+    ("dp_eps8_lora", "epsilon 8, LoRA r4, adaptive clipping", [*EPS8_LORA, *ADAPTIVE]),
+    (
+        "dp_eps8_lora_diloco",
+        "epsilon 8, LoRA r4, adaptive clipping, DiLoCo's outer step",
+        [*EPS8_LORA, *ADAPTIVE, *DILOCO],
+    ),
+    ("dp_eps8_lora_fixed", "epsilon 8, LoRA r4, clipped to 0.5", EPS8_LORA),
+    (
+        "dp_eps8_full",
+        "epsilon 8, full fine-tuning, adaptive clipping",
+        ["--dp.target_epsilon=8", "--dp.clipping_norm=2", *ADAPTIVE],
+    ),
+    (
+        "dp_eps2_lora",
+        "epsilon 2, LoRA r4, adaptive clipping",
+        [*LORA, "--dp.target_epsilon=2", "--dp.clipping_norm=0.5", *ADAPTIVE],
+    ),
+)
+
+
 def experiments(a: argparse.Namespace) -> list[Experiment]:
-    runs, data, private = Path(a.runs_dir).resolve(), data_args(a), private_args(a)
-    base = Experiment(
-        "dp_base",
-        "public base (pretrained on 3 plays)",
-        [f"--data.input_file={runs / 'plays' / 'public.txt'}", *data],
-        kind="own-central",
-    )
-    lora = ["--lora.rank=4", "--lora.targets=attn,mlp", "--train.learning_rate=1e-2", "--train.min_lr=1e-3"]
-    diloco = ["--strategy", "diloco"]
-    # Adaptive clipping (Andrew et al.) from a start near the median update norm without DP: the full model's
-    # updates are a few units long after warm-up, LoRA's well under one.
-    adaptive = ["--dp.adaptive_clipping=true"]
-
-    def row(name: str, label: str, *args: str) -> Experiment:
-        dp = "--dp." in " ".join(args)
-        return Experiment(
-            name, label, [*private, *args], kind="own", group="dp" if dp else "none", method=name
+    runs, private = Path(a.runs_dir).resolve(), private_args(a)
+    public = [f"--data.input_file={runs / 'plays' / 'public.txt'}", *data_args(a)]
+    base = Experiment("dp_base", "public base (pretrained on 3 plays)", public, kind="own-central")
+    return [base] + [
+        Experiment(
+            name, label, [*private, *args], kind="own", group="dp" if "--dp." in " ".join(args) else "none"
         )
-
-    return [
-        base,
-        row("dp_none_full", "no DP, full fine-tuning"),
-        row("dp_none_lora", "no DP, LoRA r4", *lora),
-        row(
-            "dp_eps8_lora",
-            "epsilon 8, LoRA r4, adaptive clipping",
-            *lora,
-            "--dp.target_epsilon=8",
-            "--dp.clipping_norm=0.5",
-            *adaptive,
-        ),
-        row(
-            "dp_eps8_lora_diloco",
-            "epsilon 8, LoRA r4, adaptive clipping, DiLoCo's outer step",
-            *lora,
-            *diloco,
-            "--dp.target_epsilon=8",
-            "--dp.clipping_norm=0.5",
-            *adaptive,
-        ),
-        row(
-            "dp_eps8_lora_fixed",
-            "epsilon 8, LoRA r4, clipped to 0.5",
-            *lora,
-            "--dp.target_epsilon=8",
-            "--dp.clipping_norm=0.5",
-        ),
-        row(
-            "dp_eps8_full",
-            "epsilon 8, full fine-tuning, adaptive clipping",
-            "--dp.target_epsilon=8",
-            "--dp.clipping_norm=2",
-            *adaptive,
-        ),
-        row(
-            "dp_eps2_lora",
-            "epsilon 2, LoRA r4, adaptive clipping",
-            *lora,
-            "--dp.target_epsilon=2",
-            "--dp.clipping_norm=0.5",
-            *adaptive,
-        ),
+        for name, label, args in ROWS
     ]
 
 
