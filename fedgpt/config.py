@@ -92,10 +92,11 @@ class FedConfig:
     fraction_train: float = 1.0  # share of clients sampled each round (under DP: Poisson, with this rate)
     client_eval_interval: int = 0  # rounds between client evaluations on their own val slices; 0: never
     min_clients: int = 0  # clients that must be connected before round 1; 0: num_clients
-    uplink: str = "fp32"  # client to server: fp32 weights, or the update in fp16, int8 or int4 (fed/wire.py)
+    uplink: str = "fp32"  # client to server: the update in fp32, fp16, int8, int4 or sparse (fed/wire.py)
     downlink: str = "fp32"  # server to client: the global weights in fp32 or fp16
     quant_block: int = 256  # int8 / int4 uplink: values per fp32 scale
-    error_feedback: bool = True  # int8 / int4: clients add their last quantization error to their next update
+    error_feedback: bool = True  # int8 / int4 / sparse: clients add what their last update lost to the next
+    sparse_fraction: float = 0.02  # sparse uplink: the share of an update's values sent (largest first)
     stragglers: float = 0.0  # share of each round's clients that run fewer local steps (1 to local_steps - 1)
     straggler_policy: str = "accept"  # "accept" their partial work (FedProx), or "drop" them (FedAvg)
     node_timeout: float = 120.0  # seconds to wait for min_clients before failing
@@ -161,7 +162,7 @@ class Config:
     @property
     def error_feedback(self) -> bool:
         """Whether clients carry their quantization error into their next update (quantized uplinks only)."""
-        return self.fed.error_feedback and self.fed.uplink in ("int8", "int4")
+        return self.fed.error_feedback and self.fed.uplink in ("int8", "int4", "sparse")
 
 
 # The sections, in order, and their dataclasses: Config's own fields.

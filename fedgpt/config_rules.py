@@ -37,7 +37,7 @@ WEIGHTINGS = ("data", "trained", "uniform")
 STRAGGLER_POLICIES = ("accept", "drop")
 DP_CLIPPING = ("server", "client")
 CLIENT_OPTIMIZER = ("auto", "keep", "reset")
-UPLINKS, DOWNLINKS = ("fp32", "fp16", "int8", "int4"), ("fp32", "fp16")
+UPLINKS, DOWNLINKS = ("fp32", "fp16", "int8", "int4", "sparse"), ("fp32", "fp16")
 LORA_TARGETS = ("attn", "mlp", "embedding")
 LORA_SCHEMES = ("fedavg", "ffa")
 
@@ -114,6 +114,7 @@ def _validate_fed(cfg: Config) -> list[str]:
     check.choice(f.uplink, UPLINKS, "fed.uplink")
     check.choice(f.downlink, DOWNLINKS, "fed.downlink")
     check(f.quant_block >= 1, "fed.quant_block", "must be >= 1")
+    check(0 < f.sparse_fraction <= 1, "fed.sparse_fraction", "must be in (0, 1]")
     check(0 < f.client_val_fraction < 1, "fed.client_val_fraction", "must be in (0, 1)")
     check(0 < f.fraction_train <= 1, "fed.fraction_train", "must be in (0, 1]")
     check(f.client_eval_interval >= 0, "fed.client_eval_interval", "must be >= 0 (0: never)")
@@ -185,7 +186,7 @@ def _validate_dp(cfg: Config) -> list[str]:
         "dropped stragglers leave the round short of its sampled clients; use accept",
     )
     check(
-        not (dp.clipping == "client" and f.uplink in ("int8", "int4")),
+        not (dp.clipping == "client" and f.uplink in ("int8", "int4", "sparse")),
         "dp.clipping",
         f"client clipping with fed.uplink={f.uplink} would quantize (and carry error into) the clipped "
         "update: use dp.clipping=server, or fed.uplink fp32 or fp16",

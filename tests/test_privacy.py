@@ -220,6 +220,7 @@ def test_adaptive_clipping_moves_the_norm_towards_the_quantile_and_is_accounted_
         (["--fed.strategy=fedmedian", "--fed.weighting=uniform"], "fed.strategy fedmedian"),
         (["--fed.weighting=data"], "fed.weighting=uniform"),
         (["--fed.weighting=uniform", "--dp.clipping=client", "--fed.uplink=int8"], "client clipping"),
+        (["--fed.weighting=uniform", "--dp.clipping=client", "--fed.uplink=sparse"], "client clipping"),
         (["--fed.weighting=uniform", "--fed.stragglers=0.5", "--fed.straggler_policy=drop"], "stragglers"),
         (["--fed.weighting=uniform", "--dp.target_epsilon=1"], "not both"),
         (["--fed.weighting=uniform", "--dp.delta=0.5"], "not below 1 / fed.num_clients"),

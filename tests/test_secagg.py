@@ -196,6 +196,7 @@ def test_the_floor_is_the_nodes_own_and_lets_the_protocol_and_queries_through(mo
     "overrides, needle",
     [
         (["--fed.uplink=int8"], "leave fed.uplink at fp32"),
+        (["--fed.uplink=sparse"], "leave fed.uplink at fp32"),  # masks need dense vectors
         (["--dp.noise_multiplier=1", "--fed.weighting=uniform"], "use dp.clipping=client"),
         (["--secagg.shares=3", "--secagg.threshold=3"], "threshold < secagg.shares"),
         (["--fed.num_clients=1"], "needs 2 or more clients"),

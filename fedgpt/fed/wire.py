@@ -14,11 +14,13 @@ a client adds what quantization cut from its last update to its next one. The up
 against exactly the weights the client received: with an fp16 downlink, what the client trains from is the
 rounded model, and only its own change travels back.
 
-Formats: fp32, fp16 (Flower's ArrayRecord rejects bf16), or int8 / int4 with one fp32 scale per block of
-fed.quant_block values (symmetric, round to nearest, zero exact). All tensors travel as one flat array, split
-again by the receiver's own model: Flower moves every array of a message as its own object, each hop pushing
-or pulling it with a request of its own (docs/deployment.md has what that cost). Strategies still see one fp32
-array per tensor (Exchange.per_tensor), and their state keeps those names.
+Formats: fp32, fp16 (Flower's ArrayRecord rejects bf16), int8 / int4 with one fp32 scale per block of
+fed.quant_block values (symmetric, round to nearest, zero exact), or sparse: the fed.sparse_fraction of an
+update's values largest in magnitude, 2 bits each, and their positions (SparseLoCo's top-k). All tensors
+travel as one flat array, split again by the receiver's own model: Flower moves every array of a message as
+its own object, each hop pushing or pulling it with a request of its own (docs/deployment.md has what that
+cost). Strategies still see one fp32 array per tensor (Exchange.per_tensor), and their state keeps those
+names.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from torch.nn import functional as F
 from fedgpt.config import Config
 from fedgpt.lora import adapter_state
 
-FORMATS = ("fp32", "fp16", "int8", "int4")
+FORMATS = ("fp32", "fp16", "int8", "int4", "sparse")
 KINDS = ("weights", "update")
 HEADER, FLAT, CODES, SCALES = "header", "flat", "codes", "scales"  # the arrays of a record
+OFFSETS, COUNTS = "offsets", "counts"  # a sparse record's positions: uint16 within chunks of CHUNK values
+CHUNK = 1 << 16
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -77,14 +81,55 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int, n: int) ->
     return (q * scales[:, None]).view(-1)[:n]
 
 
-def encode(flat: torch.Tensor, kind: str, fmt: str, block: int, base: int = 0) -> ArrayRecord:
+def sparsify(x: torch.Tensor, fraction: float, block: int) -> dict[str, torch.Tensor]:
+    """The `fraction` of x's values largest in magnitude, at 2 bits each (SparseLoCo's top-k): their positions
+    as uint16 offsets within chunks of CHUNK values and a count per chunk, and their values on a grid of 4
+    levels, +-1/3 and +-1 of one fp32 scale per block of `block` kept values (no zero: the kept are the
+    largest), packed four to a byte."""
+    k = max(1, min(x.numel(), round(fraction * x.numel())))
+    idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+    values = x[idx]
+    blocks = F.pad(values, (0, (-k) % block)).view(-1, block)  # (nb, block)
+    scales = blocks.abs().amax(dim=1)  # (nb,)
+    level = torch.round((blocks / torch.where(scales > 0, scales, 1.0)[:, None] * 3 + 3) / 2).clamp_(0, 3)
+    codes = F.pad(level.to(torch.uint8).view(-1)[:k], (0, (-k) % 4)).view(
+        -1, 4
+    )  # codes 0..3: -1, -1/3, 1/3, 1
+    packed = codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+    counts = torch.bincount(idx // CHUNK, minlength=-(-x.numel() // CHUNK)).to(torch.int32)
+    return {
+        OFFSETS: (idx % CHUNK).to(torch.int32).to(torch.uint16),
+        COUNTS: counts,
+        CODES: packed,
+        SCALES: scales,
+    }
+
+
+def densify(arrays: dict[str, torch.Tensor], block: int, n: int) -> torch.Tensor:
+    """The fp32 vector of n values a sparsify() record holds: zero but for its kept values."""
+    counts = arrays[COUNTS].long()
+    chunk_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    idx = chunk_of * CHUNK + arrays[OFFSETS].to(torch.int32).long()
+    packed = arrays[CODES]
+    codes = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).view(-1)[: len(idx)].float()
+    scales = arrays[SCALES].repeat_interleave(block)[: len(idx)]
+    out = torch.zeros(n)
+    out[idx] = (codes * 2 - 3) / 3 * scales
+    return out
+
+
+def encode(
+    flat: torch.Tensor, kind: str, fmt: str, block: int, base: int = 0, fraction: float = 0.02
+) -> ArrayRecord:
     """A flat fp32 vector as a self-describing record: `kind` (weights or update) in `fmt`, based on the
-    downlink with id `base` (an update) or carrying that id (weights)."""
+    downlink with id `base` (an update) or carrying that id (weights); "sparse" keeps `fraction` of it."""
     header = torch.tensor(
         [KINDS.index(kind), FORMATS.index(fmt), block, flat.numel(), base], dtype=torch.int64
     )
     if fmt in ("fp32", "fp16"):
         return ArrayRecord({HEADER: header, FLAT: flat.half() if fmt == "fp16" else flat.float()})
+    if fmt == "sparse":
+        return ArrayRecord({HEADER: header, **sparsify(flat, fraction, block)})
     codes, scales = quantize(flat, 8 if fmt == "int8" else 4, block)
     return ArrayRecord({HEADER: header, CODES: codes, SCALES: scales})
 
@@ -112,6 +157,10 @@ def decode(record: ArrayRecord) -> torch.Tensor:
     h = header(record)
     if FLAT in record:
         return torch.from_numpy(record[FLAT].numpy()).float()
+    if h.fmt == "sparse":
+        return densify(
+            {k: torch.from_numpy(record[k].numpy()) for k in record if k != HEADER}, h.block, h.values
+        )
     codes, scales = torch.from_numpy(record[CODES].numpy()), torch.from_numpy(record[SCALES].numpy())
     return dequantize(codes, scales, h.block, h.values)
 
@@ -128,6 +177,7 @@ class Exchange:
     uplink_format: str = "fp32"
     block: int = 256
     error_feedback: bool = False
+    sparse_fraction: float = 0.02  # "sparse" uplinks: the share of an update's values that travel
 
     @classmethod
     def of(cls, model: nn.Module, cfg: Config) -> Exchange:
@@ -146,6 +196,7 @@ class Exchange:
             f.uplink,
             f.quant_block,
             cfg.error_feedback,
+            f.sparse_fraction,
         )
 
     @property
@@ -193,7 +244,8 @@ class Exchange:
         quantization cut from it (to add to the next one), else None."""
         if self.error_feedback and residual is not None:
             update = update + residual
-        record = encode(update, "update", self.uplink_format, self.block, header(received).base)
+        fmt, base = self.uplink_format, header(received).base
+        record = encode(update, "update", fmt, self.block, base, self.sparse_fraction)
         return record, (update - decode(record)) if self.error_feedback else None
 
     def apply(
