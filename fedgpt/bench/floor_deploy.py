@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -22,7 +22,7 @@ app = ClientApp()
 def answer(msg: Message, context: Context) -> Message:
     content = RecordDict({"t": ConfigRecord({"handled-at": time.time()})})
     if "arrays" in msg.content:  # the weights go back, as a client's update would
-        content["arrays"] = ArrayRecord({k: a.numpy() for k, a in msg.content["arrays"].items()})
+        content["arrays"] = ArrayRecord({k: Array(a.numpy()) for k, a in msg.content["arrays"].items()})
     return Message(content, reply_to=msg)
 
 
@@ -38,7 +38,7 @@ def deployment_floor(grid: Grid, context: Context) -> None:
 
     c = context.run_config
     nodes = wait_for_nodes(grid, int(c["nodes"]), timeout=120, log=lambda _: None)
-    arrays = ArrayRecord({"weights": np.zeros(int(c["params"]), dtype=np.float32)})
+    arrays = ArrayRecord({"weights": Array(np.zeros(int(c["params"]), dtype=np.float32))})
     rounds = []
     for rnd in range(1, int(c["rounds"]) + 1):
         t = time.time()
