@@ -106,3 +106,24 @@ def test_bench_alternates_with_nanogpt(tmp_path, data_dir, fake_nanogpt):
 def test_bench_rejects_a_directory_that_is_not_nanogpt(tmp_path, data_dir):
     r = bench(tmp_path, "--out", str(tmp_path / "b.json"), "--nanogpt", str(tmp_path))
     assert r.returncode != 0 and "is not a nanoGPT checkout" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_its_steps_and_writes_what_each_found(tmp_path, data_dir):
+    # On the CPU with tiny models: the same script a GPU machine runs, step by step, its JSON after each.
+    out = tmp_path / "gpu.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "fedgpt.bench", "gpu", "--tiny", "--only", "tests", "step_char", "full_char"]
+        + ["--out", str(out), f"--data.data_dir={data_dir}"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    steps = json.loads(out.read_text())["steps"]
+    assert list(steps) == ["tests", "step_char", "full_char"] and all(s["ok"] for s in steps.values()), steps
+    assert steps["step_char"]["result"]["fedgpt"]["tokens_per_s"] > 0  # fedgpt.bench train's own JSON
+    assert steps["full_char"]["best_val_loss"] > 0
+    assert "skipped" in steps["tests"]["tail"]  # no CUDA here: the gpu tests skip, and say so

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res = step.bench_train(args, overrides, command=command)
         table = step.markdown(res)
     elif args.bench == "gpu":  # it writes its JSON as each step finishes
-        res = gpu.bench_gpu(args, overrides, Path("results/gpu"))
+        work = Path(args.out).parent / "gpu-work" if args.out else Path("results/gpu")
+        res = gpu.bench_gpu(args, overrides, work)
         print(json.dumps(res, indent=1))
         return res
     else:

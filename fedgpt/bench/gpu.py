@@ -112,7 +112,8 @@ def bench_gpu(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[s
         if a.only and name not in a.only:
             continue
         print(f"[gpu] {name}: {' '.join(cmd[1:])}", flush=True)
-        res["steps"][name] = run_step(name, [*cmd, *overrides], limit, work, app)
+        fedgpt = "fedgpt" in " ".join(cmd)  # config overrides are fedgpt's, not pytest's
+        res["steps"][name] = run_step(name, [*cmd, *overrides] if fedgpt else cmd, limit, work, app)
         atomic_write_bytes(out, json.dumps(res, indent=1).encode())  # what finished survives a timeout
         step = res["steps"][name]
         print(f"[gpu] {name}: {'ok' if step['ok'] else 'FAILED'} in {step['seconds']} s", flush=True)
