@@ -37,8 +37,13 @@ class Resources:
 
 
 def ray_init_args(address: str | None = None) -> dict:
-    """ray.init arguments: join the cluster at `address`, or start a local Ray over this machine's cores."""
-    return {"address": address} if address else {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+    """ray.init arguments: join the cluster at `address` (or at $RAY_ADDRESS, Ray's own setting), or start a
+    local Ray over this machine's cores."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return {"address": address}
+    # "local": a Ray of our own even where `ray start` left a cluster on this machine (ray.init would join it)
+    return {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False}
 
 
 def start_ray(init_args: dict) -> None:
@@ -53,7 +58,11 @@ def start_ray(init_args: dict) -> None:
     # handing the workers it pre-started at init to the clients, and each client would wait for a fresh one.
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = path
-    runtime_env = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}} if "address" in init_args else {}
+    # A cluster's workers get the environment of its raylet, not ours: fedgpt's own settings go with them.
+    ours = {k: v for k, v in os.environ.items() if k.startswith("FEDGPT_")}
+    runtime_env = (
+        {"runtime_env": {"env_vars": {**ours, "PYTHONPATH": path}}} if init_args["address"] != "local" else {}
+    )
     ray.init(logging_level=logging.WARNING, **runtime_env, **init_args)
 
 
