@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -144,6 +146,50 @@ def simulate(
     run = (run_class or FederatedRun)(cfg, resume=resume, log=print)
     run.open_folder()
     return simulation.simulate(run, importlib.import_module(app).app, cfg.fed.num_clients, backend_config())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One Ray cluster (`ray start --head`) that every simulation of the session joins through $RAY_ADDRESS,
+    as a user's --ray-address would: each run skips Ray's own start (5-20 s on 2 busy cores) but still gets
+    its own job, workers and actors. Its processes carry a marker and are stopped when the session ends."""
+    import socket
+    import sys
+    import time
+
+    from fedgpt.bench.loopback import MARKER, marked_pids
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    marker = f"ray-{os.getpid()}"
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    start = [*ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1"]
+    start += [f"--num-cpus={os.cpu_count() or 1}", "--include-dashboard=false", "--disable-usage-stats"]
+    env = {**os.environ, MARKER: marker}
+    res = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        yield os.environ["RAY_ADDRESS"]
+    finally:
+        del os.environ["RAY_ADDRESS"]
+        for pid in marked_pids(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while marked_pids(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in marked_pids(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def _slow_tests_share_one_ray(request):
+    """Slow tests (simulations among them) run against the session's Ray cluster."""
+    if request.node.get_closest_marker("slow") and not os.environ.get("FEDGPT_TEST_OWN_RAY"):
+        request.getfixturevalue("ray_cluster")
 
 
 @pytest.fixture(scope="module")

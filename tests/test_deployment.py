@@ -1,8 +1,10 @@
-"""fedgpt as a real Flower deployment on loopback: SuperLink, two SuperNodes, `flwr run .`, then sampling.
+"""fedgpt as a real Flower deployment on loopback: a SuperLink over TLS with SuperNode authentication, three
+SuperNodes with their own plays that require SecAgg+, `flwr run .` from a curious and from fedgpt's own
+ServerApp, then sampling.
 
 fedgpt.bench.loopback starts every process with a marker in its environment, which Flower's own children
-(SuperExec, ServerApp and ClientApp processes) inherit: teardown finds and stops all of them, and the test
-fails if any is left.
+(SuperExec, ServerApp and ClientApp processes) inherit: teardown finds and stops all of them, and the module
+fails if any is left. A plain deployment (no TLS, no SecAgg+) runs in tests/test_bench_fed.py's deploy bench.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,16 +46,6 @@ def test_run_config_paths_become_absolute_against_the_working_directory(tmp_path
     assert cfg.data.input_file == ""  # empty still means "download Tiny Shakespeare"
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    dep = Deployment(tmp_path / "flwr")
-    try:
-        yield dep
-    finally:
-        left = dep.stop()
-        assert not left, f"processes left after teardown: {left}"
-
-
 def app_copy(tmp_path: Path, name: str, serverapp: str | None = None, clientapp: str | None = None) -> Path:
     """fedgpt's app with a test module of tests/ as its ServerApp or ClientApp, bundled by `flwr run` like the
     repository's own."""
@@ -78,83 +71,94 @@ def workers_of(dep: Deployment) -> list[int]:
     ]
 
 
+def doc_blocks(section: str) -> list[str]:
+    """The ```bash blocks of a docs/deployment.md section, in order."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", body, re.S)
+
+
+PLAYS = (0, 3, 7)  # Coriolanus, Romeo and Juliet, the Taming of the Shrew
+
+
+@dataclass
+class Federation:
+    dep: Deployment
+    root: Path
+    nodes: list[Path]  # each node's folder: its play, its data folder, its state (and its trainer's socket)
+    plays: list[str]
+    probes: Path  # where the curious ServerApp writes what it got
+
+
+@pytest.fixture(scope="module")
+def federation(data_dir: Path, tmp_path_factory) -> Federation:
+    """One deployment on loopback shared by this module's tests, set up as docs/deployment.md says: TLS and
+    SuperNode authentication with certificates and keys made by the doc's own blocks, three SuperNodes that
+    each hold one play of Tiny Shakespeare in a data folder of their own (none holds the others' text; the
+    server holds the corpus only for its validation split and the char vocabulary), each keeping its state
+    in its own folder and requiring SecAgg+ (the node's own setting)."""
+    from fedgpt.fed.plays import play_texts
+
+    root = tmp_path_factory.mktemp("deployment")
+    secure = root / "secure"
+    certs, keys = doc_blocks("TLS and SuperNode authentication")[:2]
+    more = "for i in 2 3; do ssh-keygen -q -t ecdsa -b 384 -N '' -C '' -f $D/keys/supernode$i; done\n"
+    for block in (certs, keys, more):  # supernode3's key is never registered
+        res = subprocess.run(
+            ["bash", "-ec", block],
+            env={"D": str(secure), "PATH": "/usr/bin:/bin"},
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, f"{block}\n{res.stdout}{res.stderr}"
+    plays = play_texts((data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8"))
+    nodes = [root / f"node{i}" for i in range(3)]
+    configs = []
+    for node, play in zip(nodes, PLAYS):
+        (node / "data").mkdir(parents=True)
+        (node / "play.txt").write_text(plays[play], encoding="utf-8")
+        configs.append(f"input-file='{node / 'play.txt'}' data-dir='{node / 'data'}' require-secagg=true")
+    probes = root / "probe"
+    probes.mkdir()
+    dep = Deployment(root / "flwr", secure=secure)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDGPT_TEST_PROBE_DIR", str(probes))  # the ServerApp processes inherit it
+        try:
+            dep.start_federation(data_dir, supernodes=3, state_dirs=nodes, node_configs=configs)
+            yield Federation(dep, root, nodes, [plays[p] for p in PLAYS], probes)
+        finally:
+            left = dep.stop()
+            assert not left, f"processes left after teardown: {left}"
+
+
 @pytest.mark.slow
-def test_flwr_run_on_a_superlink_with_two_supernodes(deployment: Deployment, data_dir: Path, tmp_path: Path):
-    # Each SuperNode keeps its clients' optimizer state in a folder of its own, and its warm trainer (one
-    # process per node and run) beside it; each message is a new ClientApp process that relays to it.
-    nodes = [tmp_path / "node0", tmp_path / "node1"]
-    deployment.start_federation(data_dir, supernodes=2, state_dirs=nodes)
-    out = tmp_path / "out"
-    overrides = (
-        f"fed.num_clients=2 fed.rounds=2 fed.node_timeout=90 train.out_dir={out} data.data_dir={data_dir}"
+def test_a_curious_server_gets_no_plaintext_update(federation: Federation, data_dir: Path):
+    # A ServerApp that skips SecAgg+ and sends plain train messages: every node refuses, with no arrays.
+    fed = federation
+    curious = app_copy(fed.root, "curious", serverapp="curious_server_app")
+    overrides = f"fed.num_clients=3 fed.node_timeout=90 train.out_dir={fed.root / 'curious_out'}"
+    run_config = f"config='configs/tiny.yaml' overrides='{overrides} data.data_dir={data_dir}'"
+    res = fed.dep.flwr(
+        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=curious
     )
-    # 1 thread: 3 processes share the cores
-    run_config = f"config='configs/tiny.yaml' client-threads=1 overrides='{overrides}'"
-
-    t0 = time.monotonic()
-    res = deployment.flwr(
-        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=REPO
+    assert res.returncode == 0 and (fed.probes / "replies.json").is_file(), (
+        res.stdout + res.stderr + fed.dep.logs()
     )
-    took = time.monotonic() - t0
-    context = (
-        f"flwr run exited {res.returncode} after {took:.0f} s\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n"
-        f"{deployment.logs()}"
-    )
-    assert res.returncode == 0, context
-    match = re.search(r"Successfully started run (\d+)", res.stdout)
-    assert match, context
+    replies = json.loads((fed.probes / "replies.json").read_text())
+    assert len(replies) == 3 and all(
+        r["arrays"] == 0 and "requires SecAgg+" in r["error"] for r in replies
+    ), replies
 
-    # --stream returns once the run has finished; the SuperLink says how.
-    ls = deployment.flwr(
-        ["ls", "loopback", "--run-id", match.group(1), "--format", "json"], timeout=60, cwd=tmp_path
-    )
-    assert ls.returncode == 0, ls.stdout + ls.stderr
-    assert json.loads(ls.stdout)["runs"][0]["status"] == "finished:completed", ls.stdout + "\n" + context
 
-    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2], context
-    assert all(r["clients_ok"] == 2 and r["clients_failed"] == 0 for r in rows[1:]), rows
-    assert rows[2]["val_loss"] < rows[0]["val_loss"], rows
-    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
-
-    # Round 2 of each node went on from its round-1 state, kept on that node only (the bitwise check of the
-    # restored moments is tests/test_fed_optimization.py's, on the same code), by one warm trainer a node.
-    assert rows[2]["clients_state_resumed"] == 2 and not (out / "client_state").exists(), rows
-    for partition, node in enumerate(nodes):
-        (run_dir,) = [d for d in node.iterdir() if d.name != "workers"]
-        assert (run_dir / f"partition-{partition}" / "round-1.pt").is_file()
-        assert len(list((node / "workers").glob("*.sock"))) == 1
-    trainers = workers_of(deployment)
-    assert len(trainers) == 2, context
-
-    # Stopping the SuperNodes leaves no process behind: the trainers end on their own.
-    for name, proc in deployment.procs.items():
-        if name.startswith("supernode"):
-            proc.terminate()
-            proc.wait(timeout=30)
-    deadline = time.monotonic() + 15
-    while workers_of(deployment) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not workers_of(deployment), "warm trainers outlived their SuperNodes"
-
-    sample = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedgpt.sample",
-            "--checkpoint",
-            str(out / "best.pt"),
-            "--max-new-tokens",
-            "20",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert sample.returncode == 0, sample.stderr
-    text = sample.stdout.split("-" * 40)[0]
-    assert len(text.strip()) > 0, sample.stdout
+@pytest.mark.slow
+def test_an_unregistered_node_is_refused(federation: Federation, data_dir: Path):
+    fed = federation
+    intruder = fed.dep.start_supernode(3, f"partition-id=0 num-partitions=3 data-dir='{data_dir}'")
+    intruder.wait(timeout=60)
+    log = (fed.dep.root / "supernode3.log").read_text(errors="replace")
+    assert intruder.returncode != 0 and "Failed to activate SuperNode" in log, log[-3000:]
 
 
 def run_tiny(dep: Deployment, out: Path, data_dir: Path, clients: int, rounds: int, *overrides: str):
@@ -175,88 +179,57 @@ def run_tiny(dep: Deployment, out: Path, data_dir: Path, clients: int, rounds: i
 
 
 @pytest.mark.slow
-def test_three_supernodes_train_on_their_own_plays(
-    deployment: Deployment, data_dir: Path, tmp_path: Path, monkeypatch
-):
-    # Each node holds one play of Tiny Shakespeare and a data folder of its own: none holds the others' text.
-    # The server holds the corpus only for its central validation split and the char vocabulary. Their
-    # updates are summed under SecAgg+ (four message stages a round, each a fresh ClientApp process on a node,
-    # the protocol's state kept in the node's context), weighted by the size of each node's play. Every node
-    # requires SecAgg+ (its own setting): a curious server that sends plain train messages gets none of it.
-    from fedgpt.fed.plays import play_texts
-
-    probes = tmp_path / "probe"
-    probes.mkdir()
-    monkeypatch.setenv("FEDGPT_TEST_PROBE_DIR", str(probes))  # the ServerApp processes inherit it
-    plays = play_texts((data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8"))
-    nodes = [tmp_path / f"node{i}" for i in range(3)]
-    for i, node in enumerate(nodes):
-        (node / "data").mkdir(parents=True)
-        (node / "play.txt").write_text(plays[(0, 3, 7)[i]], encoding="utf-8")  # Coriolanus, R&J, the Shrew
-    configs = [
-        f"input-file='{node / 'play.txt'}' data-dir='{node / 'data'}' require-secagg=true" for node in nodes
-    ]
-    deployment.start_federation(data_dir, supernodes=3, node_configs=configs)
-
-    curious = app_copy(tmp_path, "curious", serverapp="curious_server_app")
-    overrides = f"fed.num_clients=3 fed.node_timeout=90 train.out_dir={tmp_path / 'curious_out'}"
-    run_config = f"config='configs/tiny.yaml' overrides='{overrides} data.data_dir={data_dir}'"
-    res = deployment.flwr(
-        ["run", ".", "loopback", "--stream", "--run-config", run_config], timeout=RUN_TIMEOUT, cwd=curious
-    )
-    assert res.returncode == 0 and (probes / "replies.json").is_file(), (
-        res.stdout + res.stderr + deployment.logs()
-    )
-    replies = json.loads((probes / "replies.json").read_text())
-    assert len(replies) == 3 and all(
-        r["arrays"] == 0 and "requires SecAgg+" in r["error"] for r in replies
-    ), replies
-
-    res, rows, context = run_tiny(deployment, tmp_path / "out", data_dir, 3, 1, "secagg.enabled=true")
-    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients_ok"] == 3, context
+def test_nodes_train_their_own_plays_under_secagg_with_warm_trainers(federation: Federation, data_dir: Path):
+    # Two rounds of `flwr run .` under SecAgg+ (four message stages a round, each a fresh ClientApp process on
+    # a node that relays to the node's warm trainer: one process per node and run), the sum weighted by the
+    # size of each node's play.
+    fed, out = federation, federation.root / "out"
+    res, rows, context = run_tiny(fed.dep, out, data_dir, 3, 2, "secagg.enabled=true")
+    assert [r["round"] for r in rows] == [0, 1, 2], context
+    assert all(r["clients_ok"] == 3 and r["clients_failed"] == 0 for r in rows[1:]), rows
+    assert rows[2]["val_loss"] < rows[0]["val_loss"], rows
+    assert res.stdout.count("Secure aggregation completed") == 2, context
     # every node trained on all of its play (char tokens: one per character), and the server was told so
-    sizes = ", ".join(f"{i}: {len(plays[p]):,}" for i, p in enumerate((0, 3, 7)))
+    sizes = ", ".join(f"{i}: {len(play):,}" for i, play in enumerate(fed.plays))
     assert f"nodes with their own data (partition: train tokens): {sizes}" in res.stdout, context
-    assert res.stdout.count("Secure aggregation completed") == 1, context
-    for node in nodes:  # each node's folder holds its own encoded play and nothing of the corpus
+    for node in fed.nodes:  # each node's folder holds its own encoded play and nothing of the corpus
         assert [p.name.startswith("node-") for p in (node / "data").iterdir()] == [True], list(
             (node / "data").iterdir()
         )
 
+    # Round 2 of each node went on from its round-1 state, kept on that node only (the bitwise check of the
+    # restored moments is tests/test_fed_optimization.py's, on the same code), by one warm trainer a node.
+    assert rows[2]["clients_state_resumed"] == 3 and not (out / "client_state").exists(), rows
+    for partition, node in enumerate(fed.nodes):
+        (run_dir,) = [d for d in node.iterdir() if d.is_dir() and d.name not in ("workers", "data")]
+        assert (run_dir / f"partition-{partition}" / "round-1.pt").is_file()
+        assert len(list((node / "workers").glob("*.sock"))) == 1
+    assert len(workers_of(fed.dep)) == 3, context
 
-def doc_blocks(section: str) -> list[str]:
-    """The ```bash blocks of a docs/deployment.md section, in order."""
-    text = (REPO / "docs" / "deployment.md").read_text()
-    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.*?)```", body, re.S)
+    sample = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedgpt.sample",
+            "--checkpoint",
+            str(out / "best.pt"),
+            "--max-new-tokens",
+            "20",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sample.returncode == 0, sample.stderr
+    assert len(sample.stdout.split("-" * 40)[0].strip()) > 0, sample.stdout
 
-
-@pytest.mark.slow
-def test_tls_with_supernode_auth_trains_and_refuses_an_unregistered_node(data_dir: Path, tmp_path: Path):
-    # Certificates and node keys exactly as docs/deployment.md makes them (its first two blocks), and a third
-    # key that is never registered.
-    secure = tmp_path / "secure"
-    certs, keys = doc_blocks("TLS and SuperNode authentication")[:2]
-    for block in (certs, keys, 'ssh-keygen -q -t ecdsa -b 384 -N "" -C "" -f $D/keys/supernode2\n'):
-        res = subprocess.run(
-            ["bash", "-ec", block],
-            env={"D": str(secure), "PATH": "/usr/bin:/bin"},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert res.returncode == 0, f"{block}\n{res.stdout}{res.stderr}"
-    dep = Deployment(tmp_path / "flwr", secure=secure)
-    try:
-        dep.start_federation(data_dir, supernodes=2)
-        intruder = dep.start_supernode(2, f"partition-id=0 num-partitions=2 data-dir='{data_dir}'")
-        _, rows, context = run_tiny(dep, tmp_path / "out", data_dir, 2, 1)
-        assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients_ok"] == 2, context
-        # the unregistered node was refused and is gone; it never joined the run
-        intruder.wait(timeout=60)
-        log = (tmp_path / "flwr" / "supernode2.log").read_text(errors="replace")
-        assert intruder.returncode != 0 and "Failed to activate SuperNode" in log, log[-3000:]
-    finally:
-        left = dep.stop()
-        assert not left, f"processes left after teardown: {left}"
+    # Stopping the SuperNodes leaves no process behind: the trainers end on their own.
+    for name, proc in fed.dep.procs.items():
+        if name.startswith("supernode"):
+            proc.terminate()
+            proc.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while workers_of(fed.dep) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workers_of(fed.dep), "warm trainers outlived their SuperNodes"

@@ -283,6 +283,9 @@ def test_too_few_nodes_fail_clearly(data_dir, tmp_path):
 @pytest.mark.slow
 def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
     # DiLoCo with kept client state: the strategy's momentum and every client's AdamW state come back too.
+    # The runs start a Ray of their own (ENV has no RAY_ADDRESS) beside the session's cluster (conftest),
+    # as two runs on one machine do: none may join the other's Ray.
+    assert "RAY_ADDRESS" not in ENV and os.environ.get("RAY_ADDRESS")
     out = tmp_path / "run"
     cmd = [sys.executable, "simulate.py", *tiny_args(data_dir, out, "--fed.rounds=4", "--strategy", "diloco")]
     with open(tmp_path / "killed.log", "w") as log:

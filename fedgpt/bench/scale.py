@@ -49,7 +49,8 @@ def run_sampled(cmd: list[str], log: Path, cwd: Path, timeout: float) -> tuple[f
         proc = subprocess.Popen(
             cmd,
             cwd=cwd,
-            env={**os.environ, **QUIET},
+            # its own Ray, not $RAY_ADDRESS's: Ray's daemons are part of the session's memory
+            env={k: v for k, v in {**os.environ, **QUIET}.items() if k != "RAY_ADDRESS"},
             stdout=f,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -149,9 +149,13 @@ def _prepare(
 def simulate(run: FederatedRun, client_app: ClientApp, num_supernodes: int, backend_config: dict) -> dict:
     """Run `run` in a ServerApp against `num_supernodes` simulated SuperNodes serving `client_app`; its
     summary."""
+    import ray
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
+
+    if not ray.is_initialized():  # ours, not Flower's: it would not pass fedgpt's settings to a cluster
+        start_ray(backend_config["init_args"])
 
     outcome = {}
     server = ServerApp()
