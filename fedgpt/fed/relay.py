@@ -152,8 +152,10 @@ class WorkerClient:
             raise ValueError(f"unknown message kind {kind!r}")
         payload = to_bytes(content)
         for attempt in (1, 2):
+            peer = None
             try:
                 with self.connect() as sock:
+                    peer = peer_pid(sock)
                     send_frame(sock, {"kind": kind, "node_config": node_config}, payload)
                     header, reply = read_frame(sock)
                 break
@@ -162,6 +164,9 @@ class WorkerClient:
                     raise RuntimeError(
                         f"the node's trainer ({self.socket_path}) went away twice: see its log"
                     ) from None
+                # A killed worker closes its connections and its listening socket one after the other: wait
+                # until it is gone, or the next connection may reach it as it dies.
+                wait_gone(peer, timeout=10)
         if not header.get("ok"):
             raise RuntimeError(f"the node's trainer failed: {header.get('error')}")
         return from_bytes(reply)
@@ -215,6 +220,26 @@ class WorkerClient:
         raise RuntimeError(
             f"the node's trainer did not listen on {self.socket_path} within {START_TIMEOUT:.0f} s"
         )
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[
+        0
+    ]
+
+
+def wait_gone(pid: int | None, timeout: float) -> None:
+    """Until process `pid` has exited (a zombie counts as gone), or `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.02)
 
 
 def supernode_pid() -> int:
