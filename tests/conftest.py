@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,11 @@ def ray_cluster(tmp_path_factory):
         for pid in marked_pids(marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # as `ray stop` does: a plain ray.init() on this machine would otherwise try to join the dead cluster
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().endswith(f":{port}"):
+                current.unlink()
 
 
 @pytest.fixture(autouse=True)
