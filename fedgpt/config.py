@@ -97,6 +97,7 @@ class FedConfig:
     quant_block: int = 256  # int8 / int4 uplink: values per fp32 scale
     error_feedback: bool = True  # int8 / int4 / sparse: clients add what their last update lost to the next
     sparse_fraction: float = 0.02  # sparse uplink: the share of an update's values sent (largest first)
+    fragments: int = 1  # > 1: Streaming DiLoCo's fragments, one synced a round in turn (fed/wire.py)
     stragglers: float = 0.0  # share of each round's clients that run fewer local steps (1 to local_steps - 1)
     straggler_policy: str = "accept"  # "accept" their partial work (FedProx), or "drop" them (FedAvg)
     node_timeout: float = 120.0  # seconds to wait for min_clients before failing
@@ -158,6 +159,12 @@ class Config:
         and a thousand of them would fill a disk."""
         mode = self.fed.client_optimizer
         return mode == "keep" or (mode == "auto" and self.fed.fraction_train == 1.0)
+
+    @property
+    def keeps_client_weights(self) -> bool:
+        """Whether clients keep their own weights between rounds: with fed.fragments > 1 the fragments not
+        synced this round stay as each client trained them."""
+        return self.fed.fragments > 1
 
     @property
     def error_feedback(self) -> bool:

@@ -122,6 +122,25 @@ def _validate_fed(cfg: Config) -> list[str]:
     check(f.node_timeout > 0 and f.round_timeout > 0, "fed.node_timeout/round_timeout", "must be > 0")
     check(0 <= f.stragglers <= 1, "fed.stragglers", "must be in [0, 1]")
     check.choice(f.straggler_policy, STRAGGLER_POLICIES, "fed.straggler_policy")
+    check(1 <= f.fragments <= cfg.model.n_layer, "fed.fragments", "must be in [1, model.n_layer]")
+    if f.fragments > 1:  # each client carries its own weights from round to round, every round
+        check(
+            f.strategy in ("fedavg", "diloco", "fedavgm"),
+            "fed.fragments",
+            f"steps one fragment at a time, which fed.strategy {f.strategy} cannot: "
+            "use diloco, fedavgm or fedavg",
+        )
+        check(
+            f.fraction_train == 1 and not (f.stragglers > 0 and f.straggler_policy == "drop"),
+            "fed.fragments",
+            "needs every client in every round (a client that misses one lacks a fragment's sync): "
+            "fed.fraction_train=1 and no dropped stragglers",
+        )
+        check(
+            not (cfg.dp.enabled or cfg.secagg.enabled or cfg.lora.rank),
+            "fed.fragments",
+            "is for full-model training without DP or SecAgg+: set fed.fragments=1 for those",
+        )
     return check
 
 

@@ -32,8 +32,8 @@ def keeping(max_age: int) -> Config:
 
 def restore_optimizer(t: Trainer, store, rnd: int, max_age: int) -> tuple[int, int]:
     """(age of the state restored, 1 if a stale one was dropped): what fedgpt.fed.client.restore says."""
-    age, stale, residual = restore(t, store, rnd, keeping(max_age))
-    assert residual is None
+    age, stale, saved = restore(t, store, rnd, keeping(max_age))
+    assert saved.get("residual") is None
     return age, stale
 
 

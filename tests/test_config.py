@@ -169,3 +169,22 @@ def test_every_field_is_documented_beside_its_default():
     rows = reference_markdown().splitlines()[2:]
     undocumented = [row.split("|")[1].strip() for row in rows if not row.split("|")[3].strip()]
     assert not undocumented, f"fields without a comment on their line: {undocumented}"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--fed.fragments=3"], r"fed.fragments: must be in \[1, model.n_layer\]"),  # tiny has 2 blocks
+        (["--fed.fragments=2", "--fed.strategy=fedadam"], "cannot: use diloco"),
+        (["--fed.fragments=2", "--fed.fraction_train=0.5"], "every client in every round"),
+        (
+            ["--fed.fragments=2", "--fed.stragglers=0.5", "--fed.straggler_policy=drop"],
+            "no dropped stragglers",
+        ),
+        (["--fed.fragments=2", "--secagg.enabled=true"], "without DP or SecAgg"),
+    ],
+)
+def test_streaming_fragments_refuse_what_would_lose_a_fragment(overrides, message):
+    load_config(REPO / "configs" / "tiny.yaml", ["--fed.fragments=2", "--fed.strategy=diloco"])  # fine
+    with pytest.raises(ValueError, match=message):
+        load_config(REPO / "configs" / "tiny.yaml", overrides)

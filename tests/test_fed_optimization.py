@@ -132,3 +132,68 @@ def test_fedavg_weights_clients_by_their_data(data_dir, tmp_path, probe_dir):
     torch.testing.assert_close(flat, expected, rtol=0, atol=1e-6)
     unweighted = start + sum(sent) / 3
     assert (flat - unweighted).abs().max() > 1e-4  # the weights made a difference
+
+
+def recording(states: dict) -> type:
+    """A FederatedRun that keeps each round's global model in `states`, by round."""
+
+    class Recording(FederatedRun):
+        def finish_round(self, snap, row):
+            states[row.round] = {k: v.clone() for k, v in snap.state.items()}
+            return super().finish_round(snap, row)
+
+    return Recording
+
+
+def fragment_of_by_hand(name: str) -> int:
+    """Two fragments of the tiny model (2 blocks): block 1 alone, and everything else."""
+    return 1 if name.startswith("transformer.h.1.") else 0
+
+
+def test_streaming_fragments_sync_one_fragment_a_round_and_clients_keep_the_rest(data_dir, tmp_path):
+    # One client and FedAvg: whatever syncs, the client gets its own weights back, so without fragments it
+    # trains as if never interrupted. With two fragments, each fragment of the global model must be that run's
+    # model as of the round the fragment last synced (round r syncs fragment (r - 1) % 2), and the client must
+    # go on from its own weights of the fragment not synced: a client that took the server's stale copy
+    # instead would drift from the reference by its whole round of training.
+    common = ["--fed.num_clients=1", "--fed.strategy=fedavg", "--fed.rounds=4", "--train.lr_decay_steps=100"]
+    plain, streamed = {}, {}
+    simulate(data_dir, tmp_path / "plain", "client_app", *common, run_class=recording(plain))
+    out = tmp_path / "streamed"
+    simulate(data_dir, out, "client_app", *common, "--fed.fragments=2", run_class=recording(streamed))
+    for rnd in range(1, 5):
+        for k, v in streamed[rnd].items():
+            f = fragment_of_by_hand(k)
+            synced = max((r for r in range(rnd + 1) if r == 0 or (r - 1) % 2 == f), default=0)
+            torch.testing.assert_close(v, plain[synced][k], rtol=0, atol=2e-5, msg=f"round {rnd}, {k}")
+            if synced != rnd:  # not this round's fragment: bit for bit what the server held before
+                assert torch.equal(v, streamed[rnd - 1][k]), (rnd, k)
+    # The bytes: round 1 brings the whole model down, each later message one fragment; every reply one
+    # fragment up (fp32, 4 bytes a value), counted by hand from the model's tensors.
+    sizes = [0, 0]
+    for k, v in plain[0].items():
+        if k != "lm_head.weight":  # tied to transformer.wte.weight: it travels once
+            sizes[fragment_of_by_hand(k)] += v.numel()
+    rows = read_rounds(out / "rounds.jsonl")[1:]
+    assert sizes[1] > 0.2 * sum(sizes)  # two real fragments, or the test proves little
+    for r in rows:
+        down = sum(sizes) if r.round == 1 else sizes[(r.round - 2) % 2]
+        assert r.bytes_sent == pytest.approx(4 * down, rel=0.01), r.round
+        assert r.bytes_received == pytest.approx(4 * sizes[(r.round - 1) % 2], rel=0.01), r.round
+
+
+def test_streaming_fragments_with_int4_and_diloco_resume_exactly(data_dir, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--fed.strategy=diloco", "--fed.fragments=2", "--fed.uplink=int4"]
+    simulate(data_dir, out, "client_app", "--fed.rounds=3", *extra, run_class=KeepsRound2)
+    at2 = tmp_path / "run-at2"
+    simulate(data_dir, at2, "client_app", "--fed.rounds=3", *extra, resume=True)
+    whole, resumed = load_checkpoint(out / "last.pt"), load_checkpoint(at2 / "last.pt")
+    assert read_rounds(at2 / "rounds.jsonl")[3].val_loss == read_rounds(out / "rounds.jsonl")[3].val_loss
+    for k, v in whole["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    for k, v in whole["extra"]["strategy"]["buffer"].items():
+        assert torch.equal(resumed["extra"]["strategy"]["buffer"][k], v), k
+    # int4 of one fragment a round: about an eighth of fp32's bytes for it
+    rows = read_rounds(out / "rounds.jsonl")[1:]
+    assert all(r.bytes_received < 0.6 * r.bytes_sent for r in rows[1:])

@@ -80,6 +80,31 @@ def test_outer_step_is_torch_sgd_on_the_pseudo_gradient(nesterov):
             torch.testing.assert_close(state[k], p.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_outer_step_on_alternating_fragments_is_one_torch_sgd_per_fragment():
+    # Streaming fragments: each round's replies hold one fragment. The reference: one torch SGD per fragment,
+    # stepped only in that fragment's rounds; the other fragment and its momentum must stay as they were.
+    torch.manual_seed(1)
+    state = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    fragments = [["w"], ["b"]]
+    strategy = OuterSGD(
+        server_learning_rate=0.7, server_momentum=0.9, nesterov=True, min_available_nodes=3, min_train_nodes=3
+    )
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in state.items()}
+    sgds = [torch.optim.SGD([params[k] for k in f], lr=0.7, momentum=0.9, nesterov=True) for f in fragments]
+    for rnd in range(1, 6):
+        names = fragments[(rnd - 1) % 2]
+        clients = [{k: c[k] for k in names} for c in client_weights(state, rnd)]
+        for k in names:
+            params[k].grad = params[k].detach() - sum(c[k] for c in clients) / 3
+        sgds[(rnd - 1) % 2].step()
+        strategy.configure_train(rnd, ArrayRecord(state), _config(), Grid([1, 2, 3]))
+        agg, _ = strategy.aggregate_train(rnd, [reply(i + 1, c, 1) for i, c in enumerate(clients)])
+        assert set(agg.keys()) == set(names)
+        state = {**state, **{k: v.float() for k, v in agg.to_torch_state_dict().items()}}
+        for k, p in params.items():
+            torch.testing.assert_close(state[k], p.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_outer_sgd_at_lr_1_without_momentum_is_fedavg():
     torch.manual_seed(0)
     state = {"w": torch.randn(5, 2)}

@@ -17,6 +17,7 @@ from fedgpt.bench.plots import axes, save
 # DiLoCo as the results use it: the outer Nesterov step at the paper's lr 0.7 and momentum 0.9, clients
 # keeping their AdamW state; at batch 1 (many sequential steps for the same tokens), 25 local steps a round.
 DILOCO = ["--strategy", "diloco"]
+MUON = ["--train.optimizer=muon"]  # Muon for the blocks' matrices, AdamW for the rest (fedgpt/optim.py)
 SMALL_BATCH, SMALL_BATCH_STEPS = 1, 25
 SPEAKER, CONTIGUOUS, DIRICHLET = (
     ["--non-iid", "speaker"],

@@ -149,16 +149,17 @@ def collect(e: Experiment, runs_dir: Path) -> dict | None:
 
 
 def federated_figures(run_dir: Path) -> dict:
-    """Rounds, the megabytes one client sends and receives over the run, the last epsilon, the update norm."""
+    """Rounds, the megabytes one client sends and receives over the run (and sends alone), the last epsilon,
+    the update norm."""
     trained = [r for r in read_rounds(run_dir / "rounds.jsonl") if r.round > 0 and r.clients_ok]
-    mb = sum(
-        r.bytes_sent / (r.clients_ok + r.clients_failed) + r.bytes_received / r.clients_ok for r in trained
-    )
+    up = sum(r.bytes_received / r.clients_ok for r in trained)
+    mb = up + sum(r.bytes_sent / (r.clients_ok + r.clients_failed) for r in trained)
     norms = [r.update_norm for r in trained if r.update_norm is not None]
     last = trained[-1] if trained else None
     return {
         "rounds": len(trained),
         "mb_per_client": mb / 1e6,
+        "uplink_mb_per_client": up / 1e6,
         "epsilon": last.dp_epsilon if last else None,
         "epsilon_pld": last.dp_epsilon_pld if last else None,
         "update_norm": norms[len(norms) // 2] if norms else None,  # the middle round's median

@@ -4,6 +4,7 @@
     python -m fedgpt.results                        # centralized against federated at equal tokens
     python -m fedgpt.results --frontier             # final loss against bytes sent, local steps 5 to 125
     python -m fedgpt.results --privacy              # DP fine-tuning from a public base
+    python -m fedgpt.results --lowcomm              # AdamW and Muon, fragments, sparse: loss against bytes
     python -m fedgpt.results --only fedavg_iid      # rerun one; the table keeps the others' saved runs
     python -m fedgpt.results --no-run               # rewrite a table from the runs on disk
 
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedgpt.bench import equal_tokens, frontier, privacy, targets
+from fedgpt.bench import equal_tokens, frontier, lowcomm, privacy, targets
 from fedgpt.bench.common import app_dir
 from fedgpt.bench.experiments import Experiment, collect, run
 from fedgpt.config import load_config
@@ -57,6 +58,13 @@ TABLES = {
         _markers("frontier"),
         lambda a: frontier.experiments(),
         frontier.render,
+    ),
+    "lowcomm": Table(
+        "lowcomm",
+        "federated against synchronous at batch 1: AdamW and Muon, fragments, sparse uplinks",
+        _markers("lowcomm"),
+        lambda a: lowcomm.experiments(),
+        lowcomm.render,
     ),
     "rounds-to-target": Table(
         "target",

@@ -156,9 +156,16 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     st, partition_id = client_state(content, node)
     cfg, part, trainer = st.cfg, st.parts[partition_id], st.trainer
     order = WorkOrder.from_config(content["config"])
-    received = load_global(st, content["arrays"], partition_id)
+    down, up = st.exchange.streaming(order.round)  # the whole model, or streaming fragments
     store = state_store(cfg, content["config"], node, partition_id)
-    age, stale, residual = restore(trainer, store, order.round, cfg)
+    age, stale, saved = restore(trainer, store, order.round, cfg)
+    if cfg.keeps_client_weights:
+        received = own_weights(st, content["arrays"], saved, order.round, down)
+    else:
+        received = load_global(st, content["arrays"], partition_id)
+    fragment = (order.round - 1) % cfg.fed.fragments  # the one this round syncs (0 without fragments)
+    residuals = (saved.get("residual") or {}) if cfg.keeps_client_weights else {0: saved.get("residual")}
+    residual = residuals.get(fragment) if cfg.error_feedback else None
     mu = order.proximal_mu
     ref = [p.detach().clone() for p in trainer.raw_model.parameters()] if mu > 0 else None
     # A new, deterministic stream of windows per (client, round), identical whichever process serves it.
@@ -171,7 +178,8 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     m = trainer.train_steps(
         batches, order.local_steps, order.schedule, at_step=order.first_step, mu=mu, ref=ref
     )
-    update = st.exchange.difference(st.exchange.state(trainer.raw_model), received)
+    trained = st.exchange.state(trainer.raw_model)
+    update = up.difference(trained, received)
     length = float(update.norm())  # this round's update's L2 norm
     clipping = order.dp_clipping_norm
     if clipping is not None:  # dp.clipping=client: the server sends the norm, adaptive clipping moves it
@@ -179,10 +187,17 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     if cfg.secagg.enabled:  # the update travels masked (secaggplus_mod), quantized by SecAgg+ itself
         arrays, residual = None, None
     else:
-        arrays, residual = st.exchange.uplink(update, content["arrays"], residual)
+        arrays, residual = up.uplink(update, content["arrays"], residual)
     if store is not None:
         optimizer = trainer.optimizer.state_dict() if cfg.keeps_client_state else None
-        store.save(order.round, {"optimizer": optimizer, "residual": residual})
+        kept = {"optimizer": optimizer, "residual": residual}
+        if (
+            cfg.keeps_client_weights
+        ):  # its own weights, what it holds of the global model, a residual a fragment
+            kept["residual"] = {**residuals, fragment: residual} if residual is not None else None
+            kept |= {"round": order.round, "weights": st.exchange.flatten(trained)}
+            kept["synced"] = st.exchange.flatten(received)
+        store.save(order.round, kept)
         store.prune(keep_from_round=order.keep_from_round)
     weight = {"data": len(part.train), "trained": m["tokens"], "uniform": 1}[cfg.fed.weighting]
     metrics = {
@@ -213,32 +228,49 @@ def state_store(cfg: Config, record: ConfigRecord, node: dict, partition_id: int
 
     A SuperNode's node config `state-dir` names a folder on its own machine; without it, the run's
     fed.client_state_dir, or <train.out_dir>/client_state as the server resolved it."""
-    if not (cfg.keeps_client_state or cfg.error_feedback):
+    if not (cfg.keeps_client_state or cfg.error_feedback or cfg.keeps_client_weights):
         return None
     root = node.get("state-dir") or record["client-state-dir"]
     return ClientStateStore(str(root), str(record["run-id"]), partition_id)
 
 
-def restore(
-    trainer: Trainer, store: ClientStateStore | None, rnd: int, cfg: Config
-) -> tuple[int, int, torch.Tensor | None]:
+def restore(trainer: Trainer, store: ClientStateStore | None, rnd: int, cfg: Config) -> tuple[int, int, dict]:
     """Load what this client saved in an earlier round: its AdamW state, if it keeps it and the state is at
-    most fed.client_state_max_age rounds old, and its quantization error, if it uses error feedback.
+    most fed.client_state_max_age rounds old; and return the rest (its quantization error, its own weights).
 
     Returns (age in rounds of the optimizer state loaded, 0 if none; 1 if a saved optimizer state was too old
-    and dropped; the residual, or None).
+    and dropped; the saved state, {} if none).
     """
     trainer.optimizer.state.clear()
     state, saved_round = store.load(before_round=rnd) if store is not None else (None, None)
     if state is None:
-        return 0, 0, None
-    residual = state.get("residual") if cfg.error_feedback else None
+        return 0, 0, {}
     if not cfg.keeps_client_state or state.get("optimizer") is None:
-        return 0, 0, residual
+        return 0, 0, state
     if rnd - saved_round > cfg.fed.client_state_max_age:
-        return 0, 1, residual
+        return 0, 1, state
     trainer.optimizer.load_state_dict(state["optimizer"])
-    return rnd - saved_round, 0, residual
+    return rnd - saved_round, 0, state
+
+
+def own_weights(
+    st: ClientState, arrays: ArrayRecord, saved: dict, rnd: int, down: Exchange
+) -> dict[str, torch.Tensor]:
+    """Streaming fragments: this client's own weights from its last round, with the fragment the server
+    synced since as it came down (round 1: the whole model), loaded into its model. Returns the global model
+    as this client holds it (each fragment as last synced): what its update is taken against."""
+    ex = st.exchange
+    got = down.read_downlink(arrays, f"the server (round {rnd})")
+    if down is ex:
+        ex.load(st.trainer.raw_model, got)
+        return got
+    if saved.get("round") != rnd - 1:
+        raise RuntimeError(
+            f"fed.fragments: this client holds no weights of round {rnd - 1} (it has "
+            f"{saved.get('round', 'none')}): streaming fragments need every client in every round"
+        )
+    ex.load(st.trainer.raw_model, {**ex.unflatten(saved["weights"]), **got})
+    return {**ex.unflatten(saved["synced"]), **got}
 
 
 def evaluate_partition(content: RecordDict, node: dict) -> RecordDict:

@@ -183,14 +183,8 @@ class FederatedRun:
         follow round by round.
         """
         fed = self.cfg.fed
-        self.nodes = preflight(
-            grid,
-            fed.min_clients or fed.num_clients,
-            fed.num_clients,
-            self.run_facts(),
-            fed.node_timeout,
-            self.log,
-        )
+        need = fed.min_clients or fed.num_clients
+        self.nodes = preflight(grid, need, fed.num_clients, self.run_facts(), fed.node_timeout, self.log)
         if self.nodes.requiring_secagg and not self.cfg.secagg.enabled:
             raise RuntimeError(
                 f"the nodes of partitions {self.nodes.requiring_secagg} require SecAgg+ (their node config "
@@ -223,7 +217,8 @@ class FederatedRun:
         sampled = self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.sampling_grid(grid, rnd))
         nodes = [m.metadata.dst_node_id for m in sampled]
         orders, straggling = self.stragglers(rnd, nodes)
-        sent = self.exchange.downlink(self.global_state, secrets.randbits(62))
+        down, up = self.exchange.streaming(rnd)  # the whole model, or streaming fragments
+        sent = down.downlink(self.global_state, secrets.randbits(62))
         msgs = [
             Message(
                 RecordDict({"arrays": sent, "config": ConfigRecord({**self.run_facts(), **o.to_config()})}),
@@ -236,7 +231,7 @@ class FederatedRun:
             ok, bytes_sent, bytes_received = self.secure_aggregate(grid, rnd, msgs)
         else:
             bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
-            ok, bytes_received = self.aggregate(rnd, exchange(grid, msgs, fed.round_timeout), sent)
+            ok, bytes_received = self.aggregate(rnd, exchange(grid, msgs, fed.round_timeout), sent, up)
         client_val, client_acc = self.client_evaluate(grid, rnd)
         self.round = rnd
         metrics = [r.content["metrics"] for r in ok]
@@ -291,10 +286,12 @@ class FederatedRun:
                 orders[n] = self.work_order(rnd, local_steps=rng.randint(1, f.local_steps - 1))
         return orders, k
 
-    def aggregate(self, rnd: int, replies: list[Message], sent: ArrayRecord) -> tuple[list[Message], int]:
-        """Take each train reply's update against the global model it was sent (failed or misfit ones are
-        logged and left out), and move the global model to the strategy's aggregate of them (under DP: of the
-        noised mean of their clipped updates).
+    def aggregate(
+        self, rnd: int, replies: list[Message], sent: ArrayRecord, up: Exchange
+    ) -> tuple[list[Message], int]:
+        """Take each train reply's update of what `up` exchanges against the global model it was sent (failed
+        or misfit ones are logged and left out); move the global model to the strategy's aggregate of them
+        (under DP: of the noised mean of their clipped updates).
 
         Returns the replies used (fp32 client weights in their ArrayRecord) and the bytes received.
         """
@@ -311,20 +308,20 @@ class FederatedRun:
                 continue
             bytes_received += r.content["arrays"].count_bytes()
             try:
-                state = self.exchange.apply(r.content["arrays"], self.global_state, sent, f"node {node}")
+                state = up.apply(r.content["arrays"], self.global_state, sent, f"node {node}")
             except ValueError as e:
                 self.log(f"round {rnd}: reply dropped: {e}")
                 continue
             if self.dp is not None:
                 deltas.append(self.exchange.difference(state, self.global_state))
             states.append(state)
-            r.content["arrays"] = self.exchange.per_tensor(state)
+            r.content["arrays"] = up.per_tensor(state)
             ok.append(r)
         if self.cfg.lora.rank and ok:  # what averaging A and B apart costs (0 with lora.scheme=ffa)
             weights = [float(r.content["metrics"]["num-examples"]) for r in ok]
             self.lora_error = aggregation_error(states, weights, self.evaluator.model)
         if self.dp is None:
-            self.step(rnd, ok)
+            self.step(rnd, ok, up)
             return ok, bytes_received
         total, unclipped = self.dp.clip(deltas)
         if self.cfg.dp.clipping == "client":  # clipped before they were sent: the clients say which were not
@@ -374,11 +371,11 @@ class FederatedRun:
         content = RecordDict({"arrays": self.exchange.per_tensor(state), "metrics": metrics})
         self.step(rnd, [Message(content, dst_node_id=0, message_type=MessageType.TRAIN)])
 
-    def step(self, rnd: int, ok: list[Message]) -> None:
-        """Move the global model to the strategy's aggregate of the replies (fp32 weights each)."""
+    def step(self, rnd: int, ok: list[Message], up: Exchange | None = None) -> None:
+        """Move the global model (what `up` exchanges of it) to the strategy's aggregate of the replies."""
         agg, _ = self.strategy.aggregate_train(rnd, ok) if ok else (None, None)
         if agg is not None:
-            self.global_state = self.exchange.from_per_tensor(agg)
+            self.global_state = {**self.global_state, **(up or self.exchange).from_per_tensor(agg)}
 
     def client_evaluate(self, grid: Grid, rnd: int) -> tuple[float | None, float | None]:
         """The global model's loss and accuracy on the clients' own validation slices, every

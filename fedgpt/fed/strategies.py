@@ -36,11 +36,12 @@ class OuterSGD(FedAvg):
     2023, Nesterov momentum) or FedAvgM (Hsu et al. 2019, plain momentum).
 
         delta = global - average(client weights)                   # the outer gradient
-        m = momentum * m + delta                                   # m = delta in the first round
+        m = momentum * m + delta                                   # m = delta in a tensor's first step
         global = global - lr * (delta + momentum * m)              # Nesterov; plain momentum: lr * m
 
     torch.optim.SGD's update, in float32, with the momentum buffer as state (state_dict / load_state_dict).
-    lr 1 and momentum 0 is FedAvg.
+    lr 1 and momentum 0 is FedAvg. A round whose replies hold only some tensors (a streaming fragment) steps
+    those and their momentum, and leaves the rest.
     """
 
     def __init__(self, *, server_learning_rate: float, server_momentum: float, nesterov: bool, **fedavg):
@@ -64,16 +65,13 @@ class OuterSGD(FedAvg):
         if average is None:
             return None, metrics
         delta = {k: self.current[k] - v.float() for k, v in average.to_torch_state_dict().items()}
-        if self.momentum > 0:
-            if self.buffer is None:
-                self.buffer = {k: d.clone() for k, d in delta.items()}
-            else:
-                self.buffer = {k: self.momentum * self.buffer[k] + d for k, d in delta.items()}
-            step = (
-                {k: d + self.momentum * self.buffer[k] for k, d in delta.items()}
-                if self.nesterov
-                else self.buffer
-            )
+        if self.momentum > 0:  # per tensor: with streaming fragments a round steps only some of them
+            buffer = self.buffer if self.buffer is not None else {}
+            for k, d in delta.items():
+                buffer[k] = self.momentum * buffer[k] + d if k in buffer else d.clone()
+            self.buffer = buffer
+            mom = self.momentum
+            step = {k: d + mom * buffer[k] if self.nesterov else buffer[k] for k, d in delta.items()}
         else:
             step = delta
         return ArrayRecord({k: self.current[k] - self.lr * step[k] for k in delta}), metrics

@@ -6,6 +6,7 @@
     update = ex.difference(trained, received)       # the client's update, flat, against what it received
     up, residual = ex.uplink(update, down, residual)   # client -> server: the update, fp32 to int4
     state = ex.apply(up, global_state, down)        # server: its exact global model + the update
+    down_ex, up_ex = ex.streaming(rnd)              # fed.fragments > 1: what of the model round rnd moves
 
 A record says what it holds: a small header array gives its kind (weights or update), its format, its block
 and value count, and the id of the downlink it is based on. The server adds every update to its own fp32
@@ -13,6 +14,12 @@ global model, so neither the downlink's nor the uplink's rounding ever accumulat
 a client adds what quantization cut from its last update to its next one. The uplink is always an update,
 against exactly the weights the client received: with an fp16 downlink, what the client trains from is the
 rounded model, and only its own change travels back.
+
+Streaming fragments (fed.fragments = P > 1, Douillard et al. 2025): the model is cut into P fragments, the
+blocks i with i % P == p in fragment p (embeddings and the final norm in fragment 0), and round r syncs only
+fragment (r - 1) % P: its update travels up, and its new global value comes down with the next round's
+message (round 1 brings the whole model). Each client keeps its own weights of the other fragments from
+round to round; every message moves one fragment, so a round costs 1/P of the model's bytes each way.
 
 Formats: fp32, fp16 (Flower's ArrayRecord rejects bf16), int8 / int4 with one fp32 scale per block of
 fed.quant_block values (symmetric, round to nearest, zero exact), or sparse: the fed.sparse_fraction of an
@@ -25,6 +32,8 @@ names.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +63,15 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
         else:
             seen[ptr] = k
     return aliases
+
+
+BLOCK_INDEX = re.compile(r"transformer\.h\.(\d+)\.")
+
+
+def fragment_of(name: str, fragments: int) -> int:
+    """The streaming fragment a tensor belongs to: block i's to i % fragments, the rest to 0."""
+    m = BLOCK_INDEX.match(name)
+    return int(m.group(1)) % fragments if m else 0
 
 
 def quantize(x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +196,7 @@ class Exchange:
     block: int = 256
     error_feedback: bool = False
     sparse_fraction: float = 0.02  # "sparse" uplinks: the share of an update's values that travel
+    fragments: int = 1  # > 1: streaming fragments, one synced a round (streaming())
 
     @classmethod
     def of(cls, model: nn.Module, cfg: Config) -> Exchange:
@@ -197,7 +216,24 @@ class Exchange:
             f.quant_block,
             cfg.error_feedback,
             f.sparse_fraction,
+            f.fragments,
         )
+
+    def part(self, fragment: int) -> Exchange:
+        """The contract for one streaming fragment's tensors alone (a tied alias goes with its canonical)."""
+        keep = [i for i, k in enumerate(self.names) if fragment_of(k, self.fragments) == fragment]
+        names = tuple(self.names[i] for i in keep)
+        aliases = {a: c for a, c in self.aliases.items() if c in names}
+        shapes = tuple(self.shapes[i] for i in keep)
+        return dataclasses.replace(self, names=names, shapes=shapes, aliases=aliases, fragments=1)
+
+    def streaming(self, rnd: int) -> tuple[Exchange, Exchange]:
+        """What round rnd's message carries down and its reply up: the whole model both ways, or with
+        fragments, the fragment the last round synced down (all of it in round 1) and this round's up."""
+        if self.fragments == 1:
+            return self, self
+        down = self if rnd == 1 else self.part((rnd - 2) % self.fragments)
+        return down, self.part((rnd - 1) % self.fragments)
 
     @property
     def size(self) -> int:

@@ -1,0 +1,130 @@
+"""Federated against synchronous at the same per-client batch, with the inner optimizer and the bytes on the
+wire as the variables: AdamW and Muon, centralized, synchronous data parallel (8 x batch 1), DiLoCo and
+MuLoCo (120 rounds x 25 local steps of batch 1), streaming fragments with an int4 uplink, a sparse uplink,
+and the contiguous split; final loss against the megabytes a client sends.
+
+    python -m fedgpt.results --lowcomm
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedgpt.bench.common import commands
+from fedgpt.bench.equal_tokens import CONTIGUOUS, DILOCO, MUON, SMALL_BATCH, SMALL_BATCH_STEPS
+from fedgpt.bench.experiments import Experiment
+from fedgpt.bench.plots import axes, save
+
+STREAMING = ["--fed.fragments=4", "--fed.uplink=int4"]  # each block its own fragment, synced every 4 rounds
+SPARSE = ["--fed.uplink=sparse"]  # the largest 2% of each update, 2 bits each, error feedback
+
+
+def experiments() -> list[Experiment]:
+    small, b = dict(batch=SMALL_BATCH, local_steps=SMALL_BATCH_STEPS), f"batch {SMALL_BATCH}"
+    sync, fed = "synchronous", "federated"
+
+    def row(name: str, label: str, args: list[str], method: str, **kw) -> Experiment:
+        return Experiment(name, label, args, method=method, **kw)
+
+    return [
+        row("centralized", "centralized, batch 12", [], "AdamW", kind="central", group="centralized"),
+        row("centralized_muon", "centralized, batch 12", MUON, "Muon", kind="central", group="centralized"),
+        row(
+            "centralized_parallel_b1",
+            f"8 x {b}, every step",
+            [],
+            "AdamW",
+            kind="parallel",
+            batch=1,
+            group=sync,
+        ),
+        row(
+            "centralized_parallel_b1_muon",
+            f"8 x {b}, every step",
+            MUON,
+            "Muon",
+            kind="parallel",
+            batch=1,
+            group=sync,
+        ),
+        row("diloco_iid_b1", "DiLoCo, IID, fp32", ["--iid", *DILOCO], "AdamW", group=fed, **small),
+        row("muloco_iid_b1", "MuLoCo, IID, fp32", ["--iid", *DILOCO, *MUON], "Muon", group=fed, **small),
+        row(
+            "streaming_iid_b1",
+            "DiLoCo, IID, 4 fragments, int4",
+            ["--iid", *DILOCO, *STREAMING],
+            "AdamW",
+            group=fed,
+            **small,
+        ),
+        row(
+            "sparse_iid_b1",
+            "DiLoCo, IID, sparse 2%",
+            ["--iid", *DILOCO, *SPARSE],
+            "AdamW",
+            group=fed,
+            **small,
+        ),
+        row(
+            "diloco_contiguous_b1",
+            "DiLoCo, contiguous, fp32",
+            [*CONTIGUOUS, *DILOCO],
+            "AdamW",
+            group=fed,
+            **small,
+        ),
+        row(
+            "diloco_contiguous_b1_m05",
+            "DiLoCo, contiguous, outer momentum 0.5",
+            [*CONTIGUOUS, *DILOCO, "--fed.server_momentum=0.5"],
+            "AdamW",
+            group=fed,
+            **small,
+        ),
+    ]
+
+
+def table(res: list[dict]) -> str:
+    sync = [r for r in res if r["group"] == "synchronous"]
+    best = min(sync, key=lambda r: r["final_val_loss"]) if sync else None
+    vs = f"vs {best['label']}, {best['method']}" if best else "vs synchronous"
+    lines = [
+        f"| run | inner optimizer | final val loss | {vs} | uplink MB per client | MB both ways | wall (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res:
+        diff = f"{r['final_val_loss'] - best['final_val_loss']:+.4f}" if best and r is not best else "-"
+        up = "-" if r.get("uplink_mb_per_client") is None else f"{r['uplink_mb_per_client']:.1f}"
+        both = "-" if r["mb_per_client"] is None else f"{r['mb_per_client']:.1f}"
+        lines.append(
+            f"| {r['label']} | {r['method']} | {r['final_val_loss']:.4f} | {diff} | {up} | {both} | "
+            f"{r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines + ["", "Commands:", ""] + commands(res))
+
+
+def plot(res: list[dict], path: Path) -> None:
+    """Final central val loss against the megabytes one client sends over the run; synchronous runs as
+    lines."""
+    plt, fig, ax = axes((9, 5))
+    for r in res:
+        if r["group"] == "federated":
+            ax.scatter(r["uplink_mb_per_client"], r["final_val_loss"], label=f"{r['label']}, {r['method']}")
+        elif r["group"] == "synchronous":
+            style = "-" if r["method"] == "AdamW" else "--"
+            ax.axhline(
+                r["final_val_loss"], color="gray", linestyle=style, label=f"{r['label']}, {r['method']}"
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("MB one client sends over the run (log)")
+    ax.set_ylabel("final central val loss")
+    save(plt, fig, ax, path)
+
+
+def render(res: list[dict], a: argparse.Namespace, doc: Path) -> str:
+    png = doc.parent / "results" / "lowcomm.png"
+    plot(res, png)
+    return (
+        table(res) + f"\n\n![final val loss against uplink bytes per client]({png.relative_to(doc.parent)})"
+    )
