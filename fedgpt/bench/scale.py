@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgpt.bench.common import QUIET, app_dir
+from fedgpt.fed.relay import proc_stat
 from fedgpt.fed.rounds import median, read_rounds
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -30,13 +31,11 @@ def session_rss(sid: int) -> int:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        stat = proc_stat(entry.name)
         try:
-            stat = (entry / "stat").read_text()
-            if (
-                int(stat.rsplit(")", 1)[1].split()[3]) == sid
-            ):  # fields after the name: state, ppid, pgrp, session
+            if stat is not None and int(stat[3]) == sid:  # stat[3]: the session
                 total += int((entry / "statm").read_text().split()[1]) * PAGE
-        except (OSError, ValueError, IndexError):  # gone, or not ours to read
+        except (OSError, ValueError):  # gone, or not ours to read
             pass
     return total
 

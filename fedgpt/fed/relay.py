@@ -233,11 +233,8 @@ def wait_gone(pid: int | None, timeout: float) -> None:
     """Until process `pid` has exited (a zombie counts as gone), or `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while pid and time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return
-        if state in ("Z", "X"):
+        stat = proc_stat(pid)
+        if stat is None or stat[0] in ("Z", "X"):
             return
         time.sleep(0.02)
 
@@ -247,13 +244,22 @@ def supernode_pid() -> int:
     process's parent."""
     pid = os.getpid()
     for _ in range(16):
+        stat = proc_stat(pid)
+        if stat is None or int(stat[1]) <= 1:  # stat[1]: the parent
+            break
+        pid = int(stat[1])
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent, after "(comm)" and the state
-            if pid <= 1:
-                break
             if b"flower-supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
-        except (OSError, ValueError, IndexError):
+        except OSError:
             break
     return os.getppid()
+
+
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the process's "(name)": state, parent, process group, session,
+    ...; None where there is no such process, or no /proc (macOS)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None

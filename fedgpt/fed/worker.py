@@ -26,7 +26,16 @@ import time
 import traceback
 from pathlib import Path
 
-from fedgpt.fed.relay import KINDS, check_private, from_bytes, read_frame, send_frame, to_bytes, unix_path
+from fedgpt.fed.relay import (
+    KINDS,
+    check_private,
+    from_bytes,
+    proc_stat,
+    read_frame,
+    send_frame,
+    to_bytes,
+    unix_path,
+)
 
 POLL_S = 1.0  # seconds between checks of the watched process and the idle time
 
@@ -39,10 +48,8 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: it exists
         return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (macOS): os.kill's answer
-        return True
+    stat = proc_stat(pid)
+    return stat is None or stat[0] != "Z"  # no /proc (macOS): os.kill's answer
 
 
 def answer(conn: socket.socket) -> bool:
