@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 from fedgpt.bench.loopback import Deployment, marked_pids
@@ -182,9 +183,9 @@ def run_tiny(dep: Deployment, out: Path, data_dir: Path, clients: int, rounds: i
 def test_nodes_train_their_own_plays_under_secagg_with_warm_trainers(federation: Federation, data_dir: Path):
     # Two rounds of `flwr run .` under SecAgg+ (four message stages a round, each a fresh ClientApp process on
     # a node that relays to the node's warm trainer: one process per node and run), the sum weighted by the
-    # size of each node's play.
+    # size of each node's play; the clients train with Muon (MuLoCo's inner step), its momentum kept per node.
     fed, out = federation, federation.root / "out"
-    res, rows, context = run_tiny(fed.dep, out, data_dir, 3, 2, "secagg.enabled=true")
+    res, rows, context = run_tiny(fed.dep, out, data_dir, 3, 2, "secagg.enabled=true train.optimizer=muon")
     assert [r["round"] for r in rows] == [0, 1, 2], context
     assert all(r["clients_ok"] == 3 and r["clients_failed"] == 0 for r in rows[1:]), rows
     assert rows[2]["val_loss"] < rows[0]["val_loss"], rows
@@ -202,7 +203,8 @@ def test_nodes_train_their_own_plays_under_secagg_with_warm_trainers(federation:
     assert rows[2]["clients_state_resumed"] == 3 and not (out / "client_state").exists(), rows
     for partition, node in enumerate(fed.nodes):
         (run_dir,) = [d for d in node.iterdir() if d.is_dir() and d.name not in ("workers", "data")]
-        assert (run_dir / f"partition-{partition}" / "round-1.pt").is_file()
+        state = torch.load(run_dir / f"partition-{partition}" / "round-1.pt", weights_only=True)
+        assert set(state["optimizer"]) == {"muon", "adamw"}, state.keys()  # Muon's state went on to round 2
         assert len(list((node / "workers").glob("*.sock"))) == 1
     assert len(workers_of(fed.dep)) == 3, context
 
