@@ -135,7 +135,7 @@ def test_fedavg_is_token_weighted_mean(data_dir, tmp_path):
     run.nodes.partition_of = {11: 2, 12: 0, 13: 1, 14: 3}
     received = sum(r.content["arrays"].count_bytes() for r in replies)
 
-    ok, nbytes = run.aggregate(1, [replies[2], failed, replies[0], replies[1]], sent)
+    ok, nbytes = run.aggregate(1, [replies[2], failed, replies[0], replies[1]], sent, run.exchange)
 
     assert len(ok) == 3 and nbytes == received
     assert [r.metadata.src_node_id for r in ok] == [12, 13, 11]  # by partition id, whatever the arrival order
@@ -148,7 +148,7 @@ def test_fedavg_is_token_weighted_mean(data_dir, tmp_path):
     replies = [
         train_reply(n, ex.uplink(u, sent)[0], t, 4.0) for n, u, t in zip((11, 12, 13), updates, tokens)
     ]
-    run.aggregate(1, [replies[1], replies[0], replies[2]], sent)
+    run.aggregate(1, [replies[1], replies[0], replies[2]], sent, run.exchange)
     assert all(torch.equal(first[k], run.global_state[k]) for k in first)
 
 
@@ -156,7 +156,7 @@ def test_aggregate_keeps_global_model_when_all_clients_fail(data_dir, tmp_path):
     run = tiny_run(data_dir, tmp_path)
     before = {k: v.clone() for k, v in run.global_state.items()}
     failed = [Message(Error(code=0, reason="boom"), reply_to=train_instruction(n)) for n in (1, 2)]
-    assert run.aggregate(1, failed, run.exchange.downlink(before, base_id=1)) == ([], 0)
+    assert run.aggregate(1, failed, run.exchange.downlink(before, base_id=1), run.exchange) == ([], 0)
     assert all(torch.equal(before[k], run.global_state[k]) for k in before)
 
 
@@ -177,7 +177,7 @@ def test_diloco_stays_put_when_clients_change_nothing_over_an_fp16_downlink(
         assert any(not torch.equal(received[k], before[k]) for k in before)  # the downlink is rounded
         zero = run.exchange.difference(received, received)
         replies = [train_reply(n, run.exchange.uplink(zero, sent)[0], 10, 4.0) for n in (1, 2, 3)]
-        run.aggregate(rnd, replies, sent)
+        run.aggregate(rnd, replies, sent, run.exchange)
     # FedAvg's float sum of three equal weights may differ from them in the last bit; the downlink's rounding
     # is thousands of times that (2^-11 of a weight)
     moved = max(float((before[k] - run.global_state[k]).abs().max()) for k in before)
