@@ -24,68 +24,34 @@ SPARSE = ["--strategy", "fedavg", "--fed.uplink=sparse"]
 
 
 def experiments() -> list[Experiment]:
-    small, b = dict(batch=SMALL_BATCH, local_steps=SMALL_BATCH_STEPS), f"batch {SMALL_BATCH}"
-    sync, fed = "synchronous", "federated"
-
-    def row(name: str, label: str, args: list[str], method: str, **kw) -> Experiment:
-        return Experiment(name, label, args, method=method, **kw)
-
-    return [
-        row("centralized", "centralized, batch 12", [], "AdamW", kind="central", group="centralized"),
-        row("centralized_muon", "centralized, batch 12", MUON, "Muon", kind="central", group="centralized"),
-        row(
-            "centralized_parallel_b1",
-            f"8 x {b}, every step",
-            [],
-            "AdamW",
-            kind="parallel",
-            batch=1,
-            group=sync,
-        ),
-        row(
-            "centralized_parallel_b1_muon",
-            f"8 x {b}, every step",
-            MUON,
-            "Muon",
-            kind="parallel",
-            batch=1,
-            group=sync,
-        ),
-        row("diloco_iid_b1", "DiLoCo, IID, fp32", ["--iid", *DILOCO], "AdamW", group=fed, **small),
-        row("muloco_iid_b1", "MuLoCo, IID, fp32", ["--iid", *DILOCO, *MUON], "Muon", group=fed, **small),
-        row(
+    small = dict(batch=SMALL_BATCH, local_steps=SMALL_BATCH_STEPS, group="federated")
+    sync = dict(kind="parallel", batch=SMALL_BATCH, group="synchronous")
+    every, central = f"8 x batch {SMALL_BATCH}, every step", dict(kind="central", group="centralized")
+    rows = [  # name, label, args, inner optimizer, how it runs
+        ("centralized", "centralized, batch 12", [], "AdamW", central),
+        ("centralized_muon", "centralized, batch 12", MUON, "Muon", central),
+        ("centralized_parallel_b1", every, [], "AdamW", sync),
+        ("centralized_parallel_b1_muon", every, MUON, "Muon", sync),
+        ("diloco_iid_b1", "DiLoCo, IID, fp32", ["--iid", *DILOCO], "AdamW", small),
+        ("muloco_iid_b1", "MuLoCo, IID, fp32", ["--iid", *DILOCO, *MUON], "Muon", small),
+        (
             "streaming_iid_b1",
             "DiLoCo, IID, 4 fragments, int4",
             ["--iid", *DILOCO, *STREAMING],
             "AdamW",
-            group=fed,
-            **small,
+            small,
         ),
-        row(
-            "sparse_iid_b1",
-            "FedAvg, IID, sparse 2%",
-            ["--iid", *SPARSE],
-            "AdamW",
-            group=fed,
-            **small,
-        ),
-        row(
-            "diloco_contiguous_b1",
-            "DiLoCo, contiguous, fp32",
-            [*CONTIGUOUS, *DILOCO],
-            "AdamW",
-            group=fed,
-            **small,
-        ),
-        row(
+        ("sparse_iid_b1", "FedAvg, IID, sparse 2%", ["--iid", *SPARSE], "AdamW", small),
+        ("diloco_contiguous_b1", "DiLoCo, contiguous, fp32", [*CONTIGUOUS, *DILOCO], "AdamW", small),
+        (
             "diloco_contiguous_b1_m05",
             "DiLoCo, contiguous, outer momentum 0.5",
             [*CONTIGUOUS, *DILOCO, "--fed.server_momentum=0.5"],
             "AdamW",
-            group=fed,
-            **small,
+            small,
         ),
     ]
+    return [Experiment(name, label, args, method=method, **how) for name, label, args, method, how in rows]
 
 
 def table(res: list[dict]) -> str:

@@ -163,17 +163,9 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
         received = own_weights(st, content["arrays"], saved, order.round, down)
     else:
         received = load_global(st, content["arrays"], partition_id)
-    fragment = (order.round - 1) % cfg.fed.fragments  # the one this round syncs (0 without fragments)
-    residuals = (saved.get("residual") or {}) if cfg.keeps_client_weights else {0: saved.get("residual")}
-    residual = residuals.get(fragment) if cfg.error_feedback else None
     mu = order.proximal_mu
     ref = [p.detach().clone() for p in trainer.raw_model.parameters()] if mu > 0 else None
-    # A new, deterministic stream of windows per (client, round), identical whichever process serves it.
-    seed = cfg.train.seed * 100_003 + partition_id * 1_009 + order.round
-    torch.manual_seed(seed)  # dropout masks too: reproducible whichever process serves this partition
-    batches = Batches(part.train, cfg.model.block_size, cfg.train.batch_size, trainer.device, seed=seed)
-    if cfg.fed.full_batch:  # FedSGD: every step is the gradient of all the client's windows
-        batches = itertools.repeat(batches.all_windows())
+    batches = round_batches(st, part, partition_id, order.round)
     t_start = time.time()
     m = trainer.train_steps(
         batches, order.local_steps, order.schedule, at_step=order.first_step, mu=mu, ref=ref
@@ -187,17 +179,9 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     if cfg.secagg.enabled:  # the update travels masked (secaggplus_mod), quantized by SecAgg+ itself
         arrays, residual = None, None
     else:
-        arrays, residual = up.uplink(update, content["arrays"], residual)
+        arrays, residual = up.uplink(update, content["arrays"], saved_residual(saved, cfg, order.round))
     if store is not None:
-        optimizer = trainer.optimizer.state_dict() if cfg.keeps_client_state else None
-        kept = {"optimizer": optimizer, "residual": residual}
-        if (
-            cfg.keeps_client_weights
-        ):  # its own weights, what it holds of the global model, a residual a fragment
-            kept["residual"] = {**residuals, fragment: residual} if residual is not None else None
-            kept |= {"round": order.round, "weights": st.exchange.flatten(trained)}
-            kept["synced"] = st.exchange.flatten(received)
-        store.save(order.round, kept)
+        keep(store, st, order.round, saved, residual, {"weights": trained, "synced": received})
         store.prune(keep_from_round=order.keep_from_round)
     weight = {"data": len(part.train), "trained": m["tokens"], "uniform": 1}[cfg.fed.weighting]
     metrics = {
@@ -220,6 +204,48 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     if clipping is not None:  # central DP: the server sees this update anyway
         metrics["dp-unclipped"] = int(unclipped)
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+
+
+def round_batches(st: ClientState, part: ClientPartition, partition_id: int, rnd: int):
+    """A new, deterministic stream of windows per (client, round), identical whichever process serves it
+    (dropout masks too); with fed.full_batch (FedSGD) each step is the gradient of all the client's data."""
+    cfg = st.cfg
+    seed = cfg.train.seed * 100_003 + partition_id * 1_009 + rnd
+    torch.manual_seed(seed)
+    batches = Batches(part.train, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=seed)
+    return itertools.repeat(batches.all_windows()) if cfg.fed.full_batch else batches
+
+
+def saved_residual(saved: dict, cfg: Config, rnd: int) -> torch.Tensor | None:
+    """What quantization cut from this client's last update (of this round's fragment), if fed back."""
+    if not cfg.error_feedback:
+        return None
+    if cfg.keeps_client_weights:  # one residual a fragment
+        return (saved.get("residual") or {}).get((rnd - 1) % cfg.fed.fragments)
+    return saved.get("residual")
+
+
+def keep(
+    store: ClientStateStore,
+    st: ClientState,
+    rnd: int,
+    saved: dict,
+    residual: torch.Tensor | None,
+    states: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    """Save what this client carries into its next round: its optimizer state (if it keeps it) and its
+    quantization residual; with fragments, its own weights and what it holds of the global model (`states`),
+    and one residual a fragment."""
+    cfg = st.cfg
+    optimizer = st.trainer.optimizer.state_dict() if cfg.keeps_client_state else None
+    kept = {"optimizer": optimizer, "residual": residual}
+    if cfg.keeps_client_weights:
+        residuals = dict(saved.get("residual") or {})
+        if residual is not None:
+            residuals[(rnd - 1) % cfg.fed.fragments] = residual
+        kept = {**kept, "residual": residuals or None, "round": rnd}
+        kept |= {name: st.exchange.flatten(state) for name, state in states.items()}
+    store.save(rnd, kept)
 
 
 def state_store(cfg: Config, record: ConfigRecord, node: dict, partition_id: int) -> ClientStateStore | None:

@@ -66,7 +66,8 @@ class OuterSGD(FedAvg):
             return None, metrics
         delta = {k: self.current[k] - v.float() for k, v in average.to_torch_state_dict().items()}
         if self.momentum > 0:  # per tensor: with streaming fragments a round steps only some of them
-            buffer = self.buffer if self.buffer is not None else {}
+            # a new dict: a checkpoint of the last round may still be writing the old one (server.py)
+            buffer = dict(self.buffer or {})
             for k, d in delta.items():
                 buffer[k] = self.momentum * buffer[k] + d if k in buffer else d.clone()
             self.buffer = buffer
