@@ -183,15 +183,20 @@ def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
         assert f"| {r['label']} | {r['final_val_loss']:.4f} |" in text
     assert (doc.parent / "results" / "val_vs_tokens.png").stat().st_size > 0
 
-    res = run_module(
-        "fedgpt.results", *common, "--frontier", "--only", "frontier_fedavg_h5", "frontier_fedavg_h10"
-    )
+    res = run_module("fedgpt.results", *common, "--frontier", "--only", "frontier_fedavg_h5")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     points = json.loads((tmp_path / "runs" / "results-frontier.json").read_text())
-    # batch 4: 50 steps per client, in rounds of 5 or 10 local steps
-    assert [(r["rounds"], r["tokens"]) for r in points] == [(10, 2 * 25 * 8 * 16), (5, 2 * 25 * 8 * 16)]
-    # bytes go with rounds: every round moves the model down and up once per client
-    assert points[0]["mb_per_client"] == pytest.approx(2 * points[1]["mb_per_client"], rel=1e-6)
+    # batch 4: 50 steps per client, in rounds of 5 local steps
+    assert [(r["rounds"], r["tokens"]) for r in points] == [(10, 2 * 25 * 8 * 16)]
+    # every round moves the model (fp32, the tied head once) down and up once per client
+    from fedgpt.config import load_config
+    from fedgpt.model import GPT
+
+    model = load_config(REPO / "configs" / "tiny.yaml").model
+    model.vocab_size = 65  # Tiny Shakespeare's characters
+    params = sum(p.numel() for p in GPT(model).parameters())
+    messages = 10 * 2  # each with a header array and Flower's framing: a few hundred bytes
+    assert messages * 4 * params <= points[0]["mb_per_client"] * 1e6 <= messages * (4 * params + 512)
     assert (
         "| FedAvg | 5 | 10 |" in doc.read_text()
         and (doc.parent / "results" / "frontier.png").stat().st_size > 0
