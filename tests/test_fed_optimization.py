@@ -35,12 +35,12 @@ class KeepsRound2(FederatedRun):
         return row
 
 
-# FedAdam's moments resume here (FedYogi's and FedAdagrad's are the same attributes, checkpointed by the same
-# code; their round trip is in test_strategies). DiLoCo's momentum buffer (FedAvgM's is the same class), the
-# weights and the clients' state come back bit for bit after a real kill in
+# FedAdam's moments resume here, with Muon clients and a sparse uplink (their momentum and residuals too);
+# FedYogi's and FedAdagrad's are the same attributes, checkpointed by the same code (their round trip is in
+# test_strategies). DiLoCo resumes here with streaming fragments and an int4 uplink (the outer momentum one
+# fragment at a time, each client's own weights, one residual per fragment); plain DiLoCo's momentum buffer
+# (FedAvgM's is the same class), the weights and the clients' state come back bit for bit after a real kill in
 # test_federation.py::test_resume_after_kill_ends_as_an_uninterrupted_run.
-# DiLoCo resumes here with streaming fragments and an int4 uplink (the outer momentum one fragment at a time,
-# each client's own weights and one quantization residual per fragment).
 RESUMED = ("fedadam", "diloco")
 
 
@@ -48,8 +48,8 @@ RESUMED = ("fedadam", "diloco")
 def test_every_strategy_runs_and_resumes_exactly(strategy, data_dir, tmp_path):
     out = tmp_path / "run"
     extra = [f"--fed.strategy={strategy}", *(["--fed.proximal_mu=0.1"] if strategy == "fedprox" else [])]
-    if strategy == "fedadam":  # and its clients train with Muon (MuLoCo's inner step), their state kept
-        extra.append("--train.optimizer=muon")
+    if strategy == "fedadam":  # its clients train with Muon (MuLoCo's inner step) and send sparse updates
+        extra += ["--train.optimizer=muon", "--fed.uplink=sparse"]
     if strategy == "diloco":
         extra += ["--fed.fragments=2", "--fed.uplink=int4"]
     rounds = 3 if strategy in RESUMED else 2
