@@ -18,6 +18,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+# A SuperNode's SuperExec looks for a message to start a ClientApp for once a second (Flower's one poll that
+# can be set, docs/deployment.md): the deployments of the suite look every 0.1 s, as a user may.
+os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
 # ../shared holds pre-seeded copies of what fedgpt downloads (the build machines are offline).
 SHARED = Path(os.environ.get("FEDGPT_SHARED", REPO.parent / "shared"))
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"

@@ -44,7 +44,9 @@ class KeepsRound2(FederatedRun):
 RESUMED = ("fedadam", "diloco")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+# FedAvg, the default, runs in nearly every other simulation of the suite
+# (test_fedavg_weights_clients_by_their_data below checks its mean by hand)
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "fedavg"])
 def test_every_strategy_runs_and_resumes_exactly(strategy, data_dir, tmp_path):
     out = tmp_path / "run"
     extra = [f"--fed.strategy={strategy}", *(["--fed.proximal_mu=0.1"] if strategy == "fedprox" else [])]

@@ -114,6 +114,7 @@ def test_lora_needs_a_pretrained_model_and_a_known_target():
 
 @pytest.mark.slow
 def test_federated_lora_sends_only_adapters_and_checkpoints_a_plain_gpt(data_dir, tmp_path):
+    import json
     import os
     import subprocess
     import sys
@@ -129,7 +130,7 @@ def test_federated_lora_sends_only_adapters_and_checkpoints_a_plain_gpt(data_dir
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
-    tiny = ["--config", "configs/tiny.yaml", f"--data.data_dir={data_dir}"]
+    tiny = ["--config", str(REPO / "configs" / "tiny.yaml"), f"--data.data_dir={data_dir}"]
 
     def run(*args: str) -> None:
         r = subprocess.run(
@@ -146,15 +147,32 @@ def test_federated_lora_sends_only_adapters_and_checkpoints_a_plain_gpt(data_dir
         "--train.eval_interval=10",
         f"--train.out_dir={base}",
     )
-    out = tmp_path / "lora"
-    lora = [*tiny, f"--train.init_from={base / 'last.pt'}", "--lora.rank=2", f"--train.out_dir={out}"]
-    run("simulate.py", *lora)
-    rows = read_rounds(out / "rounds.jsonl")
-    pretrained, tuned = load_checkpoint(base / "last.pt")["model"], load_checkpoint(out / "last.pt")
+    # The comm bench's LoRA rows, as docs/results.md runs them: full fine-tuning and rank 2, from the base
+    work, bench = tmp_path / "bench", tmp_path / "comm.json"
+    args = [
+        "--lora-only",
+        "--lora-base",
+        str(base / "last.pt"),
+        "--lora-config",
+        tiny[1],
+        "--lora-ranks",
+        "2",
+    ]
+    run("-m", "fedgpt.bench", "comm", *args, "--keep", str(work), "--out", str(bench), tiny[2])
+    rows = json.loads(bench.read_text())["lora"]
+    model_bytes, rows = rows["model_bytes"], rows["rows"]
+    out = work / "lora_r2"  # the rank-2 row's run folder
+    tuned, pretrained = load_checkpoint(out / "last.pt"), load_checkpoint(base / "last.pt")["model"]
+    assert model_bytes == 4 * sum(v.numel() for k, v in pretrained.items() if k != "lm_head.weight")  # tied
     adapters = sum(v.numel() for v in tuned["extra"]["adapters"].values())
     assert adapters == 2 * 2 * (
         (32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)
     )  # rank 2, 4 targets, 2 blocks
+    up = rows["lora_r2"]["uplink_bytes_per_client"]
+    assert 4 * adapters <= up <= 4 * adapters + 512  # and a header
+    assert rows["lora_r2"]["uplink_vs_fp32"] == pytest.approx(up / model_bytes, rel=1e-3)
+    assert rows["full"]["uplink_bytes_per_client"] >= model_bytes
+    rows = read_rounds(out / "rounds.jsonl")
     assert all(4 * adapters <= r.bytes_received / r.clients_ok <= 4 * adapters + 512 for r in rows[1:])
     assert rows[-1].val_loss < rows[0].val_loss
     assert all(r.lora_aggregation_error > 0 for r in rows[1:])  # A and B averaged apart: not B A's average
@@ -164,6 +182,8 @@ def test_federated_lora_sends_only_adapters_and_checkpoints_a_plain_gpt(data_dir
         else:
             assert torch.equal(v, pretrained[k]), k
     run("-m", "fedgpt.sample", "--checkpoint", str(out / "best.pt"), "--max-new-tokens", "5")
+    # as the bench ran it: the LoRA config as written (its data folder is the repo's data/, where data_dir is)
+    lora = [*tiny[:2], f"--train.init_from={base / 'last.pt'}", "--lora.rank=2", f"--train.out_dir={out}"]
     run("simulate.py", *lora, "--fed.rounds=3", "--resume")
     assert [r.round for r in read_rounds(out / "rounds.jsonl")] == [0, 1, 2, 3]
     # FFA-LoRA: A stays as drawn, only B travels (out x rank of each adapter), and the average is exact

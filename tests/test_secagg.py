@@ -19,6 +19,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.config import load_config
+from fedgpt.fed.rounds import read_rounds
 from fedgpt.fed.server import FederatedRun
 from fedgpt.fed.wire import decode
 
@@ -91,6 +92,13 @@ def test_the_server_sees_only_the_mean_and_it_is_fedavgs(data_dir, tmp_path, mon
         update = updates[partition_of_secure[r.metadata.src_node_id]]
         assert len(vector) == len(update)
         assert abs(np.corrcoef(vector.astype(np.float64), update)[0, 1]) < 0.05
+
+    # What crossed the wire, as rounds.jsonl counts it for the comm bench: fp32 weights down to each client;
+    # up, SecAgg+'s masked int64 values and the weight, with its keys and key shares (a few kB a client)
+    n, (row,) = len(update), read_rounds(tmp_path / "secure" / "rounds.jsonl")[1:]
+    header, keys = 256, 8192
+    assert 4 * n <= row.bytes_sent / 3 <= 4 * n + header + keys
+    assert 8 * (n + 1) <= row.bytes_received / 3 <= 8 * (n + 1) + header + keys
 
     # The mean is FedAvg's (weighted by data) up to SecAgg+'s quantization: stochastic rounding to
     # 2 x clipping_range / quantization_range per client, n clients, over the sum of their weight ratios.

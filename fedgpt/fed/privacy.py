@@ -33,14 +33,15 @@ import logging
 import math
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from dp_accounting import dp_event
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
 
 from fedgpt.config import Config
+
+if TYPE_CHECKING:
+    from dp_accounting import dp_event
 
 # dp-accounting drops RDP orders that do not converge and says so on absl's logger, once per order and call.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -74,6 +75,8 @@ class Ledger:
         return out
 
     def event(self) -> dp_event.DpEvent:
+        from dp_accounting import dp_event  # scipy with it: 1.3 s of every server's start, DP or not
+
         return dp_event.ComposedDpEvent(
             [
                 dp_event.SelfComposedDpEvent(
@@ -86,6 +89,9 @@ class Ledger:
 
 def epsilon(ledger: Ledger, delta: float, accountant: str = "rdp") -> float:
     """The epsilon at `delta` of the ledger's releases, by dp-accounting's RDP or PLD accountant."""
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
     if not ledger.groups:
         return 0.0
     acc = RdpAccountant() if accountant == "rdp" else PLDAccountant()
