@@ -344,7 +344,9 @@ def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
     assert load_checkpoint(out / "last.pt")["round"] == 4
     assert not left, f"Ray processes left after a finished run: {left}"
 
-    straight = tmp_path / "straight"
+    straight = (
+        tmp_path / "straight"
+    )  # the uninterrupted run joins the session's cluster: no Ray start of its own
     res = subprocess.run(
         [
             sys.executable,
@@ -352,7 +354,7 @@ def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
             *tiny_args(data_dir, straight, "--fed.rounds=4", "--strategy", "diloco"),
         ],
         cwd=REPO,
-        env=ENV,
+        env={**ENV, "RAY_ADDRESS": os.environ["RAY_ADDRESS"]},
         capture_output=True,
         text=True,
         timeout=300,

@@ -220,3 +220,23 @@ def test_fedprox_adds_its_proximal_step_through_the_clients_work_order(data_dir,
     assert float(one.norm()) > 0
     torch.testing.assert_close(prox - plain, -0.1 * 0.5 * one, rtol=1e-3, atol=1e-6)
     assert float((prox - plain).abs().max()) > 100 * 1e-6  # the proximal step is far above the tolerance
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg"])
+def test_robust_strategies_take_the_median_and_the_trimmed_mean(name):
+    # Five clients, one of them far off: the coordinate-wise median, and the mean of the middle three
+    # (FedTrimmedAvg's beta 0.2 cuts one of five at each end), computed here by sorting.
+    fed = FedConfig(strategy=name, num_clients=5)
+    torch.manual_seed(0)
+    state = {"w": torch.randn(3, 4), "b": torch.randn(4)}
+    clients = [{k: v + torch.randn(v.shape) for k, v in state.items()} for _ in range(5)]
+    clients[2] = {k: v + 100.0 for k, v in clients[2].items()}  # an outlier both must resist
+    strategy = make_strategy(fed)
+    strategy.configure_train(1, ArrayRecord(state), _config(), Grid([1, 2, 3, 4, 5]))
+    agg, _ = strategy.aggregate_train(1, [reply(i + 1, c, 1) for i, c in enumerate(clients)])
+    got = {k: v.float() for k, v in agg.to_torch_state_dict().items()}
+    for k in state:
+        ordered = torch.stack([c[k] for c in clients]).sort(dim=0).values
+        expected = ordered[2] if name == "fedmedian" else ordered[1:4].mean(dim=0)
+        torch.testing.assert_close(got[k], expected, rtol=0, atol=1e-5)
+        assert got[k].abs().max() < 50  # the outlier moved nothing
