@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fedgpt.bench.common import commands
 from fedgpt.bench.experiments import Experiment
-from fedgpt.bench.plots import axes, save
+from fedgpt.bench.plots import axes, save, with_figure
 
 # DiLoCo as the results use it: the outer Nesterov step at the paper's lr 0.7 and momentum 0.9, clients
 # keeping their AdamW state; at batch 1 (many sequential steps for the same tokens), 25 local steps a round.
@@ -168,6 +168,6 @@ def plot(res: list[dict], path: Path) -> None:
 
 
 def render(res: list[dict], a: argparse.Namespace, doc: Path) -> str:
-    png = doc.parent / "results" / "val_vs_tokens.png"
-    plot(res, png)
-    return table(res, a) + f"\n\n![central val loss against training tokens]({png.relative_to(doc.parent)})"
+    return with_figure(
+        table(res, a), plot, res, doc, "val_vs_tokens.png", "central val loss against training tokens"
+    )

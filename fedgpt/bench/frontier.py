@@ -12,7 +12,7 @@ from pathlib import Path
 from fedgpt.bench.common import commands
 from fedgpt.bench.equal_tokens import DILOCO
 from fedgpt.bench.experiments import Experiment
-from fedgpt.bench.plots import axes, save
+from fedgpt.bench.plots import axes, loss_against_bytes, save, with_figure
 
 FRONTIER_BATCH, FRONTIER_STEPS = 4, (5, 10, 25, 50, 125)  # 750 steps per client, in rounds of 5 to 125
 STRATEGIES = (("fedavg", "FedAvg", ["--strategy", "fedavg"]), ("diloco", "DiLoCo", DILOCO))
@@ -56,13 +56,9 @@ def plot(res: list[dict], path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=group)
         for mb, val, steps in pts:
             ax.annotate(f"H={steps}", (mb, val), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("MB sent and received per client over the run (log)")
-    ax.set_ylabel("final central val loss")
+    loss_against_bytes(ax, "MB sent and received per client over the run (log)")
     save(plt, fig, ax, path)
 
 
 def render(res: list[dict], a: argparse.Namespace, doc: Path) -> str:
-    png = doc.parent / "results" / "frontier.png"
-    plot(res, png)
-    return table(res) + f"\n\n![final val loss against bytes per client]({png.relative_to(doc.parent)})"
+    return with_figure(table(res), plot, res, doc, "frontier.png", "final val loss against bytes per client")

@@ -14,7 +14,7 @@ from pathlib import Path
 from fedgpt.bench.common import commands
 from fedgpt.bench.equal_tokens import CONTIGUOUS, DILOCO, MUON, SMALL_BATCH, SMALL_BATCH_STEPS
 from fedgpt.bench.experiments import Experiment
-from fedgpt.bench.plots import axes, save
+from fedgpt.bench.plots import axes, loss_against_bytes, save, with_figure
 
 STREAMING = ["--fed.fragments=4", "--fed.uplink=int4"]  # each block its own fragment, synced every 4 rounds
 # The largest 2% of each update, 2 bits each, error feedback; as SparseLoCo, the clients' error feedback in
@@ -85,15 +85,11 @@ def plot(res: list[dict], path: Path) -> None:
             ax.axhline(
                 r["final_val_loss"], color="gray", linestyle=style, label=f"{r['label']}, {r['method']}"
             )
-    ax.set_xscale("log")
-    ax.set_xlabel("MB one client sends over the run (log)")
-    ax.set_ylabel("final central val loss")
+    loss_against_bytes(ax, "MB one client sends over the run (log)")
     save(plt, fig, ax, path)
 
 
 def render(res: list[dict], a: argparse.Namespace, doc: Path) -> str:
-    png = doc.parent / "results" / "lowcomm.png"
-    plot(res, png)
-    return (
-        table(res) + f"\n\n![final val loss against uplink bytes per client]({png.relative_to(doc.parent)})"
+    return with_figure(
+        table(res), plot, res, doc, "lowcomm.png", "final val loss against uplink bytes per client"
     )

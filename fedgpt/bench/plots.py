@@ -1,4 +1,5 @@
-"""The figure set-up the results tables share: a matplotlib figure without a display, written atomically."""
+"""What the results tables' figures share: a matplotlib figure without a display, written atomically, and
+linked below its table."""
 
 from __future__ import annotations
 
@@ -26,3 +27,17 @@ def save(plt, fig, ax, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+def loss_against_bytes(ax, xlabel: str) -> None:
+    """The axes of a frontier: megabytes on a log scale, the final val loss up."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final central val loss")
+
+
+def with_figure(table: str, plot, res: list[dict], doc: Path, name: str, alt: str) -> str:
+    """`table` with its figure, plot(res) written to results/<name> beside `doc`, linked below it."""
+    png = doc.parent / "results" / name
+    plot(res, png)
+    return f"{table}\n\n![{alt}]({png.relative_to(doc.parent)})"

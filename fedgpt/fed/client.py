@@ -179,7 +179,7 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     if cfg.secagg.enabled:  # the update travels masked (secaggplus_mod), quantized by SecAgg+ itself
         arrays, residual = None, None
     else:
-        arrays, residual = up.uplink(update, content["arrays"], saved_residual(saved, cfg, order.round))
+        arrays, residual = up.uplink(update, content["arrays"], saved_residual(saved, st, order.round))
     if store is not None:
         keep(store, st, order.round, saved, residual, {"weights": trained, "synced": received})
         store.prune(keep_from_round=order.keep_from_round)
@@ -216,12 +216,12 @@ def round_batches(st: ClientState, part: ClientPartition, partition_id: int, rnd
     return itertools.repeat(batches.all_windows()) if cfg.fed.full_batch else batches
 
 
-def saved_residual(saved: dict, cfg: Config, rnd: int) -> torch.Tensor | None:
+def saved_residual(saved: dict, st: ClientState, rnd: int) -> torch.Tensor | None:
     """What quantization cut from this client's last update (of this round's fragment), if fed back."""
-    if not cfg.error_feedback:
+    if not st.cfg.error_feedback:
         return None
-    if cfg.keeps_client_weights:  # one residual a fragment
-        return (saved.get("residual") or {}).get((rnd - 1) % cfg.fed.fragments)
+    if st.cfg.keeps_client_weights:  # one residual a fragment
+        return (saved.get("residual") or {}).get(st.exchange.synced_fragment(rnd))
     return saved.get("residual")
 
 
@@ -242,7 +242,7 @@ def keep(
     if cfg.keeps_client_weights:
         residuals = dict(saved.get("residual") or {})
         if residual is not None:
-            residuals[(rnd - 1) % cfg.fed.fragments] = residual
+            residuals[st.exchange.synced_fragment(rnd)] = residual
         kept = {**kept, "residual": residuals or None, "round": rnd}
         kept |= {name: st.exchange.flatten(state) for name, state in states.items()}
     store.save(rnd, kept)

@@ -227,13 +227,17 @@ class Exchange:
         shapes = tuple(self.shapes[i] for i in keep)
         return dataclasses.replace(self, names=names, shapes=shapes, aliases=aliases, fragments=1)
 
+    def synced_fragment(self, rnd: int) -> int:
+        """The streaming fragment round rnd syncs: each in turn, from 0 in round 1 (always 0 without)."""
+        return (rnd - 1) % self.fragments
+
     def streaming(self, rnd: int) -> tuple[Exchange, Exchange]:
         """What round rnd's message carries down and its reply up: the whole model both ways, or with
         fragments, the fragment the last round synced down (all of it in round 1) and this round's up."""
         if self.fragments == 1:
             return self, self
-        down = self if rnd == 1 else self.part((rnd - 2) % self.fragments)
-        return down, self.part((rnd - 1) % self.fragments)
+        down = self if rnd == 1 else self.part(self.synced_fragment(rnd - 1))
+        return down, self.part(self.synced_fragment(rnd))
 
     @property
     def size(self) -> int:
