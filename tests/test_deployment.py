@@ -1,6 +1,6 @@
 """fedgpt as a real Flower deployment on loopback: a SuperLink over TLS with SuperNode authentication, three
 SuperNodes with their own plays that require SecAgg+, `flwr run .` from a curious and from fedgpt's own
-ServerApp, then sampling.
+ServerApp (sampling from a checkpoint: tests/test_sample.py and tests/test_lora.py).
 
 fedgpt.bench.loopback starts every process with a marker in its environment, which Flower's own children
 (SuperExec, ServerApp and ClientApp processes) inherit: teardown finds and stops all of them, and the module
@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,24 +206,6 @@ def test_nodes_train_their_own_plays_under_secagg_with_warm_trainers(federation:
         assert set(state["optimizer"]) == {"muon", "adamw"}, state.keys()  # Muon's state went on to round 2
         assert len(list((node / "workers").glob("*.sock"))) == 1
     assert len(workers_of(fed.dep)) == 3, context
-
-    sample = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedgpt.sample",
-            "--checkpoint",
-            str(out / "best.pt"),
-            "--max-new-tokens",
-            "20",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert sample.returncode == 0, sample.stderr
-    assert len(sample.stdout.split("-" * 40)[0].strip()) > 0, sample.stdout
 
     # Stopping the SuperNodes leaves no process behind: the trainers end on their own.
     for name, proc in fed.dep.procs.items():

@@ -310,11 +310,12 @@ def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
     assert 1 <= k < 4, f"last.pt is from round {k}: killed too late to test a resume"
     before = (out / "rounds.jsonl").read_text()
 
-    # Another model config: one clear line, before any round, nothing written.
+    # Another model config: one clear line, before any round, nothing written (on the session's cluster: the
+    # refusal needs no Ray of its own).
     bad = subprocess.run(
         [*cmd, "--resume", "--model.n_embd=64"],
         cwd=REPO,
-        env=ENV,
+        env={**ENV, "RAY_ADDRESS": os.environ["RAY_ADDRESS"]},
         capture_output=True,
         text=True,
         timeout=120,
