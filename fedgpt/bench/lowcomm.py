@@ -43,6 +43,7 @@ def experiments() -> list[Experiment]:
         ),
         ("sparse_iid_b1", "FedAvg, IID, sparse 2%", ["--iid", *SPARSE], "AdamW", small),
         ("diloco_contiguous_b1", "DiLoCo, contiguous, fp32", [*CONTIGUOUS, *DILOCO], "AdamW", small),
+        ("muloco_contiguous_b1", "MuLoCo, contiguous, fp32", [*CONTIGUOUS, *DILOCO, *MUON], "Muon", small),
         (
             "diloco_contiguous_b1_m05",
             "DiLoCo, contiguous, outer momentum 0.5",
