@@ -1,6 +1,6 @@
-"""Federated optimization on real Flower and Ray with the tiny model: FedProx, FedAdam and DiLoCo run and
-resume, clients keep their optimizer state across rounds (bitwise), a stale state is dropped and counted, and
-FedAvg weights clients by their data."""
+"""Federated optimization on real Flower and Ray with the tiny model: FedProx, FedAdam and DiLoCo run (the
+last two resume exactly), clients keep their optimizer state across rounds (bitwise), a stale state is dropped
+and counted, and FedAvg weights clients by their data."""
 
 from __future__ import annotations
 

@@ -345,9 +345,8 @@ def test_resume_after_kill_ends_as_an_uninterrupted_run(data_dir, tmp_path):
     assert load_checkpoint(out / "last.pt")["round"] == 4
     assert not left, f"Ray processes left after a finished run: {left}"
 
-    straight = (
-        tmp_path / "straight"
-    )  # the uninterrupted run joins the session's cluster: no Ray start of its own
+    # the uninterrupted run joins the session's cluster: no Ray start of its own
+    straight = tmp_path / "straight"
     res = subprocess.run(
         [
             sys.executable,

@@ -159,8 +159,8 @@ def test_federated_lora_sends_only_adapters_and_checkpoints_a_plain_gpt(data_dir
         "2",
     ]
     run("-m", "fedgpt.bench", "comm", *args, "--keep", str(work), "--out", str(bench), tiny[2])
-    rows = json.loads(bench.read_text())["lora"]
-    model_bytes, rows = rows["model_bytes"], rows["rows"]
+    lora_bench = json.loads(bench.read_text())["lora"]
+    model_bytes, rows = lora_bench["model_bytes"], lora_bench["rows"]
     out = work / "lora_r2"  # the rank-2 row's run folder
     tuned, pretrained = load_checkpoint(out / "last.pt"), load_checkpoint(base / "last.pt")["model"]
     assert model_bytes == 4 * sum(v.numel() for k, v in pretrained.items() if k != "lm_head.weight")  # tied

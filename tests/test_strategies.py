@@ -34,7 +34,9 @@ def reply(node: int, arrays: dict[str, torch.Tensor], weight: int) -> Message:
 
 def round_of(strategy, rnd: int, global_state: dict, clients: list[dict], weights: list[int]) -> dict:
     """configure_train then aggregate_train, as fedgpt's server loop calls them; the new global state."""
-    strategy.configure_train(rnd, ArrayRecord(global_state), _config(), Grid([1, 2, 3]))
+    strategy.configure_train(
+        rnd, ArrayRecord(global_state), _config(), Grid(list(range(1, len(clients) + 1)))
+    )
     agg, _ = strategy.aggregate_train(
         rnd, [reply(i + 1, c, w) for i, (c, w) in enumerate(zip(clients, weights))]
     )
@@ -231,10 +233,7 @@ def test_robust_strategies_take_the_median_and_the_trimmed_mean(name):
     state = {"w": torch.randn(3, 4), "b": torch.randn(4)}
     clients = [{k: v + torch.randn(v.shape) for k, v in state.items()} for _ in range(5)]
     clients[2] = {k: v + 100.0 for k, v in clients[2].items()}  # an outlier both must resist
-    strategy = make_strategy(fed)
-    strategy.configure_train(1, ArrayRecord(state), _config(), Grid([1, 2, 3, 4, 5]))
-    agg, _ = strategy.aggregate_train(1, [reply(i + 1, c, 1) for i, c in enumerate(clients)])
-    got = {k: v.float() for k, v in agg.to_torch_state_dict().items()}
+    got = round_of(make_strategy(fed), 1, state, clients, [1] * 5)
     for k in state:
         ordered = torch.stack([c[k] for c in clients]).sort(dim=0).values
         expected = ordered[2] if name == "fedmedian" else ordered[1:4].mean(dim=0)
