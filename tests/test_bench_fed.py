@@ -244,3 +244,41 @@ def test_rounds_to_target_counts_the_first_round_at_the_target(data_dir, tmp_pat
         assert r["best_accuracy"] == max(row.val_accuracy for row in rows)
         assert all(row.clients_ok == 2 for row in rows[1:])  # half of 4 clients a round
     assert "| IID | FedAvg |" in doc.read_text()
+
+
+@pytest.mark.slow
+def test_lora_table_tunes_the_base_it_pretrained(data_dir, tmp_path):
+    doc, runs = tmp_path / "results.md", tmp_path / "runs"
+    doc.write_text("# Results\n\n<!-- lora:start -->\n<!-- lora:end -->\n")
+    res = run_module(
+        "fedgpt.results",
+        "--lora",
+        "--config",
+        "configs/tiny.yaml",
+        "--only",
+        "lora_base",
+        "lora_r16_ffa_lr",
+        "--runs-dir",
+        str(runs),
+        "--doc",
+        str(doc),
+        f"--data.data_dir={data_dir}",
+        f"--data.vocab_file={data_dir / 'tinyshakespeare' / 'input.txt'}",  # one vocabulary for both corpora
+        "--train.max_steps=10",
+        "--train.eval_interval=10",
+        "--fed.rounds=2",
+        "--fed.local_steps=2",
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    base, ffa = json.loads((runs / "results-lora.json").read_text())
+    comedies, tragedies = runs / "lora_plays" / "comedies.txt", runs / "lora_plays" / "tragedies.txt"
+    assert f"--data.input_file={comedies}" in base["command"]
+    assert (
+        f"--data.input_file={tragedies} --train.init_from={runs / 'lora_base' / 'best.pt'}" in ffa["command"]
+    )
+    assert comedies.stat().st_size > 100_000 and tragedies.stat().st_size > 100_000
+    # FFA-LoRA rank 16 on configs/tiny.yaml (2 blocks, 32 wide): only B travels, out x 16 for each target
+    b_only = 2 * 16 * (96 + 32 + 128 + 32)
+    assert 4 * b_only <= ffa["uplink_mb_per_client"] * 1e6 / ffa["rounds"] <= 4 * b_only + 512
+    assert ffa["rounds"] == 2 and ffa["lora_aggregation_error"] < 1e-9  # exact
+    assert f"| {ffa['label']} | {ffa['uplink_mb_per_client'] / 2:.3f} | - |" in doc.read_text()

@@ -5,10 +5,12 @@
     python -m fedgpt.results --frontier             # final loss against bytes sent, local steps 5 to 125
     python -m fedgpt.results --privacy              # DP fine-tuning from a public base
     python -m fedgpt.results --lowcomm              # AdamW and Muon, fragments, sparse: loss against bytes
+    python -m fedgpt.results --lora                 # federated LoRA, inexact and exact, against full tuning
     python -m fedgpt.results --only fedavg_iid      # rerun one; the table keeps the others' saved runs
     python -m fedgpt.results --no-run               # rewrite a table from the runs on disk
 
-Each table lives in a module of its own (fedgpt.bench.equal_tokens, frontier, targets, privacy) with its
+Each table lives in a module of its own (fedgpt.bench.equal_tokens, frontier, lowcomm, targets, privacy,
+finetune) with its
 experiments and how it renders them; fedgpt.bench.experiments runs and collects them. The table between the
 markers of the results document (and its plot) is rewritten; the rest of the document is left as it is.
 """
@@ -22,11 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedgpt.bench import equal_tokens, frontier, lowcomm, privacy, targets
+from fedgpt.bench import equal_tokens, finetune, frontier, lowcomm, privacy, targets
 from fedgpt.bench.common import app_dir
 from fedgpt.bench.experiments import Experiment, collect, run
 from fedgpt.config import load_config
 from fedgpt.files import atomic_write_bytes
+
+CHAR_CONFIG = "configs/shakespeare_char_cpu.yaml"
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Table:
     render: Callable[[list[dict], argparse.Namespace, Path], str]
     figures: Callable[[Path], dict] | None = None  # what else it reads from a run's folder
     prepare: Callable[[argparse.Namespace, Path], None] | None = None  # what its runs need first
+    config: str = CHAR_CONFIG  # its runs' config, unless --config says another
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -83,6 +88,16 @@ TABLES = {
         figures=privacy.figures,
         prepare=privacy.prepare,
     ),
+    "lora": Table(
+        "lora",
+        "federated LoRA, inexact and exact (FFA), against full fine-tuning from a BPE base",
+        _markers("lora"),
+        finetune.experiments,
+        finetune.render,
+        figures=finetune.figures,
+        prepare=finetune.prepare,
+        config=finetune.CONFIG,
+    ),
     "stragglers": Table(
         "stragglers",
         "50%% and 90%% stragglers: dropped, or their work kept",
@@ -112,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         epilog="Any config field can be overridden for every run: --train.eval_iters=50",
     )
     p.add_argument(
-        "--config", default="configs/shakespeare_char_cpu.yaml", help="YAML config (default: %(default)s)"
+        "--config", help=f"YAML config (default: the table's; {CHAR_CONFIG} but for --lora's BPE runs)"
     )
     p.add_argument("--num-clients", type=int, default=8, help="clients (default: %(default)s)")
     p.add_argument(
@@ -152,11 +167,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "--num-clients, --rounds and --local-steps must be >= 1 "
             f"(got {a.num_clients}, {a.rounds}, {a.local_steps})"
         )
+    kind = next((k for k in TABLES if k != "main" and getattr(a, k.replace("-", "_"))), "main")
+    table, runs_dir = TABLES[kind], Path(a.runs_dir).resolve()
+    a.config = a.config or table.config
     cfg = load_config(a.config, overrides)  # a bad config or override fails here, before any run
     a.data_dir = cfg.data.data_dir
     app = app_dir(a.app_dir)
-    kind = next((k for k in TABLES if k != "main" and getattr(a, k.replace("-", "_"))), "main")
-    table, runs_dir = TABLES[kind], Path(a.runs_dir).resolve()
     exps = table.experiments(a)
     if table.prepare and not a.no_run:
         table.prepare(a, app)

@@ -1,0 +1,109 @@
+"""Federated LoRA against full fine-tuning: a BPE base pretrained centrally on four comedies, then fine-tuned
+by 8 clients (the tragedies' speakers) in full or with LoRA adapters, inexact (A and B averaged apart) or
+exact (FFA-LoRA: A frozen, only B trained and sent); val loss on the tragedies' held-out tenth, bytes a client
+sends a round against the full model's.
+
+    python -m fedgpt.results --lora
+
+configs/shakespeare_bpe_cpu.yaml: GPT-2 BPE, 4 layers, 128 wide, 7.23M parameters, 6.44M of them the
+50,304-wide token embedding; 5 rounds x 20 local steps of 8 windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from fedgpt.bench.common import commands
+from fedgpt.bench.experiments import Experiment
+from fedgpt.fed.rounds import read_rounds
+
+CONFIG = "configs/shakespeare_bpe_cpu.yaml"
+PLAYS = {"comedies": "6,7,8,9", "tragedies": "1,4"}  # in corpus order (fedgpt.fed.plays)
+LR = ["--train.learning_rate=1e-2", "--train.min_lr=1e-3"]  # the adapters' best; full fine-tuning keeps 2e-3
+ROWS = (  # name, label, flags
+    ("lora_full", "full fine-tuning", []),
+    ("lora_r4", "LoRA rank 4", ["--lora.rank=4"]),
+    ("lora_r16", "LoRA rank 16", ["--lora.rank=16"]),
+    ("lora_r16_lr", "LoRA rank 16, lr 1e-2", ["--lora.rank=16", *LR]),
+    ("lora_r16_ffa_lr", "FFA-LoRA rank 16 (exact), lr 1e-2", ["--lora.rank=16", "--lora.scheme=ffa", *LR]),
+    (
+        "lora_r16_emb_lr",
+        "LoRA rank 16 with the embedding adapter, lr 1e-2",
+        ["--lora.rank=16", "--lora.targets=attn,mlp,embedding", *LR],
+    ),
+)
+
+
+def plays_dir(a: argparse.Namespace) -> Path:
+    return Path(a.runs_dir).resolve() / "lora_plays"
+
+
+def prepare(a: argparse.Namespace, app: Path) -> None:
+    """The comedies and the tragedies as text files under <runs-dir>/lora_plays (fedgpt.fed.plays)."""
+    if all((plays_dir(a) / f"{name}.txt").is_file() for name in PLAYS):
+        return
+    corpus = Path(a.data_dir).resolve() / "tinyshakespeare" / "input.txt"
+    if not corpus.is_file():
+        from fedgpt.download import download_shakespeare
+
+        download_shakespeare(Path(a.data_dir))
+    cmd = [sys.executable, "-m", "fedgpt.fed.plays", str(corpus), str(plays_dir(a))]
+    for name, plays in PLAYS.items():
+        cmd += ["--group", f"{name}={plays}"]
+    subprocess.run(cmd, cwd=app, check=True)
+
+
+def experiments(a: argparse.Namespace) -> list[Experiment]:
+    runs = Path(a.runs_dir).resolve()
+    base = Experiment(
+        "lora_base",
+        "base, pretrained on the comedies",
+        [f"--data.input_file={plays_dir(a) / 'comedies.txt'}"],
+        kind="own-central",
+    )
+    tune = [
+        f"--data.input_file={plays_dir(a) / 'tragedies.txt'}",
+        f"--train.init_from={runs / 'lora_base' / 'best.pt'}",
+    ]
+    return [base] + [
+        Experiment(name, label, [*tune, *flags], kind="own", group="tune") for name, label, flags in ROWS
+    ]
+
+
+def figures(run_dir: Path) -> dict:
+    """The last round's LoRA aggregation error, ||mean(BA) - mean(B) mean(A)|| / ||mean(BA)||."""
+    if not (run_dir / "rounds.jsonl").is_file():
+        return {}
+    last = read_rounds(run_dir / "rounds.jsonl")[-1]
+    return {"lora_aggregation_error": last.lora_aggregation_error}
+
+
+def table(res: list[dict]) -> str:
+    tuned = [r for r in res if r["group"] == "tune"]
+    full = next((r for r in tuned if r["name"] == "lora_full"), None)
+    lines = [
+        "| run | up MB per client and round | of the full model | aggregation error, last round "
+        "| final val loss | vs full |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in tuned:
+        up = r["uplink_mb_per_client"] / r["rounds"]
+        share = f"{up / (full['uplink_mb_per_client'] / full['rounds']):.4f}x" if full else "-"
+        err = r.get("lora_aggregation_error")
+        lines.append(
+            f"| {r['label']} | {up:.3f} | {share} | {'-' if err is None else f'{err:.2e}'} | "
+            f"{r['final_val_loss']:.4f} | "
+            + ("-" if full is None or r is full else f"{r['final_val_loss'] - full['final_val_loss']:+.3f}")
+            + " |"
+        )
+    base = next((r for r in res if r["name"] == "lora_base"), None)
+    if base:
+        lines += ["", f"The base's val loss on the comedies: {base['final_val_loss']:.4f}."]
+    return "\n".join(lines + ["", "Commands:", ""] + commands(res))
+
+
+def render(res: list[dict], a: argparse.Namespace, doc: Path) -> str:
+    return table(res)
