@@ -10,9 +10,9 @@
     python -m fedgpt.results --no-run               # rewrite a table from the runs on disk
 
 Each table lives in a module of its own (fedgpt.bench.equal_tokens, frontier, lowcomm, targets, privacy,
-finetune) with its
-experiments and how it renders them; fedgpt.bench.experiments runs and collects them. The table between the
-markers of the results document (and its plot) is rewritten; the rest of the document is left as it is.
+finetune) with its experiments and how it renders them; fedgpt.bench.experiments runs and collects them. The
+table between the markers of the results document (and its plot) is rewritten; the rest of the document
+is left as it is.
 """
 
 from __future__ import annotations
