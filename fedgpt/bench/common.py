@@ -1,5 +1,6 @@
 """What the benchmarks share: the app directory they run fedgpt's entry points from, a logged subprocess, a
-simulation's rows, the model's size on the wire, and the command lines under the results tables."""
+simulation's rows, the model's size on the wire, the plays the fine-tuning tables train on, and the command
+lines under the results tables."""
 
 from __future__ import annotations
 
@@ -95,6 +96,23 @@ def wire_params(cfg) -> int:
     model = build_model(cfg, tok.meta(), tok.vocab_size)
     aliases = tied_aliases(model)
     return sum(v.numel() for k, v in model.state_dict().items() if k not in aliases and v.is_floating_point())
+
+
+def write_plays(a: argparse.Namespace, app: Path, folder: Path, groups: dict[str, str]) -> None:
+    """The corpus's plays grouped as text files <folder>/<group>.txt (python -m fedgpt.fed.plays, `groups`:
+    name -> plays in corpus order, "1,5,9"); the corpus downloaded first if missing, nothing done if every
+    group's file is there."""
+    if all((folder / f"{name}.txt").is_file() for name in groups):
+        return
+    corpus = Path(a.data_dir).resolve() / "tinyshakespeare" / "input.txt"
+    if not corpus.is_file():
+        from fedgpt.download import download_shakespeare
+
+        download_shakespeare(Path(a.data_dir))
+    cmd = [sys.executable, "-m", "fedgpt.fed.plays", str(corpus), str(folder)]
+    for name, plays in groups.items():
+        cmd += ["--group", f"{name}={plays}"]
+    subprocess.run(cmd, cwd=app, check=True)
 
 
 def commands(res: list[dict]) -> list[str]:

@@ -12,11 +12,9 @@ configs/shakespeare_bpe_cpu.yaml: GPT-2 BPE, 4 layers, 128 wide, 7.23M parameter
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
-from fedgpt.bench.common import commands
+from fedgpt.bench.common import commands, write_plays
 from fedgpt.bench.experiments import Experiment
 from fedgpt.fed.rounds import read_rounds
 
@@ -43,17 +41,7 @@ def plays_dir(a: argparse.Namespace) -> Path:
 
 def prepare(a: argparse.Namespace, app: Path) -> None:
     """The comedies and the tragedies as text files under <runs-dir>/lora_plays (fedgpt.fed.plays)."""
-    if all((plays_dir(a) / f"{name}.txt").is_file() for name in PLAYS):
-        return
-    corpus = Path(a.data_dir).resolve() / "tinyshakespeare" / "input.txt"
-    if not corpus.is_file():
-        from fedgpt.download import download_shakespeare
-
-        download_shakespeare(Path(a.data_dir))
-    cmd = [sys.executable, "-m", "fedgpt.fed.plays", str(corpus), str(plays_dir(a))]
-    for name, plays in PLAYS.items():
-        cmd += ["--group", f"{name}={plays}"]
-    subprocess.run(cmd, cwd=app, check=True)
+    write_plays(a, app, plays_dir(a), PLAYS)
 
 
 def experiments(a: argparse.Namespace) -> list[Experiment]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedgpt.bench.common import commands
+from fedgpt.bench.common import commands, write_plays
 from fedgpt.bench.experiments import Experiment
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.fed.privacy import DPState
@@ -41,20 +41,8 @@ def data_args(a: argparse.Namespace) -> list[str]:
 
 def prepare(a: argparse.Namespace, app: Path) -> None:
     """The public and private plays as text files under <runs-dir>/plays (fedgpt.fed.plays)."""
-    import subprocess
-    import sys
-
-    plays = Path(a.runs_dir).resolve() / "plays"
-    if (plays / "public.txt").is_file() and (plays / "private.txt").is_file():
-        return
-    corpus = Path(a.data_dir).resolve() / "tinyshakespeare" / "input.txt"
-    if not corpus.is_file():
-        from fedgpt.download import download_shakespeare
-
-        download_shakespeare(Path(a.data_dir))
-    cmd = [sys.executable, "-m", "fedgpt.fed.plays", str(corpus), str(plays)]
-    cmd += ["--group", f"public={PUBLIC_PLAYS}", "--group", f"private={PRIVATE_PLAYS}"]
-    subprocess.run(cmd, cwd=app, check=True)
+    groups = {"public": PUBLIC_PLAYS, "private": PRIVATE_PLAYS}
+    write_plays(a, app, Path(a.runs_dir).resolve() / "plays", groups)
 
 
 def private_args(a: argparse.Namespace, q: float, rounds: int) -> list[str]:
