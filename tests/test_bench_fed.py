@@ -16,6 +16,8 @@ import pytest
 from conftest import REPO
 
 from fedgpt.bench.results import END, START, TABLES, write_doc
+from fedgpt.checkpoint import load_checkpoint
+from fedgpt.fed.rounds import read_rounds
 
 FRONTIER = TABLES["frontier"].markers
 
@@ -207,7 +209,6 @@ def test_bench_scale_samples_a_fraction_and_measures_the_session(data_dir, tmp_p
 @pytest.mark.slow
 def test_rounds_to_target_counts_the_first_round_at_the_target(data_dir, tmp_path):
     from fedgpt.bench.targets import TARGET_ACCURACY
-    from fedgpt.fed.rounds import read_rounds
 
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\n<!-- target:start -->\n<!-- target:end -->\n")
@@ -281,4 +282,10 @@ def test_lora_table_tunes_the_base_it_pretrained(data_dir, tmp_path):
     b_only = 2 * 16 * (96 + 32 + 128 + 32)
     assert 4 * b_only <= ffa["uplink_mb_per_client"] * 1e6 / ffa["rounds"] <= 4 * b_only + 512
     assert ffa["rounds"] == 2 and ffa["lora_aggregation_error"] < 1e-9  # exact
+    # A stays as drawn and is not in the checkpoint's adapters; every round sent B alone and learned
+    tuned = load_checkpoint(runs / "lora_r16_ffa_lr" / "last.pt")
+    assert sum(v.numel() for v in tuned["extra"]["adapters"].values()) == b_only
+    rows = read_rounds(runs / "lora_r16_ffa_lr" / "rounds.jsonl")
+    assert all(4 * b_only <= r.bytes_received / r.clients_ok <= 4 * b_only + 512 for r in rows[1:])
+    assert all(r.lora_aggregation_error < 1e-9 for r in rows[1:]) and rows[-1].val_loss < rows[0].val_loss
     assert f"| {ffa['label']} | {ffa['uplink_mb_per_client'] / 2:.3f} | - |" in doc.read_text()

@@ -186,12 +186,5 @@ def test_federated_lora_sends_only_adapters_and_checkpoints_a_plain_gpt(data_dir
     lora = [*tiny[:2], f"--train.init_from={base / 'last.pt'}", "--lora.rank=2", f"--train.out_dir={out}"]
     run("simulate.py", *lora, "--fed.rounds=3", "--resume")
     assert [r.round for r in read_rounds(out / "rounds.jsonl")] == [0, 1, 2, 3]
-    # FFA-LoRA: A stays as drawn, only B travels (out x rank of each adapter), and the average is exact
-    ffa = tmp_path / "ffa"
-    run("simulate.py", *lora[:-1], f"--train.out_dir={ffa}", "--lora.scheme=ffa")
-    rows = read_rounds(ffa / "rounds.jsonl")
-    b_only = 2 * 2 * (96 + 32 + 128 + 32)  # rank 2, 2 blocks: c_attn, attn.c_proj, c_fc, mlp.c_proj outputs
-    assert sum(v.numel() for v in load_checkpoint(ffa / "last.pt")["extra"]["adapters"].values()) == b_only
-    assert all(r.lora_aggregation_error < 1e-9 for r in rows[1:])
-    assert all(4 * b_only <= r.bytes_received / r.clients_ok <= 4 * b_only + 512 for r in rows[1:])
-    assert rows[-1].val_loss < rows[0].val_loss
+    # FFA-LoRA (A frozen, B alone sent, the average exact) runs end to end in
+    # tests/test_bench_fed.py::test_lora_table_tunes_the_base_it_pretrained, as the LoRA table runs it.
