@@ -21,6 +21,8 @@ from fedgpt.fed.rounds import read_rounds
 CONFIG = "configs/shakespeare_bpe_cpu.yaml"
 PLAYS = {"comedies": "6,7,8,9", "tragedies": "1,4"}  # in corpus order (fedgpt.fed.plays)
 LR = ["--train.learning_rate=1e-2", "--train.min_lr=1e-3"]  # the adapters' best; full fine-tuning keeps 2e-3
+LR3 = ["--train.learning_rate=3e-2", "--train.min_lr=3e-3"]
+EMB = "--lora.targets=attn,mlp,embedding"
 ROWS = (  # name, label, flags
     ("lora_full", "full fine-tuning", []),
     ("lora_r4", "LoRA rank 4", ["--lora.rank=4"]),
@@ -30,8 +32,11 @@ ROWS = (  # name, label, flags
     (
         "lora_r16_emb_lr",
         "LoRA rank 16 with the embedding adapter, lr 1e-2",
-        ["--lora.rank=16", "--lora.targets=attn,mlp,embedding", *LR],
+        ["--lora.rank=16", EMB, *LR],
     ),
+    ("lora_r16_lr3e-2", "LoRA rank 16, lr 3e-2", ["--lora.rank=16", *LR3]),
+    # rank 2 everywhere keeps the embedding adapter, 2 x (50,304 + 128) values, within 2% of the model
+    ("lora_r2_emb_lr", "LoRA rank 2 with the embedding adapter, lr 1e-2", ["--lora.rank=2", EMB, *LR]),
 )
 
 
