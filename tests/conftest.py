@@ -156,7 +156,10 @@ def simulate(
 def ray_cluster(tmp_path_factory):
     """One Ray cluster (`ray start --head`) that every simulation of the session joins through $RAY_ADDRESS,
     as a user's --ray-address would: each run skips Ray's own start (5-20 s on 2 busy cores) but still gets
-    its own job, workers and actors. Its processes carry a marker and are stopped when the session ends."""
+    its own job, workers and actors. One CPU: a simulation's clients take turns on one actor (each actor
+    imports torch, ~3 s of a core, and tiny clients train in milliseconds), and the suite's two test processes
+    (pyproject's `-n 2`) each have a Ray of their own. Its processes carry a marker and are stopped when the
+    session ends."""
     import socket
     import sys
     import time
@@ -169,7 +172,7 @@ def ray_cluster(tmp_path_factory):
     marker = f"ray-{os.getpid()}"
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     start = [*ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1"]
-    start += [f"--num-cpus={os.cpu_count() or 1}", "--include-dashboard=false", "--disable-usage-stats"]
+    start += ["--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"]
     env = {**os.environ, MARKER: marker}
     res = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

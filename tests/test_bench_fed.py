@@ -202,7 +202,7 @@ def test_bench_scale_samples_a_fraction_and_measures_the_session(data_dir, tmp_p
     )
     by = r["by_clients"]
     assert [(x["clients"], x["sampled_per_round"]) for x in by] == [(12, 6)]
-    # the simulation, Ray's daemons and two actors that import torch: more than one process's worth
+    # the simulation, Ray's daemons and an actor that imports torch: more than one process's worth
     assert all(x["peak_memory_mb"] > 500 and 0 < x["startup_s"] < x["wall_s"] for x in by)
 
 

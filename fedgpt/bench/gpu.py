@@ -61,7 +61,7 @@ def steps(a: argparse.Namespace) -> list[tuple[str, list[str], float]]:
     # tiny, on a CPU: the full run alone compiles (a cold compile of even the tiny model takes ~45 s there)
     eager = ["--train.compile=false"] if a.tiny else []
     return [
-        ("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"], 90),
+        ("tests", [py, "-m", "pytest", "-q", "-n", "0", "-m", "gpu", "tests/test_gpu.py"], 90),
         ("step_char", [*bench, "--config", "configs/shakespeare_char.yaml", *nanogpt, *tiny, *eager], 90),
         (
             "step_gpt2",
