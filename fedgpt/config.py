@@ -57,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decay of matrices and embeddings (not biases or norms)
     beta1: float = 0.9  # AdamW
     beta2: float = 0.99  # AdamW
+    muon_momentum: float = 0.95  # train.optimizer=muon: momentum of Muon's step (Nesterov)
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250  # steps between evaluations and checkpoints
     eval_iters: int = 200  # batches per evaluation

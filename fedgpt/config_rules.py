@@ -90,6 +90,7 @@ def _validate_core(cfg: Config) -> list[str]:
     check.choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+    check(0 <= t.muon_momentum < 1, "train.muon_momentum", "must be in [0, 1)")
     check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     check.choice(t.precision, PRECISIONS, "train.precision")
     return check

@@ -296,6 +296,7 @@ class GPT(nn.Module):
         betas: tuple[float, float],
         device_type: str,
         muon: bool = False,
+        muon_momentum: float = 0.95,
     ) -> FusedAdamW | MuonAdamW | torch.optim.AdamW:
         """AdamW that decays matrices and embeddings, not biases or norm weights; fused where torch has it.
         With `muon`, the blocks' weight matrices take Muon's step instead (MuonAdamW)."""
@@ -308,7 +309,7 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         if muon:
-            return MuonAdamW(matrices, groups, learning_rate, betas, weight_decay)
+            return MuonAdamW(matrices, groups, learning_rate, betas, weight_decay, muon_momentum)
         if fused_supported(device_type):
             return FusedAdamW(groups, lr=learning_rate, betas=betas)
         # torch picks foreach where supported (CUDA)

@@ -218,11 +218,21 @@ class MuonAdamW:
     it), one step, one state dict. Muon's step is scaled as Moonshot's (0.2 sqrt(max dim)), so that it takes
     AdamW's learning rate and weight decay."""
 
-    def __init__(self, matrices: list, rest: list[dict], lr: float, betas: tuple, weight_decay: float):
+    def __init__(
+        self,
+        matrices: list,
+        rest: list[dict],
+        lr: float,
+        betas: tuple,
+        weight_decay: float,
+        momentum: float = 0.95,
+    ):
         # matrices: Muon's; rest: AdamW's param groups (with their own weight decay)
         device = matrices[0].device.type if matrices else "cpu"
         ns_dtype = torch.bfloat16 if device == "cuda" else torch.float32  # see Muon
-        self.muon = Muon(matrices, ns_dtype, lr=lr, weight_decay=weight_decay, momentum=0.95, nesterov=True)
+        self.muon = Muon(
+            matrices, ns_dtype, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True
+        )
         self.adamw = (
             FusedAdamW(rest, lr=lr, betas=betas)
             if fused_supported(device)

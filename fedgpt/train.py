@@ -215,6 +215,7 @@ class Trainer:
                 (c.beta1, c.beta2),
                 self.device.type,
                 muon=c.optimizer == "muon",
+                muon_momentum=c.muon_momentum,
             )
         return self._optimizer
 

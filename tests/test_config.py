@@ -81,7 +81,13 @@ def test_parse_overrides_shapes():
 def test_one_error_names_every_offending_key(tmp_path: Path):
     bad = {
         "model": {"n_layer": 0, "n_heads": 4, "dropout": 1.5, "arch": "rnn"},
-        "train": {"max_steps": "many", "learning_rate": -1.0, "compile": 1, "batch_size": 2.5},
+        "train": {
+            "max_steps": "many",
+            "learning_rate": -1.0,
+            "compile": 1,
+            "batch_size": 2.5,
+            "muon_momentum": 1.0,
+        },
         "data": {"tokenizer": "bytes"},
         "fed": {"strategy": "fedsgd", "fraction_train": 0.0},
         "optim": {"lr": 1},
@@ -100,6 +106,7 @@ def test_one_error_names_every_offending_key(tmp_path: Path):
         "train.learning_rate",
         "train.compile",
         "train.batch_size",
+        "train.muon_momentum",
         "data.tokenizer",
         "fed.strategy",
         "fed.fraction_train",

@@ -167,19 +167,20 @@ def test_orthogonalization_is_torchs_newton_schulz_in_any_dtype():
         assert torch.linalg.svdvals(g.double()).max() > 5  # and they were far from it
 
 
-def test_muon_is_torchs_muon_on_the_matrices_and_adamw_on_the_rest(tmp_path):
+@pytest.mark.parametrize("momentum", [0.95, 0.7])  # the default, and train.muon_momentum set
+def test_muon_is_torchs_muon_on_the_matrices_and_adamw_on_the_rest(tmp_path, momentum):
     # train.optimizer=muon: Muon on the blocks' 2-D weights (torch's algorithm, its orthogonalization in fp32
     # on a CPU), AdamW (torch's fused kernel) on the rest, with one lr schedule, against torch.optim.Muon and
     # torch.optim.AdamW; a state dict round trip (a checkpoint, a client's state) goes on identically.
     from fedgpt.optim import MuonAdamW
 
     ours, theirs = tiny(), tiny()
-    opt = ours.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", muon=True)
+    opt = ours.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", muon=True, muon_momentum=momentum)
     assert isinstance(opt, MuonAdamW)
     matrices = [p for n, p in theirs.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")]
     assert len(matrices) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
     muon = torch.optim.Muon(
-        matrices, lr=1e-2, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"
+        matrices, lr=1e-2, weight_decay=0.1, momentum=momentum, nesterov=True, adjust_lr_fn="match_rms_adamw"
     )
     rest = [p for p in theirs.parameters() if all(p is not m for m in matrices)]
     adamw = torch.optim.AdamW(
@@ -214,7 +215,7 @@ def test_muon_is_torchs_muon_on_the_matrices_and_adamw_on_the_rest(tmp_path):
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     copy = tiny()
     copy.load_state_dict(ours.state_dict())
-    again = copy.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", muon=True)
+    again = copy.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", muon=True, muon_momentum=momentum)
     again.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     train(ours, opt, 3, first=3)
     train(copy, again, 3, first=3)
