@@ -23,7 +23,7 @@ STREAMING = ["--fed.fragments=4", "--fed.uplink=int4"]  # each block its own fra
 SPARSE = ["--strategy", "fedavg", "--fed.uplink=sparse"]
 SEED2 = "--train.seed=2"  # a second seed for the claims smaller than 0.05
 # Muon's momentum at batch 1: 0.99 averages about 100 windows' gradients, 0.95 about 20 (synchronous Muon
-# averages 8 windows a step, so about 160 at 0.95)
+# averages 8 windows a step, so about 160 at 0.95). Much worse on two seeds (docs/results.md): a remedy tried.
 M99 = "--train.muon_momentum=0.99"
 
 
