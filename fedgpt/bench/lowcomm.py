@@ -27,6 +27,15 @@ SEED2 = "--train.seed=2"  # a second seed for the claims smaller than 0.05
 M99 = "--train.muon_momentum=0.99"
 
 
+def momentum_rows(small: dict) -> list[tuple]:
+    """MuLoCo with more momentum on the clients' batch-1 gradients (M99), on two seeds."""
+    label, args = "MuLoCo, IID, fp32, momentum 0.99", ["--iid", *DILOCO, *MUON, M99]
+    return [
+        ("muloco_iid_b1_m99", label, args, "Muon", small),
+        ("muloco_iid_b1_m99_seed2", f"{label}, seed 2", [*args, SEED2], "Muon", small),
+    ]
+
+
 def experiments() -> list[Experiment]:
     small = dict(batch=SMALL_BATCH, local_steps=SMALL_BATCH_STEPS, group="federated")
     h10 = dict(small, local_steps=10)
@@ -59,20 +68,7 @@ def experiments() -> list[Experiment]:
         # The same tokens in 300 rounds of 10 local steps (2.5 times the syncs and the bytes): DiLoCo's best
         # local steps on the frontier at batch 4 (5 was unstable under its outer momentum).
         ("muloco_iid_b1_h10", "MuLoCo, IID, fp32, 300 x 10", ["--iid", *DILOCO, *MUON], "Muon", h10),
-        (
-            "muloco_iid_b1_m99",
-            "MuLoCo, IID, fp32, momentum 0.99",
-            ["--iid", *DILOCO, *MUON, M99],
-            "Muon",
-            small,
-        ),
-        (
-            "muloco_iid_b1_m99_seed2",
-            "MuLoCo, IID, fp32, momentum 0.99, seed 2",
-            ["--iid", *DILOCO, *MUON, M99, SEED2],
-            "Muon",
-            small,
-        ),
+        *momentum_rows(small),
         ("diloco_contiguous_b1", "DiLoCo, contiguous, fp32", [*CONTIGUOUS, *DILOCO], "AdamW", small),
         ("muloco_contiguous_b1", "MuLoCo, contiguous, fp32", [*CONTIGUOUS, *DILOCO, *MUON], "Muon", small),
         (
