@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from fedgpt.config import ModelConfig
+from fedgpt.config import ModelConfig, TrainConfig
 from fedgpt.config_rules import ARCHS
 from fedgpt.ops import gelu_tanh
 from fedgpt.optim import FusedAdamW, MuonAdamW, fused_supported
@@ -296,7 +296,7 @@ class GPT(nn.Module):
         betas: tuple[float, float],
         device_type: str,
         muon: bool = False,
-        muon_momentum: float = 0.95,
+        muon_momentum: float = TrainConfig.muon_momentum,
     ) -> FusedAdamW | MuonAdamW | torch.optim.AdamW:
         """AdamW that decays matrices and embeddings, not biases or norm weights; fused where torch has it.
         With `muon`, the blocks' weight matrices take Muon's step instead (MuonAdamW)."""

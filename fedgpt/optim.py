@@ -225,7 +225,7 @@ class MuonAdamW:
         lr: float,
         betas: tuple,
         weight_decay: float,
-        momentum: float = 0.95,
+        momentum: float,
     ):
         # matrices: Muon's; rest: AdamW's param groups (with their own weight decay)
         device = matrices[0].device.type if matrices else "cpu"
