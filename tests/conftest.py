@@ -173,6 +173,12 @@ def ray_cluster(tmp_path_factory):
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     start = [*ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1"]
     start += ["--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"]
+    # Ray hands its processes ports from a range (10002-19999 unless told), from its low end: two test
+    # processes starting clusters at once took the same port and one aborted. Each gets a range of its own,
+    # above the default one, which a test's own local Ray (ray.init) keeps.
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 20000 + 2000 * index
+    start += [f"--min-worker-port={low}", f"--max-worker-port={low + 1999}"]
     env = {**os.environ, MARKER: marker}
     res = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
