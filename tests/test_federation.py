@@ -10,12 +10,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, backend_config, train_instruction
+from conftest import REPO, TINY, backend_config, simulate, train_instruction
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from test_strategies import Grid
 
@@ -253,6 +254,31 @@ def test_overlapped_evaluation_matches_a_run_that_ends_there(fedavg_out, data_di
     one, two = rounds(tmp_path), rounds(fedavg_out)
     assert [r["val_loss"] for r in one] == [r["val_loss"] for r in two[:2]]
     assert load_checkpoint(tmp_path / "last.pt")["val_loss"] == one[1]["val_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own CPU priority is Linux's")
+def test_central_evaluation_yields_the_cpu_and_the_round_loop_keeps_it(data_dir, tmp_path):
+    # A ServerApp sharing cores with SuperNodes or Ray's actors evaluates at a lower priority (nice +10), so
+    # that the clients' work goes first; the thread that drives the rounds keeps the process's priority.
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: dict[str, set[int]] = {"loop": set(), "evaluation": set()}
+
+    class Recording(FederatedRun):
+        def run_round(self, grid, rnd):
+            seen["loop"].add(nice())
+            return super().run_round(grid, rnd)
+
+        def finish_round(self, snap, row):
+            seen["evaluation"].add(nice())
+            return super().finish_round(snap, row)
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    simulate(data_dir, tmp_path, "client_app", "--fed.rounds=2", run_class=Recording)
+    assert seen == {"loop": {base}, "evaluation": {min(19, base + 10)}}
+    assert nice() == base  # this thread (and so the next simulation's) untouched
 
 
 @pytest.mark.slow

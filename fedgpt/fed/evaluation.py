@@ -1,7 +1,16 @@
 """Central evaluation: the global model's loss on the held-out validation split, which no client ever trains
-on."""
+on.
+
+The evaluation runs in a thread of its own beside the next round (fedgpt.fed.server), at a lower CPU priority
+(`yield_cpu`): where the ServerApp shares a machine with SuperNodes or Ray's actors, the clients' processes go
+first and the evaluation takes the time they leave, most of a deployment round (Flower's polls).
+"""
 
 from __future__ import annotations
+
+import os
+import sys
+import threading
 
 import torch
 
@@ -11,6 +20,16 @@ from fedgpt.fed.wire import Exchange
 from fedgpt.lora import merged_state
 from fedgpt.model import GPT
 from fedgpt.train import evaluate
+
+EVAL_NICE = 10  # added to the evaluating thread's nice value (Linux: a thread's priority is its own)
+
+
+def yield_cpu() -> None:
+    """Lower the calling thread's CPU priority by EVAL_NICE (Linux only; elsewhere a no-op). Threads it starts
+    later, such as torch's intra-op threads for its first parallel region, inherit it."""
+    if sys.platform == "linux":
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + EVAL_NICE))
 
 
 class CentralEvaluator:

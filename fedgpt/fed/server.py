@@ -34,7 +34,7 @@ from fedgpt.config import Config
 from fedgpt.data import check_windows, load_dataset
 from fedgpt.fed import privacy, secagg
 from fedgpt.fed.client_state import ClientStateStore
-from fedgpt.fed.evaluation import CentralEvaluator
+from fedgpt.fed.evaluation import CentralEvaluator, yield_cpu
 from fedgpt.fed.grid import Nodes, PartitionOrderedGrid, error_reason, exchange, preflight
 from fedgpt.fed.partition import client_partitions, format_summary, summarize
 from fedgpt.fed.recorder import RunRecorder, Snapshot
@@ -191,7 +191,7 @@ class FederatedRun:
                 "require-secagg) and refuse plain train messages: run with secagg.enabled=true"
             )
         rows = []
-        with ThreadPoolExecutor(1, thread_name_prefix="central-eval") as evaluator:
+        with ThreadPoolExecutor(1, thread_name_prefix="central-eval", initializer=yield_cpu) as evaluator:
             pending = (
                 evaluator.submit(self.finish_round, self.snapshot(), RoundRow(0)) if self.round == 0 else None
             )
