@@ -120,7 +120,9 @@ from fedgpt.fed import relay
 facts, state_dir = json.loads(sys.argv[1]), sys.argv[2]
 context = Context(1, 3, {"partition-id": 0, "num-partitions": 3, "state-dir": state_dir}, RecordDict(), {})
 reply = relay.handle("query", RecordDict({"config": ConfigRecord(facts)}), context, run_id=7)
-print(json.dumps({"info": dict(reply["info"]), "torch": "torch" in sys.modules}))
+server_side = ["fedgpt.config", "fedgpt.fed.secagg_server", "fedgpt.fed.server", "yaml"]
+loaded = {"torch": "torch" in sys.modules, "server side": [m for m in server_side if m in sys.modules]}
+print(json.dumps({"info": dict(reply["info"]), **loaded}))
 """
 
 
@@ -137,5 +139,6 @@ def test_the_relay_answers_a_query_through_the_worker_without_torch(data_dir, tm
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["info"]["partition-id"] == 0 and out["info"]["train-tokens"] > 0
     assert out["torch"] is False  # the worker imported it, not the relay
+    assert out["server side"] == []  # nor the ServerApp's half of SecAgg+, fedgpt's config or YAML
     (sock,) = (tmp_path / "node" / "workers").glob("node-3-run-7.sock")
     subprocess.run([sys.executable, "-m", "fedgpt.fed.worker", "--stop", str(sock)], check=True, timeout=60)

@@ -9,9 +9,9 @@ The loop drives a Flower strategy through its own building blocks (configure_tra
 configure_evaluate / aggregate_evaluate), like Strategy.start does, and adds what a GPT run needs: start at
 any round (resume), an fp32 global model whatever the wire or the strategy use (fedgpt.fed.wire), a work order
 per client (fedgpt.fed.work), byte and failure accounting per round, a pre-flight check of every node
-(fedgpt.fed.grid), client-level DP (fedgpt.fed.privacy) and SecAgg+ (fedgpt.fed.secagg), and each round's
-central evaluation and checkpoint (fedgpt.fed.evaluation, fedgpt.fed.recorder) in a thread beside the next
-round.
+(fedgpt.fed.grid), client-level DP (fedgpt.fed.privacy) and SecAgg+ (fedgpt.fed.secagg_server), and each
+round's central evaluation and checkpoint (fedgpt.fed.evaluation, fedgpt.fed.recorder) in a thread beside the
+next round.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 
 from fedgpt.config import Config
 from fedgpt.data import check_windows, load_dataset
-from fedgpt.fed import privacy, secagg
+from fedgpt.fed import privacy
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.evaluation import CentralEvaluator, yield_cpu
 from fedgpt.fed.grid import Nodes, PartitionOrderedGrid, error_reason, exchange, preflight
@@ -40,6 +40,7 @@ from fedgpt.fed.partition import client_partitions, format_summary, summarize
 from fedgpt.fed.recorder import RunRecorder, Snapshot
 from fedgpt.fed.rounds import RoundRow
 from fedgpt.fed.rounds import summarize as summarize_rounds
+from fedgpt.fed.secagg_server import secure_round
 from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_state
 from fedgpt.fed.wire import Exchange
 from fedgpt.fed.work import WorkOrder
@@ -330,17 +331,17 @@ class FederatedRun:
         return ok, bytes_received
 
     def secure_aggregate(self, grid: Grid, rnd: int, msgs: list[Message]) -> tuple[list[Message], int, int]:
-        """The round under SecAgg+ (fedgpt.fed.secagg): the server learns only the clients' weighted mean
-        update, and the strategy steps on it (a FedAvg of one reply is itself; DiLoCo, FedAdam & co. see the
-        same pseudo-gradient as without SecAgg+). Under DP the clients have clipped their updates, the last
-        value of each says whether it was within the norm, and the server adds the noise to their sum. Returns
-        the replies used, and the bytes sent and received over the protocol's four stages."""
+        """The round under SecAgg+ (fedgpt.fed.secagg_server): the server learns only the clients' weighted
+        mean update, and the strategy steps on it (a FedAvg of one reply is itself; DiLoCo, FedAdam & co. see
+        the same pseudo-gradient as without SecAgg+). Under DP the clients have clipped their updates, the
+        last value of each says whether it was within the norm, and the server adds the noise to their sum.
+        Returns the replies used, and the bytes sent and received over the protocol's four stages."""
         if len(msgs) < 2:  # one client's "sum" is its update: never run the protocol for it
             self.log(f"round {rnd}: {len(msgs)} client(s) sampled, SecAgg+ needs 2 or more; the model stays")
             if self.dp is not None:
                 self.dp.drop()
             return [], 0, 0
-        mean, replies, sent, received = secagg.secure_round(grid, msgs, rnd, self.cfg, self.max_weight())
+        mean, replies, sent, received = secure_round(grid, msgs, rnd, self.cfg, self.max_weight())
         if mean is None:
             self.log(f"round {rnd}: secure aggregation halted, too few clients answered; the model stays")
             if self.dp is not None:
