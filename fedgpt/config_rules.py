@@ -162,6 +162,20 @@ def _validate_lora(cfg: Config) -> list[str]:
         "lora.targets",
         f"{lo.targets!r}: give one or more of {', '.join(LORA_TARGETS)}, comma-separated",
     )
+    check(lo.embedding_rows >= 0, "lora.embedding_rows", "must be >= 0 (0: the embedding stays frozen)")
+    if lo.embedding_rows:
+        check(lo.rank > 0, "lora.embedding_rows", "trains rows beside adapters: set lora.rank > 0 too")
+        check(
+            bool(lo.rows_from),
+            "lora.rows_from",
+            "must name a public text file that the server and every client can read (e.g. the base's "
+            "training text): its most frequent tokens choose the rows",
+        )
+        check(
+            "embedding" not in targets,
+            "lora.embedding_rows",
+            "and the embedding adapter both adapt the embedding: drop embedding from lora.targets",
+        )
     return check
 
 

@@ -2,7 +2,8 @@
 
     add_lora(model, cfg.lora)         # c_attn, attn.c_proj, c_fc, mlp.c_proj get adapters; all else frozen
                                       # (lora.targets=attn,mlp,embedding: the tied embedding and head too)
-    adapters = adapter_state(model)   # what a federated client trains and sends: {name.lora_A, name.lora_B}
+                                      # (lora.embedding_rows=K: K rows of the tied embedding in full too)
+    adapters = adapter_state(model)   # what a federated client trains and sends: lora_A, lora_B, lora_rows
     plain = merged_state(model)       # base + scale * B @ A: a plain GPT's state dict (checkpoints, sampling)
 
 Written here rather than taken from peft: fedgpt's GPT is not a transformers model, the layer is a few
@@ -13,13 +14,16 @@ already takes.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedgpt.config import LoRAConfig
 from fedgpt.model import GPT
 
+ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_rows")  # the names of what trains (and travels) under LoRA
 TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}  # in every block
 
 
@@ -64,10 +68,56 @@ class LoRAEmbedding(LowRank):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.base(idx) + nn.functional.embedding(idx, self.lora_B) @ self.lora_A * self.scale
 
+    def adapt_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+
+class RowEmbedding(nn.Module):
+    """The token embedding W with K of its rows trained in full: W + D on those rows, D (K, n_embd) at zero.
+    The rows are fixed for the run and the same on every side (frequent_rows: the most frequent tokens of a
+    public text); the tied head adds x D^T to those rows' logits. Averaging D is exact, as for any weight."""
+
+    def __init__(self, base: nn.Embedding, rows: torch.Tensor):
+        super().__init__()
+        self.base = base
+        device, k = base.weight.device, len(rows)
+        self.lora_rows = nn.Parameter(torch.zeros(k, base.embedding_dim, device=device))
+        slot = torch.full((base.num_embeddings,), k, dtype=torch.long)  # row k: zeros, for every other token
+        slot[rows] = torch.arange(k)
+        self.register_buffer("row_ids", rows.to(device), persistent=False)  # not in checkpoints
+        self.register_buffer("slot", slot.to(device), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([self.lora_rows, self.lora_rows.new_zeros(1, self.lora_rows.shape[1])])
+        return self.base(idx) + nn.functional.embedding(self.slot[idx], padded)
+
+    def adapt_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_add(-1, self.row_ids, (x @ self.lora_rows.t()).to(logits.dtype))
+
+    def merged_weight(self) -> torch.Tensor:
+        w = self.base.weight
+        return w.index_add(0, self.row_ids, self.lora_rows.to(w.dtype))
+
+
+def frequent_rows(path: str, tokenizer, k: int, vocab_size: int) -> torch.Tensor:
+    """The ids of the k most frequent tokens of the text at `path` (ties: the lower id), ascending."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(
+            f"lora.rows_from={path}: cannot read it ({e.strerror or e}); give a public text file that the "
+            "server and every client can read (e.g. the base model's training text)"
+        ) from None
+    if k > vocab_size:
+        raise ValueError(f"lora.embedding_rows={k}: the vocabulary has {vocab_size} rows; give at most that")
+    counts = np.bincount(np.asarray(tokenizer.encode(text), dtype=np.int64), minlength=vocab_size)
+    return torch.from_numpy(np.sort(np.argsort(-counts, kind="stable")[:k]))
+
 
 class LoRAHead(nn.Module):
-    """The output head tied to a LoRAEmbedding: logits = x W^T + scale (x A^T) B^T with the embedding's A and
-    B, which stay the embedding's parameters (held outside this module's state, so they travel once)."""
+    """The output head tied to an adapted embedding (LoRAEmbedding or RowEmbedding): logits = x W^T plus the
+    embedding adapter's part, whose parameters stay the embedding's (outside this module's state, so they
+    travel once)."""
 
     def __init__(self, base: nn.Linear, embedding: LoRAEmbedding):
         super().__init__()
@@ -75,18 +125,19 @@ class LoRAHead(nn.Module):
         self._embedding = (embedding,)  # a tuple: not registered as a submodule, its adapter not listed twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self._embedding[0]
-        return self.base(x) + (x @ e.lora_A.t() @ e.lora_B.t()) * e.scale
+        return self._embedding[0].adapt_logits(x, self.base(x))
 
     def merged_weight(self) -> torch.Tensor:
         return self._embedding[0].merged_weight()
 
 
-def add_lora(model: GPT, cfg: LoRAConfig, seed: int = 0) -> GPT:
+def add_lora(model: GPT, cfg: LoRAConfig, seed: int = 0, tokenizer=None) -> GPT:
     """Wrap the target projections of every block in LoRALinear, and with the "embedding" target the tied
     embedding and head; freeze every other parameter (in place). Every A is drawn from `seed`: the server and
     every client build the same adapters. lora.scheme=ffa freezes A as drawn (FFA-LoRA: only B trains and
-    travels, so the average of the clients' B A is the averaged B times the one A: exact)."""
+    travels, so the average of the clients' B A is the averaged B times the one A: exact).
+    lora.embedding_rows=K trains K rows of the tied embedding in full (RowEmbedding), chosen with `tokenizer`
+    from lora.rows_from."""
     targets = [t.strip() for t in cfg.targets.split(",")]
     suffixes = [s for t in targets if t in TARGETS for s in TARGETS[t]]
     g = torch.Generator().manual_seed(seed)
@@ -94,6 +145,11 @@ def add_lora(model: GPT, cfg: LoRAConfig, seed: int = 0) -> GPT:
         p.requires_grad_(False)
     if "embedding" in targets:
         model.transformer.wte = LoRAEmbedding(model.transformer.wte, cfg.rank, cfg.alpha, g)
+        model.lm_head = LoRAHead(model.lm_head, model.transformer.wte)
+    if cfg.embedding_rows:
+        wte = model.transformer.wte
+        rows = frequent_rows(cfg.rows_from, tokenizer, cfg.embedding_rows, wte.num_embeddings)
+        model.transformer.wte = RowEmbedding(wte, rows)
         model.lm_head = LoRAHead(model.lm_head, model.transformer.wte)
     for block in model.transformer.h:
         for suffix in suffixes:
@@ -108,12 +164,11 @@ def add_lora(model: GPT, cfg: LoRAConfig, seed: int = 0) -> GPT:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors that train, by state_dict name (everything a LoRA client trains and sends)."""
+    """The adapters' tensors that train, by state_dict name (everything a LoRA client trains and sends): A
+    and B (B alone under FFA-LoRA) and the embedding's trained rows."""
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     return {
-        k: v
-        for k, v in model.state_dict().items()
-        if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and k in trains
+        k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES and k in trains
     }
 
 
@@ -139,10 +194,12 @@ def merged_state(model: GPT) -> dict[str, torch.Tensor]:
     """The state dict of the plain GPT that computes what the adapted model computes: each adapter folded into
     its base weight (for checkpoints: python -m fedgpt.sample reads them as any other)."""
     merged = {}
-    wrapped = {name: m for name, m in model.named_modules() if isinstance(m, (LowRank, LoRAHead))}
+    wrapped = {
+        name: m for name, m in model.named_modules() if isinstance(m, (LowRank, LoRAHead, RowEmbedding))
+    }
     for k, v in model.state_dict().items():
         owner, _, leaf = k.rpartition(".")
-        if leaf in ("lora_A", "lora_B"):
+        if leaf in ADAPTER_LEAVES:
             continue
         if owner.endswith(".base") and owner[: -len(".base")] in wrapped:
             name = owner[: -len(".base")]

@@ -13,6 +13,7 @@ import torch
 from conftest import TINY, simulate
 from flwr.app import ArrayRecord
 
+from fedgpt import local_train
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.config import load_config
 from fedgpt.config_rules import STRATEGIES
@@ -41,7 +42,8 @@ class KeepsRound2(FederatedRun):
 # fragment at a time, each client's own weights, one residual per fragment); plain DiLoCo's momentum buffer
 # (FedAvgM's is the same class), the weights and the clients' state come back bit for bit after a real kill in
 # test_federation.py::test_resume_after_kill_ends_as_an_uninterrupted_run.
-RESUMED = ("fedadam", "diloco")
+# FedAvg resumes here with LoRA and trained embedding rows (the adapters and rows; the base stays the base).
+RESUMED = ("fedadam", "diloco", "fedavg-lora-rows")
 
 
 # Run end to end here: FedProx (its mu reaches the clients through the work order), FedAdam and DiLoCo.
@@ -50,23 +52,39 @@ RESUMED = ("fedadam", "diloco")
 # checked without a simulation in tests/test_strategies.py (FedAvgM is DiLoCo's class, FedYogi's and
 # FedAdagrad's state FedAdam's attributes, FedMedian and FedTrimmedAvg against a sorted reference).
 END_TO_END = ("fedprox", *RESUMED)
-assert set(END_TO_END) <= set(STRATEGIES)
+assert {s.split("-")[0] for s in END_TO_END} <= set(STRATEGIES)
 
 
 @pytest.mark.parametrize("strategy", END_TO_END)
 def test_strategies_run_end_to_end_and_resume_exactly(strategy, data_dir, tmp_path):
     out = tmp_path / "run"
-    extra = [f"--fed.strategy={strategy}", *(["--fed.proximal_mu=0.1"] if strategy == "fedprox" else [])]
+    extra = [f"--fed.strategy={strategy.split('-')[0]}"]
+    if strategy == "fedprox":
+        extra += ["--fed.proximal_mu=0.1"]
     if strategy == "fedadam":  # its clients train with Muon (MuLoCo's inner step) and send sparse updates
         extra += ["--train.optimizer=muon", "--fed.uplink=sparse"]
     if strategy == "diloco":
         extra += ["--fed.fragments=2", "--fed.uplink=int4"]
+    if strategy == "fedavg-lora-rows":  # from a base of 2 local steps; the rows chosen from the corpus
+        corpus = data_dir / "tinyshakespeare" / "input.txt"
+        local_train.main(
+            ["--config", str(TINY), f"--data.data_dir={data_dir}", "--train.max_steps=2"]
+            + [f"--train.out_dir={tmp_path / 'base'}", "--train.eval_interval=2"]
+        )
+        extra += [f"--train.init_from={tmp_path / 'base' / 'last.pt'}", "--lora.rank=2"]
+        extra += ["--lora.embedding_rows=8", f"--lora.rows_from={corpus}"]
     rounds = 3 if strategy in RESUMED else 2
     summary = simulate(data_dir, out, "client_app", f"--fed.rounds={rounds}", *extra, run_class=KeepsRound2)
     assert summary["rounds"] == rounds
     assert all(r.clients_ok == 3 for r in read_rounds(out / "rounds.jsonl")[1:])
     whole = load_checkpoint(out / "last.pt")
     stateful = strategy in ("diloco", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+    if strategy == "fedavg-lora-rows":  # 8 rows of the tied embedding moved, the other rows as the base's
+        base = load_checkpoint(tmp_path / "base" / "last.pt")["model"]["transformer.wte.weight"]
+        moved = (whole["model"]["transformer.wte.weight"] != base).any(dim=1)
+        assert int(moved.sum()) == 8 and torch.equal(
+            whole["model"]["lm_head.weight"], whole["model"]["transformer.wte.weight"]
+        )
     assert bool(whole["extra"]["strategy"]) == stateful, (
         "a strategy's state is in its checkpoint, or it has none"
     )

@@ -10,6 +10,7 @@ from fedgpt.config import LoRAConfig, ModelConfig, TrainConfig, load_config
 from fedgpt.data import Batches
 from fedgpt.lora import LoRALinear, adapter_state, add_lora, aggregation_error, merged_state
 from fedgpt.model import GPT
+from fedgpt.tokenizer import CharTokenizer
 from fedgpt.train import Trainer
 
 
@@ -103,6 +104,47 @@ def test_the_aggregation_error_is_the_gap_between_the_average_of_products_and_th
     assert aggregation_error(only_b, weights, ffa[0]) < 1e-12  # float64 rounding aside
 
 
+def test_embedding_rows_train_as_the_same_rows_of_a_plain_gpt_and_the_rest_stays(tmp_path):
+    # 63 characters in the vocabulary; the public text's counts by hand: e 5, a 4, space 3, d 3, c 2, b 1: the
+    # 3 most frequent are e, a, and of space and d (a tie) the lower id, space
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-&\n")
+    public = tmp_path / "public.txt"
+    public.write_text("eeeee dddaaaa cc b")
+    rows = sorted(tok.encode("e a"))[-3:]  # the ids of space, a, e
+    model = add_lora(
+        gpt(), LoRAConfig(rank=2, targets="attn", embedding_rows=3, rows_from=str(public)), 0, tok
+    )
+    x, y = tokens(), tokens(1)
+    torch.testing.assert_close(model(x)[0], gpt()(x)[0], rtol=0, atol=0)  # the rows start at zero
+    assert adapter_state(model)["transformer.wte.lora_rows"].shape == (3, 32)
+    # Rows D set: the adapted model is a plain GPT whose tied matrix has W + D on those rows, edited by hand,
+    # in its output and in its gradient (embedding and head both)
+    delta = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model.transformer.wte.lora_rows.copy_(delta)
+        for block in model.transformer.h:  # and the attention's adapters away from the identity
+            block.attn.c_attn.lora_B.normal_(0, 0.1)
+    plain = gpt(seed=9)
+    plain.load_state_dict(merged_state(model))
+    edited = gpt()
+    edited.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        edited.transformer.wte.weight.copy_(gpt().transformer.wte.weight)
+        edited.transformer.wte.weight[rows] += delta
+    torch.testing.assert_close(edited.lm_head.weight, plain.lm_head.weight, rtol=0, atol=0)
+    _, loss = model(x, y)
+    _, edited_loss = edited(x, y)
+    torch.testing.assert_close(loss, edited_loss, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    edited_loss.backward()
+    grad = edited.transformer.wte.weight.grad
+    torch.testing.assert_close(model.transformer.wte.lora_rows.grad, grad[rows], rtol=1e-4, atol=1e-7)
+    others = torch.ones(grad.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert grad[others].abs().sum() > 0  # full fine-tuning would move the other rows; they stay frozen here
+    assert model.transformer.wte.base.weight.grad is None
+
+
 def test_lora_needs_a_pretrained_model_and_a_known_target():
     with pytest.raises(ValueError, match="lora.rank: adapters fine-tune a pretrained model"):
         load_config(None, ["--lora.rank=4"])
@@ -110,6 +152,18 @@ def test_lora_needs_a_pretrained_model_and_a_known_target():
         ValueError, match="lora.targets: 'attn,emb': give one or more of attn, mlp, embedding"
     ):
         load_config(None, ["--lora.rank=4", "--train.init_from=x.pt", "--lora.targets=attn,emb"])
+    lora = ["--lora.rank=4", "--train.init_from=x.pt", "--lora.embedding_rows=10"]
+    with pytest.raises(ValueError, match="lora.rows_from: must name a public text file"):
+        load_config(None, lora)
+    with pytest.raises(ValueError, match="lora.embedding_rows: and the embedding adapter both"):
+        load_config(None, [*lora, "--lora.rows_from=x.txt", "--lora.targets=attn,embedding"])
+    with pytest.raises(
+        ValueError, match="lora.embedding_rows: trains rows beside adapters: set lora.rank > 0"
+    ):
+        load_config(None, ["--lora.embedding_rows=10", "--lora.rows_from=x.txt"])
+    cfg = load_config(None, [*lora, "--lora.rows_from=no/such.txt"])
+    with pytest.raises(ValueError, match=r"lora.rows_from=no/such.txt: cannot read it .*give a public text"):
+        add_lora(gpt(), cfg.lora, 0, CharTokenizer.from_text("ab"))
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ PLAYS = {"comedies": "6,7,8,9", "tragedies": "1,4"}  # in corpus order (fedgpt.f
 LR = ["--train.learning_rate=1e-2", "--train.min_lr=1e-3"]  # the adapters' best; full fine-tuning keeps 2e-3
 LR3 = ["--train.learning_rate=3e-2", "--train.min_lr=3e-3"]
 EMB = "--lora.targets=attn,mlp,embedding"
+ROWS_FROM = "--lora.rows_from={plays}/comedies.txt"  # the base's training text: public, on every side
 ROWS = (  # name, label, flags
     ("lora_full", "full fine-tuning", []),
     ("lora_r4", "LoRA rank 4", ["--lora.rank=4"]),
@@ -37,6 +38,17 @@ ROWS = (  # name, label, flags
     ("lora_r16_lr3e-2", "LoRA rank 16, lr 3e-2", ["--lora.rank=16", *LR3]),
     # rank 2 everywhere keeps the embedding adapter, 2 x (50,304 + 128) values, within 2% of the model
     ("lora_r2_emb_lr", "LoRA rank 2 with the embedding adapter, lr 1e-2", ["--lora.rank=2", EMB, *LR]),
+    # the embedding's rows of the comedies' most frequent tokens trained in full beside the blocks' adapters
+    (
+        "lora_r8_rows500_lr",
+        "LoRA rank 8 and 500 embedding rows, lr 1e-2",
+        ["--lora.rank=8", "--lora.embedding_rows=500", ROWS_FROM, *LR],
+    ),
+    (
+        "lora_r16_rows1000_int8_lr",
+        "LoRA rank 16 and 1,000 embedding rows, int8 uplink, lr 1e-2",
+        ["--lora.rank=16", "--lora.embedding_rows=1000", ROWS_FROM, "--fed.uplink=int8", *LR],
+    ),
 )
 
 
@@ -62,7 +74,10 @@ def experiments(a: argparse.Namespace) -> list[Experiment]:
         f"--train.init_from={runs / 'lora_base' / 'best.pt'}",
     ]
     return [base] + [
-        Experiment(name, label, [*tune, *flags], kind="own", group="tune") for name, label, flags in ROWS
+        Experiment(
+            name, label, [*tune, *(f.format(plays=plays_dir(a)) for f in flags)], kind="own", group="tune"
+        )
+        for name, label, flags in ROWS
     ]
 
 

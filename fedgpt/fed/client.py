@@ -123,7 +123,9 @@ def client_model(cfg: Config, tokenizer: Tokenizer) -> GPT:
     once per process."""
     if not cfg.lora.rank:
         return GPT(cfg.model)
-    return add_lora(build_model(cfg, tokenizer.meta(), tokenizer.vocab_size), cfg.lora, seed=cfg.train.seed)
+    return add_lora(
+        build_model(cfg, tokenizer.meta(), tokenizer.vocab_size), cfg.lora, cfg.train.seed, tokenizer
+    )
 
 
 def load_global(st: ClientState, arrays: ArrayRecord, partition_id: int) -> dict[str, torch.Tensor]:

@@ -114,7 +114,7 @@ class FederatedRun:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, tok.meta(), tok.vocab_size)
         cfg.model = dataclasses.replace(model.cfg, dropout=cfg.model.dropout)
-        return add_lora(model, cfg.lora, seed=cfg.train.seed) if cfg.lora.rank else model
+        return add_lora(model, cfg.lora, cfg.train.seed, tok) if cfg.lora.rank else model
 
     def open_folder(self) -> None:
         """Claim train.out_dir for this run (run.json; --overwrite removes an earlier run's outputs), start or
