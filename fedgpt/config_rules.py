@@ -163,6 +163,7 @@ def _validate_lora(cfg: Config) -> list[str]:
         f"{lo.targets!r}: give one or more of {', '.join(LORA_TARGETS)}, comma-separated",
     )
     check(lo.embedding_rows >= 0, "lora.embedding_rows", "must be >= 0 (0: the embedding stays frozen)")
+    check(lo.rows_lr_scale > 0, "lora.rows_lr_scale", "must be > 0 (1: the adapters' learning rate)")
     if lo.embedding_rows:
         check(lo.rank > 0, "lora.embedding_rows", "trains rows beside adapters: set lora.rank > 0 too")
         check(

@@ -137,7 +137,7 @@ def add_lora(model: GPT, cfg: LoRAConfig, seed: int = 0, tokenizer=None) -> GPT:
     every client build the same adapters. lora.scheme=ffa freezes A as drawn (FFA-LoRA: only B trains and
     travels, so the average of the clients' B A is the averaged B times the one A: exact).
     lora.embedding_rows=K trains K rows of the tied embedding in full (RowEmbedding), chosen with `tokenizer`
-    from lora.rows_from."""
+    from lora.rows_from, at lora.rows_lr_scale x the learning rate."""
     targets = [t.strip() for t in cfg.targets.split(",")]
     suffixes = [s for t in targets if t in TARGETS for s in TARGETS[t]]
     g = torch.Generator().manual_seed(seed)
@@ -150,6 +150,7 @@ def add_lora(model: GPT, cfg: LoRAConfig, seed: int = 0, tokenizer=None) -> GPT:
         wte = model.transformer.wte
         rows = frequent_rows(cfg.rows_from, tokenizer, cfg.embedding_rows, wte.num_embeddings)
         model.transformer.wte = RowEmbedding(wte, rows)
+        model.transformer.wte.lora_rows.lr_scale = cfg.rows_lr_scale  # GPT.configure_optimizers reads it
         model.lm_head = LoRAHead(model.lm_head, model.transformer.wte)
     for block in model.transformer.h:
         for suffix in suffixes:

@@ -299,14 +299,20 @@ class GPT(nn.Module):
         muon_momentum: float = TrainConfig.muon_momentum,
     ) -> FusedAdamW | MuonAdamW | torch.optim.AdamW:
         """AdamW that decays matrices and embeddings, not biases or norm weights; fused where torch has it.
-        With `muon`, the blocks' weight matrices take Muon's step instead (MuonAdamW)."""
+        With `muon`, the blocks' weight matrices take Muon's step instead (MuonAdamW). A parameter with an
+        `lr_scale` attribute (LoRA's embedding rows) gets a group of its own, which the trainer steps at that
+        multiple of the schedule's learning rate."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         matrices = [p for n, p in named if muon and p.dim() == 2 and n.startswith("transformer.h.")]
         taken = {id(p) for p in matrices}
-        params = [p for _, p in named if id(p) not in taken]
+        params = [p for _, p in named if id(p) not in taken and not hasattr(p, "lr_scale")]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ] + [
+            {"params": [p], "weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr_scale": p.lr_scale}
+            for _, p in named
+            if hasattr(p, "lr_scale")
         ]
         if muon:
             return MuonAdamW(matrices, groups, learning_rate, betas, weight_decay, muon_momentum)

@@ -250,7 +250,7 @@ class Trainer:
         for _ in range(num_steps):
             lr = schedule.lr(self.step)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, step_tokens = self._forward_backward(batches, accum)
             grad_norm = self._update(params, mu, ref)
             loss_sum += loss

@@ -13,6 +13,8 @@ from fedgpt.model import GPT
 from fedgpt.tokenizer import CharTokenizer
 from fedgpt.train import Trainer
 
+TEXT = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-&\n"  # 63 characters, within gpt()'s 65
+
 
 def gpt(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
@@ -107,7 +109,7 @@ def test_the_aggregation_error_is_the_gap_between_the_average_of_products_and_th
 def test_embedding_rows_train_as_the_same_rows_of_a_plain_gpt_and_the_rest_stays(tmp_path):
     # 63 characters in the vocabulary; the public text's counts by hand: e 5, a 4, space 3, d 3, c 2, b 1: the
     # 3 most frequent are e, a, and of space and d (a tie) the lower id, space
-    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-&\n")
+    tok = CharTokenizer.from_text(TEXT)
     public = tmp_path / "public.txt"
     public.write_text("eeeee dddaaaa cc b")
     rows = sorted(tok.encode("e a"))[-3:]  # the ids of space, a, e
@@ -143,6 +145,28 @@ def test_embedding_rows_train_as_the_same_rows_of_a_plain_gpt_and_the_rest_stays
     others[rows] = False
     assert grad[others].abs().sum() > 0  # full fine-tuning would move the other rows; they stay frozen here
     assert model.transformer.wte.base.weight.grad is None
+
+
+def test_embedding_rows_step_at_their_own_multiple_of_the_learning_rate(tmp_path):
+    # AdamW's first step moves each weight by lr x sign(gradient) (its moments' bias correction), less decay
+    public = tmp_path / "public.txt"
+    public.write_text("the most frequent letters")
+    cfg = LoRAConfig(rank=2, targets="attn", embedding_rows=4, rows_from=str(public), rows_lr_scale=0.25)
+    model = add_lora(gpt(), cfg, 0, CharTokenizer.from_text(TEXT))
+    lr = 1e-2
+    trainer = Trainer(
+        model,
+        TrainConfig(batch_size=4, learning_rate=lr, warmup_steps=0, weight_decay=0.0, grad_clip=0.0),
+        torch.device("cpu"),
+        log=None,
+    )
+    data = torch.randint(63, (500,), generator=torch.Generator().manual_seed(1)).numpy()
+    trainer.train_steps(Batches(data, 16, 4, seed=0), 1)
+    moved = {k: v.abs() for k, v in adapter_state(model).items() if v.abs().sum() > 0}
+    rows, b = moved.pop("transformer.wte.lora_rows"), moved["transformer.h.0.attn.c_attn.lora_B"]
+    # (eps in the denominator shrinks the steps of the tiniest gradients: the largest are exact)
+    assert float(rows.max()) == pytest.approx(0.25 * lr, rel=1e-4)
+    assert float(b.max()) == pytest.approx(lr, rel=1e-4)
 
 
 def test_lora_needs_a_pretrained_model_and_a_known_target():
