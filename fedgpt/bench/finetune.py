@@ -39,17 +39,7 @@ ROWS = (  # name, label, flags
     # rank 2 everywhere keeps the embedding adapter, 2 x (50,304 + 128) values, within 2% of the model
     ("lora_r2_emb_lr", "LoRA rank 2 with the embedding adapter, lr 1e-2", ["--lora.rank=2", EMB, *LR]),
     # the embedding's rows of the comedies' most frequent tokens trained in full beside the blocks' adapters,
-    # at full fine-tuning's learning rate (2e-3: 0.2 x the adapters') or at the adapters' (the first two)
-    (
-        "lora_r8_rows500_lr",
-        "LoRA rank 8 and 500 embedding rows, lr 1e-2",
-        ["--lora.rank=8", "--lora.embedding_rows=500", ROWS_FROM, *LR],
-    ),
-    (
-        "lora_r16_rows1000_int8_lr",
-        "LoRA rank 16 and 1,000 embedding rows, int8 uplink, lr 1e-2",
-        ["--lora.rank=16", "--lora.embedding_rows=1000", ROWS_FROM, "--fed.uplink=int8", *LR],
-    ),
+    # at full fine-tuning's learning rate (2e-3: 0.2 x the adapters')
     (
         "lora_r8_rows500_lr_rows2e-3",
         "LoRA rank 8 and 500 embedding rows at lr 2e-3, lr 1e-2",
