@@ -113,7 +113,7 @@ class LoRAConfig:
     targets: str = "attn,mlp"  # any of "attn" (c_attn, c_proj), "mlp" (c_fc, c_proj), "embedding" (tied wte)
     scheme: str = "fedavg"  # "fedavg": A and B averaged apart (inexact); "ffa": A frozen, only B (exact)
     embedding_rows: int = 0  # > 0: the tied embedding's rows of the K most frequent tokens of rows_from train
-    rows_from: str = ""  # a public text the server and every client can read (e.g. the base's training text)
+    rows_from: str = ""  # a public text whose counts the server sends (e.g. the base's training text)
     rows_lr_scale: float = 1.0  # the rows' learning rate over train.learning_rate (the adapters')
 
 

@@ -169,8 +169,8 @@ def _validate_lora(cfg: Config) -> list[str]:
         check(
             bool(lo.rows_from),
             "lora.rows_from",
-            "must name a public text file that the server and every client can read (e.g. the base's "
-            "training text): its most frequent tokens choose the rows",
+            "must name a public text file for the server to count (e.g. the base's training text): its "
+            "most frequent tokens choose the rows",
         )
         check(
             "embedding" not in targets,

@@ -75,7 +75,8 @@ class LoRAEmbedding(LowRank):
 class RowEmbedding(nn.Module):
     """The token embedding W with K of its rows trained in full: W + D on those rows, D (K, n_embd) at zero.
     The rows are fixed for the run and the same on every side (frequent_rows: the most frequent tokens of a
-    public text); the tied head adds x D^T to those rows' logits. Averaging D is exact, as for any weight."""
+    public text, counted by the server, which sends their ids); the tied head adds x D^T to their logits.
+    Averaging D is exact, as for any weight."""
 
     def __init__(self, base: nn.Embedding, rows: torch.Tensor):
         super().__init__()
@@ -99,6 +100,12 @@ class RowEmbedding(nn.Module):
         return w.index_add(0, self.row_ids, self.lora_rows.to(w.dtype))
 
 
+def embedding_rows(model: nn.Module) -> list[int] | None:
+    """The ids of the embedding rows that `model` trains in full (lora.embedding_rows), or None."""
+    wte = model.transformer.wte
+    return wte.row_ids.tolist() if isinstance(wte, RowEmbedding) else None
+
+
 def frequent_rows(path: str, tokenizer, k: int, vocab_size: int) -> torch.Tensor:
     """The ids of the k most frequent tokens of the text at `path` (ties: the lower id), ascending."""
     try:
@@ -106,7 +113,7 @@ def frequent_rows(path: str, tokenizer, k: int, vocab_size: int) -> torch.Tensor
     except OSError as e:
         raise ValueError(
             f"lora.rows_from={path}: cannot read it ({e.strerror or e}); give a public text file that the "
-            "server and every client can read (e.g. the base model's training text)"
+            "server can read (e.g. the base model's training text)"
         ) from None
     if k > vocab_size:
         raise ValueError(f"lora.embedding_rows={k}: the vocabulary has {vocab_size} rows; give at most that")
@@ -119,7 +126,7 @@ class LoRAHead(nn.Module):
     embedding adapter's part, whose parameters stay the embedding's (outside this module's state, so they
     travel once)."""
 
-    def __init__(self, base: nn.Linear, embedding: LoRAEmbedding):
+    def __init__(self, base: nn.Linear, embedding: LoRAEmbedding | RowEmbedding):
         super().__init__()
         self.base = base
         self._embedding = (embedding,)  # a tuple: not registered as a submodule, its adapter not listed twice
@@ -131,13 +138,16 @@ class LoRAHead(nn.Module):
         return self._embedding[0].merged_weight()
 
 
-def add_lora(model: GPT, cfg: LoRAConfig, seed: int = 0, tokenizer=None) -> GPT:
+def add_lora(
+    model: GPT, cfg: LoRAConfig, seed: int = 0, tokenizer=None, rows: list[int] | None = None
+) -> GPT:
     """Wrap the target projections of every block in LoRALinear, and with the "embedding" target the tied
     embedding and head; freeze every other parameter (in place). Every A is drawn from `seed`: the server and
     every client build the same adapters. lora.scheme=ffa freezes A as drawn (FFA-LoRA: only B trains and
     travels, so the average of the clients' B A is the averaged B times the one A: exact).
-    lora.embedding_rows=K trains K rows of the tied embedding in full (RowEmbedding), chosen with `tokenizer`
-    from lora.rows_from, at lora.rows_lr_scale x the learning rate."""
+    lora.embedding_rows=K trains K rows of the tied embedding in full (RowEmbedding), at lora.rows_lr_scale x
+    the learning rate: `rows` (a client takes the server's, sent with the run's config) or, without them, the
+    K most frequent tokens of lora.rows_from in `tokenizer` (the server)."""
     targets = [t.strip() for t in cfg.targets.split(",")]
     suffixes = [s for t in targets if t in TARGETS for s in TARGETS[t]]
     g = torch.Generator().manual_seed(seed)
@@ -148,8 +158,15 @@ def add_lora(model: GPT, cfg: LoRAConfig, seed: int = 0, tokenizer=None) -> GPT:
         model.lm_head = LoRAHead(model.lm_head, model.transformer.wte)
     if cfg.embedding_rows:
         wte = model.transformer.wte
-        rows = frequent_rows(cfg.rows_from, tokenizer, cfg.embedding_rows, wte.num_embeddings)
-        model.transformer.wte = RowEmbedding(wte, rows)
+        if rows is None:
+            ids = frequent_rows(cfg.rows_from, tokenizer, cfg.embedding_rows, wte.num_embeddings)
+        else:
+            ids = torch.tensor(rows, dtype=torch.long)
+            if len(ids) != cfg.embedding_rows:
+                raise ValueError(
+                    f"got {len(ids)} embedding rows for lora.embedding_rows={cfg.embedding_rows}"
+                )
+        model.transformer.wte = RowEmbedding(wte, ids)
         model.transformer.wte.lora_rows.lr_scale = cfg.rows_lr_scale  # GPT.configure_optimizers reads it
         model.lm_head = LoRAHead(model.lm_head, model.transformer.wte)
     for block in model.transformer.h:

@@ -266,3 +266,36 @@ def test_federated_lora_sends_only_adapters_and_checkpoints_a_plain_gpt(data_dir
     assert [r.round for r in read_rounds(out / "rounds.jsonl")] == [0, 1, 2, 3]
     # FFA-LoRA (A frozen, B alone sent, the average exact) runs end to end in
     # tests/test_bench_fed.py::test_lora_table_tunes_the_base_it_pretrained, as the LoRA table runs it.
+
+
+def test_clients_train_the_embedding_rows_the_server_chose(data_dir, tmp_path):
+    # The server counts lora.rows_from and sends the rows' ids with the run's config: a node where that file
+    # is missing (or says something else) trains the server's rows, not rows of its own
+    import json
+
+    from conftest import TINY
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedgpt import local_train
+    from fedgpt.fed import client
+    from fedgpt.fed.server import FederatedRun
+    from fedgpt.lora import embedding_rows
+
+    base, public = tmp_path / "base", tmp_path / "public.txt"
+    tiny = ["--config", str(TINY), f"--data.data_dir={data_dir}"]
+    local_train.main([*tiny, "--train.max_steps=2", "--train.eval_interval=2", f"--train.out_dir={base}"])
+    public.write_text("zzzz yyy xx w")  # by hand: z 4, y 3, space 3, x 2 (w 1 left out)
+    lora = [f"--train.init_from={base / 'last.pt'}", "--lora.rank=2", "--lora.embedding_rows=4"]
+    cfg = load_config(
+        TINY, [*tiny[2:], f"--train.out_dir={tmp_path / 'run'}", *lora, f"--lora.rows_from={public}"]
+    )
+    run = FederatedRun(cfg, resume=False, log=lambda *_: None)
+    facts = run.run_facts()
+    assert json.loads(facts["embedding-rows"]) == sorted(run.ds.tokenizer.encode("zy x"))
+    as_the_node_reads_it = json.loads(facts["fedgpt-config"])
+    as_the_node_reads_it["lora"]["rows_from"] = str(tmp_path / "not-on-this-node.txt")
+    facts["fedgpt-config"] = json.dumps(as_the_node_reads_it)
+    st, _ = client.client_state(
+        RecordDict({"config": ConfigRecord(facts)}), {"partition-id": 0, "num-partitions": 3}
+    )
+    assert embedding_rows(st.trainer.raw_model) == json.loads(facts["embedding-rows"])

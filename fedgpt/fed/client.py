@@ -79,7 +79,7 @@ def client_state(content: RecordDict, node: dict) -> tuple[ClientState, int]:
     tokenizer, parts = (
         own_data(cfg, tokenizer_meta, own, partition_id, n) if own else shared_data(cfg, tokenizer_meta, n)
     )
-    model = client_model(cfg, tokenizer)
+    model = client_model(cfg, tokenizer, json.loads(record.get("embedding-rows", "null")))
     trainer = Trainer(model, cfg.train, resolve_device(cfg.train.device), log=None)
     state = ClientState(cfg, parts, trainer, Exchange.of(model, cfg))
     _CACHE.clear()  # one run at a time per process: drop the model of an earlier run
@@ -117,15 +117,14 @@ def own_data(
     return tokenizer, [mine if i == partition_id else None for i in range(n)]
 
 
-def client_model(cfg: Config, tokenizer: Tokenizer) -> GPT:
+def client_model(cfg: Config, tokenizer: Tokenizer, rows: list[int] | None = None) -> GPT:
     """The model a client trains. Its initial weights do not matter, the global model arrives with every
     message; with LoRA only the adapters arrive, so the client builds the frozen base from train.init_from,
-    once per process."""
+    once per process, with the embedding rows the server chose (`rows`, lora.embedding_rows)."""
     if not cfg.lora.rank:
         return GPT(cfg.model)
-    return add_lora(
-        build_model(cfg, tokenizer.meta(), tokenizer.vocab_size), cfg.lora, cfg.train.seed, tokenizer
-    )
+    model = build_model(cfg, tokenizer.meta(), tokenizer.vocab_size)
+    return add_lora(model, cfg.lora, cfg.train.seed, tokenizer, rows)
 
 
 def load_global(st: ClientState, arrays: ArrayRecord, partition_id: int) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_s
 from fedgpt.fed.wire import Exchange
 from fedgpt.fed.work import WorkOrder
 from fedgpt.files import atomic_write_bytes
-from fedgpt.lora import add_lora, aggregation_error
+from fedgpt.lora import add_lora, aggregation_error, embedding_rows
 from fedgpt.rundir import claim_run_dir
 from fedgpt.train import Schedule, build_model, resolve_device
 
@@ -141,6 +141,8 @@ class FederatedRun:
             "client-threads": self.client_threads,
             "run-id": self.run_info["run_id"],
             "client-state-dir": self.state_dir,
+            # LoRA's trained embedding rows, chosen here: clients train these, whatever their own files say
+            "embedding-rows": json.dumps(embedding_rows(self.evaluator.model)),
         }
 
     def work_order(self, rnd: int, local_steps: int | None = None) -> WorkOrder:
