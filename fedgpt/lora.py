@@ -164,7 +164,8 @@ def add_lora(
             ids = torch.tensor(rows, dtype=torch.long)
             if len(ids) != cfg.embedding_rows:
                 raise ValueError(
-                    f"got {len(ids)} embedding rows for lora.embedding_rows={cfg.embedding_rows}"
+                    f"the server sent {len(ids)} embedding rows for lora.embedding_rows="
+                    f"{cfg.embedding_rows}: run the server and every node from the same fedgpt version"
                 )
         model.transformer.wte = RowEmbedding(wte, ids)
         model.transformer.wte.lora_rows.lr_scale = cfg.rows_lr_scale  # GPT.configure_optimizers reads it

@@ -23,7 +23,7 @@ PLAYS = {"comedies": "6,7,8,9", "tragedies": "1,4"}  # in corpus order (fedgpt.f
 LR = ["--train.learning_rate=1e-2", "--train.min_lr=1e-3"]  # the adapters' best; full fine-tuning keeps 2e-3
 LR3 = ["--train.learning_rate=3e-2", "--train.min_lr=3e-3"]
 EMB = "--lora.targets=attn,mlp,embedding"
-ROWS_FROM = "--lora.rows_from={plays}/comedies.txt"  # the base's training text: public, on every side
+ROWS_FROM = "--lora.rows_from={plays}/comedies.txt"  # the base's training text: public, counted by the server
 ROWS = (  # name, label, flags
     ("lora_full", "full fine-tuning", []),
     ("lora_r4", "LoRA rank 4", ["--lora.rank=4"]),

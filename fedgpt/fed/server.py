@@ -75,6 +75,9 @@ class FederatedRun:
         tok = self.ds.tokenizer
         self.summary = summarize(parts, self.ds.train, tok.vocab_size)
         model = self.initial_model()
+        self.rows = json.dumps(
+            embedding_rows(model)
+        )  # LoRA's trained embedding rows: the clients train these
         self.exchange = Exchange.of(model, cfg)
         self.global_state = {
             k: v.detach().float().cpu().clone() for k, v in self.exchange.state(model).items()
@@ -134,15 +137,14 @@ class FederatedRun:
 
     def run_facts(self) -> dict:
         """What every client needs, whatever its work: the run config, the tokenizer it must use, its threads,
-        the run's id and where client state lives."""
+        the run's id, where client state lives, and the embedding rows it chose (lora.embedding_rows)."""
         return {
             "fedgpt-config": json.dumps(self.cfg.to_dict()),
             "tokenizer": json.dumps(self.ds.tokenizer.meta()),
             "client-threads": self.client_threads,
             "run-id": self.run_info["run_id"],
             "client-state-dir": self.state_dir,
-            # LoRA's trained embedding rows, chosen here: clients train these, whatever their own files say
-            "embedding-rows": json.dumps(embedding_rows(self.evaluator.model)),
+            "embedding-rows": self.rows,
         }
 
     def work_order(self, rnd: int, local_steps: int | None = None) -> WorkOrder:
