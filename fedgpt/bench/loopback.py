@@ -33,14 +33,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Live processes whose environment holds this marker (zombies have no environment)."""
+def marked_pids(marker: str, command: bytes = b"") -> list[int]:
+    """Live processes whose environment holds this marker (zombies have no environment) and whose command
+    line holds `command`; a process that ends while it is looked at is not listed."""
     needle = f"{MARKER}={marker}".encode() + b"\0"
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if needle in (entry / "environ").read_bytes():
+                if needle in (entry / "environ").read_bytes() and command in (entry / "cmdline").read_bytes():
                     pids.append(int(entry.name))
             except OSError:  # gone, or not ours to read
                 pass
