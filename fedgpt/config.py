@@ -86,7 +86,7 @@ class FedConfig:
     min_role_tokens: int = 0  # "role" partitions: a role with fewer train tokens is small (see small_roles)
     small_roles: str = "keep"  # "role": small roles are kept, dropped (LEAF's rule) or merged per play
     weighting: str = "data"  # a client's weight: "data" (tokens held), "trained" (tokens trained), "uniform"
-    client_optimizer: str = "auto"  # keep / reset clients' AdamW state; auto: keep if fraction_train is 1
+    client_optimizer: str = "auto"  # keep / reset / average clients' state; auto: keep if fraction_train=1
     client_state_max_age: int = 1  # rounds a kept client state may be old; older is dropped (and counted)
     client_state_dir: str = ""  # where clients keep that state; "": <train.out_dir>/client_state
     client_val_fraction: float = 0.1  # share of a client's data held out, when client evaluation is on
@@ -162,7 +162,7 @@ class Config:
         round (fed.fraction_train 1); a client sampled now and then holds a state too old to use most rounds,
         and a thousand of them would fill a disk."""
         mode = self.fed.client_optimizer
-        return mode == "keep" or (mode == "auto" and self.fed.fraction_train == 1.0)
+        return mode in ("keep", "average") or (mode == "auto" and self.fed.fraction_train == 1.0)
 
     @property
     def keeps_client_weights(self) -> bool:

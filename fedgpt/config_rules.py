@@ -36,7 +36,7 @@ SMALL_ROLES = ("keep", "drop", "merge")
 WEIGHTINGS = ("data", "trained", "uniform")
 STRAGGLER_POLICIES = ("accept", "drop")
 DP_CLIPPING = ("server", "client")
-CLIENT_OPTIMIZER = ("auto", "keep", "reset")
+CLIENT_OPTIMIZER = ("auto", "keep", "reset", "average")
 UPLINKS, DOWNLINKS = ("fp32", "fp16", "int8", "int4", "sparse"), ("fp32", "fp16")
 LORA_TARGETS = ("attn", "mlp", "embedding")
 LORA_SCHEMES = ("fedavg", "ffa")
@@ -112,6 +112,12 @@ def _validate_fed(cfg: Config) -> list[str]:
     check.choice(f.weighting, WEIGHTINGS, "fed.weighting")
     check.choice(f.client_optimizer, CLIENT_OPTIMIZER, "fed.client_optimizer")
     check(f.client_state_max_age >= 1, "fed.client_state_max_age", "must be >= 1")
+    check(  # the moments travel in the clear: they would reveal what the noise and the masks hide
+        f.client_optimizer != "average" or not (cfg.dp.enabled or cfg.secagg.enabled or f.fragments > 1),
+        "fed.client_optimizer",
+        "average sends the clients' moments in the clear, and each client's own weights stay with fragments: "
+        "use keep with DP, SecAgg+ or fed.fragments > 1",
+    )
     check.choice(f.uplink, UPLINKS, "fed.uplink")
     check.choice(f.downlink, DOWNLINKS, "fed.downlink")
     check(f.quant_block >= 1, "fed.quant_block", "must be >= 1")

@@ -167,6 +167,38 @@ class _States:
         return sum(len(s) for s in self.states)
 
 
+FIRST_MOMENTS = ("momentum_buffer", "exp_avg")  # Muon's momentum, AdamW's first moment
+
+
+def _states(optimizer) -> tuple[dict, ...]:
+    state = optimizer.state
+    return state.states if isinstance(state, _States) else (state,)
+
+
+def first_moments(optimizer, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each stepped parameter's first moment (Muon's momentum buffer, AdamW's exp_avg), by the parameter's
+    name in `model`; parameters without state (frozen, or not stepped yet) are left out."""
+    states, moments = _states(optimizer), {}
+    for name, p in model.named_parameters():
+        for state in states:
+            s = state.get(p) if p in state else None
+            key = next((k for k in FIRST_MOMENTS if s and k in s), None)
+            if key is not None:
+                moments[name] = s[key]
+    return moments
+
+
+def load_first_moments(optimizer, model: torch.nn.Module, moments: dict[str, torch.Tensor]) -> int:
+    """Overwrite the first moments of the parameters that have state with `moments` (by name), leaving the
+    rest of the state (AdamW's second moment and step) as it is. Returns how many were set."""
+    own = first_moments(optimizer, model)
+    for name, m in own.items():
+        if name not in moments or moments[name].shape != m.shape:
+            raise ValueError(f"the shared moments lack {name} or differ in shape: a client of another model?")
+        m.copy_(moments[name])
+    return len(own)
+
+
 def orthogonalize(g: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype):
     """Muon's Newton-Schulz iteration (torch.optim.Muon's, quintic, `steps` times) in `dtype`: an
     approximation of U V^T for g = U S V^T."""

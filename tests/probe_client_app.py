@@ -22,8 +22,8 @@ PROBE_DIR = Path(os.environ["FEDGPT_TEST_PROBE_DIR"])
 _restore, _fit = client.restore, client.fit
 
 
-def restore_and_record(trainer, store, rnd, cfg):
-    result = _restore(trainer, store, rnd, cfg)
+def restore_and_record(trainer, store, rnd, cfg, *shared):
+    result = _restore(trainer, store, rnd, cfg, *shared)
     if store is not None:
         partition = store.dir.name.removeprefix("partition-")
         torch.save(trainer.optimizer.state_dict(), PROBE_DIR / f"restored-p{partition}-r{rnd}.pt")

@@ -195,3 +195,17 @@ def test_streaming_fragments_refuse_what_would_lose_a_fragment(overrides, messag
     load_config(REPO / "configs" / "tiny.yaml", ["--fed.fragments=2", "--fed.strategy=diloco"])  # fine
     with pytest.raises(ValueError, match=message):
         load_config(REPO / "configs" / "tiny.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    "other", ["--secagg.enabled=true", "--dp.noise_multiplier=1.0", "--fed.fragments=2 --fed.strategy=diloco"]
+)
+def test_shared_moments_are_refused_where_they_would_leak(other):
+    # fed.client_optimizer=average sends each client's moments in the clear: under SecAgg+ or DP they would
+    # hand a curious server the gradient information the masks and the noise hide.
+    tiny = REPO / "configs" / "tiny.yaml"
+    load_config(tiny, ["--fed.client_optimizer=average", "--train.optimizer=muon"])  # fine alone
+    with pytest.raises(
+        ValueError, match="fed.client_optimizer: average sends the clients' moments in the clear"
+    ):
+        load_config(tiny, ["--fed.client_optimizer=average", *other.split()])

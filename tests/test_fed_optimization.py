@@ -61,8 +61,9 @@ def test_strategies_run_end_to_end_and_resume_exactly(strategy, data_dir, tmp_pa
     extra = [f"--fed.strategy={strategy.split('-')[0]}"]
     if strategy == "fedprox":
         extra += ["--fed.proximal_mu=0.1"]
-    if strategy == "fedadam":  # its clients train with Muon (MuLoCo's inner step) and send sparse updates
-        extra += ["--train.optimizer=muon", "--fed.uplink=sparse"]
+    if strategy == "fedadam":  # its clients train with Muon (MuLoCo's inner step), send sparse updates and
+        # share their first moments (the server's mean is in the checkpoint)
+        extra += ["--train.optimizer=muon", "--fed.uplink=sparse", "--fed.client_optimizer=average"]
     if strategy == "diloco":
         extra += ["--fed.fragments=2", "--fed.uplink=int4"]
     if strategy == "fedavg-lora-rows":  # from a base of 2 local steps; the rows chosen from the corpus
@@ -101,6 +102,9 @@ def test_strategies_run_end_to_end_and_resume_exactly(strategy, data_dir, tmp_pa
     for name, state in whole["extra"]["strategy"].items():
         for k, v in (state or {}).items():
             assert torch.equal(resumed["extra"]["strategy"][name][k], v), (name, k)
+    assert ("client_moments" in whole["extra"]) == (strategy == "fedadam")
+    for k, v in whole["extra"].get("client_moments", {}).items():
+        assert torch.equal(resumed["extra"]["client_moments"][k], v), k
 
 
 def test_clients_resume_exactly_their_own_moments_and_drop_stale_ones(
@@ -137,6 +141,40 @@ def test_clients_resume_exactly_their_own_moments_and_drop_stale_ones(
                 assert torch.equal(restored["state"][i][name], s[name]), (partition, rnd, i, name)
         assert float(ended["state"][0]["step"]) == 5 * (rnd - 1)  # AdamW's step count goes on too
     assert not saved_by_the_store[(1, 3)]["state"]  # the stale state was not loaded: fresh moments
+
+
+def test_clients_start_each_round_from_the_mean_of_their_first_moments(data_dir, tmp_path, probe_dir):
+    # fed.client_optimizer=average, Muon clients: round 2 starts each client's Muon momentum and AdamW first
+    # moment at the data-weighted mean of what the three clients ended round 1 with (as their state files hold
+    # it), and leaves AdamW's second moment and step count each client's own.
+    out = tmp_path / "run"
+    overrides = ["--fed.rounds=2", "--train.optimizer=muon", "--fed.client_optimizer=average"]
+    simulate(data_dir, out, "probe_client_app", *overrides)
+    sizes = json.loads((out / "partition.json").read_text())["tokens"]
+    w = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    ended = [torch.load(probe_dir / f"saved-p{p}-r1.pt", weights_only=True) for p in range(3)]
+    counted = 0
+    for p in range(3):
+        restored = torch.load(probe_dir / f"restored-p{p}-r2.pt", weights_only=True)
+        for part, key in (("muon", "momentum_buffer"), ("adamw", "exp_avg")):
+            assert restored[part]["state"].keys() == ended[p][part]["state"].keys() != set()
+            for i, s in restored[part]["state"].items():
+                mean = sum(wk * e[part]["state"][i][key].double() for wk, e in zip(w, ended))
+                torch.testing.assert_close(s[key].double(), mean, rtol=0, atol=1e-6)
+                assert not torch.equal(s[key], ended[p][part]["state"][i][key])  # not its own
+                counted += s[key].numel() if p == 0 else 0
+        for i, s in restored["adamw"]["state"].items():
+            for key in ("exp_avg_sq", "step"):
+                assert torch.equal(s[key], ended[p]["adamw"]["state"][i][key]), (p, i, key)
+    # The moments travel both ways in fp32, counted: none down in round 1 (there is no mean yet), all after
+    # (each array with a header of its own: on the tiny model's many small tensors about 2% more).
+    rows = read_rounds(out / "rounds.jsonl")
+    model = load_checkpoint(out / "last.pt")["model"]
+    n_params = sum(v.numel() for k, v in model.items() if k != "lm_head.weight")  # tied: counted once
+    assert counted == n_params  # every weight has a first moment (the tied head once)
+    assert rows[2].bytes_sent - rows[1].bytes_sent == pytest.approx(3 * 4 * n_params, rel=0.04)
+    assert rows[1].bytes_received == pytest.approx(rows[2].bytes_received, rel=1e-6)
+    assert rows[1].bytes_received - rows[1].bytes_sent == pytest.approx(3 * 4 * n_params, rel=0.04)
 
 
 def test_fedavg_weights_clients_by_their_data(data_dir, tmp_path, probe_dir):

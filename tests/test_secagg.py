@@ -20,6 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.config import load_config
 from fedgpt.fed.rounds import read_rounds
+from fedgpt.fed.secagg_server import max_weight
 from fedgpt.fed.server import FederatedRun
 from fedgpt.fed.wire import decode
 
@@ -297,4 +298,6 @@ def test_the_weight_bound_counts_every_micro_batch(data_dir, tmp_path):
     trained = trainer.train_steps(
         Batches(tokens, cfg.model.block_size, cfg.train.batch_size), cfg.fed.local_steps
     )
-    assert run.max_weight() == trained["tokens"]  # the largest weight is exactly what a full round trains
+    assert (
+        max_weight(run.cfg, run.nodes.train_tokens) == trained["tokens"]
+    )  # the largest weight is exactly what a full round trains

@@ -23,11 +23,13 @@ from fedgpt.config import Config, from_dict
 from fedgpt.data import Batches, load_dataset, load_node_tokens
 from fedgpt.fed import secagg
 from fedgpt.fed.client_state import ClientStateStore
+from fedgpt.fed.moments import MOMENTS
 from fedgpt.fed.partition import ClientPartition, client_partitions
 from fedgpt.fed.wire import Exchange
 from fedgpt.fed.work import WorkOrder
 from fedgpt.lora import add_lora
 from fedgpt.model import GPT
+from fedgpt.optim import first_moments, load_first_moments
 from fedgpt.tokenizer import Tokenizer, get_tokenizer
 from fedgpt.train import Trainer, build_model, evaluate, resolve_device
 
@@ -159,7 +161,8 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     order = WorkOrder.from_config(content["config"])
     down, up = st.exchange.streaming(order.round)  # the whole model, or streaming fragments
     store = state_store(cfg, content["config"], node, partition_id)
-    age, stale, saved = restore(trainer, store, order.round, cfg)
+    shared = content[MOMENTS].to_torch_state_dict() if MOMENTS in content else None
+    age, stale, saved = restore(trainer, store, order.round, cfg, shared)
     if cfg.keeps_client_weights:
         received = own_weights(st, content["arrays"], saved, order.round, down)
     else:
@@ -204,7 +207,11 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
         return secagg.masked_reply(update.numpy(), metrics["num-examples"], metrics)
     if clipping is not None:  # central DP: the server sees this update anyway
         metrics["dp-unclipped"] = int(unclipped)
-    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    if cfg.fed.client_optimizer == "average":  # fedgpt.fed.moments: the server averages them
+        moments = first_moments(trainer.optimizer, trainer.raw_model)
+        reply[MOMENTS] = ArrayRecord({k: v.detach().float().cpu() for k, v in moments.items()})
+    return reply
 
 
 def round_batches(st: ClientState, part: ClientPartition, partition_id: int, rnd: int):
@@ -261,9 +268,17 @@ def state_store(cfg: Config, record: ConfigRecord, node: dict, partition_id: int
     return ClientStateStore(str(root), str(record["run-id"]), partition_id)
 
 
-def restore(trainer: Trainer, store: ClientStateStore | None, rnd: int, cfg: Config) -> tuple[int, int, dict]:
-    """Load what this client saved in an earlier round: its AdamW state, if it keeps it and the state is at
-    most fed.client_state_max_age rounds old; and return the rest (its quantization error, its own weights).
+def restore(
+    trainer: Trainer,
+    store: ClientStateStore | None,
+    rnd: int,
+    cfg: Config,
+    shared: dict[str, torch.Tensor] | None = None,
+) -> tuple[int, int, dict]:
+    """Load what this client saved in an earlier round: its optimizer state, if it keeps it and the state is
+    at most fed.client_state_max_age rounds old, with the first moments the server `shared`
+    (fed.client_optimizer=average; a client without a state of its own starts fresh); and return the rest
+    (its quantization error, its own weights).
 
     Returns (age in rounds of the optimizer state loaded, 0 if none; 1 if a saved optimizer state was too old
     and dropped; the saved state, {} if none).
@@ -277,6 +292,8 @@ def restore(trainer: Trainer, store: ClientStateStore | None, rnd: int, cfg: Con
     if rnd - saved_round > cfg.fed.client_state_max_age:
         return 0, 1, state
     trainer.optimizer.load_state_dict(state["optimizer"])
+    if shared is not None:
+        load_first_moments(trainer.optimizer, trainer.raw_model, shared)
     return rnd - saved_round, 0, state
 
 

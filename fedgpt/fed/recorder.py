@@ -28,6 +28,7 @@ class Snapshot:
     tokens: int
     strategy: dict  # the strategy's own state (fedgpt.fed.strategies.strategy_state)
     privacy: str | None = None  # DP's ledger and clipping norm (fedgpt.fed.privacy.DPState, as JSON)
+    moments: dict[str, torch.Tensor] | None = None  # the clients' mean first moments (fedgpt.fed.moments)
 
 
 class RunRecorder:
@@ -81,9 +82,8 @@ class RunRecorder:
         self.ckpt.best_val_loss, self.saved_round = ckpt["best_val_loss"], ckpt["round"]
         saved = extra["adapters"] if "adapters" in extra else ckpt["model"]
         model = {k: v.float() for k, v in saved.items()}
-        return Snapshot(
-            ckpt["round"], model, extra.get("tokens", 0), extra.get("strategy", {}), extra.get("dp")
-        )
+        strategy, moments = extra.get("strategy", {}), extra.get("client_moments")
+        return Snapshot(ckpt["round"], model, extra.get("tokens", 0), strategy, extra.get("dp"), moments)
 
     def continue_from(self, rnd: int) -> None:
         """Drop the rows after round rnd (the resumed run redoes them)."""
@@ -115,6 +115,7 @@ class RunRecorder:
                 "strategy": snap.strategy,
                 "run": self.run_info,
                 **({"dp": snap.privacy} if snap.privacy is not None else {}),
+                **({"client_moments": snap.moments} if snap.moments is not None else {}),
                 **({"adapters": snap.state} if self.merge else {}),
             },
         )

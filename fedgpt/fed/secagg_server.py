@@ -1,6 +1,6 @@
 """SecAgg+ on the ServerApp's side: one round's updates summed under Flower's SecAgg+ workflow.
 
-    mean, replies, sent, received = secure_round(grid, msgs, rnd, cfg, max_weight)
+    mean, replies, sent, received = secure_round(grid, msgs, rnd, cfg, train_tokens)
 
 Flower 1.42 runs SecAgg+ as a legacy workflow (flwr.server.workflow.SecAggPlusWorkflow) with a
 LegacyContext and a legacy strategy. fedgpt's round loop keeps its own Message-API strategy, so this module
@@ -99,10 +99,21 @@ def _nbytes(content: RecordDict) -> int:
     return n
 
 
+def max_weight(cfg: Config, train_tokens: dict[int, int]) -> int:
+    """The largest weight a client can send (SecAgg+ scales every update by weight / this, which must not
+    exceed 1): its data (`train_tokens`: each node's, from the pre-flight), or the tokens of fed.local_steps
+    steps of every micro-batch."""
+    f, t = cfg.fed, cfg.train
+    most_data = max(train_tokens.values(), default=1)
+    step_tokens = most_data if f.full_batch else t.batch_size * cfg.model.block_size * t.grad_accum_steps
+    return {"uniform": 1, "trained": f.local_steps * step_tokens, "data": most_data}[f.weighting]
+
+
 def secure_round(
-    grid: Grid, msgs: list[Message], rnd: int, cfg: Config, max_weight: float
+    grid: Grid, msgs: list[Message], rnd: int, cfg: Config, train_tokens: dict[int, int]
 ) -> tuple[np.ndarray | None, list[Message], int, int]:
-    """Run SecAgg+ over one round's train messages (one per sampled node).
+    """Run SecAgg+ over one round's train messages (one per sampled node), the clients' weights bounded by
+    max_weight(cfg, train_tokens).
 
     Returns the weighted mean of the clients' updates (None if the protocol halted: too few clients left),
     the train replies it came from (their metrics; their arrays emptied by the clients' mod), and the bytes
@@ -120,7 +131,7 @@ def secure_round(
         # fewer clients than shares: each shares with all of them (Flower's 1.0)
         num_shares=s.shares if len(msgs) >= s.shares else 1.0,
         reconstruction_threshold=min(s.threshold, len(msgs)),
-        max_weight=float(max_weight),
+        max_weight=float(max_weight(cfg, train_tokens)),
         clipping_range=s.clipping_range,
         quantization_range=s.quantization_range,
         timeout=cfg.fed.round_timeout,

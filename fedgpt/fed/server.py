@@ -36,6 +36,7 @@ from fedgpt.fed import privacy
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.evaluation import CentralEvaluator, yield_cpu
 from fedgpt.fed.grid import Nodes, PartitionOrderedGrid, error_reason, exchange, preflight
+from fedgpt.fed.moments import SharedMoments
 from fedgpt.fed.partition import client_partitions, format_summary, summarize
 from fedgpt.fed.recorder import RunRecorder, Snapshot
 from fedgpt.fed.rounds import RoundRow
@@ -95,15 +96,17 @@ class FederatedRun:
         }
         merge = self.evaluator.merged if cfg.lora.rank else None  # checkpoints hold a plain GPT
         self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), self.run_info, log, merge=merge)
-        self.round, self.tokens, dp_state = 0, 0, privacy.DPState()
+        self.round, self.tokens, dp_state, moments = 0, 0, privacy.DPState(), None
         if resume:
             snap = self.recorder.read_last()
             self.round, self.global_state, self.tokens = snap.round, snap.state, snap.tokens
             load_strategy_state(self.strategy, snap.strategy)
-            dp_state = privacy.DPState.from_json(snap.privacy)
+            dp_state, moments = privacy.DPState.from_json(snap.privacy), snap.moments
         self.dp = (
             privacy.ClientDP(cfg, dp_state, log) if cfg.dp.enabled else None
         )  # noise for the rounds left
+        # fed.client_optimizer=average: the clients' mean first moments (fedgpt.fed.moments)
+        self.moments = SharedMoments(moments) if cfg.fed.client_optimizer == "average" else None
         self.schedule = Schedule.of(cfg.train, self.run_info["schedule_steps"])
         self.nodes = Nodes()  # from the pre-flight: which partition each node serves, and its data
         self.lora_error: float | None = None  # this round's LoRA aggregation error (fedgpt.lora)
@@ -163,7 +166,10 @@ class FederatedRun:
 
     def snapshot(self) -> Snapshot:
         dp = self.dp.state.to_json() if self.dp else None
-        return Snapshot(self.round, self.global_state, self.tokens, strategy_state(self.strategy), dp)
+        moments = self.moments.mean if self.moments else None
+        return Snapshot(
+            self.round, self.global_state, self.tokens, strategy_state(self.strategy), dp, moments
+        )
 
     def finish_round(self, snap: Snapshot, row: RoundRow) -> RoundRow:
         """Central evaluation of a round's global model, then its row, checkpoints and log line."""
@@ -236,7 +242,11 @@ class FederatedRun:
             ok, bytes_sent, bytes_received = self.secure_aggregate(grid, rnd, msgs)
         else:
             bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
-            ok, bytes_received = self.aggregate(rnd, exchange(grid, msgs, fed.round_timeout), sent, up)
+            bytes_sent += self.moments.attach(msgs) if self.moments else 0
+            replies = exchange(grid, msgs, fed.round_timeout)
+            taken = self.moments.take(replies) if self.moments else {}  # a strategy takes one ArrayRecord
+            ok, bytes_received = self.aggregate(rnd, replies, sent, up)
+            bytes_received += self.moments.average(ok, taken) if self.moments else 0
         client_val, client_acc = self.client_evaluate(grid, rnd)
         self.round = rnd
         metrics = [r.content["metrics"] for r in ok]
@@ -345,7 +355,7 @@ class FederatedRun:
             if self.dp is not None:
                 self.dp.drop()
             return [], 0, 0
-        mean, replies, sent, received = secure_round(grid, msgs, rnd, self.cfg, self.max_weight())
+        mean, replies, sent, received = secure_round(grid, msgs, rnd, self.cfg, self.nodes.train_tokens)
         if mean is None:
             self.log(f"round {rnd}: secure aggregation halted, too few clients answered; the model stays")
             if self.dp is not None:
@@ -358,16 +368,6 @@ class FederatedRun:
             mean = self.dp.release(total[:-1], self.exchange.size, float(total[-1]))
         self.step_to_mean(rnd, mean)
         return replies, sent, received
-
-    def max_weight(self) -> int:
-        """The largest weight a client can send (SecAgg+ scales every update by weight / this, which must not
-        exceed 1): its data, or the tokens of fed.local_steps steps of every micro-batch."""
-        f, t = self.cfg.fed, self.cfg.train
-        most_data = max(self.nodes.train_tokens.values(), default=1)
-        step_tokens = (
-            most_data if f.full_batch else t.batch_size * self.cfg.model.block_size * t.grad_accum_steps
-        )
-        return {"uniform": 1, "trained": f.local_steps * step_tokens, "data": most_data}[f.weighting]
 
     def step_to_mean(self, rnd: int, mean: torch.Tensor) -> None:
         """Let the strategy step on a round's mean update (flat), as if one client had sent global + mean."""
