@@ -29,6 +29,7 @@ class ModelConfig:
     n_embd: int = 384  # embedding width
     dropout: float = 0.0  # on embeddings, attention and residuals; never in evaluation
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 checkpoints have them)
+    head_bias: bool = False  # a bias over the vocabulary on the output head (lora.head_bias merges into it)
     rope_theta: float = 10000.0  # RoPE base, "llama" only
 
 
@@ -115,6 +116,8 @@ class LoRAConfig:
     embedding_rows: int = 0  # > 0: the tied embedding's rows of the K most frequent tokens of rows_from train
     rows_from: str = ""  # a public text whose counts the server sends (e.g. the base's training text)
     rows_lr_scale: float = 1.0  # the rows' learning rate over train.learning_rate (the adapters')
+    head_bias: bool = False  # a bias over the vocabulary on the output head trains too (vocab_size values)
+    bias_lr_scale: float = 1.0  # that bias's learning rate over train.learning_rate
 
 
 @dataclass

@@ -170,6 +170,8 @@ def _validate_lora(cfg: Config) -> list[str]:
     )
     check(lo.embedding_rows >= 0, "lora.embedding_rows", "must be >= 0 (0: the embedding stays frozen)")
     check(lo.rows_lr_scale > 0, "lora.rows_lr_scale", "must be > 0 (1: the adapters' learning rate)")
+    check(lo.bias_lr_scale > 0, "lora.bias_lr_scale", "must be > 0 (1: the adapters' learning rate)")
+    check(not lo.head_bias or lo.rank > 0, "lora.head_bias", "trains beside adapters: set lora.rank > 0 too")
     if lo.embedding_rows:
         check(lo.rank > 0, "lora.embedding_rows", "trains rows beside adapters: set lora.rank > 0 too")
         check(

@@ -3,7 +3,9 @@
     add_lora(model, cfg.lora)         # c_attn, attn.c_proj, c_fc, mlp.c_proj get adapters; all else frozen
                                       # (lora.targets=attn,mlp,embedding: the tied embedding and head too)
                                       # (lora.embedding_rows=K: K rows of the tied embedding in full too)
-    adapters = adapter_state(model)   # what a federated client trains and sends: lora_A, lora_B, lora_rows
+                                      # (lora.head_bias: a bias over the vocabulary on the head too)
+    adapters = adapter_state(model)   # what a federated client trains and sends: lora_A, lora_B, lora_rows,
+                                      # lora_bias
     plain = merged_state(model)       # base + scale * B @ A: a plain GPT's state dict (checkpoints, sampling)
 
 Written here rather than taken from peft: fedgpt's GPT is not a transformers model, the layer is a few
@@ -23,7 +25,7 @@ from torch import nn
 from fedgpt.config import LoRAConfig
 from fedgpt.model import GPT
 
-ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_rows")  # the names of what trains (and travels) under LoRA
+ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_rows", "lora_bias")  # what trains (and travels) under LoRA
 TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}  # in every block
 
 
@@ -122,20 +124,32 @@ def frequent_rows(path: str, tokenizer, k: int, vocab_size: int) -> torch.Tensor
 
 
 class LoRAHead(nn.Module):
-    """The output head tied to an adapted embedding (LoRAEmbedding or RowEmbedding): logits = x W^T plus the
-    embedding adapter's part, whose parameters stay the embedding's (outside this module's state, so they
-    travel once)."""
+    """The output head: logits = x W^T, plus the part of the tied embedding's adapter (LoRAEmbedding or
+    RowEmbedding; its parameters stay the embedding's, outside this module's state, so they travel once), plus
+    with `bias` a trained bias over the vocabulary (lora_bias, at zero), which full fine-tuning gets from the
+    tied embedding and the final norm's bias together and no adapter on the blocks can give."""
 
-    def __init__(self, base: nn.Linear, embedding: LoRAEmbedding | RowEmbedding):
+    def __init__(self, base: nn.Linear, embedding: LoRAEmbedding | RowEmbedding | None, bias: bool = False):
         super().__init__()
         self.base = base
         self._embedding = (embedding,)  # a tuple: not registered as a submodule, its adapter not listed twice
+        self.lora_bias = (
+            nn.Parameter(torch.zeros(base.out_features, device=base.weight.device)) if bias else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._embedding[0].adapt_logits(x, self.base(x))
+        logits = self.base(x)
+        if self._embedding[0] is not None:
+            logits = self._embedding[0].adapt_logits(x, logits)
+        return logits if self.lora_bias is None else logits + self.lora_bias.to(logits.dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        return self._embedding[0].merged_weight()
+        return self.base.weight if self._embedding[0] is None else self._embedding[0].merged_weight()
+
+    def merged_bias(self) -> torch.Tensor | None:
+        if self.lora_bias is None:
+            return self.base.bias
+        return self.lora_bias.detach() + (0 if self.base.bias is None else self.base.bias)
 
 
 def add_lora(
@@ -170,6 +184,12 @@ def add_lora(
         model.transformer.wte = RowEmbedding(wte, ids)
         model.transformer.wte.lora_rows.lr_scale = cfg.rows_lr_scale  # GPT.configure_optimizers reads it
         model.lm_head = LoRAHead(model.lm_head, model.transformer.wte)
+    if cfg.head_bias:
+        head = model.lm_head
+        base, embedding = (head.base, head._embedding[0]) if isinstance(head, LoRAHead) else (head, None)
+        model.lm_head = LoRAHead(base, embedding, bias=True)
+        model.lm_head.lora_bias.lr_scale = cfg.bias_lr_scale  # GPT.configure_optimizers reads it
+        model.cfg.head_bias = True  # the merged plain GPT has one (checkpoints record model.cfg)
     for block in model.transformer.h:
         for suffix in suffixes:
             parent_name, name = suffix.split(".")
@@ -225,4 +245,7 @@ def merged_state(model: GPT) -> dict[str, torch.Tensor]:
             merged[f"{name}.{leaf}"] = wrapped[name].merged_weight().detach() if leaf == "weight" else v
         else:
             merged[k] = v
+    head = model.lm_head
+    if isinstance(head, LoRAHead) and head.merged_bias() is not None:
+        merged["lm_head.bias"] = head.merged_bias()
     return merged

@@ -206,7 +206,7 @@ class GPT(nn.Module):
         layers["h"] = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         layers["ln_f"] = make_norm(cfg)
         self.transformer = nn.ModuleDict(layers)  # parameter order as in nanoGPT and HF GPT-2
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.head_bias)
         # Weight tying: one Parameter, so it is counted, decayed and averaged across clients once.
         self.transformer.wte.weight = self.lm_head.weight
         if cfg.arch == "llama":

@@ -14,7 +14,7 @@ from conftest import TINY, simulate
 from flwr.app import ArrayRecord
 
 from fedgpt import local_train
-from fedgpt.checkpoint import load_checkpoint
+from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fedgpt.config import load_config
 from fedgpt.config_rules import STRATEGIES
 from fedgpt.fed.rounds import read_rounds
@@ -42,7 +42,8 @@ class KeepsRound2(FederatedRun):
 # fragment at a time, each client's own weights, one residual per fragment); plain DiLoCo's momentum buffer
 # (FedAvgM's is the same class), the weights and the clients' state come back bit for bit after a real kill in
 # test_federation.py::test_resume_after_kill_ends_as_an_uninterrupted_run.
-# FedAvg resumes here with LoRA and trained embedding rows (the adapters and rows; the base stays the base).
+# FedAvg resumes here with LoRA, trained embedding rows and the head bias (the adapters, rows and bias; the
+# base stays the base).
 RESUMED = ("fedadam", "diloco", "fedavg-lora-rows")
 
 
@@ -73,7 +74,7 @@ def test_strategies_run_end_to_end_and_resume_exactly(strategy, data_dir, tmp_pa
             + [f"--train.out_dir={tmp_path / 'base'}", "--train.eval_interval=2"]
         )
         extra += [f"--train.init_from={tmp_path / 'base' / 'last.pt'}", "--lora.rank=2"]
-        extra += ["--lora.embedding_rows=8", f"--lora.rows_from={corpus}"]
+        extra += ["--lora.embedding_rows=8", f"--lora.rows_from={corpus}", "--lora.head_bias=true"]
     rounds = 3 if strategy in RESUMED else 2
     summary = simulate(data_dir, out, "client_app", f"--fed.rounds={rounds}", *extra, run_class=KeepsRound2)
     assert summary["rounds"] == rounds
@@ -86,6 +87,9 @@ def test_strategies_run_end_to_end_and_resume_exactly(strategy, data_dir, tmp_pa
         assert int(moved.sum()) == 8 and torch.equal(
             whole["model"]["lm_head.weight"], whole["model"]["transformer.wte.weight"]
         )
+        # the vocabulary bias trained, and the checkpoint is a plain GPT that has one
+        assert whole["model_config"]["head_bias"] and whole["model"]["lm_head.bias"].abs().min() > 0
+        model_from_checkpoint(whole)
     assert bool(whole["extra"]["strategy"]) == stateful, (
         "a strategy's state is in its checkpoint, or it has none"
     )

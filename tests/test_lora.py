@@ -83,6 +83,29 @@ def test_training_moves_only_the_adapters_and_the_merged_gpt_computes_the_same(t
     assert moved == ("embedding" in targets)
 
 
+@pytest.mark.parametrize("targets", ["attn,mlp", "attn,mlp,embedding"])
+def test_the_head_bias_trains_and_merges_into_a_plain_gpt_with_a_head_bias(targets):
+    model = add_lora(gpt(), LoRAConfig(rank=4, alpha=8.0, targets=targets, head_bias=True))
+    assert adapter_state(model)["lm_head.lora_bias"].shape == (65,)  # one value a token, sent with the rest
+    x = tokens()
+    torch.testing.assert_close(model(x)[0], gpt()(x)[0], rtol=0, atol=0)  # starts at zero: the base
+    trainer = Trainer(
+        model, TrainConfig(batch_size=4, learning_rate=1e-2, warmup_steps=0), torch.device("cpu"), log=None
+    )
+    data = torch.randint(65, (500,), generator=torch.Generator().manual_seed(1)).numpy()
+    trainer.train_steps(Batches(data, 16, 4, seed=0), 5)
+    assert adapter_state(model)["lm_head.lora_bias"].abs().min() > 0  # every token's bias moved
+    merged = merged_state(model)
+    with pytest.raises(RuntimeError, match="lm_head.bias"):  # a GPT without a head bias cannot hold it
+        gpt().load_state_dict(merged)
+    plain = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65, head_bias=True))
+    plain.load_state_dict(merged)  # strict
+    model.eval()
+    plain.eval()
+    torch.testing.assert_close(plain(tokens(2))[0], model(tokens(2))[0], rtol=1e-4, atol=1e-5)
+    assert model.cfg.head_bias  # what the run's checkpoints record as the merged model's config
+
+
 def test_the_aggregation_error_is_the_gap_between_the_average_of_products_and_the_product_of_averages():
     model = add_lora(gpt(), LoRAConfig(rank=2, targets="attn"), seed=3)
     names = [k for k in model.state_dict() if k.endswith((".lora_A", ".lora_B"))]
@@ -185,6 +208,10 @@ def test_lora_needs_a_pretrained_model_and_a_known_target():
         ValueError, match="lora.embedding_rows: trains rows beside adapters: set lora.rank > 0"
     ):
         load_config(None, ["--lora.embedding_rows=10", "--lora.rows_from=x.txt"])
+    with pytest.raises(ValueError, match="lora.head_bias: trains beside adapters: set lora.rank > 0"):
+        load_config(None, ["--lora.head_bias=true"])
+    with pytest.raises(ValueError, match="lora.bias_lr_scale: must be > 0"):
+        load_config(None, ["--lora.bias_lr_scale=0"])
     cfg = load_config(None, [*lora, "--lora.rows_from=no/such.txt"])
     with pytest.raises(ValueError, match=r"lora.rows_from=no/such.txt: cannot read it .*give a public text"):
         add_lora(gpt(), cfg.lora, 0, CharTokenizer.from_text("ab"))
