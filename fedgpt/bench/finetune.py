@@ -71,6 +71,9 @@ ROWS = (  # name, label, flags
         [*BIAS, "--lora.bias_lr_scale=10", *LR],
     ),
     ("lora_full_seed2", "full fine-tuning, seed 2", ["--train.seed=2"]),
+    # full fine-tuning's own learning rate, 2e-3 above, checked at half and twice
+    ("lora_full_lr1e-3", "full fine-tuning, lr 1e-3", ["--train.learning_rate=1e-3", "--train.min_lr=1e-4"]),
+    ("lora_full_lr4e-3", "full fine-tuning, lr 4e-3", ["--train.learning_rate=4e-3", "--train.min_lr=4e-4"]),
     (
         "lora_r8_bias_lr_b3_seed2",
         "LoRA rank 8 and the head bias at 3x, lr 1e-2, seed 2",
