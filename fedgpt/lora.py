@@ -126,8 +126,8 @@ def frequent_rows(path: str, tokenizer, k: int, vocab_size: int) -> torch.Tensor
 class LoRAHead(nn.Module):
     """The output head: logits = x W^T, plus the part of the tied embedding's adapter (LoRAEmbedding or
     RowEmbedding; its parameters stay the embedding's, outside this module's state, so they travel once), plus
-    with `bias` a trained bias over the vocabulary (lora_bias, at zero), which full fine-tuning gets from the
-    tied embedding and the final norm's bias together and no adapter on the blocks can give."""
+    with `bias` a trained bias over the vocabulary (lora_bias, at zero): what full fine-tuning gets by moving
+    every row of the tied embedding, and no adapter on the blocks can give (docs/results.md, LoRA)."""
 
     def __init__(self, base: nn.Linear, embedding: LoRAEmbedding | RowEmbedding | None, bias: bool = False):
         super().__init__()

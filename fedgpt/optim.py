@@ -181,8 +181,8 @@ def first_moments(optimizer, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     states, moments = _states(optimizer), {}
     for name, p in model.named_parameters():
         for state in states:
-            s = state.get(p) if p in state else None
-            key = next((k for k in FIRST_MOMENTS if s and k in s), None)
+            s = state.get(p) or {}  # .get: a defaultdict state must not grow entries here
+            key = next((k for k in FIRST_MOMENTS if k in s), None)
             if key is not None:
                 moments[name] = s[key]
     return moments

@@ -226,3 +226,32 @@ def test_muon_is_torchs_muon_on_the_matrices_and_adamw_on_the_rest(tmp_path, mom
     )
     opt.state.clear()
     assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("kind", ["fused", "torch"])
+def test_first_moments_are_adams_exp_avg_by_name_and_load_alone(kind):
+    # After one step Adam's first moment is (1 - beta1) g (Kingma & Ba), by hand from the gradient; loading
+    # other first moments replaces exactly those and leaves the second moments and the step count.
+    from fedgpt.optim import first_moments, load_first_moments
+
+    model = tiny()
+    cls = FusedAdamW if kind == "fused" else torch.optim.AdamW
+    opt = cls(groups(model), lr=1e-2, betas=(0.9, 0.95))
+    xy = torch.randint(0, V, (4, 17), generator=torch.Generator().manual_seed(0))
+    model(xy[:, :-1], xy[:, 1:])[1].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    moments = first_moments(opt, model)
+    assert moments.keys() == grads.keys()  # every parameter, the tied embedding and head once
+    for n, m in moments.items():
+        torch.testing.assert_close(m, 0.1 * grads[n], rtol=1e-6, atol=1e-9)
+    before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    twos = {n: torch.full_like(m, 2.0) for n, m in moments.items()}
+    assert load_first_moments(opt, model, twos) == len(twos)
+    for p, s in opt.state.items():
+        assert torch.equal(s["exp_avg"], torch.full_like(p, 2.0))
+        assert (
+            torch.equal(s["exp_avg_sq"], before[id(p)]["exp_avg_sq"]) and s["step"] == before[id(p)]["step"]
+        )
+    with pytest.raises(ValueError, match="the shared moments lack"):
+        load_first_moments(opt, model, {})
