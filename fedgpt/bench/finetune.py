@@ -59,7 +59,7 @@ ROWS = (  # name, label, flags
         ],
     ),
     # a bias over the vocabulary on the head beside rank 8 (50,304 values: 0.7% of the model), at 3x and 10x
-    # the adapters' lr; full fine-tuning and the 3x row again at seed 2
+    # the adapters' lr; full fine-tuning at seed 2 and at half and twice its lr; the bias rows at seed 2
     (
         "lora_r8_bias_lr_b3",
         "LoRA rank 8 and the head bias at 3x, lr 1e-2",
@@ -71,7 +71,6 @@ ROWS = (  # name, label, flags
         [*BIAS, "--lora.bias_lr_scale=10", *LR],
     ),
     ("lora_full_seed2", "full fine-tuning, seed 2", ["--train.seed=2"]),
-    # full fine-tuning's own learning rate, 2e-3 above, checked at half and twice
     ("lora_full_lr1e-3", "full fine-tuning, lr 1e-3", ["--train.learning_rate=1e-3", "--train.min_lr=1e-4"]),
     ("lora_full_lr4e-3", "full fine-tuning, lr 4e-3", ["--train.learning_rate=4e-3", "--train.min_lr=4e-4"]),
     (

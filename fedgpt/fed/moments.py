@@ -32,7 +32,7 @@ class SharedMoments:
         """Put the mean into each train message; returns the bytes that adds (0 before any client sent)."""
         if self.mean is None:
             return 0
-        record = ArrayRecord({k: v.float() for k, v in self.mean.items()})
+        record = ArrayRecord(self.mean)  # fp32 already: average() and checkpoints keep it so
         for m in msgs:
             m.content[MOMENTS] = record
         return record.count_bytes() * len(msgs)

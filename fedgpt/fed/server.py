@@ -76,9 +76,8 @@ class FederatedRun:
         tok = self.ds.tokenizer
         self.summary = summarize(parts, self.ds.train, tok.vocab_size)
         model = self.initial_model()
-        self.rows = json.dumps(
-            embedding_rows(model)
-        )  # LoRA's trained embedding rows: the clients train these
+        # LoRA's trained embedding rows (lora.embedding_rows), sent with the run facts: clients train these
+        self.rows = json.dumps(embedding_rows(model))
         self.exchange = Exchange.of(model, cfg)
         self.global_state = {
             k: v.detach().float().cpu().clone() for k, v in self.exchange.state(model).items()
