@@ -1,0 +1,154 @@
+"""What per-client optimizer state costs, with the federation's averaging taken out of the picture.
+
+A diagnostic behind docs/results.md ("Where the gap to synchronous Muon comes from"), not part of fedgpt:
+
+    python docs/diagnostics/per_client_state.py average --seed 2 [--outer-lr 2]
+    python docs/diagnostics/per_client_state.py geometry CHECKPOINT  # e.g. a synchronous Muon run's last.pt
+    python docs/diagnostics/per_client_state.py val CHECKPOINT [CHECKPOINT ...]
+
+`average`: DiLoCo at one local step with a plain mean as the outer step, i.e. 8 clients that start every
+step from the same weights, each stepping its OWN optimizer (fedgpt's Trainer, train.optimizer as
+configured) on its own window of train.batch_size=1, their weights averaged after every step (with
+--outer-lr f: old + f x (mean - old)). Synchronous data parallelism differs from it in one thing only: one
+optimizer steps on the mean gradient of the 8 windows. Prints the validation loss as the federation's
+evaluator reads it (100 windows of 1, the run's seed) every 250 steps, and at the end over the whole val
+split.
+
+`geometry`: at a checkpoint, 8 clients' Muon momenta (0.95) built from their own single windows for 40 steps
+against the momentum of the 8-window mean; for every block matrix, the mean of the 8 orthogonalized momenta
+against the orthogonalized mean: norm ratio, cosine, and the mean's component along the synchronous step.
+
+`val`: each checkpoint's loss over the whole val split (consecutive windows of 64), beside the federation's
+evaluator's 100 windows (the local trainer's reads 13 batches of 8: other windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from fedgpt.config import load_config
+from fedgpt.data import Batches, load_dataset
+from fedgpt.optim import orthogonalize
+from fedgpt.train import Schedule, Trainer, build_model, evaluate
+
+CONFIG, CLIENTS, BLOCK = "configs/shakespeare_char_cpu.yaml", 8, 64
+
+
+def full_val_loss(model: torch.nn.Module, val) -> float:
+    x, y = Batches(val, BLOCK, 1).all_windows()
+    model.eval()
+    with torch.no_grad():
+        total = sum(
+            model(x[i : i + 256], y[i : i + 256])[1].item() * len(x[i : i + 256])
+            for i in range(0, len(x), 256)
+        )
+    return total / len(x)
+
+
+def average(args: argparse.Namespace) -> None:
+    cfg = load_config(
+        CONFIG, [f"--train.optimizer={args.optimizer}", "--train.batch_size=1", f"--train.seed={args.seed}"]
+    )
+    ds = load_dataset(cfg.data)
+    torch.manual_seed(args.seed)
+    start = build_model(cfg, ds.tokenizer.meta(), ds.tokenizer.vocab_size).state_dict()
+    clients = []
+    for _ in range(CLIENTS):
+        model = build_model(cfg, ds.tokenizer.meta(), ds.tokenizer.vocab_size)
+        model.load_state_dict(start)
+        clients.append(Trainer(model, cfg.train, torch.device("cpu"), log=None))
+    streams = [Batches(ds.train, BLOCK, 1, seed=args.seed * 100 + i) for i in range(CLIENTS)]
+    schedule = Schedule.of(cfg.train, args.steps)  # warm-up the same share of the run as the federation's
+    tensors = list(zip(*(list(c.raw_model.parameters()) for c in clients)))  # one tuple per parameter
+    t0 = time.time()
+    for step in range(args.steps):
+        before = [group[0].detach().clone() for group in tensors]
+        for client, stream in zip(clients, streams):
+            client.train_steps(stream, 1, schedule, at_step=step)
+        with torch.no_grad():
+            for old, group in zip(before, tensors):
+                mean = torch.stack(group).mean(0)
+                new = mean if args.outer_lr == 1 else old + args.outer_lr * (mean - old)
+                for p in group:
+                    p.copy_(new)
+        if (step + 1) % 250 == 0 or step + 1 == args.steps:
+            model = clients[0].raw_model
+            row = {
+                "step": step + 1,
+                "val_loss": evaluate(model, Batches(ds.val, BLOCK, 1, seed=args.seed), 100)["loss"],
+            }
+            if step + 1 == args.steps:
+                row["val_loss_full"] = full_val_loss(model, ds.val)
+            print(json.dumps({**row, "elapsed_s": round(time.time() - t0, 1)}), flush=True)
+
+
+def geometry(args: argparse.Namespace) -> None:
+    ds = load_dataset(load_config(CONFIG).data)
+    model = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    matrices = {n: p for n, p in model.named_parameters() if p.ndim == 2 and ".h." in n}
+    streams = [Batches(ds.train, BLOCK, 1, seed=100 + i) for i in range(CLIENTS)]
+    momenta = [{n: torch.zeros_like(p) for n, p in matrices.items()} for _ in range(CLIENTS)]
+    for _ in range(args.steps):
+        for stream, momentum in zip(streams, momenta):
+            model.zero_grad()
+            x, y = next(stream)
+            model(x, y)[1].backward()
+            for n, p in matrices.items():
+                momentum[n].lerp_(p.grad, 1 - 0.95)
+    ratio, cosine = [], []
+    for n in matrices:
+        own = torch.stack(
+            [orthogonalize(m[n], (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32) for m in momenta]
+        )
+        mean_of_steps = own.mean(0)
+        step_of_mean = orthogonalize(
+            torch.stack([m[n] for m in momenta]).mean(0), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32
+        )
+        ratio.append((mean_of_steps.norm() / step_of_mean.norm()).item())
+        cosine.append(
+            torch.nn.functional.cosine_similarity(mean_of_steps.flatten(), step_of_mean.flatten(), 0).item()
+        )
+    along = [r * c for r, c in zip(ratio, cosine)]
+    for name, values in (("norm ratio", ratio), ("cosine", cosine), ("component along", along)):
+        print(
+            f"{name}: median {statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f})"
+        )
+
+
+def val(args: argparse.Namespace) -> None:
+    ds = load_dataset(load_config(CONFIG).data)
+    for path in args.checkpoints:
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt)
+        seed = ckpt["config"]["train"]["seed"]
+        sampled = evaluate(model, Batches(ds.val, BLOCK, 1, seed=seed), 100)["loss"]
+        whole = full_val_loss(model, ds.val)
+        print(f"{path}: whole val split {whole:.4f} | 100 windows of 1, seed {seed}: {sampled:.4f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("average")
+    a.add_argument("--seed", type=int, default=1337)
+    a.add_argument("--optimizer", default="muon")
+    a.add_argument("--steps", type=int, default=3000)
+    a.add_argument("--outer-lr", type=float, default=1.0)
+    g = sub.add_parser("geometry")
+    g.add_argument("checkpoint")
+    g.add_argument("--steps", type=int, default=40)
+    v = sub.add_parser("val")
+    v.add_argument("checkpoints", nargs="+")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    {"average": average, "geometry": geometry, "val": val}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
