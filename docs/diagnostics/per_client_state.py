@@ -14,9 +14,11 @@ optimizer steps on the mean gradient of the 8 windows. Prints the validation los
 evaluator reads it (100 windows of 1, the run's seed) every 250 steps, and at the end over the whole val
 split.
 
-`geometry`: at a checkpoint, 8 clients' Muon momenta (0.95) built from their own single windows for 40 steps
-against the momentum of the 8-window mean; for every block matrix, the mean of the 8 orthogonalized momenta
-against the orthogonalized mean: norm ratio, cosine, and the mean's component along the synchronous step.
+`geometry`: at a checkpoint, 8 clients' Muon momenta (0.95) built from their own single windows for 40 steps,
+and the synchronous step: Muon's direction for the momentum of the 8-window means. For every block matrix
+and several client steps (Muon's, fewer Newton-Schulz steps, U S^p V^T of the momentum): how the mean of the
+8 client steps lines up with the synchronous one (cosine), and its component along it per unit of a client's
+own step (1 would be no loss to averaging).
 
 `val`: each checkpoint's loss over the whole val split (consecutive windows of 64), beside the federation's
 evaluator's 100 windows (the local trainer's reads 13 batches of 8: other windows).
@@ -28,6 +30,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -88,6 +91,22 @@ def average(args: argparse.Namespace) -> None:
             print(json.dumps({**row, "elapsed_s": round(time.time() - t0, 1)}), flush=True)
 
 
+def muon_direction(m: torch.Tensor, steps: int) -> torch.Tensor:
+    return orthogonalize(m, (3.4445, -4.7750, 2.0315), steps, 1e-7, torch.float32)  # torch.optim.Muon's
+
+
+def power(m: torch.Tensor, p: float) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u @ torch.diag(s**p) @ vh  # p = 0: exact orthogonalization; p = 1: the momentum itself (SGD)
+
+
+TRANSFORMS = {
+    "Muon (Newton-Schulz, 5 steps)": lambda m: muon_direction(m, 5),
+    **{f"Newton-Schulz, {k} step(s)": partial(muon_direction, steps=k) for k in (1, 2, 3)},
+    **{f"U S^{p} V^T": partial(power, p=p) for p in (0.0, 0.25, 0.5, 1.0)},
+}
+
+
 def geometry(args: argparse.Namespace) -> None:
     ds = load_dataset(load_config(CONFIG).data)
     model = model_from_checkpoint(load_checkpoint(args.checkpoint))
@@ -101,23 +120,18 @@ def geometry(args: argparse.Namespace) -> None:
             model(x, y)[1].backward()
             for n, p in matrices.items():
                 momentum[n].lerp_(p.grad, 1 - 0.95)
-    ratio, cosine = [], []
-    for n in matrices:
-        own = torch.stack(
-            [orthogonalize(m[n], (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32) for m in momenta]
-        )
-        mean_of_steps = own.mean(0)
-        step_of_mean = orthogonalize(
-            torch.stack([m[n] for m in momenta]).mean(0), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32
-        )
-        ratio.append((mean_of_steps.norm() / step_of_mean.norm()).item())
-        cosine.append(
-            torch.nn.functional.cosine_similarity(mean_of_steps.flatten(), step_of_mean.flatten(), 0).item()
-        )
-    along = [r * c for r, c in zip(ratio, cosine)]
-    for name, values in (("norm ratio", ratio), ("cosine", cosine), ("component along", along)):
+    sync = {n: muon_direction(torch.stack([m[n] for m in momenta]).mean(0), 5) for n in matrices}
+    for name, transform in TRANSFORMS.items():
+        cosine, useful = [], []
+        for n in matrices:
+            own = torch.stack([transform(m[n]) for m in momenta])  # each client's step
+            mean, unit = own.mean(0).flatten(), sync[n].flatten() / sync[n].norm()
+            cosine.append(torch.nn.functional.cosine_similarity(mean, unit, 0).item())
+            useful.append((mean @ unit).item() / own.flatten(1).norm(dim=1).mean().item())
         print(
-            f"{name}: median {statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f})"
+            f"{name}: cosine with the synchronous Muon step, median {statistics.median(cosine):.3f}; "
+            f"its component along it per unit of a client's step, median {statistics.median(useful):.3f} "
+            f"({min(useful):.3f}-{max(useful):.3f})"
         )
 
 
