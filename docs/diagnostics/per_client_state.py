@@ -14,11 +14,11 @@ optimizer steps on the mean gradient of the 8 windows. Prints the validation los
 evaluator reads it (100 windows of 1, the run's seed) every 250 steps, and at the end over the whole val
 split.
 
-`geometry`: at a checkpoint, 8 clients' Muon momenta (0.95) built from their own single windows for 40 steps,
-and the synchronous step: Muon's direction for the momentum of the 8-window means. For every block matrix
-and several client steps (Muon's, fewer Newton-Schulz steps, U S^p V^T of the momentum): how the mean of the
-8 client steps lines up with the synchronous one (cosine), and its component along it per unit of a client's
-own step (1 would be no loss to averaging).
+`geometry`: at a checkpoint, 8 clients' Muon momenta (train.muon_momentum) built from their own single
+windows for 40 steps, and the synchronous step: Muon's direction for the momentum of the 8-window means.
+For every block matrix and several client steps (Muon's, fewer Newton-Schulz steps, U S^p V^T of the
+momentum): how the mean of the 8 client steps lines up with the synchronous one (cosine), and its component
+along it per unit of a client's own step (1 would be no loss to averaging).
 
 `val`: each checkpoint's loss over the whole val split (consecutive windows of 64), beside the federation's
 evaluator's 100 windows (the local trainer's reads 13 batches of 8: other windows).
@@ -41,16 +41,14 @@ from fedgpt.optim import orthogonalize
 from fedgpt.train import Schedule, Trainer, build_model, evaluate
 
 CONFIG, CLIENTS, BLOCK = "configs/shakespeare_char_cpu.yaml", 8, 64
+MUON = torch.optim.Muon([torch.zeros(1, 1)]).defaults  # torch's Newton-Schulz coefficients, steps and eps
 
 
 def full_val_loss(model: torch.nn.Module, val) -> float:
     x, y = Batches(val, BLOCK, 1).all_windows()
     model.eval()
     with torch.no_grad():
-        total = sum(
-            model(x[i : i + 256], y[i : i + 256])[1].item() * len(x[i : i + 256])
-            for i in range(0, len(x), 256)
-        )
+        total = sum(model(xb, yb)[1].item() * len(xb) for xb, yb in zip(x.split(256), y.split(256)))
     return total / len(x)
 
 
@@ -69,17 +67,18 @@ def average(args: argparse.Namespace) -> None:
     streams = [Batches(ds.train, BLOCK, 1, seed=args.seed * 100 + i) for i in range(CLIENTS)]
     schedule = Schedule.of(cfg.train, args.steps)  # warm-up the same share of the run as the federation's
     tensors = list(zip(*(list(c.raw_model.parameters()) for c in clients)))  # one tuple per parameter
+    weights = [group[0].detach().clone() for group in tensors]  # the averaged weights every step starts from
     t0 = time.time()
     for step in range(args.steps):
-        before = [group[0].detach().clone() for group in tensors]
         for client, stream in zip(clients, streams):
             client.train_steps(stream, 1, schedule, at_step=step)
         with torch.no_grad():
-            for old, group in zip(before, tensors):
+            for i, group in enumerate(tensors):
                 mean = torch.stack(group).mean(0)
-                new = mean if args.outer_lr == 1 else old + args.outer_lr * (mean - old)
+                old = weights[i]
+                weights[i] = mean if args.outer_lr == 1 else old + args.outer_lr * (mean - old)
                 for p in group:
-                    p.copy_(new)
+                    p.copy_(weights[i])
         if (step + 1) % 250 == 0 or step + 1 == args.steps:
             model = clients[0].raw_model
             row = {
@@ -91,8 +90,8 @@ def average(args: argparse.Namespace) -> None:
             print(json.dumps({**row, "elapsed_s": round(time.time() - t0, 1)}), flush=True)
 
 
-def muon_direction(m: torch.Tensor, steps: int) -> torch.Tensor:
-    return orthogonalize(m, (3.4445, -4.7750, 2.0315), steps, 1e-7, torch.float32)  # torch.optim.Muon's
+def muon_direction(m: torch.Tensor, steps: int = MUON["ns_steps"]) -> torch.Tensor:
+    return orthogonalize(m, MUON["ns_coefficients"], steps, MUON["eps"], torch.float32)
 
 
 def power(m: torch.Tensor, p: float) -> torch.Tensor:
@@ -101,14 +100,15 @@ def power(m: torch.Tensor, p: float) -> torch.Tensor:
 
 
 TRANSFORMS = {
-    "Muon (Newton-Schulz, 5 steps)": lambda m: muon_direction(m, 5),
+    f"Muon (Newton-Schulz, {MUON['ns_steps']} steps)": muon_direction,
     **{f"Newton-Schulz, {k} step(s)": partial(muon_direction, steps=k) for k in (1, 2, 3)},
     **{f"U S^{p} V^T": partial(power, p=p) for p in (0.0, 0.25, 0.5, 1.0)},
 }
 
 
 def geometry(args: argparse.Namespace) -> None:
-    ds = load_dataset(load_config(CONFIG).data)
+    cfg = load_config(CONFIG)
+    ds = load_dataset(cfg.data)
     model = model_from_checkpoint(load_checkpoint(args.checkpoint))
     matrices = {n: p for n, p in model.named_parameters() if p.ndim == 2 and ".h." in n}
     streams = [Batches(ds.train, BLOCK, 1, seed=100 + i) for i in range(CLIENTS)]
@@ -119,8 +119,8 @@ def geometry(args: argparse.Namespace) -> None:
             x, y = next(stream)
             model(x, y)[1].backward()
             for n, p in matrices.items():
-                momentum[n].lerp_(p.grad, 1 - 0.95)
-    sync = {n: muon_direction(torch.stack([m[n] for m in momenta]).mean(0), 5) for n in matrices}
+                momentum[n].lerp_(p.grad, 1 - cfg.train.muon_momentum)
+    sync = {n: muon_direction(torch.stack([m[n] for m in momenta]).mean(0)) for n in matrices}
     for name, transform in TRANSFORMS.items():
         cosine, useful = [], []
         for n in matrices:
