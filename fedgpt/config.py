@@ -82,6 +82,7 @@ class FedConfig:
     server_lr: float = 0.0  # server (outer) learning rate; 0: the strategy's own (STRATEGY_SERVER_LR)
     server_momentum: float = 0.9  # diloco and fedavgm: momentum of the outer SGD step
     nesterov: bool = True  # diloco: Nesterov momentum (fedavgm: plain momentum)
+    outer_orthogonal: bool = False  # diloco, fedavgm: block matrices' outer step orthogonalized (Muon's)
     partition: str = "iid"  # iid, speaker, role (a speaker in one play), contiguous, dirichlet (sizes)
     dirichlet_alpha: float = 0.5  # "dirichlet" partitions: smaller is more skewed
     min_role_tokens: int = 0  # "role" partitions: a role with fewer train tokens is small (see small_roles)

@@ -105,6 +105,11 @@ def _validate_fed(cfg: Config) -> list[str]:
     check(f.proximal_mu >= 0, "fed.proximal_mu", "must be >= 0")
     check(f.server_lr >= 0, "fed.server_lr", "must be >= 0 (0: the strategy's default)")
     check(0 <= f.server_momentum < 1, "fed.server_momentum", "must be in [0, 1)")
+    check(
+        not f.outer_orthogonal or f.strategy in ("diloco", "fedavgm"),
+        "fed.outer_orthogonal",
+        "orthogonalizes the outer SGD step: use it with fed.strategy diloco or fedavgm",
+    )
     check.choice(f.partition, PARTITIONS, "fed.partition")
     check(f.dirichlet_alpha > 0, "fed.dirichlet_alpha", "must be > 0")
     check(f.min_role_tokens >= 0, "fed.min_role_tokens", "must be >= 0")

@@ -182,6 +182,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def is_block_matrix(name: str, p: torch.Tensor) -> bool:
+    """A weight matrix of the transformer blocks: what Muon steps (not embeddings, head, norms, biases)."""
+    return p.dim() == 2 and name.startswith("transformer.h.")
+
+
 class GPT(nn.Module):
     """A decoder-only language model; cfg.arch picks GPT-2 or Llama-style blocks."""
 
@@ -303,7 +308,7 @@ class GPT(nn.Module):
         `lr_scale` attribute (LoRA's embedding rows) gets a group of its own, which the trainer steps at that
         multiple of the schedule's learning rate."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        matrices = [p for n, p in named if muon and p.dim() == 2 and n.startswith("transformer.h.")]
+        matrices = [p for n, p in named if muon and is_block_matrix(n, p)]
         taken = {id(p) for p in matrices}
         params = [p for _, p in named if id(p) not in taken and not hasattr(p, "lr_scale")]
         groups = [

@@ -209,3 +209,11 @@ def test_shared_moments_are_refused_where_they_would_leak(other):
         ValueError, match="fed.client_optimizer: average sends the clients' moments in the clear"
     ):
         load_config(tiny, ["--fed.client_optimizer=average", *other.split()])
+
+
+def test_an_orthogonal_outer_step_needs_an_outer_sgd_strategy():
+    tiny = REPO / "configs" / "tiny.yaml"
+    load_config(tiny, ["--fed.outer_orthogonal=true", "--fed.strategy=diloco"])  # fine
+    load_config(tiny, ["--fed.outer_orthogonal=true", "--fed.strategy=fedavgm"])  # fine
+    with pytest.raises(ValueError, match="fed.outer_orthogonal: orthogonalizes the outer SGD step"):
+        load_config(tiny, ["--fed.outer_orthogonal=true", "--fed.strategy=fedadam"])

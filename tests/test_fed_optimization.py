@@ -38,10 +38,10 @@ class KeepsRound2(FederatedRun):
 
 # FedAdam's moments resume here, with Muon clients and a sparse uplink (their momentum and residuals too);
 # FedYogi's and FedAdagrad's are the same attributes, checkpointed by the same code (their round trip is in
-# test_strategies). DiLoCo resumes here with streaming fragments and an int4 uplink (the outer momentum one
-# fragment at a time, each client's own weights, one residual per fragment); plain DiLoCo's momentum buffer
-# (FedAvgM's is the same class), the weights and the clients' state come back bit for bit after a real kill in
-# test_federation.py::test_resume_after_kill_ends_as_an_uninterrupted_run.
+# test_strategies). DiLoCo resumes here with streaming fragments, an int4 uplink and the orthogonalized outer
+# step (the outer momentum one fragment at a time, each client's own weights, one residual per fragment);
+# plain DiLoCo's momentum buffer (FedAvgM's is the same class), the weights and the clients' state come back
+# bit for bit after a real kill in test_federation.py::test_resume_after_kill_ends_as_an_uninterrupted_run.
 # FedAvg resumes here with LoRA, trained embedding rows and the head bias (the adapters, rows and bias; the
 # base stays the base).
 RESUMED = ("fedadam", "diloco", "fedavg-lora-rows")
@@ -66,7 +66,7 @@ def test_strategies_run_end_to_end_and_resume_exactly(strategy, data_dir, tmp_pa
         # share their first moments (the server's mean is in the checkpoint)
         extra += ["--train.optimizer=muon", "--fed.uplink=sparse", "--fed.client_optimizer=average"]
     if strategy == "diloco":
-        extra += ["--fed.fragments=2", "--fed.uplink=int4"]
+        extra += ["--fed.fragments=2", "--fed.uplink=int4", "--fed.outer_orthogonal=true"]
     if strategy == "fedavg-lora-rows":  # from a base of 2 local steps; the rows chosen from the corpus
         corpus = data_dir / "tinyshakespeare" / "input.txt"
         local_train.main(

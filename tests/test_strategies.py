@@ -82,6 +82,53 @@ def test_outer_step_is_torch_sgd_on_the_pseudo_gradient(nesterov):
             torch.testing.assert_close(state[k], p.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_orthogonal_outer_step_is_muons_direction_at_the_sgd_steps_length():
+    """Each round: torch.optim.SGD (lr 1, Nesterov momentum) on the averaged client delta gives the step s;
+    a block matrix then moves lr * |s| along torch.optim.Muon's own step for the gradient s, everything else
+    by lr * s."""
+    torch.manual_seed(0)
+    matrix, norm, embedding = (
+        "transformer.h.0.mlp.c_fc.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.wte.weight",
+    )
+    state = {matrix: torch.randn(12, 8), norm: torch.randn(8), embedding: torch.randn(10, 8)}
+    weights = [10, 30, 60]
+    strategy = OuterSGD(
+        server_learning_rate=0.7,
+        server_momentum=0.9,
+        nesterov=True,
+        orthogonal=True,
+        min_available_nodes=3,
+        min_train_nodes=3,
+    )
+    sgd_params = {k: torch.nn.Parameter(v.clone()) for k, v in state.items()}
+    sgd = torch.optim.SGD(sgd_params.values(), lr=1.0, momentum=0.9, nesterov=True)
+    for rnd in (1, 2, 3):
+        clients = client_weights(state, rnd)
+        average = {k: sum(w * c[k] for w, c in zip(weights, clients)) / sum(weights) for k in state}
+        before = {k: p.detach().clone() for k, p in sgd_params.items()}
+        for k, p in sgd_params.items():
+            p.grad = state[k] - average[k]
+        sgd.step()
+        steps = {k: before[k] - p.detach() for k, p in sgd_params.items()}
+        # torch's Muon on the matrix, its gradient the SGD step, no momentum: its move is Muon's direction
+        w = torch.nn.Parameter(torch.zeros(12, 8))
+        w.grad = steps[matrix].clone()
+        torch.optim.Muon([w], lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0).step()
+        muon_direction = -w.detach() / w.detach().norm()
+
+        new = round_of(strategy, rnd, state, clients, weights)
+        moved = state[matrix] - new[matrix]
+        assert moved.norm().item() == pytest.approx(0.7 * steps[matrix].norm().item(), rel=1e-5)
+        cosine = torch.nn.functional.cosine_similarity
+        assert cosine(moved.flatten(), muon_direction.flatten(), dim=0) > 0.999  # torch's runs in bf16
+        assert cosine(moved.flatten(), steps[matrix].flatten(), dim=0) < 0.98  # not SGD's direction
+        for k in (norm, embedding):
+            torch.testing.assert_close(new[k], state[k] - 0.7 * steps[k], rtol=1e-5, atol=1e-6)
+        state = new
+
+
 def test_outer_step_on_alternating_fragments_is_one_torch_sgd_per_fragment():
     # Streaming fragments: each round's replies hold one fragment. The reference: one torch SGD per fragment,
     # stepped only in that fragment's rounds; the other fragment and its momentum must stay as they were.

@@ -29,6 +29,8 @@ from flwr.serverapp.strategy import (
 
 from fedgpt.config import FedConfig
 from fedgpt.config_rules import STRATEGY_SERVER_LR
+from fedgpt.model import is_block_matrix
+from fedgpt.optim import orthogonalize
 
 
 class OuterSGD(FedAvg):
@@ -42,11 +44,25 @@ class OuterSGD(FedAvg):
     torch.optim.SGD's update, in float32, with the momentum buffer as state (state_dict / load_state_dict).
     lr 1 and momentum 0 is FedAvg. A round whose replies hold only some tensors (a streaming fragment) steps
     those and their momentum, and leaves the rest.
+
+    With `orthogonal`, the step of each of the blocks' weight matrices (the ones Muon steps on a client) is
+    orthogonalized as Muon's is (torch.optim.Muon's Newton-Schulz) and scaled back to its own Frobenius norm:
+    the same length, its singular values evened out. Averaging clients' steps cancels much of them in some
+    directions and little in others; this takes the mean's directions at the mean's length.
     """
 
-    def __init__(self, *, server_learning_rate: float, server_momentum: float, nesterov: bool, **fedavg):
+    def __init__(
+        self,
+        *,
+        server_learning_rate: float,
+        server_momentum: float,
+        nesterov: bool,
+        orthogonal: bool = False,
+        **fedavg,
+    ):
         super().__init__(**fedavg)
         self.lr, self.momentum, self.nesterov = server_learning_rate, server_momentum, nesterov
+        self.orthogonal = orthogonal
         self.current: dict[str, torch.Tensor] | None = (
             None  # the global model this round's clients started from
         )
@@ -75,6 +91,8 @@ class OuterSGD(FedAvg):
             step = {k: d + mom * buffer[k] if self.nesterov else buffer[k] for k, d in delta.items()}
         else:
             step = delta
+        if self.orthogonal:
+            step = {k: orthogonal_step(s) if is_block_matrix(k, s) else s for k, s in step.items()}
         return ArrayRecord({k: self.current[k] - self.lr * step[k] for k in delta}), metrics
 
     def state_dict(self) -> dict:
@@ -86,6 +104,14 @@ class OuterSGD(FedAvg):
         )
 
 
+def orthogonal_step(step: torch.Tensor) -> torch.Tensor:
+    """`step` orthogonalized by torch.optim.Muon's Newton-Schulz iteration (its coefficients, steps and eps,
+    in fp32), at the Frobenius norm of `step`."""
+    muon = torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)]).defaults
+    ortho = orthogonalize(step, muon["ns_coefficients"], muon["ns_steps"], muon["eps"], torch.float32)
+    return ortho * (step.norm() / ortho.norm().clamp(min=muon["eps"]))
+
+
 def _outer_sgd(nesterov: bool | None) -> Callable[[FedConfig, float, dict], Strategy]:
     """OuterSGD with fed's momentum; Nesterov as fed.nesterov says when `nesterov` is None."""
     return lambda fed, lr, common: OuterSGD(
@@ -93,6 +119,7 @@ def _outer_sgd(nesterov: bool | None) -> Callable[[FedConfig, float, dict], Stra
         server_learning_rate=lr,
         server_momentum=fed.server_momentum,
         nesterov=fed.nesterov if nesterov is None else nesterov,
+        orthogonal=fed.outer_orthogonal,
     )
 
 
