@@ -9,6 +9,7 @@ fedgpt.config_rules.STRATEGY_SERVER_LR names the strategies and the server learn
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -104,10 +105,15 @@ class OuterSGD(FedAvg):
         )
 
 
+@functools.cache
+def _muon_defaults() -> dict:
+    return torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)]).defaults
+
+
 def orthogonal_step(step: torch.Tensor) -> torch.Tensor:
     """`step` orthogonalized by torch.optim.Muon's Newton-Schulz iteration (its coefficients, steps and eps,
     in fp32), at the Frobenius norm of `step`."""
-    muon = torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)]).defaults
+    muon = _muon_defaults()
     ortho = orthogonalize(step, muon["ns_coefficients"], muon["ns_steps"], muon["eps"], torch.float32)
     return ortho * (step.norm() / ortho.norm().clamp(min=muon["eps"]))
 
