@@ -112,7 +112,8 @@ def test_bench_comm_bytes_follow_each_format(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
-    r = tiny(data_dir, tmp_path, "deploy", "--rounds", "1", "--local-steps", "0")
+    keep = tmp_path / "work"
+    r = tiny(data_dir, tmp_path, "deploy", "--rounds", "1", "--local-steps", "0", "--keep", str(keep))
     run = r["runs"]["run"]
     assert r["supernodes"] == 2 and r["trainer"] == "worker" and run["tokens"] == 0
     assert len(run["round_s_by_round"]) == 1 and run["round_s_by_round"][0] > 0
@@ -121,6 +122,10 @@ def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
     assert r["median_round_over_floor_s"] == pytest.approx(
         run["median_round_s"] - r["floor_median_round_s"], abs=1e-3
     )
+    # fedgpt's own share of a message: 11 rounds of one client through a real worker, which was then stopped
+    assert r["trainer_message_s"] > 0
+    assert list((keep / "relay" / "run" / "client_state").rglob("round-11.pt"))
+    assert not list((keep / "relay" / "workers").glob("*.sock"))
 
 
 @pytest.mark.slow

@@ -8,13 +8,16 @@ Every SuperNode keeps its state (client state, its warm trainer's socket and com
 its own. After fedgpt's runs, the floor runs on the same federation: the same rounds of a Flower app whose
 ClientApp imports only Flower and numpy (fedgpt.bench.floor_deploy). With --compile-check fedgpt runs three
 times on the same federation: train.compile off, on with empty compile caches, and on again in new trainer
-processes (each run has its own), which find the caches the second run left on disk.
+processes (each run has its own), which find the caches the second run left on disk. Last, with the federation
+stopped, fedgpt's own share of a message alone: a node's relay handing one client's round to its warm trainer
+over the socket and reading the reply, outside Flower (trainer_message_s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -102,6 +105,7 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
             )
     finally:
         dep.stop()
+    res["trainer_message_s"] = trainer_message_s(a, overrides, work / "relay")
     res["floor_round_s_by_round"] = json.loads(floor_out.read_text())["round_s"]
     res["floor_median_round_s"] = median(res["floor_round_s_by_round"])
     first = next(iter(res["runs"].values()))
@@ -111,6 +115,38 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
         res["compiled_vs_off_from_round_2"] = [round(c / o, 3) for c, o in zip(cold[1:], off[1:])]
         res["first_round_cold_over_restarted"] = round(cold[0] / warm[0], 2)
     return res
+
+
+def trainer_message_s(a: argparse.Namespace, overrides: list[str], work: Path, calls: int = 10) -> float:
+    """Median seconds of one client's train message through a node's relay and warm trainer (a real worker
+    process, over its socket), as fedgpt's ServerApp would send it in rounds 2 to `calls` + 1; the first call,
+    which starts the trainer, is left out. No Flower process: what fedgpt adds to a message, alone."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedgpt.fed.relay import WorkerClient
+    from fedgpt.fed.server import FederatedRun
+    from fedgpt.fed.worker import stop
+
+    settings = [f"--fed.num_clients={a.supernodes}", f"--fed.local_steps={a.local_steps}"]
+    cfg = load_config(a.config, [*overrides, *settings, f"--train.out_dir={work / 'run'}"])
+    run = FederatedRun(
+        cfg, client_threads=1, log=lambda _: None
+    )  # as the deployment's runs: client-threads=1
+    folder = work / "workers"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    worker = WorkerClient(folder, node_id=1, run_id=1, idle_timeout=120, watch_pid=os.getpid())
+    node = {"partition-id": 0, "num-partitions": a.supernodes}
+    seconds = []
+    try:
+        for rnd in range(1, calls + 2):
+            sent = run.exchange.downlink(run.global_state, base_id=rnd)
+            config = ConfigRecord({**run.run_facts(), **run.work_order(rnd).to_config()})
+            t = time.perf_counter()
+            worker.call("train", RecordDict({"arrays": sent, "config": config}), node)
+            seconds.append(time.perf_counter() - t)
+    finally:
+        stop(worker.socket_path)
+    return round(median(seconds[1:]), 4)
 
 
 def _check_installed(work: Path) -> None:
@@ -145,6 +181,10 @@ def markdown(res: dict[str, Any]) -> str:
         ),
         ("floor (s, median)", res["floor_median_round_s"]),
         ("round time over the floor (s, median; the first run)", res["median_round_over_floor_s"]),
+        (
+            "fedgpt's own work per train message: relay to warm trainer and back, no Flower (s, median)",
+            res["trainer_message_s"],
+        ),
         ("starting SuperLink and SuperNodes (s)", res["federation_start_s"]),
     ]
     if "first_round_cold_over_restarted" in res:
