@@ -129,9 +129,7 @@ def trainer_message_s(a: argparse.Namespace, overrides: list[str], work: Path, c
 
     settings = [f"--fed.num_clients={a.supernodes}", f"--fed.local_steps={a.local_steps}"]
     cfg = load_config(a.config, [*overrides, *settings, f"--train.out_dir={work / 'run'}"])
-    run = FederatedRun(
-        cfg, client_threads=1, log=lambda _: None
-    )  # as the deployment's runs: client-threads=1
+    run = FederatedRun(cfg, client_threads=1, log=lambda _: None)  # client-threads=1, as the runs above
     folder = work / "workers"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     worker = WorkerClient(folder, node_id=1, run_id=1, idle_timeout=120, watch_pid=os.getpid())
