@@ -199,6 +199,12 @@ def load_first_moments(optimizer, model: torch.nn.Module, moments: dict[str, tor
     return len(own)
 
 
+@functools.cache
+def muon_defaults() -> dict:
+    """torch.optim.Muon's defaults: its Newton-Schulz coefficients and steps, eps, momentum."""
+    return torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)]).defaults
+
+
 def orthogonalize(g: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype):
     """Muon's Newton-Schulz iteration (torch.optim.Muon's, quintic, `steps` times) in `dtype`: an
     approximation of U V^T for g = U S V^T."""

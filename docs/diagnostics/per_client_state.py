@@ -37,11 +37,11 @@ import torch
 from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fedgpt.config import load_config
 from fedgpt.data import Batches, load_dataset
-from fedgpt.optim import orthogonalize
+from fedgpt.optim import muon_defaults, orthogonalize
 from fedgpt.train import Schedule, Trainer, build_model, evaluate
 
 CONFIG, CLIENTS, BLOCK = "configs/shakespeare_char_cpu.yaml", 8, 64
-MUON = torch.optim.Muon([torch.zeros(1, 1)]).defaults  # torch's Newton-Schulz coefficients, steps and eps
+MUON = muon_defaults()  # torch's Newton-Schulz coefficients, steps and eps
 
 
 def full_val_loss(model: torch.nn.Module, val) -> float:

@@ -9,7 +9,6 @@ fedgpt.config_rules.STRATEGY_SERVER_LR names the strategies and the server learn
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -31,7 +30,7 @@ from flwr.serverapp.strategy import (
 from fedgpt.config import FedConfig
 from fedgpt.config_rules import STRATEGY_SERVER_LR
 from fedgpt.model import is_block_matrix
-from fedgpt.optim import orthogonalize
+from fedgpt.optim import muon_defaults, orthogonalize
 
 
 class OuterSGD(FedAvg):
@@ -105,15 +104,10 @@ class OuterSGD(FedAvg):
         )
 
 
-@functools.cache
-def _muon_defaults() -> dict:
-    return torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)]).defaults
-
-
 def orthogonal_step(step: torch.Tensor) -> torch.Tensor:
     """`step` orthogonalized by torch.optim.Muon's Newton-Schulz iteration (its coefficients, steps and eps,
     in fp32), at the Frobenius norm of `step`."""
-    muon = _muon_defaults()
+    muon = muon_defaults()
     ortho = orthogonalize(step, muon["ns_coefficients"], muon["ns_steps"], muon["eps"], torch.float32)
     return ortho * (step.norm() / ortho.norm().clamp(min=muon["eps"]))
 
