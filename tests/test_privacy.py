@@ -29,6 +29,7 @@ from fedgpt.fed import privacy
 from fedgpt.fed.privacy import ClientDP, DPState, Ledger
 from fedgpt.fed.rounds import read_rounds
 from fedgpt.fed.server import FederatedRun
+from fedgpt.fed.work import straggler_steps
 
 DP = ["--fed.weighting=uniform", "--dp.clipping_norm=1.0", "--dp.delta=1e-3"]
 
@@ -299,23 +300,22 @@ def test_clients_that_clip_keep_the_global_step_within_the_clipping_norm(data_di
     assert step <= norm * 1.001
 
 
-def test_stragglers_get_fewer_steps_or_are_left_out(data_dir, tmp_path):
+def test_stragglers_get_fewer_steps_or_are_left_out():
+    local = 5
     for policy in ("accept", "drop"):
-        overrides = [
-            "--fed.stragglers=0.67",
-            f"--fed.straggler_policy={policy}",
-            f"--data.data_dir={data_dir}",
-        ]
-        run = FederatedRun(load_config(TINY, [*overrides, f"--train.out_dir={tmp_path}"]), log=lambda s: None)
         for rnd in (1, 2):
-            orders, k = run.stragglers(rnd, [11, 12, 13])
-            steps = sorted(o.local_steps for o in orders.values())
-            assert k == 2
+            steps = straggler_steps(0.67, policy, local, seed=1337, rnd=rnd, clients=3)
+            assert len(steps) == 3 and steps.count(local) == 1  # round(0.67 x 3) = 2 stragglers
+            stragglers = [s for s in steps if s != local]
             if policy == "drop":  # FedAvg's baseline: the two stragglers are not sent anything
-                assert len(orders) == 1 and steps == [run.cfg.fed.local_steps]
-            else:  # two of 1 to local_steps - 1 steps, one full client
-                assert len(orders) == 3 and steps[-1] == run.cfg.fed.local_steps
-                assert all(1 <= s < run.cfg.fed.local_steps for s in steps[:2])
+                assert stragglers == [None, None]
+            else:  # two of 1 to local_steps - 1 steps
+                assert all(1 <= s < local for s in stragglers)
+            # drawn from the run's seed and the round: a resumed run gives the same clients the same work
+            assert steps == straggler_steps(0.67, policy, local, seed=1337, rnd=rnd, clients=3)
+    draws = {tuple(straggler_steps(0.5, "accept", 25, seed=1337, rnd=r, clients=8)) for r in range(1, 11)}
+    assert len(draws) > 1  # other rounds, other stragglers
+    assert straggler_steps(0.5, "accept", 1, seed=1337, rnd=1, clients=8) == [1] * 8  # nothing to take away
 
 
 @pytest.mark.slow

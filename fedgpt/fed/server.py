@@ -44,7 +44,7 @@ from fedgpt.fed.rounds import summarize as summarize_rounds
 from fedgpt.fed.secagg_server import secure_round
 from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_state
 from fedgpt.fed.wire import Exchange
-from fedgpt.fed.work import WorkOrder
+from fedgpt.fed.work import WorkOrder, straggler_steps
 from fedgpt.files import atomic_write_bytes
 from fedgpt.lora import add_lora, aggregation_error, embedding_rows
 from fedgpt.rundir import claim_run_dir
@@ -226,7 +226,10 @@ class FederatedRun:
         arrays = self.exchange.per_tensor(self.global_state)
         sampled = self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.sampling_grid(grid, rnd))
         nodes = [m.metadata.dst_node_id for m in sampled]
-        orders, straggling = self.stragglers(rnd, nodes)
+        seed = self.cfg.train.seed  # each node's local steps: fewer for a straggler, None for a dropped one
+        steps = straggler_steps(fed.stragglers, fed.straggler_policy, fed.local_steps, seed, rnd, len(nodes))
+        orders = {n: self.work_order(rnd, s) for n, s in zip(nodes, steps) if s is not None}
+        straggling = sum(s != fed.local_steps for s in steps)
         down, up = self.exchange.streaming(rnd)  # the whole model, or streaming fragments
         sent = down.downlink(self.global_state, secrets.randbits(62))
         msgs = [
@@ -282,23 +285,6 @@ class FederatedRun:
             )
         random.seed(self.cfg.train.seed * 1_000_003 + rnd)
         return ordered
-
-    def stragglers(self, rnd: int, nodes: list[int]) -> tuple[dict[int, WorkOrder], int]:
-        """Each sampled node's work order; fed.stragglers of them go to stragglers, drawn from the run's
-        seed and the round: as in Li et al. 2020 (FedProx, section 5), each gets a local step budget drawn
-        from 1 to local_steps - 1 ("accept"), or is left out of the round ("drop": FedAvg does not wait for
-        it). Returns the orders of the nodes to send to, and how many clients straggle."""
-        f = self.cfg.fed
-        k = round(f.stragglers * len(nodes)) if f.local_steps > 1 else 0
-        rng = random.Random(self.cfg.train.seed * 7_919 + rnd)
-        chosen = set(rng.sample(range(len(nodes)), k)) if k else set()
-        orders = {}
-        for i, n in enumerate(nodes):
-            if i not in chosen:
-                orders[n] = self.work_order(rnd)
-            elif f.straggler_policy == "accept":
-                orders[n] = self.work_order(rnd, local_steps=rng.randint(1, f.local_steps - 1))
-        return orders, k
 
     def aggregate(
         self, rnd: int, replies: list[Message], sent: ArrayRecord, up: Exchange

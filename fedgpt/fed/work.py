@@ -3,15 +3,18 @@
     order = WorkOrder(round=3, local_steps=25, first_step=50, schedule=Schedule.of(tc, 250), ...)
     msg.content["config"] = ConfigRecord({**run_facts, **order.to_config()})     # server
     order = WorkOrder.from_config(msg.content["config"])                        # client
+    straggler_steps(0.5, "accept", 25, seed=1337, rnd=3, clients=8)  # [25, 15, 21, 25, 5, 25, 10, 25]
+    straggler_steps(0.5, "drop", 25, seed=1337, rnd=3, clients=8)    # [25, None, None, 25, None, 25, ...]
 
 Everything that varies by client or by round travels here, so that no value is derived twice: the steps
-this client runs (fewer for a straggler), where in the learning-rate schedule it starts and the schedule
-itself (fixed when the run started, so a resume that adds rounds keeps it), the round whose client state a
-resume may still need, the norm to clip to under client-side DP, and FedProx's mu (the strategy's own).
+this client runs (fewer for a straggler, drawn here), where in the learning-rate schedule it starts and the
+schedule itself (fixed when the run started, so a resume that adds rounds keeps it), the round whose client
+state a resume may still need, the norm to clip to under client-side DP, and FedProx's mu (the strategy's).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
@@ -68,3 +71,20 @@ class WorkOrder:
             None if clip is None else float(clip),
             float(w["proximal-mu"]),
         )
+
+
+def straggler_steps(share: float, policy: str, local_steps: int, seed: int, rnd: int, clients: int) -> list:
+    """The local steps of each of a round's `clients` sampled clients, in their order: local_steps, except
+    for round(share x clients) stragglers drawn from the run's seed and the round. As in Li et al. 2020
+    (FedProx, section 5), a straggler gets a budget drawn from 1 to local_steps - 1 (policy "accept"), or
+    None: left out of the round (policy "drop"; FedAvg does not wait for it)."""
+    k = round(share * clients) if local_steps > 1 else 0
+    rng = random.Random(seed * 7_919 + rnd)
+    chosen = set(rng.sample(range(clients), k)) if k else set()
+    steps = []
+    for i in range(clients):
+        if i not in chosen:
+            steps.append(local_steps)
+        else:
+            steps.append(rng.randint(1, local_steps - 1) if policy == "accept" else None)
+    return steps
