@@ -117,7 +117,7 @@ def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
     run = r["runs"]["run"]
     assert r["supernodes"] == 2 and r["trainer"] == "worker" and run["tokens"] == 0
     assert len(run["round_s_by_round"]) == 1 and run["round_s_by_round"][0] > 0
-    # the floor ran the same rounds on the same federation, every node sending the weights back
+    # the floor ran the same rounds on the same federation, every node sending an array of the weights' size
     assert len(r["floor_round_s_by_round"]) == 1 and r["floor_round_s_by_round"][0] > 0
     assert r["median_round_over_floor_s"] == pytest.approx(
         run["median_round_s"] - r["floor_median_round_s"], abs=1e-3
@@ -126,6 +126,14 @@ def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
     assert r["trainer_message_s"] > 0
     assert list((keep / "relay" / "run" / "client_state").rglob("round-11.pt"))
     assert not list((keep / "relay" / "workers").glob("*.sock"))
+    # each node's train message, split into Flower's phases from the SuperNodes' own logs: each run's message
+    # phases fit inside the round the ServerApp timed on its own clock around them
+    for name, round_s in (("fedgpt", run["round_s_by_round"][0]), ("floor", r["floor_round_s_by_round"][0])):
+        phases = r["node_phases_s"][name]
+        assert phases["idle"] is None  # one round: no next message to wait for
+        node_side = [phases[p] for p in ("pull", "launch", "clientapp", "push")]
+        assert all(x >= 0 for x in node_side) and phases["launch"] > 0, phases  # a process was started
+        assert sum(node_side) <= round_s + 0.01, (name, phases, round_s)
 
 
 @pytest.mark.slow

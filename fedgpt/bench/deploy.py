@@ -10,7 +10,9 @@ ClientApp imports only Flower and numpy (fedgpt.bench.floor_deploy). With --comp
 times on the same federation: train.compile off, on with empty compile caches, and on again in new trainer
 processes (each run has its own), which find the caches the second run left on disk. Last, with the federation
 stopped, fedgpt's own share of a message alone: a node's relay handing one client's round to its warm trainer
-over the socket and reading the reply, outside Flower (trainer_message_s).
+over the socket and reading the reply, outside Flower (trainer_message_s). The SuperNodes log at DEBUG level,
+whose lines carry timestamps: node_phases_s splits each train message's time on a node into Flower's phases
+(fedgpt.bench.node_phases), for fedgpt's first run and for the floor.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 from fedgpt.bench.common import SimRun, app_dir, wire_params
 from fedgpt.bench.loopback import Deployment
+from fedgpt.bench.node_phases import PHASES, median_phases, message_phases
 from fedgpt.config import load_config
 from fedgpt.fed.rounds import median, read_rounds
 
@@ -78,7 +81,7 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
     cfg = load_config(a.config, overrides)
     floor_out = work / "floor.json"
     floor = floor_app(work / "floor_app", a.supernodes, a.rounds, wire_params(cfg), floor_out)
-    dep = Deployment(work / "flwr")
+    dep = Deployment(work / "flwr", env={"FLWR_LOG_LEVEL": "DEBUG"})  # DEBUG: log lines with timestamps
     nodes = [work / f"node{i}" for i in range(a.supernodes)]
     res: dict[str, Any] = {
         "supernodes": a.supernodes,
@@ -105,6 +108,7 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
             )
     finally:
         dep.stop()
+    res["node_phases_s"] = node_phases(dep.root, a.supernodes)
     res["trainer_message_s"] = trainer_message_s(a, overrides, work / "relay")
     res["floor_round_s_by_round"] = json.loads(floor_out.read_text())["round_s"]
     res["floor_median_round_s"] = median(res["floor_round_s_by_round"])
@@ -115,6 +119,20 @@ def bench_deploy(a: argparse.Namespace, overrides: list[str], work: Path) -> dic
         res["compiled_vs_off_from_round_2"] = [round(c / o, 3) for c, o in zip(cold[1:], off[1:])]
         res["first_round_cold_over_restarted"] = round(cold[0] / warm[0], 2)
     return res
+
+
+def node_phases(root: Path, supernodes: int) -> dict[str, dict]:
+    """Medians of where each train message spent its time on the SuperNodes (fedgpt.bench.node_phases), for
+    fedgpt's first run and for the floor's (the last run on the federation), over all nodes."""
+    runs = [
+        list(message_phases((root / f"supernode{i}.log").read_text()).values()) for i in range(supernodes)
+    ]
+    if not all(runs):
+        return {}  # no timestamped lines: another Flower version's log
+    return {
+        "fedgpt": median_phases([m for node in runs for m in node[0]]),
+        "floor": median_phases([m for node in runs for m in node[-1]]),
+    }
 
 
 def trainer_message_s(a: argparse.Namespace, overrides: list[str], work: Path, calls: int = 10) -> float:
@@ -185,6 +203,12 @@ def markdown(res: dict[str, Any]) -> str:
         ),
         ("starting SuperLink and SuperNodes (s)", res["federation_start_s"]),
     ]
+    if res["node_phases_s"]:
+        fed, floor = res["node_phases_s"]["fedgpt"], res["node_phases_s"]["floor"]
+        rows += [
+            (f"a SuperNode's train message: {p} (s, median), fedgpt / floor", s([fed[p], floor[p]]))
+            for p in PHASES
+        ]
     if "first_round_cold_over_restarted" in res:
         rows += [
             ("compiled / not compiled, rounds 2 on", s(res["compiled_vs_off_from_round_2"])),

@@ -1,9 +1,15 @@
 """The floor under a deployment round: Flower alone, with a ClientApp that imports only Flower and numpy.
 
 A ServerApp that sends an array of the model's size to every node for a number of rounds, and a ClientApp
-that sends it back; `python -m fedgpt.bench deploy` runs it as its own Flower app (floor_app writes its
-pyproject.toml) on the federation that ran fedgpt, right after it. Whatever a fedgpt round costs over this is
-fedgpt's own: with the warm trainer, a round's ClientApp processes import no torch either.
+that answers with another of that size; `python -m fedgpt.bench deploy` runs it as its own Flower app
+(floor_app writes its pyproject.toml) on the federation that ran fedgpt, right after it. Whatever a fedgpt
+round costs over this is fedgpt's own: with the warm trainer, a round's ClientApp processes import no torch
+either.
+
+The floor moves what a fedgpt round at 0 local steps moves: weights down (random values, as a model's are)
+and a zero update of the same size back. Flower's objects are content-addressed (an object's id is the hash
+of its bytes), and a SuperNode does not push what the SuperLink already holds: a reply that echoed the
+received array, as this floor's did, was never sent back, so the floor moved half of fedgpt's bytes.
 """
 
 import json
@@ -21,8 +27,9 @@ app = ClientApp()
 @app.train()
 def answer(msg: Message, context: Context) -> Message:
     content = RecordDict({"t": ConfigRecord({"handled-at": time.time()})})
-    if "arrays" in msg.content:  # the weights go back, as a client's update would
-        content["arrays"] = ArrayRecord({k: Array(a.numpy()) for k, a in msg.content["arrays"].items()})
+    if "arrays" in msg.content:  # an update of the weights' size goes back: all zeros, as after 0 steps
+        zeros = {k: np.zeros_like(a.numpy()) for k, a in msg.content["arrays"].items()}
+        content["arrays"] = ArrayRecord({k: Array(z) for k, z in zeros.items()})
     return Message(content, reply_to=msg)
 
 
@@ -31,14 +38,15 @@ server = ServerApp()
 
 @server.main()
 def deployment_floor(grid: Grid, context: Context) -> None:
-    """`rounds` rounds of a float32 array of `params` values to each of `nodes` nodes and back; the seconds
-    of each round go to the file `out` as JSON."""
+    """`rounds` rounds of a float32 array of `params` values to each of `nodes` nodes, and one of as many
+    back from each; the seconds of each round go to the file `out` as JSON."""
     from fedgpt.fed.grid import exchange, wait_for_nodes
     from fedgpt.files import atomic_write_bytes
 
     c = context.run_config
     nodes = wait_for_nodes(grid, int(c["nodes"]), timeout=120, log=lambda _: None)
-    arrays = ArrayRecord({"weights": Array(np.zeros(int(c["params"]), dtype=np.float32))})
+    weights = np.random.default_rng(0).standard_normal(int(c["params"]), dtype=np.float32)
+    arrays = ArrayRecord({"weights": Array(weights)})
     rounds = []
     for rnd in range(1, int(c["rounds"]) + 1):
         t = time.time()
@@ -52,9 +60,12 @@ def deployment_floor(grid: Grid, context: Context) -> None:
             for n in nodes
         ]
         replies = exchange(grid, msgs, timeout=600)
-        if len(replies) != len(nodes) or any(r.has_error() or "arrays" not in r.content for r in replies):
+        ok = [r for r in replies if not r.has_error() and "arrays" in r.content]
+        ok = [r for r in ok if r.content["arrays"]["weights"].numpy().size == weights.size]
+        if len(ok) != len(nodes):
             raise RuntimeError(
-                f"deployment floor, round {rnd}: {len(replies)} of {len(nodes)} nodes answered"
+                f"deployment floor, round {rnd}: {len(ok)} of {len(nodes)} nodes answered with "
+                f"{weights.size} values"
             )
         rounds.append(round(time.time() - t, 3))
     out = {"nodes": len(nodes), "params": int(c["params"]), "round_s": rounds}

@@ -71,8 +71,8 @@ class Deployment:
     keys/supernode<i>, which must be registered (register_supernodes) before it starts.
     """
 
-    def __init__(self, root: Path, secure: Path | None = None):
-        self.root, self.secure = root, secure
+    def __init__(self, root: Path, secure: Path | None = None, env: dict[str, str] | None = None):
+        self.root, self.secure, self.extra_env = root, secure, env or {}  # env: added to every process's
         self.marker = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
         self.link_port: int | None = None
@@ -132,6 +132,7 @@ class Deployment:
             "FLWR_HOME": str(home),
             MARKER: self.marker,
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            **self.extra_env,
         }
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
