@@ -28,8 +28,8 @@ app = ClientApp()
 def answer(msg: Message, context: Context) -> Message:
     content = RecordDict({"t": ConfigRecord({"handled-at": time.time()})})
     if "arrays" in msg.content:  # an update of the weights' size goes back: all zeros, as after 0 steps
-        zeros = {k: np.zeros_like(a.numpy()) for k, a in msg.content["arrays"].items()}
-        content["arrays"] = ArrayRecord({k: Array(z) for k, z in zeros.items()})
+        zeros = {k: Array(np.zeros_like(a.numpy())) for k, a in msg.content["arrays"].items()}
+        content["arrays"] = ArrayRecord(zeros)
     return Message(content, reply_to=msg)
 
 

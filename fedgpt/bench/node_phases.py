@@ -49,7 +49,7 @@ def message_phases(log: str) -> dict[str, list[dict[str, float | None]]]:
         if "Receiving: train message" in line:
             if last is not None and last["run"] == run:
                 last["idle"] = round(t - last["at"], 3)
-            msg = {"run": run, "start": t, "at": t}
+            msg = {"run": run, "at": t}
         elif msg is not None:
             phase = next((p for p, mark in MARKS.items() if mark in line and p not in msg), None)
             if phase is not None and all(p in msg for p in PHASES[: PHASES.index(phase)]):
