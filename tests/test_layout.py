@@ -9,6 +9,7 @@ import fnmatch
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from conftest import REPO
@@ -134,25 +135,37 @@ def test_model_and_generation_do_not_import_each_other():
         assert f"fedgpt.{b}" not in names, f"fedgpt/{a}.py imports fedgpt.{b} (TYPE_CHECKING included)"
 
 
-# A room a reader can read top to bottom, and functions that fit on a screen, but for the model's forward
-# passes and the training step, which read best whole.
-MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+# Size is a symptom (shared STYLE.md, point 13): the largest modules and functions are a report to look at,
+# not a cap to pass, so that no code moves only to meet a count.
+REPORT_MODULE_LINES, REPORT_FUNCTION_LINES = 400, 60
 LONG_BY_NATURE = {"fedgpt.model.*.forward", "fedgpt.train.Trainer.train_steps"}
 
 
-def test_modules_and_functions_stay_readable():
-    long_modules, long_functions = [], []
-    for path in PACKAGE.rglob("*.py"):
+def size_report(root: Path) -> list[str]:
+    """Modules over REPORT_MODULE_LINES lines and functions over REPORT_FUNCTION_LINES, largest first."""
+    rows = []
+    for path in root.rglob("*.py"):
         text = path.read_text()
-        if text.count("\n") > MAX_MODULE_LINES:
-            long_modules.append(f"{path.relative_to(REPO)} ({text.count(chr(10))} lines)")
+        if text.count("\n") > REPORT_MODULE_LINES:
+            rows.append((text.count("\n"), f"module {path.relative_to(root.parent)}"))
         tree = ast.parse(text)
         for cls in [None, *[n for n in tree.body if isinstance(n, ast.ClassDef)]]:
             for fn in (tree if cls is None else cls).body:
                 if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    name = f"{module_name(path)}.{cls.name + '.' if cls else ''}{fn.name}"
+                    module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+                    name = f"{module}.{cls.name + '.' if cls else ''}{fn.name}"
                     exempt = any(fnmatch.fnmatch(name, pattern) for pattern in LONG_BY_NATURE)
-                    if fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES and not exempt:
-                        long_functions.append(f"{name} ({fn.end_lineno - fn.lineno + 1} lines)")
-    assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
-    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+                    if fn.end_lineno - fn.lineno + 1 > REPORT_FUNCTION_LINES and not exempt:
+                        rows.append((fn.end_lineno - fn.lineno + 1, f"function {name}"))
+    return [f"{what} ({n} lines)" for n, what in sorted(rows, reverse=True)]
+
+
+def test_size_report_names_the_largest_modules_and_functions(tmp_path):
+    pkg = tmp_path / "fedgpt"
+    pkg.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(REPORT_FUNCTION_LINES + 5))
+    (pkg / "big.py").write_text(f"def long():\n{body}\n\n\ndef short():\n    return 1\n")
+    assert size_report(pkg) == [f"function fedgpt.big.long ({REPORT_FUNCTION_LINES + 6} lines)"]
+    report = size_report(PACKAGE)
+    if report:
+        warnings.warn("largest modules and functions: " + "; ".join(report), stacklevel=1)
