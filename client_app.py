@@ -8,12 +8,14 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedgpt.fed import relay, secagg
+from fedgpt.fed.node_policy import NodePolicy
 
 app = ClientApp(mods=[secagg.secure_aggregation])  # SecAgg+ when the run asks for it, or the node requires it
 
 
 def reply(kind: str, msg: Message, context: Context) -> Message:
-    return Message(relay.handle(kind, msg.content, context, msg.metadata.run_id), reply_to=msg)
+    with NodePolicy.guard(kind):  # what fails is told to the server, what the node holds only to its log
+        return Message(relay.handle(kind, msg.content, context, msg.metadata.run_id), reply_to=msg)
 
 
 @app.query()

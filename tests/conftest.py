@@ -241,6 +241,21 @@ def serverapp_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
+def node_config(run, partition: int = 0, num_partitions: int = 3) -> dict:
+    """The node config of a node that serves `run` (a FederatedRun) from this machine: its partition, and its
+    own paths (fedgpt.fed.node_policy) set to the run's corpus, base model and client-state folder."""
+    d, t = run.cfg.data, run.cfg.train
+    node = {"partition-id": partition, "num-partitions": num_partitions, "state-dir": run.state_dir}
+    node["data-dir"] = str(Path(d.data_dir).resolve())
+    if d.input_file:
+        node["corpus-file"] = str(Path(d.input_file).resolve())
+    if d.vocab_file:
+        node["vocab-file"] = str(Path(d.vocab_file).resolve())
+    if t.init_from != "scratch":
+        node["init-from"] = str(Path(t.init_from).resolve())
+    return node
+
+
 def fit_in_process(run, rnd: int, partition: int = 0, num_partitions: int = 3, via=None):
     """One client's train round as `run` (a FederatedRun) would send it, handled by fedgpt.fed.client.fit in
     this process (no Ray, no Flower process), or `via` a node's worker (fedgpt.fed.relay.WorkerClient); the
@@ -249,7 +264,7 @@ def fit_in_process(run, rnd: int, partition: int = 0, num_partitions: int = 3, v
 
     from fedgpt.fed import client
 
-    node = {"partition-id": partition, "num-partitions": num_partitions}
+    node = node_config(run, partition, num_partitions)
     sent = run.exchange.downlink(run.global_state, base_id=rnd)
     config = ConfigRecord({**run.run_facts(), **run.work_order(rnd).to_config()})
     content = RecordDict({"arrays": sent, "config": config})

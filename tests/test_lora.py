@@ -300,7 +300,7 @@ def test_clients_train_the_embedding_rows_the_server_chose(data_dir, tmp_path):
     # is missing (or says something else) trains the server's rows, not rows of its own
     import json
 
-    from conftest import TINY
+    from conftest import TINY, node_config
     from flwr.app import ConfigRecord, RecordDict
 
     from fedgpt import local_train
@@ -322,7 +322,5 @@ def test_clients_train_the_embedding_rows_the_server_chose(data_dir, tmp_path):
     as_the_node_reads_it = json.loads(facts["fedgpt-config"])
     as_the_node_reads_it["lora"]["rows_from"] = str(tmp_path / "not-on-this-node.txt")
     facts["fedgpt-config"] = json.dumps(as_the_node_reads_it)
-    st, _ = client.client_state(
-        RecordDict({"config": ConfigRecord(facts)}), {"partition-id": 0, "num-partitions": 3}
-    )
+    st, _ = client.client_state(RecordDict({"config": ConfigRecord(facts)}), node_config(run))
     assert embedding_rows(st.trainer.raw_model) == json.loads(facts["embedding-rows"])

@@ -98,7 +98,7 @@ def test_the_worker_ends_with_its_supernode_and_refuses_an_open_folder(data_dir,
     assert not list(folder.glob("*.sock"))
     # a folder other users may enter is refused, by the relay and by the worker itself
     folder.chmod(0o755)
-    with pytest.raises(PermissionError, match="open to other users"):
+    with pytest.raises(PermissionError, match="not a private folder"):
         from fedgpt.fed.relay import check_private
 
         check_private(folder)
@@ -108,7 +108,39 @@ def test_the_worker_ends_with_its_supernode_and_refuses_an_open_folder(data_dir,
         text=True,
         timeout=60,
     )
-    assert res.returncode != 0 and "open to other users" in res.stderr and not (folder / "x.sock").exists()
+    assert res.returncode != 0 and "not a private folder" in res.stderr and not (folder / "x.sock").exists()
+
+
+def test_the_relay_refuses_a_state_dir_others_may_write_and_never_follows_a_lock_link(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedgpt.fed.relay import worker_folder
+
+    def context(state_dir: Path) -> Context:
+        return Context(
+            1, 3, {"partition-id": 0, "num-partitions": 3, "state-dir": str(state_dir)}, RecordDict(), {}
+        )
+
+    # a state-dir others may write to (they could swap its workers/ for theirs), or that another user owns
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o777)
+    open_dir.chmod(0o777)
+    with pytest.raises(PermissionError, match="not a private folder"):
+        worker_folder(context(open_dir))
+    assert not (open_dir / "workers").exists()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)  # nobody's (the tests run as root here; elsewhere this raises)
+    with pytest.raises(PermissionError, match="not a private folder"):
+        worker_folder(context(theirs))
+    # a planted link where the relay locks: refused, and the file it points to is left as it was
+    folder = worker_folder(context(tmp_path / "mine"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (folder / "node-3-run-1.lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        WorkerClient(folder, node_id=3, run_id=1).connect()
+    assert victim.read_text() == "keep me"
 
 
 RELAY = """
@@ -117,8 +149,9 @@ sys.argv[0] = "flwr-clientapp"  # as Flower starts a deployment's ClientApp proc
 from flwr.app import ConfigRecord, Context, RecordDict
 import client_app
 from fedgpt.fed import relay
-facts, state_dir = json.loads(sys.argv[1]), sys.argv[2]
-context = Context(1, 3, {"partition-id": 0, "num-partitions": 3, "state-dir": state_dir}, RecordDict(), {})
+facts, state_dir, data_dir = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+node = {"partition-id": 0, "num-partitions": 3, "state-dir": state_dir, "data-dir": data_dir}
+context = Context(1, 3, node, RecordDict(), {})
 reply = relay.handle("query", RecordDict({"config": ConfigRecord(facts)}), context, run_id=7)
 server_side = ["fedgpt.config", "fedgpt.fed.secagg_server", "fedgpt.fed.server", "yaml"]
 loaded = {"torch": "torch" in sys.modules, "server side": [m for m in server_side if m in sys.modules]}
@@ -129,7 +162,7 @@ print(json.dumps({"info": dict(reply["info"]), **loaded}))
 def test_the_relay_answers_a_query_through_the_worker_without_torch(data_dir, tmp_path):
     run = tiny_run(data_dir, tmp_path)
     res = subprocess.run(
-        [sys.executable, "-c", RELAY, json.dumps(run.run_facts()), str(tmp_path / "node")],
+        [sys.executable, "-c", RELAY, json.dumps(run.run_facts()), str(tmp_path / "node"), str(data_dir)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import tempfile
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from fedgpt.data import Batches, load_dataset, load_node_tokens
 from fedgpt.fed import secagg
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.moments import MOMENTS
+from fedgpt.fed.node_policy import NodeError, NodePolicy
 from fedgpt.fed.partition import ClientPartition, client_partitions
 from fedgpt.fed.wire import Exchange
 from fedgpt.fed.work import WorkOrder
@@ -47,6 +48,7 @@ class ClientState:
 # arrive with every message anyway. In deployment each message is a new process and the on-disk token cache of
 # fedgpt.data does the saving.
 _CACHE: dict[str, ClientState] = {}
+log = logging.getLogger("fedgpt.node")
 
 
 def run_config(content: RecordDict) -> tuple[Config, dict, ConfigRecord]:
@@ -58,20 +60,17 @@ def client_state(content: RecordDict, node: dict) -> tuple[ClientState, int]:
     """This process's model, trainer and partitions for the message's run (cached), and this node's partition
     id.
 
-    A node whose node config names `input-file` (a text, or a folder of them) trains on all of that data, in
-    the run's tokenizer: its own data, which no other process ever reads. Otherwise every node holds the run's
-    corpus and trains on its partition of it (node config `data-dir` says where the corpus lives).
+    What the node reads is its own (fedgpt.fed.node_policy): the run config chooses the tokenizer, the model
+    and the work, and every path in it is replaced by the node's. A node whose node config names `input-file`
+    (a text, or a folder of them) trains on all of that data, in the run's tokenizer: its own data, which no
+    other process ever reads. Otherwise every node holds the run's corpus (node config `data-dir`, and
+    `corpus-file` where it is not Tiny Shakespeare) and trains on its partition of it.
     """
-    cfg, tokenizer_meta, record = run_config(content)
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError(
-            "node config lacks partition-id / num-partitions: start the SuperNode with "
-            '--node-config "partition-id=0 num-partitions=2"'
-        )
-    partition_id, n = int(node["partition-id"]), int(node["num-partitions"])
-    if "data-dir" in node:  # deployed apps do not run from the repository: a node says where its data lives
-        cfg.data.data_dir = str(node["data-dir"])
-    own = str(node["input-file"]) if "input-file" in node else None
+    policy = NodePolicy.of(node)
+    partition_id, n = policy.partition()
+    server_cfg, tokenizer_meta, record = run_config(content)
+    cfg = policy.run_config(server_cfg)
+    own = policy.input_file or None
     key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer_meta, n, own]).encode()).hexdigest()
     if key in _CACHE:
         return _CACHE[key], partition_id
@@ -93,10 +92,10 @@ def shared_data(cfg: Config, tokenizer_meta: dict, n: int) -> tuple[Tokenizer, l
     """The run's corpus, which this node holds too, split into its n partitions (as spans: tokens on use)."""
     ds = load_dataset(cfg.data)
     if ds.tokenizer.meta() != tokenizer_meta:
-        raise ValueError(
-            f"its corpus/tokenizer ({ds.tokenizer.meta().get('kind')}, vocab {ds.tokenizer.vocab_size}) "
-            f"differs from the server's ({tokenizer_meta.get('kind')}): give every node the same corpus "
-            "(node-config data-dir) and data.tokenizer, or the node its own data (node-config input-file)"
+        raise NodeError(
+            f"this node's corpus and tokenizer ({ds.tokenizer.meta().get('kind')}) differ from the server's "
+            f"({tokenizer_meta.get('kind')}): give every node the run's corpus (node config data-dir, "
+            "corpus-file, vocab-file) and the run's data.tokenizer, or the node its own data (input-file)"
         )
     return ds.tokenizer, client_partitions(cfg, ds, n)
 
@@ -104,14 +103,19 @@ def shared_data(cfg: Config, tokenizer_meta: dict, n: int) -> tuple[Tokenizer, l
 def own_data(
     cfg: Config, tokenizer_meta: dict, path: str, partition_id: int, n: int
 ) -> tuple[Tokenizer, list[ClientPartition]]:
-    """This node's own text as its one partition, in the run's tokenizer; no other partition is here."""
-    cache = (
-        Path(cfg.data.data_dir)
-        if Path(cfg.data.data_dir).is_dir()
-        else Path(tempfile.gettempdir()) / "fedgpt"
-    )
+    """This node's own text as its one partition, in the run's tokenizer; no other partition is here. What is
+    wrong with the text (a character outside the server's vocabulary, say) stays in the node's log: the
+    server is told what failed, not what the text holds."""
+    cache = Path(cfg.data.data_dir)  # the node's own (fedgpt.fed.node_policy)
     tokenizer = get_tokenizer(tokenizer_meta, cache_dir=cache / "tiktoken_cache")
-    tokens = load_node_tokens(path, tokenizer, cache)
+    try:
+        tokens = load_node_tokens(path, tokenizer, cache)
+    except ValueError as e:
+        log.error("this node's own data (input-file) cannot be used: %s", e)
+        raise NodeError(
+            "this node's own text cannot be encoded with the run's tokenizer or is too small (details in the "
+            "node's log): train with data.tokenizer=gpt2, which encodes any text, or give the node other text"
+        ) from None
     f = cfg.fed
     n_val = round(len(tokens) * f.client_val_fraction) if f.client_eval_interval > 0 else 0
     spans = np.array([[0, len(tokens)]], dtype=np.int64)
@@ -159,6 +163,7 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     st, partition_id = client_state(content, node)
     cfg, part, trainer = st.cfg, st.parts[partition_id], st.trainer
     order = WorkOrder.from_config(content["config"])
+    NodePolicy.round(order.round), NodePolicy.round(order.keep_from_round, "keep-from-round", least=-1)
     down, up = st.exchange.streaming(order.round)  # the whole model, or streaming fragments
     store = state_store(cfg, content["config"], node, partition_id)
     shared = content[MOMENTS].to_torch_state_dict() if MOMENTS in content else None
@@ -258,14 +263,12 @@ def keep(
 
 def state_store(cfg: Config, record: ConfigRecord, node: dict, partition_id: int) -> ClientStateStore | None:
     """Where this client keeps its state between rounds (its optimizer state, its quantization error), or None
-    if it keeps none.
-
-    A SuperNode's node config `state-dir` names a folder on its own machine; without it, the run's
-    fed.client_state_dir, or <train.out_dir>/client_state as the server resolved it."""
+    if it keeps none: under the node's own state-dir (fedgpt.fed.node_policy), in the folder of the message's
+    run id, checked to be a name and not a path."""
     if not (cfg.keeps_client_state or cfg.error_feedback or cfg.keeps_client_weights):
         return None
-    root = node.get("state-dir") or record["client-state-dir"]
-    return ClientStateStore(str(root), str(record["run-id"]), partition_id)
+    policy = NodePolicy.of(node)
+    return ClientStateStore(policy.state_dir, policy.run_id(record["run-id"]), partition_id)
 
 
 def restore(

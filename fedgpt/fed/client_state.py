@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fedgpt.checkpoint import atomic_save
+from fedgpt.fed.node_policy import NodePolicy
 
 ROUND_FILE = re.compile(r"round-(\d+)\.pt")
 
@@ -30,7 +31,8 @@ class ClientStateStore:
     """The states one partition of one run saved, one file per round."""
 
     def __init__(self, root: str | Path, run_id: str, partition_id: int):
-        self.dir = Path(root) / run_id / f"partition-{partition_id}"
+        # a run id from a message is a name, never a path (fedgpt.fed.node_policy)
+        self.dir = Path(root) / NodePolicy.run_id(run_id) / f"partition-{int(partition_id)}"
 
     def rounds(self) -> list[int]:
         """The rounds with a saved state, oldest first."""

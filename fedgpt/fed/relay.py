@@ -9,13 +9,13 @@ a relay that imports neither torch nor fedgpt's training code: it passes the mes
 config to a long-lived trainer process (fedgpt.fed.worker) over a Unix socket, and returns what it answers. A
 simulation's ClientApp runs in a Ray actor that outlives messages: it does the work itself
 (fedgpt.fed.client), as it always has. The node setting `trainer` ("worker" or "inline";
-fedgpt.fed.secagg.node_setting) overrides the choice.
+fedgpt.fed.node_policy.node_setting) overrides the choice.
 
-One worker per node and run, started by the first message that needs it, in a folder only this user may enter:
-<node config state-dir, or the temp folder's fedgpt-<uid>>/workers/node-<node id>-run-<run id>.sock, with its
-log beside it and torch's compile caches under compile-cache/. If the worker dies with a message in flight,
-the relay starts another and asks once more: the message is the same, and the client state it needs is in
-files, so the answer is the one the first would have given.
+One worker per node and run, started by the first message that needs it, in a folder only this user may enter
+(inside a state-dir only this user may write to): <the node's state-dir (fedgpt.fed.node_policy)>/workers/
+node-<node id>-run-<run id>.sock, with its log beside it and torch's compile caches under compile-cache/. If
+the worker dies with a message in flight, the relay starts another and asks once more: the message is the
+same, and the client state it needs is in files, so the answer is the one the first would have given.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +36,7 @@ from flwr.app import Context, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from fedgpt.fed.secagg import node_setting
+from fedgpt.fed.node_policy import NodeError, NodePolicy, node_setting
 
 KINDS = ("query", "train", "evaluate")
 START_TIMEOUT = 120.0  # seconds for a new worker to listen (it imports torch and loads the node's data first)
@@ -68,21 +68,25 @@ def handle(kind: str, content: RecordDict, context: Context, run_id: int) -> Rec
 
 
 def worker_folder(context: Context) -> Path:
-    """<state-dir or tempdir/fedgpt-<uid>>/workers: created 0700, refused if others may enter it."""
-    base = node_setting(context, "state-dir", "") or Path(tempfile.gettempdir()) / f"fedgpt-{os.getuid()}"
-    folder = Path(base) / "workers"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """<the node's state-dir>/workers: created 0700, refused if others may enter it, or if others may write to
+    the state-dir it lies in (they could swap it for a folder of theirs)."""
+    base = NodePolicy.of(context).state_dir
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private(base, others=0o022)
+    folder = base / "workers"
+    folder.mkdir(mode=0o700, exist_ok=True)
     check_private(folder)
     return folder
 
 
-def check_private(folder: Path) -> None:
-    """Refuse a folder another user owns or may enter: its sockets would take their messages."""
-    st = folder.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+def check_private(folder: Path, others: int = 0o077) -> None:
+    """Refuse a folder that is a link, that another user owns, or that others may use as the `others` mode
+    bits say (by default: enter at all): a node's trainer listens there."""
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & others:
         raise PermissionError(
-            f"{folder} (mode {oct(st.st_mode & 0o777)}, owner {st.st_uid}) is open to other users: a node's "
-            "trainer listens there; chmod 700 it, or give the node another state-dir"
+            f"{folder} (mode {oct(st.st_mode & 0o777)}, owner {st.st_uid}) is not a private folder of this "
+            "user: a node's trainer listens there; chmod 700 it, or give the node another state-dir"
         )
 
 
@@ -167,8 +171,8 @@ class WorkerClient:
                 # A killed worker closes its connections and its listening socket one after the other: wait
                 # until it is gone, or the next connection may reach it as it dies.
                 wait_gone(peer, timeout=10)
-        if not header.get("ok"):
-            raise RuntimeError(f"the node's trainer failed: {header.get('error')}")
+        if not header.get("ok"):  # the worker sends only what the server may read (NodePolicy.guard)
+            raise NodeError(str(header.get("error")))
         return from_bytes(reply)
 
     def connect(self) -> socket.socket:
@@ -176,11 +180,16 @@ class WorkerClient:
         sock = self._try_connect()
         if sock is not None:
             return sock
-        with open(self.socket_path.with_suffix(".lock"), "w") as lock:  # one starter at a time
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        # One starter at a time. The lock file is never truncated and never a link followed (O_NOFOLLOW): a
+        # planted link would not make this process write through it.
+        fd = os.open(self.socket_path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             sock = self._try_connect()  # another relay may have started it while this one waited
             if sock is None:
                 sock = self._start()
+        finally:
+            os.close(fd)
         return sock
 
     def _try_connect(self) -> socket.socket | None:

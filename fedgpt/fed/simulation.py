@@ -16,7 +16,9 @@ import sys
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedgpt.config import Config
@@ -84,6 +86,38 @@ def launch(
     """
     t_start = t_start or time.time()
     check_data(cfg)  # what a user gets wrong most (a context no data fills) is refused before Ray starts
+    with node_environment(cfg):
+        return _launch(cfg, client_app, res, resume, overwrite, t_start)
+
+
+@contextmanager
+def node_environment(cfg: Config):
+    """The simulated nodes' own settings (fedgpt.fed.node_policy), for the length of a simulation: one
+    operator runs the server and every node on this machine, so the nodes' paths are this run's corpus,
+    vocabulary, base model and client-state folder. A FEDGPT_NODE_* variable already set is left as it is.
+    Ray's workers start with this process's environment (or, in a cluster, fedgpt's settings: start_ray)."""
+    d, t, out = cfg.data, cfg.train, Path(cfg.train.out_dir)
+    absolute = lambda p: str(Path(p).expanduser().resolve()) if p else ""
+    base = t.init_from if t.init_from == "scratch" else absolute(t.init_from.removeprefix("hf:"))
+    settings = {
+        "FEDGPT_NODE_DATA_DIR": absolute(d.data_dir),
+        "FEDGPT_NODE_CORPUS_FILE": absolute(d.input_file),
+        "FEDGPT_NODE_VOCAB_FILE": absolute(d.vocab_file),
+        "FEDGPT_NODE_INIT_FROM": ("hf:" + base) if t.init_from.startswith("hf:") else base,
+        "FEDGPT_NODE_STATE_DIR": absolute(cfg.fed.client_state_dir or out / "client_state"),
+    }
+    added = {k: v for k, v in settings.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _launch(
+    cfg: Config, client_app: str, res: Resources, resume: bool, overwrite: bool, t_start: float
+) -> dict:
     init_args = ray_init_args(res.ray_address)
     prepared: dict = {}
 

@@ -26,6 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
+from fedgpt.fed.node_policy import NodeError, NodePolicy, public_error
 from fedgpt.fed.relay import (
     KINDS,
     check_private,
@@ -63,11 +64,13 @@ def answer(conn: socket.socket) -> bool:
             raise ValueError(f"unknown request {header.get('kind')!r}")
         from fedgpt.fed import client  # torch: imported once, by the first request
 
-        reply = client.handle(header["kind"], from_bytes(payload), header["node_config"])
+        with NodePolicy.guard(header["kind"]):  # the full error in this worker's log, its kind to the server
+            reply = client.handle(header["kind"], from_bytes(payload), header["node_config"])
         send_frame(conn, {"ok": True}, to_bytes(reply))
     except Exception as e:  # the relay turns it into the message's error reply
         traceback.print_exc()
-        send_frame(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+        text = str(e) if isinstance(e, NodeError) else public_error("the request", e)
+        send_frame(conn, {"ok": False, "error": text})
     return True
 
 
