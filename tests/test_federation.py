@@ -283,14 +283,16 @@ def test_central_evaluation_yields_the_cpu_and_the_round_loop_keeps_it(data_dir,
 
 @pytest.mark.slow
 def test_node_with_another_corpus_fails_preflight(data_dir, small_corpus, tmp_path, monkeypatch):
-    import other_corpus_client_app
+    import client_app
 
-    monkeypatch.setenv("FEDGPT_TEST_OTHER_CORPUS", str(small_corpus))  # Ray's workers inherit it
+    # the nodes' own settings (as a SuperNode's --node-config corpus-file would): another text than the run's
+    monkeypatch.setenv("FEDGPT_NODE_CORPUS_FILE", str(small_corpus))  # Ray's workers inherit it
+    monkeypatch.setenv("FEDGPT_NODE_DATA_DIR", str(small_corpus.parent))
     out = tmp_path / "run"
     with pytest.raises(
-        RuntimeError, match=r"pre-flight check failed: .*corpus/tokenizer .* differs from the server's"
+        RuntimeError, match=r"pre-flight check failed: .*corpus and tokenizer .* differ from the server's"
     ):
-        simulation.simulate(tiny_run(data_dir, out), other_corpus_client_app.app, 3, backend_config())
+        simulation.simulate(tiny_run(data_dir, out), client_app.app, 3, backend_config())
     assert rounds(out) == [] and not (out / "last.pt").exists()
 
 

@@ -183,6 +183,11 @@ def _prepare(
 def simulate(run: FederatedRun, client_app: ClientApp, num_supernodes: int, backend_config: dict) -> dict:
     """Run `run` in a ServerApp against `num_supernodes` simulated SuperNodes serving `client_app`; its
     summary."""
+    with node_environment(run.cfg):  # before Ray starts: its workers take the nodes' settings with them
+        return _simulate(run, client_app, num_supernodes, backend_config)
+
+
+def _simulate(run: FederatedRun, client_app: ClientApp, num_supernodes: int, backend_config: dict) -> dict:
     import ray
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
