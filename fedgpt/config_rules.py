@@ -224,6 +224,12 @@ def _validate_dp(cfg: Config) -> list[str]:
         "sum; use fedavg, fedprox, diloco, fedavgm or fedadam & co.",
     )
     check(
+        f.client_eval_interval == 0,
+        "fed.client_eval_interval",
+        "reports the clients' losses on their own validation slices, which the accountant does not cover: "
+        "set it to 0 with DP (the central evaluation of each released model stays)",
+    )
+    check(
         f.weighting == "uniform",
         "dp",
         "needs fed.weighting=uniform (the noise is calibrated for an unweighted sum)",

@@ -27,13 +27,17 @@ OUTPUTS = (
     "rounds.jsonl",
     "loss.png",
     "partition.json",
+    "dp_ledger.json",
     "client_state",
     "tensorboard",
 )
 
 
-def claim_run_dir(out_dir: str | Path, kind: str, config: dict, *, resume: bool, overwrite: bool) -> Path:
-    """Make out_dir this run's folder, or raise ValueError saying why it is another run's and what to do."""
+def claim_run_dir(
+    out_dir: str | Path, kind: str, config: dict, *, resume: bool, overwrite: bool, extra: dict | None = None
+) -> Path:
+    """Make out_dir this run's folder, or raise ValueError saying why it is another run's and what to do;
+    `extra` goes into run.json beside the config (what the run started from)."""
     path = Path(out_dir)
     _make_folder(path)
     previous = _read_run_file(path / RUN_FILE)
@@ -55,7 +59,8 @@ def claim_run_dir(out_dir: str | Path, kind: str, config: dict, *, resume: bool,
                 f"train.out_dir={path} holds another run's outputs ({', '.join(found)}): pass "
                 "--train.out_dir=NEW_FOLDER for this run, or --overwrite to replace them"
             )
-    atomic_write_bytes(path / RUN_FILE, json.dumps({"kind": kind, "config": config}, indent=1).encode())
+    record = {"kind": kind, "config": config, **(extra or {})}
+    atomic_write_bytes(path / RUN_FILE, json.dumps(record, indent=1).encode())
     return path
 
 

@@ -1,8 +1,12 @@
 """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018), done by fedgpt around any strategy.
 
-    dp = ClientDP(cfg, DPState.from_json(saved))  # the noise is chosen here, for the rounds left
+    state = resumed_state(cfg, saved, LedgerFile(out_dir).read())  # a resume's; DPState() for a new run
+    dp = ClientDP(cfg, state, start_round=rnd, path=LedgerFile(out_dir))  # the noise, for the rounds left
     nodes = dp.sample(nodes)                     # each node trains with probability q = fed.fraction_train
-    mean = dp.release(updates, unclipped)        # clip each update, sum, add Gaussian noise, / q x clients
+    dp.charge()                                  # the round in the ledger, on disk, before anything is sent
+    total, unclipped = dp.clip(updates)          # each update clipped to C, summed
+    mean = dp.release(total, size, unclipped)    # + Gaussian noise, / q x clients
+    row = public_row(row)                        # what of a round's row may be published
     rdp, pld = epsilons(dp.state.ledger, cfg.dp.delta)
 
 Each round, every client is sampled independently with probability q (Poisson sampling); each update (the
@@ -19,29 +23,44 @@ fresh 128-bit seed per release, never from train.seed or anything else a partici
 therefore not bit-reproducible; --resume continues its ledger and its clipping norm exactly.
 
 Accounting: every round is one Poisson-sampled Gaussian release, PoissonSampledDpEvent(q, GaussianDpEvent(z)),
-and the ledger lists them all, resumes included. Epsilon is dp-accounting's RDP accountant's, cross-checked by
-its PLD accountant (tighter). dp.target_epsilon holds for the whole run: the noise of the rounds left is the
-smallest whose RDP epsilon, added to what the ledger holds, stays within the target; when none does, the run
-is refused before any round. A round counts in the ledger once its clients are sent their work, whatever
-comes back.
+and the ledger lists them all, resumes included. A round is charged (and the ledger written to the run
+folder's dp_ledger.json, atomically) before any of its messages leaves the server, so the ledger on disk never
+counts fewer releases than the models that left; a crash can leave it ahead of last.pt, and a resume counts
+it. Epsilon is dp-accounting's RDP accountant's, cross-checked by its PLD accountant (tighter).
+dp.target_epsilon holds for the whole run: the noise of the rounds left is the smallest whose RDP epsilon,
+added to what the ledger holds, stays within the target; when none does, the run is refused before any round.
+A round counts in the ledger once its clients are sent their work, whatever comes back; a round whose sum
+holds no update (nobody sampled, SecAgg+ halted) still releases its noise.
+
+A resume continues the ledger: it may raise dp.target_epsilon, never switch DP off or set the target below
+what is spent, and it cannot turn DP on over rounds that ran without it (resumed_state).
+
+Published: under DP a round's row keeps only what the accountant covers (PUBLISHED): the released model's
+central evaluation, the schedule's learning rate, and the accountant's own figures. Cohort sizes, the clients'
+losses, bytes and timings are left out (public_row).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fedgpt.config import Config
+from fedgpt.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from dp_accounting import dp_event
+
+    from fedgpt.fed.rounds import RoundRow
 
 # dp-accounting drops RDP orders that do not converge and says so on absl's logger, once per order and call.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -139,12 +158,11 @@ def calibrate(ledger: Ledger, q: float, rounds: int, target: float, delta: float
 
 @dataclass
 class DPState:
-    """What a DP run carries from round to round and across resumes (checkpointed as JSON)."""
+    """What a DP run carries from round to round and across resumes (dp_ledger.json, and last.pt's copy)."""
 
     ledger: Ledger = field(default_factory=Ledger)
     clipping_norm: float | None = None  # the current one (adaptive clipping moves it); None: dp.clipping_norm
     noise_multiplier: float | None = None  # the z the rounds so far were released at
-    rounds_dropped: int = 0  # rounds counted in the ledger whose release did not happen (SecAgg+ halted)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -152,7 +170,6 @@ class DPState:
                 "ledger": self.ledger.groups,
                 "clipping_norm": self.clipping_norm,
                 "noise_multiplier": self.noise_multiplier,
-                "rounds_dropped": self.rounds_dropped,
             }
         )
 
@@ -160,8 +177,71 @@ class DPState:
     def from_json(cls, text: str | None) -> DPState:
         if not text:
             return cls()
-        d = json.loads(text)
-        return cls(Ledger(d["ledger"]), d["clipping_norm"], d["noise_multiplier"], d["rounds_dropped"])
+        d = json.loads(
+            text
+        )  # an older run's state may hold rounds_dropped too: those rounds are in its ledger
+        return cls(Ledger(d["ledger"]), d["clipping_norm"], d["noise_multiplier"])
+
+
+LEDGER_FILE = "dp_ledger.json"
+
+
+class LedgerFile:
+    """A run folder's dp_ledger.json: the DP state as of the newest round charged, written before that round's
+    first message leaves (ClientDP.charge)."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LEDGER_FILE
+
+    def read(self) -> DPState | None:
+        """The state on disk; None where there is none."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return DPState.from_json(text)
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(
+                f"{self.path} is not a privacy ledger fedgpt wrote: restore it from a backup; without it the "
+                "run's spent privacy is unknown (start a new run in a new train.out_dir)"
+            ) from None
+
+    def write(self, state: DPState) -> None:
+        atomic_write_bytes(self.path, state.to_json().encode())
+
+
+def resumed_state(cfg: Config, saved: str | None, on_disk: DPState | None) -> DPState:
+    """The DP state a resume goes on with: the ledger on disk (charged before each round's sends, so ahead of
+    last.pt after a crash) or last.pt's (`saved`, None where last.pt is of a run without DP), whichever counts
+    more rounds. ValueError for a resume that would switch DP off, set dp.target_epsilon below what is already
+    spent, or turn DP on over rounds run without it."""
+    dp = cfg.dp
+    states = [s for s in (DPState.from_json(saved) if saved else None, on_disk) if s is not None]
+    state = max(states, key=lambda s: s.ledger.rounds, default=DPState())
+    if saved is None and dp.enabled:
+        raise ValueError(
+            "this run's last.pt was written without DP: its rounds released their models in the clear, and a "
+            "resume cannot make them private. Resume it without DP (dp.target_epsilon=0), or start a DP run "
+            "from round 0 in a new train.out_dir"
+        )
+    if not state.ledger.rounds:
+        return state
+    spent = epsilon(state.ledger, dp.delta)
+    least = math.ceil(spent * 100) / 100  # the smallest target (to 0.01) that what was spent fits in
+    if not dp.enabled:
+        raise ValueError(
+            f"this run is under DP: its {state.ledger.rounds} round(s) spent epsilon {spent:.4f} at delta "
+            f"{dp.delta:g}, and a resume cannot switch DP off: pass the run's dp.target_epsilon (or a higher "
+            "one, to pay for more rounds), or start a run without DP in a new train.out_dir"
+        )
+    if 0 < dp.target_epsilon < spent:
+        raise ValueError(
+            f"dp.target_epsilon={dp.target_epsilon:g} is below what this run already spent: its "
+            f"{state.ledger.rounds} round(s) spent epsilon {spent:.4f} at delta {dp.delta:g}; a resume may "
+            f"raise the target, never lower it below that: pass --dp.target_epsilon={least:g} or more"
+        )
+    return state
 
 
 def gaussian(n: int, std: float) -> torch.Tensor:
@@ -171,16 +251,27 @@ def gaussian(n: int, std: float) -> torch.Tensor:
 
 
 class ClientDP:
-    """The DP of one run: its sampler, its noise and clipping, its ledger."""
+    """The DP of one run: its sampler, its noise and clipping, its ledger.
 
-    def __init__(self, cfg: Config, state: DPState, log=print):
+    start_round: the round the run goes on from (a resume's last.pt; default: as many as the ledger holds),
+    so that rounds the ledger counts beyond it, redone now, are paid for twice. path: where charge() writes
+    the ledger (None: it stays in memory)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        state: DPState,
+        log=print,
+        start_round: int | None = None,
+        path: LedgerFile | None = None,
+    ):
         dp, f = cfg.dp, cfg.fed
-        self.cfg, self.state, self.log = cfg, state, log
+        self.cfg, self.state, self.log, self.path = cfg, state, log, path
         self.q = f.fraction_train
         self.expected = self.q * f.num_clients  # the fixed denominator of the mean
         if state.clipping_norm is None:
             state.clipping_norm = dp.clipping_norm
-        left = f.rounds - state.ledger.rounds
+        self.left = left = f.rounds - (state.ledger.rounds if start_round is None else start_round)
         z = dp.noise_multiplier
         if dp.target_epsilon > 0:
             kept = state.noise_multiplier  # a resume without added rounds keeps the noise it started with
@@ -207,9 +298,7 @@ class ClientDP:
         """The run's DP in one log line: its sampling, noise and clipping, and the epsilon it will have
         spent."""
         dp, f = self.cfg.dp, self.cfg.fed
-        final = self.state.ledger.plus(
-            self.q, self.state.noise_multiplier, f.rounds - self.state.ledger.rounds
-        )
+        final = self.state.ledger.plus(self.q, self.state.noise_multiplier, self.left)
         clip = "adaptive from" if dp.adaptive_clipping else "clipped to"
         return (
             f"dp: Poisson sampling q={self.q:g} (expected {self.expected:g} clients a round), noise "
@@ -225,19 +314,30 @@ class ClientDP:
         rng = secrets.SystemRandom()
         return [n for n in nodes if rng.random() < self.q]
 
+    def charge(self) -> None:
+        """Count this round's release in the ledger and, with a path, write the ledger there (atomically)
+        before returning: call it before any of the round's messages is sent."""
+        self.state.ledger.add(self.q, self.state.noise_multiplier)
+        if self.path is not None:
+            self.path.write(self.state)
+
     def clip(self, updates: list[torch.Tensor]) -> tuple[torch.Tensor | None, int]:
-        """The sum of the updates, each clipped to the clipping norm, and how many were within it."""
+        """The sum of the updates, each clipped to the clipping norm, and how many were within it. An update
+        that is not finite is a ValueError (clipping inf gives NaN): wire.Exchange.apply refuses it first."""
         total, unclipped, c = None, 0, self.clipping_norm
         for u in updates:
             norm = float(u.norm())
+            if not math.isfinite(norm):
+                raise ValueError("an update holds NaN or inf: it must be refused before clipping")
             unclipped += norm <= c
             scaled = u * min(1.0, c / norm) if norm > 0 else u
             total = scaled.clone() if total is None else total.add_(scaled)
         return total, unclipped
 
     def release(self, total: torch.Tensor | None, size: int, unclipped: float) -> torch.Tensor:
-        """The noised mean update of a round: (sum of clipped updates + noise) / expected cohort; then the
-        adaptive clipping step on the noised count of unclipped updates, and the round in the ledger."""
+        """The noised mean update of a round: (sum of clipped updates, or of none + noise) / expected cohort;
+        then the adaptive clipping step on the noised count of unclipped updates. The round was charged before
+        its messages were sent (charge)."""
         c = self.clipping_norm
         total = torch.zeros(size) if total is None else total
         mean = (total + gaussian(size, self.update_noise * c)) / self.expected
@@ -247,10 +347,73 @@ class ClientDP:
             self.state.clipping_norm = c * math.exp(
                 -self.cfg.dp.clip_lr * (share - self.cfg.dp.target_quantile)
             )
-        self.state.ledger.add(self.q, self.state.noise_multiplier)
         return mean
 
-    def drop(self) -> None:
-        """A round whose release did not happen: its clients were asked, so it counts in the ledger."""
-        self.state.ledger.add(self.q, self.state.noise_multiplier)
-        self.state.rounds_dropped += 1
+
+def base_privacy(init_from: str) -> dict | None:
+    """What a train.init_from fedgpt checkpoint spent of its own clients' privacy (recorded in the new run's
+    run.json): its ledger (the one beside it, dp_ledger.json, where that counts more) and both epsilons at its
+    delta, and what its own base spent; {"dp": False} for a checkpoint trained without DP; None for scratch or
+    Hugging Face weights."""
+    if init_from == "scratch" or init_from.startswith("hf:"):
+        return None
+    path = Path(init_from)
+    # build_model has read and checked it; the weights are mapped, not read again
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        base_of_base = json.loads((path.parent / "run.json").read_text()).get("init_from_privacy")
+    except (OSError, ValueError, AttributeError):
+        base_of_base = None
+    saved = ckpt.get("extra", {}).get("dp")
+    out: dict = {"checkpoint": str(path.resolve()), "dp": saved is not None}
+    if saved is not None:
+        beside = LedgerFile(path.parent).read() if path.name == "last.pt" else None
+        state = max(
+            [s for s in (DPState.from_json(saved), beside) if s is not None], key=lambda s: s.ledger.rounds
+        )
+        delta = float(ckpt["config"]["dp"]["delta"])
+        rdp, pld = epsilons(state.ledger, delta)
+        out.update(
+            delta=delta, epsilon=rdp, epsilon_pld=pld, rounds=state.ledger.rounds, ledger=state.ledger.groups
+        )
+    if base_of_base is not None:
+        out["init_from_privacy"] = base_of_base
+    return out
+
+
+def describe_base(info: dict) -> str:
+    """One log line on a train.init_from checkpoint's privacy."""
+    if not info["dp"]:
+        return (
+            f"train.init_from {info['checkpoint']}: trained without DP; if that was on private data, this "
+            "run's epsilon does not cover it"
+        )
+    return (
+        f"train.init_from {info['checkpoint']}: trained under DP, epsilon {info['epsilon']:.3f} (RDP) at "
+        f"delta {info['delta']:g} over {info['rounds']} rounds (in run.json): on the same clients' data it "
+        "composes with this run's epsilon"
+    )
+
+
+# What of a round's row (fedgpt.fed.rounds.RoundRow) a DP run publishes (rounds.jsonl, the log line): the
+# released model's central evaluation (on the server's own validation text), the learning rate (the public
+# schedule's), and the accountant's figures. Everything else is of the clients that were sampled (how many,
+# their losses, bytes, timings, client state) and is left out: one sampled client's loss would be its own.
+PUBLISHED = (
+    "round",
+    "val_loss",
+    "val_accuracy",
+    "best_val_loss",
+    "lr",
+    "dp_epsilon",
+    "dp_epsilon_pld",
+    "dp_clipping_norm",
+    "eval_s",
+)
+
+
+def public_row(row: RoundRow) -> RoundRow:
+    """The row with only the PUBLISHED fields; the others None."""
+    return dataclasses.replace(
+        row, **{f.name: None for f in dataclasses.fields(row) if f.name not in PUBLISHED}
+    )

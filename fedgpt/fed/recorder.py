@@ -15,7 +15,7 @@ from fedgpt.fed.rounds import RoundRow
 from fedgpt.metrics import MetricsLog
 
 # Config keys that may change when a run is resumed: more rounds (and a privacy budget raised to pay for
-# them), and what does not change results.
+# them; fedgpt.fed.privacy.resumed_state says how far it may move), and what does not change results.
 RESUMABLE = RUN_NEUTRAL | {"fed.rounds", "dp.target_epsilon"}
 
 
@@ -27,7 +27,9 @@ class Snapshot:
     state: dict[str, torch.Tensor]  # the global model, fp32
     tokens: int
     strategy: dict  # the strategy's own state (fedgpt.fed.strategies.strategy_state)
-    privacy: str | None = None  # DP's ledger and clipping norm (fedgpt.fed.privacy.DPState, as JSON)
+    # DP's ledger and clipping norm (fedgpt.fed.privacy.DPState, as JSON): a copy; the run folder's
+    # dp_ledger.json, written before each round's messages leave, is the ledger a resume counts
+    privacy: str | None = None
     moments: dict[str, torch.Tensor] | None = None  # the clients' mean first moments (fedgpt.fed.moments)
 
 
@@ -124,23 +126,23 @@ class RunRecorder:
 
 
 def format_round(row: RoundRow) -> str:
-    """One fixed-field log line per round."""
+    """One fixed-field log line per round; under DP only what it publishes (fedgpt.fed.privacy.PUBLISHED)."""
     if row.round == 0:
         return f"round   0 | val {row.val_loss:.4f} | acc {row.val_accuracy:.3f}"
-    train = f"{row.train_loss:.4f}" if row.train_loss is not None else "-"
-    line = (
-        f"round {row.round:3d} | val {row.val_loss:.4f} | acc {row.val_accuracy:.3f} | train {train} | "
-        f"clients {row.clients_ok} ok "
-        f"{row.clients_failed} failed | {row.round_s:.2f} s | sent {row.bytes_sent / 1e6:.2f} MB | "
-        f"received {row.bytes_received / 1e6:.2f} MB"
-    )
+    line = f"round {row.round:3d} | val {row.val_loss:.4f} | acc {row.val_accuracy:.3f}"
+    if row.clients_ok is not None:  # a round without DP
+        train = f"{row.train_loss:.4f}" if row.train_loss is not None else "-"
+        line += (
+            f" | train {train} | clients {row.clients_ok} ok {row.clients_failed} failed"
+            + (f" {row.clients_refused} refused" if row.clients_refused else "")
+            + f" | {row.round_s:.2f} s | sent {row.bytes_sent / 1e6:.2f} MB | "
+            f"received {row.bytes_received / 1e6:.2f} MB"
+        )
     if row.clients_straggling:
         line += f" | stragglers {row.clients_straggling}"
     if row.dp_epsilon is not None:
         pld = "-" if row.dp_epsilon_pld is None else f"{row.dp_epsilon_pld:.3f}"
         line += f" | epsilon {row.dp_epsilon:.3f} (RDP), {pld} (PLD)"
-        if row.dp_rounds_dropped:
-            line += f", {row.dp_rounds_dropped} round(s) dropped"
     if row.clients_state_resumed or row.clients_state_stale:
         line += f" | state resumed {row.clients_state_resumed}, stale {row.clients_state_stale}"
     return line

@@ -26,8 +26,10 @@ class RoundRow:
     client_val_loss: float | None = None  # on the clients' own validation slices (fed.client_eval_interval)
     client_val_accuracy: float | None = None
     lr: float | None = None  # the clients' learning rate at the end of the round
+    # Under DP a row holds only what the accountant covers (fedgpt.fed.privacy.PUBLISHED): the rest is None.
     clients_ok: int = 0
-    clients_failed: int = 0
+    clients_failed: int = 0  # sent work, and answered with an error or not at all
+    clients_refused: int = 0  # answered with an update the server refused (fedgpt.fed.wire): never averaged
     clients_state_resumed: int = 0  # clients that went on from their own optimizer state (keep mode)
     clients_state_stale: int = 0  # clients whose saved state was older than fed.client_state_max_age: dropped
     update_norm: float | None = None  # median L2 norm of the clients' updates (not reported under DP)
@@ -38,7 +40,6 @@ class RoundRow:
     dp_clipping_norm: float | None = (
         None  # the clipping norm the next round uses (adaptive clipping moves it)
     )
-    dp_rounds_dropped: int = 0  # rounds so far counted by the accountant whose release did not happen
     bytes_sent: int = 0  # weights and configs, server to clients, all messages of the round
     bytes_received: int = 0
     round_s: float | None = None  # send to aggregate, with client evaluation; central runs beside the next
@@ -53,7 +54,7 @@ class RoundRow:
         """The round's figures from its clients' train metrics: their tokens-weighted train loss, learning
         rate, state, update norms and training seconds, with `slots` clients training at once."""
         self.round_s = round(round_s, 3)
-        if not metrics:
+        if not metrics or "train-tokens" not in metrics[0]:  # none, or SecAgg+'s: only their weights
             return
         tokens = sum(int(m["train-tokens"]) for m in metrics)
         self.train_loss = sum(float(m["train-loss"]) * int(m["train-tokens"]) for m in metrics) / max(

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -43,7 +44,7 @@ from fedgpt.fed.rounds import RoundRow
 from fedgpt.fed.rounds import summarize as summarize_rounds
 from fedgpt.fed.secagg_server import secure_round
 from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_state
-from fedgpt.fed.wire import Exchange
+from fedgpt.fed.wire import Exchange, check_metrics
 from fedgpt.fed.work import WorkOrder, straggler_steps
 from fedgpt.files import atomic_write_bytes
 from fedgpt.lora import add_lora, aggregation_error, embedding_rows
@@ -96,19 +97,33 @@ class FederatedRun:
         merge = self.evaluator.merged if cfg.lora.rank else None  # checkpoints hold a plain GPT
         self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), self.run_info, log, merge=merge)
         self.round, self.tokens, dp_state, moments = 0, 0, privacy.DPState(), None
+        ledger = privacy.LedgerFile(cfg.train.out_dir)
         if resume:
             snap = self.recorder.read_last()
             self.round, self.global_state, self.tokens = snap.round, snap.state, snap.tokens
             load_strategy_state(self.strategy, snap.strategy)
-            dp_state, moments = privacy.DPState.from_json(snap.privacy), snap.moments
+            # the ledger on disk, ahead of last.pt after a crash, is what counts
+            dp_state, moments = privacy.resumed_state(cfg, snap.privacy, ledger.read()), snap.moments
+        elif not overwrite and (old := ledger.read()) is not None and old.ledger.rounds:
+            raise ValueError(
+                f"train.out_dir={cfg.train.out_dir} holds the privacy ledger of a DP run "
+                f"({old.ledger.rounds} round(s) released): --resume to go on with it, or --overwrite or a "
+                "new train.out_dir for a new run (whose epsilon leaves that run's out: the README says when "
+                "the two compose)"
+            )
+        # noise for the rounds left; the ledger is charged, on disk, before each round's messages leave
         self.dp = (
-            privacy.ClientDP(cfg, dp_state, log) if cfg.dp.enabled else None
-        )  # noise for the rounds left
+            privacy.ClientDP(cfg, dp_state, log, start_round=self.round, path=ledger)
+            if cfg.dp.enabled
+            else None
+        )
+        self.base_privacy = privacy.base_privacy(cfg.train.init_from)  # a fedgpt checkpoint's DP, if any
         # fed.client_optimizer=average: the clients' mean first moments (fedgpt.fed.moments)
         self.moments = SharedMoments(moments) if cfg.fed.client_optimizer == "average" else None
         self.schedule = Schedule.of(cfg.train, self.run_info["schedule_steps"])
         self.nodes = Nodes()  # from the pre-flight: which partition each node serves, and its data
         self.lora_error: float | None = None  # this round's LoRA aggregation error (fedgpt.lora)
+        self.refused = 0  # this round's replies refused by aggregate (fedgpt.fed.wire)
         out_dir = Path(cfg.train.out_dir)
         self.state_dir = str(Path(cfg.fed.client_state_dir or out_dir / "client_state").resolve())
 
@@ -125,17 +140,27 @@ class FederatedRun:
         """Claim train.out_dir for this run (run.json; --overwrite removes an earlier run's outputs), start or
         continue rounds.jsonl, and write partition.json."""
         cfg = self.cfg
+        extra = {"init_from_privacy": self.base_privacy} if self.base_privacy is not None else {}
         out_dir = claim_run_dir(
-            cfg.train.out_dir, "federated", cfg.to_dict(), resume=self.resume, overwrite=self.overwrite
+            cfg.train.out_dir,
+            "federated",
+            cfg.to_dict(),
+            resume=self.resume,
+            overwrite=self.overwrite,
+            extra=extra,
         )
         if self.resume:
             self.recorder.continue_from(self.round)
         else:
             self.recorder.start_fresh()
+            if self.dp is not None:  # an empty ledger: a new run's, where --overwrite left an old one
+                self.dp.path.write(self.dp.state)
         atomic_write_bytes(out_dir / "partition.json", json.dumps(self.summary, indent=1).encode())
         self.log(format_summary(self.summary))
         if self.dp is not None:
             self.log(self.dp.describe())
+        if self.base_privacy is not None:
+            self.log(privacy.describe_base(self.base_privacy))
 
     def run_facts(self) -> dict:
         """What every client needs, whatever its work: the run config, the tokenizer it must use, its threads,
@@ -175,11 +200,14 @@ class FederatedRun:
         t_eval = time.time()
         scores = self.evaluator.evaluate(snap.state)
         row.val_loss, row.val_accuracy = scores["loss"], scores["accuracy"]
-        if snap.privacy is not None:  # both accountants over the ledger as of this round
+        row.eval_s, row.elapsed_s = round(time.time() - t_eval, 3), round(time.time() - self.t_start, 3)
+        if (
+            snap.privacy is not None
+        ):  # both accountants over the ledger as of this round; only what they cover
             dp = privacy.DPState.from_json(snap.privacy)
             row.dp_epsilon, row.dp_epsilon_pld = privacy.epsilons(dp.ledger, self.cfg.dp.delta)
-            row.dp_clipping_norm, row.dp_rounds_dropped = dp.clipping_norm, dp.rounds_dropped
-        row.eval_s, row.elapsed_s = round(time.time() - t_eval, 3), round(time.time() - self.t_start, 3)
+            row.dp_clipping_norm = dp.clipping_norm
+            row = privacy.public_row(row)
         self.recorder.record(snap, row)
         # Checkpointed: a resume starts here, and no client state older than this round's is needed again.
         ClientStateStore.prune_run(self.state_dir, self.run_info["run_id"], snap.round)
@@ -230,6 +258,8 @@ class FederatedRun:
         steps = straggler_steps(fed.stragglers, fed.straggler_policy, fed.local_steps, seed, rnd, len(nodes))
         orders = {n: self.work_order(rnd, s) for n, s in zip(nodes, steps) if s is not None}
         straggling = sum(s != fed.local_steps for s in steps)
+        if self.dp is not None:  # the round counts, on disk, before any of its messages leaves
+            self.dp.charge()
         down, up = self.exchange.streaming(rnd)  # the whole model, or streaming fragments
         sent = down.downlink(self.global_state, secrets.randbits(62))
         msgs = [
@@ -240,7 +270,8 @@ class FederatedRun:
             )
             for n, o in orders.items()
         ]
-        if self.cfg.secagg.enabled:
+        self.refused = 0
+        if self.cfg.secagg.enabled:  # the server sees no single update: SecAgg+ refuses none
             ok, bytes_sent, bytes_received = self.secure_aggregate(grid, rnd, msgs)
         else:
             bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
@@ -252,21 +283,30 @@ class FederatedRun:
         client_val, client_acc = self.client_evaluate(grid, rnd)
         self.round = rnd
         metrics = [r.content["metrics"] for r in ok]
-        self.tokens += sum(int(m["train-tokens"]) for m in metrics)
+        if self.dp is None:  # under DP the tokens trained would count the cohort: checkpoints leave them out
+            # under SecAgg+ clients report nothing in the clear: the tokens their work orders asked for
+            t = self.cfg.train
+            step = t.batch_size * self.cfg.model.block_size * t.grad_accum_steps
+            ordered = {n: o.local_steps * step for n, o in orders.items()}
+            for r in ok:
+                self.tokens += int(r.content["metrics"].get("train-tokens", ordered[r.metadata.src_node_id]))
         row = RoundRow(
             rnd,
             tokens=self.tokens,
             client_val_loss=client_val,
             client_val_accuracy=client_acc,
             clients_ok=len(ok),
-            clients_failed=len(msgs) - len(ok),
+            clients_failed=len(msgs) - len(ok) - self.refused,
+            clients_refused=self.refused,
             bytes_sent=bytes_sent,
             bytes_received=bytes_received,
             clients_straggling=straggling,
         )
         row.add_clients(metrics, time.time() - t0, self.slots)
         row.lora_aggregation_error, self.lora_error = self.lora_error, None
-        if rnd == 1 and metrics:
+        if self.dp is not None:  # the schedule's, not a client's: a reply's would tell whether one answered
+            row.lr = self.schedule.lr(max(0, rnd * fed.local_steps - 1))
+        if rnd == 1 and metrics and "train-start" in metrics[0]:
             first = min(float(m["train-start"]) for m in metrics)
             row.startup_s, row.first_step_at = round(first - self.t_start, 3), first
         return row
@@ -289,28 +329,33 @@ class FederatedRun:
     def aggregate(
         self, rnd: int, replies: list[Message], sent: ArrayRecord, up: Exchange
     ) -> tuple[list[Message], int]:
-        """Take each train reply's update of what `up` exchanges against the global model it was sent (failed
-        or misfit ones are logged and left out); move the global model to the strategy's aggregate of them
-        (under DP: of the noised mean of their clipped updates).
+        """Take each train reply's update of what `up` exchanges against the global model it was sent; move
+        the global model to the strategy's aggregate of them (under DP: of the noised mean of their clipped
+        updates). Failed replies are logged and left out; so are refused ones (wire.Exchange.apply: an update
+        not against this round's model, of another shape or dtype, or not finite; or a weight or count that is
+        not a finite number), before anything is clipped or averaged.
 
-        Returns the replies used (fp32 client weights in their ArrayRecord) and the bytes received.
+        Returns the replies used (fp32 client weights in their ArrayRecord) and the bytes received; how many
+        replies were refused is left in self.refused.
         """
         # Replies arrive in completion order; a fixed order (by partition) makes the float sums, and so the
         # run, reproducible.
         replies = sorted(
             replies, key=lambda r: (self.nodes.partition(r.metadata.src_node_id), r.metadata.src_node_id)
         )
-        ok, bytes_received, deltas, states = [], 0, [], []
+        ok, bytes_received, deltas, states, self.refused = [], 0, [], [], 0
         for r in replies:
             node = r.metadata.src_node_id
             if r.has_error():
                 self.log(f"round {rnd}: client on node {node} failed: {error_reason(r)}")
                 continue
-            bytes_received += r.content["arrays"].count_bytes()
             try:
+                bytes_received += r.content["arrays"].count_bytes()
+                check_metrics(r.content["metrics"], f"node {node}")
                 state = up.apply(r.content["arrays"], self.global_state, sent, f"node {node}")
-            except ValueError as e:
-                self.log(f"round {rnd}: reply dropped: {e}")
+            except (ValueError, KeyError, TypeError) as e:
+                self.log(f"round {rnd}: update of node {node} refused: {e}")
+                self.refused += 1
                 continue
             if self.dp is not None:
                 deltas.append(self.exchange.difference(state, self.global_state))
@@ -325,7 +370,7 @@ class FederatedRun:
             return ok, bytes_received
         total, unclipped = self.dp.clip(deltas)
         if self.cfg.dp.clipping == "client":  # clipped before they were sent: the clients say which were not
-            unclipped = sum(int(r.content["metrics"]["dp-unclipped"]) for r in ok)
+            unclipped = sum(int(r.content["metrics"]["dp-unclipped"]) == 1 for r in ok)
         self.step_to_mean(rnd, self.dp.release(total, self.exchange.size, unclipped))
         return ok, bytes_received
 
@@ -336,16 +381,16 @@ class FederatedRun:
         last value of each says whether it was within the norm, and the server adds the noise to their sum.
         Returns the replies used, and the bytes sent and received over the protocol's four stages."""
         if len(msgs) < 2:  # one client's "sum" is its update: never run the protocol for it
-            self.log(f"round {rnd}: {len(msgs)} client(s) sampled, SecAgg+ needs 2 or more; the model stays")
-            if self.dp is not None:
-                self.dp.drop()
+            self.log(f"round {rnd}: {len(msgs)} client(s) sampled, SecAgg+ needs 2 or more; {self.no_sum}")
+            self.release_nothing(rnd)
             return [], 0, 0
         mean, replies, sent, received = secure_round(grid, msgs, rnd, self.cfg, self.nodes.train_tokens)
         if mean is None:
-            self.log(f"round {rnd}: secure aggregation halted, too few clients answered; the model stays")
-            if self.dp is not None:
-                self.dp.drop()
+            self.log(f"round {rnd}: secure aggregation halted, too few clients answered; {self.no_sum}")
+            self.release_nothing(rnd)
             return [], sent, received
+        if not np.isfinite(mean).all():  # SecAgg+ sums integers: only a broken protocol gives this
+            raise RuntimeError(f"round {rnd}: SecAgg+ gave a mean that is not finite: the run stops")
         replies = sorted(replies, key=lambda r: self.nodes.partition(r.metadata.src_node_id))
         mean = torch.from_numpy(mean).float()
         if self.dp is not None:  # uniform weights: the mean times the clients is their sum
@@ -353,6 +398,16 @@ class FederatedRun:
             mean = self.dp.release(total[:-1], self.exchange.size, float(total[-1]))
         self.step_to_mean(rnd, mean)
         return replies, sent, received
+
+    @property
+    def no_sum(self) -> str:
+        return "the model stays" if self.dp is None else "the round releases its noise alone"
+
+    def release_nothing(self, rnd: int) -> None:
+        """A round with no sum to release: without DP the model stays; under DP it steps on the noise alone (a
+        model that stayed would tell that the round sampled fewer than two clients)."""
+        if self.dp is not None:
+            self.step_to_mean(rnd, self.dp.release(None, self.exchange.size, 0))
 
     def step_to_mean(self, rnd: int, mean: torch.Tensor) -> None:
         """Let the strategy step on a round's mean update (flat), as if one client had sent global + mean."""

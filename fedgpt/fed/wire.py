@@ -5,7 +5,7 @@
     received = ex.read_downlink(down)               # client: exactly what was sent (fp16-rounded, if so)
     update = ex.difference(trained, received)       # the client's update, flat, against what it received
     up, residual = ex.uplink(update, down, residual)   # client -> server: the update, fp32 to int4
-    state = ex.apply(up, global_state, down)        # server: its exact global model + the update
+    state = ex.apply(up, global_state, down)        # server: its exact global model + the update (or refused)
     down_ex, up_ex = ex.streaming(rnd)              # fed.fragments > 1: what of the model round rnd moves
 
 A record says what it holds: a small header array gives its kind (weights or update), its format, its block
@@ -21,6 +21,11 @@ fragment (r - 1) % P: its update travels up, and its new global value comes down
 message (round 1 brings the whole model). Each client keeps its own weights of the other fragments from
 round to round; every message moves one fragment, so a round costs 1/P of the model's bytes each way.
 
+Refused: the server takes an update only as this contract describes it (Exchange.apply): its header's kind,
+format and block the run's, its arrays exactly those of that format, of the shapes and dtypes the header
+implies, and every value it decodes to finite; and a reply's metrics (check_metrics) finite numbers, its
+weight above 0. Anything else is a ValueError: the reply is refused before any update is clipped or averaged.
+
 Formats: fp32, fp16 (Flower's ArrayRecord rejects bf16), int8 / int4 with one fp32 scale per block of
 fed.quant_block values (symmetric, round to nearest, zero exact), or sparse: the fed.sparse_fraction of an
 update's values largest in magnitude, 2 bits each, and their positions (SparseLoCo's top-k). All tensors
@@ -33,6 +38,7 @@ names.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -150,6 +156,41 @@ def encode(
         return ArrayRecord({HEADER: header, **sparsify(flat, fraction, block)})
     codes, scales = quantize(flat, 8 if fmt == "int8" else 4, block)
     return ArrayRecord({HEADER: header, CODES: codes, SCALES: scales})
+
+
+def layout(h: Header, sparse_kept: int = 0) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{array: (dtype, shape)} of a record of encode() with header h; a sparse one keeping `sparse_kept`
+    values."""
+    n, blocks = h.values, lambda k: -(-k // h.block)
+    out = {HEADER: ("int64", (5,))}
+    if h.fmt in ("fp32", "fp16"):
+        return {**out, FLAT: ("float32" if h.fmt == "fp32" else "float16", (n,))}
+    if h.fmt == "sparse":
+        k = sparse_kept
+        return {
+            **out,
+            OFFSETS: ("uint16", (k,)),
+            COUNTS: ("int32", (-(-n // CHUNK),)),
+            CODES: ("uint8", (-(-k // 4),)),
+            SCALES: ("float32", (blocks(k),)),
+        }
+    codes = ("int8", (n,)) if h.fmt == "int8" else ("uint8", (-(-n // 2),))
+    return {**out, CODES: codes, SCALES: ("float32", (blocks(n),))}
+
+
+# Metrics of a train reply (fedgpt.fed.client.fit) the server sums or averages, each a finite number;
+# num-examples, the reply's weight in the average, above 0.
+TRAIN_METRICS = ("train-loss", "train-seconds", "train-tokens")
+
+
+def check_metrics(metrics, who: str) -> None:
+    """ValueError unless a train reply's metrics are finite numbers and its weight is above 0."""
+    for key in (*TRAIN_METRICS, "num-examples"):
+        value = metrics.get(key) if metrics is not None else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{who} sent {key}={value!r}, not a finite number")
+    if metrics["num-examples"] <= 0:
+        raise ValueError(f"{who} sent num-examples={metrics['num-examples']!r}: a weight must be above 0")
 
 
 @dataclass(frozen=True)
@@ -295,8 +336,37 @@ class Exchange:
         based on the downlink `sent`. ValueError for a record that is not."""
         h = self._check(record, "update", who)
         if h.base != header(sent).base:
-            raise ValueError(f"{who} sent an update against another model than this round's: dropped")
-        return self.unflatten(self.flatten(global_state) + decode(record))
+            raise ValueError(f"{who} sent an update against another model than this round's")
+        if h.fmt != self.uplink_format or (h.fmt != "fp32" and h.block != self.block):
+            raise ValueError(
+                f"{who} sent a {h.fmt} update in blocks of {h.block}, where the run's uplink is "
+                f"{self.uplink_format} in blocks of {self.block}"
+            )
+        kept = max(1, min(h.values, round(self.sparse_fraction * h.values))) if h.fmt == "sparse" else 0
+        want = layout(h, kept)
+        got = {k: (str(record[k].dtype), tuple(record[k].shape)) for k in record}
+        if got != want:
+            wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            raise ValueError(
+                f"{who} sent an update whose arrays differ from the run's {h.fmt} uplink: "
+                + "; ".join(f"{k}: {got.get(k, 'missing')}, not {want.get(k, 'none')}" for k in wrong)
+            )
+        if h.fmt == "sparse":
+            counts = record[COUNTS].numpy()
+            if counts.min() < 0 or int(counts.sum()) != kept:
+                raise ValueError(f"{who} sent a sparse update whose counts do not sum to its {kept} values")
+            chunk_of = torch.repeat_interleave(torch.arange(len(counts)), torch.from_numpy(counts).long())
+            if (
+                kept
+                and int((chunk_of * CHUNK + torch.from_numpy(record[OFFSETS].numpy()).long()).max())
+                >= h.values
+            ):
+                raise ValueError(f"{who} sent a sparse update with positions past its {h.values:,} values")
+        update = decode(record)
+        if not bool(torch.isfinite(update).all()):
+            bad = int((~torch.isfinite(update)).sum())
+            raise ValueError(f"{who} sent an update with {bad:,} values that are NaN or inf")
+        return self.unflatten(self.flatten(global_state) + update)
 
     def per_tensor(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
         """One fp32 array per exchanged tensor: what strategies average and keep state for."""
