@@ -63,7 +63,7 @@ def train_replies(seen: list) -> list:
     return [
         m
         for m in seen
-        if not m.has_error() and "metrics" in m.content and "train-loss" in m.content["metrics"]
+        if not m.has_error() and "metrics" in m.content and "num-examples" in m.content["metrics"]
     ]
 
 
@@ -88,6 +88,8 @@ def test_the_server_sees_only_the_mean_and_it_is_fedavgs(data_dir, tmp_path, mon
     # its update; unmasked, the quantized update would correlate with it almost perfectly.
     for r in secure:
         assert all(a.count_bytes() == 0 for a in r.content.array_records.values())
+        # and no metric of one client in the clear (loss, tokens, seconds, lr): only the weight SecAgg+ uses
+        assert dict(r.content["metrics"]) == {"num-examples": int(r.content["metrics"]["num-examples"])}
         masked = r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
         vector = np.concatenate([bytes_to_ndarray(b).ravel() for b in masked])[1:]  # [0]: its weight
         update = updates[partition_of_secure[r.metadata.src_node_id]]
@@ -189,8 +191,8 @@ def test_the_floor_is_the_nodes_own_and_lets_the_protocol_and_queries_through(mo
     monkeypatch.setenv("FEDGPT_NODE_REQUIRE_SECAGG", "true")
     reason, ran = through_mod(train_message(), node())
     assert "refuses a plain train message" in reason and not ran
-    # An honest setup stage reaches Flower's SecAgg+ (which answers with its public keys), and a query or an
-    # evaluation (no update in it) reaches the handler.
+    # An honest setup stage reaches Flower's SecAgg+ (which answers with its public keys), and a query (the
+    # pre-flight: no update in it) reaches the handler; an evaluation does not (tests/test_secagg_roster.py).
     from fedgpt.fed.secagg import secure_aggregation
 
     reply = secure_aggregation(train_message(SETUP), node(**{"require-secagg": True}), lambda m, c: m)
