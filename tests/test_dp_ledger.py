@@ -222,3 +222,20 @@ def test_a_dp_run_publishes_no_figure_of_its_cohort(data_dir, tmp_path):
     run(data_dir, tmp_path / "plain", "--fed.fraction_train=0.34", "--fed.rounds=3")
     plain = read_rounds(tmp_path / "plain" / "rounds.jsonl")
     assert all(r.clients_ok and r.train_loss is not None for r in plain[1:])
+
+
+def test_a_dp_round_too_small_for_secagg_releases_its_noise_and_says_nothing(data_dir, tmp_path):
+    # One client sampled: SecAgg+ is not run for it. A model that stayed put would tell that the round sampled
+    # fewer than two; the round releases its noise alone instead (z C / expected cohort a value), and no line
+    # says how many were sampled.
+    flags = [*DP, "--dp.clipping=client", "--dp.noise_multiplier=1", "--secagg.enabled=true"]
+    lines = []
+    fed = FederatedRun(config(data_dir, tmp_path / "run", *flags, "--fed.rounds=1"), log=lines.append)
+    fed.dp.sample = lambda nodes: nodes[:1]  # the draw that happened: one of three
+    before = fed.exchange.flatten(fed.global_state)
+    fed.open_folder()
+    fed.run(InProcessGrid(3, data_dir))
+    step = fed.exchange.flatten(load_checkpoint(tmp_path / "run" / "last.pt")["model"]) - before
+    assert float(step.std()) == pytest.approx(1.0 * 1.0 / 3, rel=0.05)  # noise of std z C / (q N)
+    assert not any("sampled" in line or "SecAgg+" in line for line in lines)
+    assert ledger_of(tmp_path / "run")[0][2] == 1

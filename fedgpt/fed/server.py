@@ -73,7 +73,7 @@ class FederatedRun:
         # The server partitions too: the summary is saved with the run, a bad split fails before any round,
         # and so does a context no client's data fills (before the model is built: it may be huge).
         parts = client_partitions(cfg, self.ds)
-        check_windows(cfg.model.block_size, self.ds, [len(p.train) for p in parts])
+        check_windows(cfg.model.block_size, self.ds, parts.train_sizes.tolist())
         tok = self.ds.tokenizer
         self.summary = summarize(parts, self.ds.train, tok.vocab_size)
         model = self.initial_model()
@@ -381,13 +381,11 @@ class FederatedRun:
         last value of each says whether it was within the norm, and the server adds the noise to their sum.
         Returns the replies used, and the bytes sent and received over the protocol's four stages."""
         if len(msgs) < 2:  # one client's "sum" is its update: never run the protocol for it
-            self.log(f"round {rnd}: {len(msgs)} client(s) sampled, SecAgg+ needs 2 or more; {self.no_sum}")
-            self.release_nothing(rnd)
+            self.release_nothing(rnd, f"{len(msgs)} client(s) sampled, SecAgg+ needs 2 or more")
             return [], 0, 0
         mean, replies, sent, received = secure_round(grid, msgs, rnd, self.cfg, self.nodes.train_tokens)
         if mean is None:
-            self.log(f"round {rnd}: secure aggregation halted, too few clients answered; {self.no_sum}")
-            self.release_nothing(rnd)
+            self.release_nothing(rnd, "secure aggregation halted, too few clients answered")
             return [], sent, received
         if not np.isfinite(mean).all():  # SecAgg+ sums integers: only a broken protocol gives this
             raise RuntimeError(f"round {rnd}: SecAgg+ gave a mean that is not finite: the run stops")
@@ -399,14 +397,13 @@ class FederatedRun:
         self.step_to_mean(rnd, mean)
         return replies, sent, received
 
-    @property
-    def no_sum(self) -> str:
-        return "the model stays" if self.dp is None else "the round releases its noise alone"
-
-    def release_nothing(self, rnd: int) -> None:
-        """A round with no sum to release: without DP the model stays; under DP it steps on the noise alone (a
-        model that stayed would tell that the round sampled fewer than two clients)."""
-        if self.dp is not None:
+    def release_nothing(self, rnd: int, why: str) -> None:
+        """A round with no sum to release: without DP the model stays (and the log says why); under DP it
+        steps on the noise alone, and nothing says so: a model that stayed, or a line, would tell how few
+        clients the round sampled or heard from."""
+        if self.dp is None:
+            self.log(f"round {rnd}: {why}; the model stays")
+        else:
             self.step_to_mean(rnd, self.dp.release(None, self.exchange.size, 0))
 
     def step_to_mean(self, rnd: int, mean: torch.Tensor) -> None:
