@@ -151,7 +151,7 @@ def check_data(cfg: Config) -> None:
     from fedgpt.fed.partition import client_partitions
 
     ds = load_dataset(cfg.data)
-    check_windows(cfg.model.block_size, ds, [len(p.train) for p in client_partitions(cfg, ds)])
+    check_windows(cfg.model.block_size, ds, client_partitions(cfg, ds).train_sizes.tolist())
 
 
 def _prepare(
