@@ -322,5 +322,5 @@ def test_clients_train_the_embedding_rows_the_server_chose(data_dir, tmp_path):
     as_the_node_reads_it = json.loads(facts["fedgpt-config"])
     as_the_node_reads_it["lora"]["rows_from"] = str(tmp_path / "not-on-this-node.txt")
     facts["fedgpt-config"] = json.dumps(as_the_node_reads_it)
-    st, _ = client.client_state(RecordDict({"config": ConfigRecord(facts)}), node_config(run))
+    st, _ = client.run_on_node(RecordDict({"config": ConfigRecord(facts)}), node_config(run))
     assert embedding_rows(st.trainer.raw_model) == json.loads(facts["embedding-rows"])

@@ -36,7 +36,9 @@ from fedgpt.train import Trainer, build_model, evaluate, resolve_device
 
 
 @dataclass
-class ClientState:
+class RunOnNode:
+    """A run as this process serves it: its config (the node's paths in it), partitions, trainer and wire."""
+
     cfg: Config
     parts: list[ClientPartition]  # every client's partition: any of them may be served by this process
     trainer: Trainer
@@ -47,7 +49,7 @@ class ClientState:
 # land on the actor: the model is rebuilt (and recompiled) never, the corpus re-partitioned never; weights
 # arrive with every message anyway. In deployment each message is a new process and the on-disk token cache of
 # fedgpt.data does the saving.
-_CACHE: dict[str, ClientState] = {}
+_CACHE: dict[str, RunOnNode] = {}
 log = logging.getLogger("fedgpt.node")
 
 
@@ -56,7 +58,7 @@ def run_config(content: RecordDict) -> tuple[Config, dict, ConfigRecord]:
     return from_dict(json.loads(record["fedgpt-config"])), json.loads(record["tokenizer"]), record
 
 
-def client_state(content: RecordDict, node: dict) -> tuple[ClientState, int]:
+def run_on_node(content: RecordDict, node: dict) -> tuple[RunOnNode, int]:
     """This process's model, trainer and partitions for the message's run (cached), and this node's partition
     id.
 
@@ -82,7 +84,7 @@ def client_state(content: RecordDict, node: dict) -> tuple[ClientState, int]:
     )
     model = client_model(cfg, tokenizer, json.loads(record.get("embedding-rows", "null")))
     trainer = Trainer(model, cfg.train, resolve_device(cfg.train.device), log=None)
-    state = ClientState(cfg, parts, trainer, Exchange.of(model, cfg))
+    state = RunOnNode(cfg, parts, trainer, Exchange.of(model, cfg))
     _CACHE.clear()  # one run at a time per process: drop the model of an earlier run
     _CACHE[key] = state
     return state, partition_id
@@ -133,7 +135,7 @@ def client_model(cfg: Config, tokenizer: Tokenizer, rows: list[int] | None = Non
     return add_lora(model, cfg.lora, cfg.train.seed, tokenizer, rows)
 
 
-def load_global(st: ClientState, arrays: ArrayRecord, partition_id: int) -> dict[str, torch.Tensor]:
+def load_global(st: RunOnNode, arrays: ArrayRecord, partition_id: int) -> dict[str, torch.Tensor]:
     """The global weights a message holds, loaded into this client's model; returned as received."""
     weights = st.exchange.read_downlink(arrays, f"the server (to client {partition_id})")
     st.exchange.load(st.trainer.raw_model, weights)
@@ -143,7 +145,7 @@ def load_global(st: ClientState, arrays: ArrayRecord, partition_id: int) -> dict
 def handshake(content: RecordDict, node: dict) -> RecordDict:
     """Answer the server's pre-flight query: this node's partition and data sizes (errors surface before round
     1)."""
-    st, partition_id = client_state(content, node)
+    st, partition_id = run_on_node(content, node)
     part = st.parts[partition_id]
     reply = ConfigRecord(
         {
@@ -160,7 +162,7 @@ def handshake(content: RecordDict, node: dict) -> RecordDict:
 
 def fit(content: RecordDict, node: dict) -> RecordDict:
     """Carry out the round's work order from the global weights; reply with the update and metrics."""
-    st, partition_id = client_state(content, node)
+    st, partition_id = run_on_node(content, node)
     cfg, part, trainer = st.cfg, st.parts[partition_id], st.trainer
     order = WorkOrder.from_config(content["config"])
     NodePolicy.round(order.round), NodePolicy.round(order.keep_from_round, "keep-from-round", least=-1)
@@ -185,7 +187,10 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     clipping = order.dp_clipping_norm
     if clipping is not None:  # dp.clipping=client: the server sends the norm, adaptive clipping moves it
         update = update * min(1.0, clipping / length) if length > 0 else update
-    if cfg.secagg.enabled:  # the update travels masked (secaggplus_mod), quantized by SecAgg+ itself
+    # Under SecAgg+ (the run's, or the node's own floor whatever the run config says) the update travels
+    # masked (secaggplus_mod), quantized by SecAgg+ itself, and no metric of this client leaves in the clear.
+    secure = cfg.secagg.enabled or secagg.node_requires_secagg(node)
+    if secure:
         arrays, residual = None, None
     else:
         arrays, residual = up.uplink(update, content["arrays"], saved_residual(saved, st, order.round))
@@ -209,7 +214,9 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     if arrays is None:
         if clipping is not None:  # summed under the mask with the others: the server sees only the count
             update = torch.cat([update, torch.tensor([unclipped])])
-        return secagg.masked_reply(update.numpy(), metrics["num-examples"], metrics)
+        # only the weight SecAgg+ scales by: the server's own pre-flight already holds it
+        weight_only = {"num-examples": metrics["num-examples"]}
+        return secagg.masked_reply(update.numpy(), metrics["num-examples"], weight_only)
     if clipping is not None:  # central DP: the server sees this update anyway
         metrics["dp-unclipped"] = int(unclipped)
     reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
@@ -219,7 +226,7 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     return reply
 
 
-def round_batches(st: ClientState, part: ClientPartition, partition_id: int, rnd: int):
+def round_batches(st: RunOnNode, part: ClientPartition, partition_id: int, rnd: int):
     """A new, deterministic stream of windows per (client, round), identical whichever process serves it
     (dropout masks too); with fed.full_batch (FedSGD) each step is the gradient of all the client's data."""
     cfg = st.cfg
@@ -229,7 +236,7 @@ def round_batches(st: ClientState, part: ClientPartition, partition_id: int, rnd
     return itertools.repeat(batches.all_windows()) if cfg.fed.full_batch else batches
 
 
-def saved_residual(saved: dict, st: ClientState, rnd: int) -> torch.Tensor | None:
+def saved_residual(saved: dict, st: RunOnNode, rnd: int) -> torch.Tensor | None:
     """What quantization cut from this client's last update (of this round's fragment), if fed back."""
     if not st.cfg.error_feedback:
         return None
@@ -240,7 +247,7 @@ def saved_residual(saved: dict, st: ClientState, rnd: int) -> torch.Tensor | Non
 
 def keep(
     store: ClientStateStore,
-    st: ClientState,
+    st: RunOnNode,
     rnd: int,
     saved: dict,
     residual: torch.Tensor | None,
@@ -301,7 +308,7 @@ def restore(
 
 
 def own_weights(
-    st: ClientState, arrays: ArrayRecord, saved: dict, rnd: int, down: Exchange
+    st: RunOnNode, arrays: ArrayRecord, saved: dict, rnd: int, down: Exchange
 ) -> dict[str, torch.Tensor]:
     """Streaming fragments: this client's own weights from its last round, with the fragment the server
     synced since as it came down (round 1: the whole model), loaded into its model. Returns the global model
@@ -322,7 +329,7 @@ def own_weights(
 
 def evaluate_partition(content: RecordDict, node: dict) -> RecordDict:
     """Loss of the global weights on this client's own validation slice."""
-    st, partition_id = client_state(content, node)
+    st, partition_id = run_on_node(content, node)
     cfg, part = st.cfg, st.parts[partition_id]
     load_global(st, content["arrays"], partition_id)
     batches = Batches(
@@ -335,11 +342,13 @@ def evaluate_partition(content: RecordDict, node: dict) -> RecordDict:
     return RecordDict({"metrics": metrics})
 
 
-# The handler of each kind of message, by name (looked up when called: tests wrap them): its reply content,
-# from the message's content and the node's config. fedgpt.fed.relay calls them in this process, or has the
-# node's worker call them.
-HANDLERS = {"query": "handshake", "train": "fit", "evaluate": "evaluate_partition"}
-
-
 def handle(kind: str, content: RecordDict, node: dict) -> RecordDict:
-    return globals()[HANDLERS[kind]](content, node)
+    """The reply content of a message of `kind` (query, train or evaluate), from its content and the node's
+    config. fedgpt.fed.relay calls it in this process, or has the node's worker call it."""
+    if kind == "query":
+        return handshake(content, node)
+    if kind == "train":
+        return fit(content, node)
+    if kind == "evaluate":
+        return evaluate_partition(content, node)
+    raise ValueError(f"unknown message kind {kind!r}: query, train or evaluate")
