@@ -22,6 +22,7 @@ from dp_accounting.rdp import RdpAccountant
 from flwr.app import MessageType
 from in_process_grid import InProcessGrid
 
+from fedgpt.bench.experiments import federated_figures
 from fedgpt.checkpoint import load_checkpoint
 from fedgpt.config import load_config
 from fedgpt.fed.privacy import DPState
@@ -218,6 +219,13 @@ def test_a_dp_run_publishes_no_figure_of_its_cohort(data_dir, tmp_path):
     round_lines = [line for line in lines if line.startswith("round ") and "|" in line]
     assert len(round_lines) == 4 and not any("train" in s or "clients" in s or "MB" in s for s in round_lines)
     assert load_checkpoint(tmp_path / "dp" / "last.pt")["extra"]["tokens"] == 0
+    # the results tooling still finds the run's rounds and epsilon, and no bytes per client
+    figures = federated_figures(tmp_path / "dp")
+    assert (figures["rounds"], figures["epsilon"], figures["mb_per_client"]) == (
+        3,
+        rows[-1]["dp_epsilon"],
+        None,
+    )
     # the same run without DP publishes them: the check above can see them
     run(data_dir, tmp_path / "plain", "--fed.fraction_train=0.34", "--fed.rounds=3")
     plain = read_rounds(tmp_path / "plain" / "rounds.jsonl")

@@ -151,15 +151,17 @@ def collect(e: Experiment, runs_dir: Path) -> dict | None:
 def federated_figures(run_dir: Path) -> dict:
     """Rounds, the megabytes one client sends and receives over the run (and sends alone), the last epsilon,
     the update norm."""
-    trained = [r for r in read_rounds(run_dir / "rounds.jsonl") if r.round > 0 and r.clients_ok]
+    rows = [r for r in read_rounds(run_dir / "rounds.jsonl") if r.round > 0]
+    trained = [r for r in rows if r.clients_ok]
     up = sum(r.bytes_received / r.clients_ok for r in trained)
     mb = up + sum(r.bytes_sent / (r.clients_ok + r.clients_failed) for r in trained)
     norms = [r.update_norm for r in trained if r.update_norm is not None]
-    last = trained[-1] if trained else None
+    last = rows[-1] if rows else None
+    private = last is not None and last.clients_ok is None  # a DP run publishes no cohort, bytes or tokens
     return {
-        "rounds": len(trained),
-        "mb_per_client": mb / 1e6,
-        "uplink_mb_per_client": up / 1e6,
+        "rounds": len(rows) if private else len(trained),
+        "mb_per_client": None if private else mb / 1e6,
+        "uplink_mb_per_client": None if private else up / 1e6,
         "epsilon": last.dp_epsilon if last else None,
         "epsilon_pld": last.dp_epsilon_pld if last else None,
         "update_norm": norms[len(norms) // 2] if norms else None,  # the middle round's median
