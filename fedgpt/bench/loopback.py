@@ -92,8 +92,10 @@ class Deployment:
         ca, key = self.secure / "certs" / "ca.crt", self.secure / "keys" / f"supernode{i}"
         return ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
 
-    def start_superlink(self, timeout: float = 60) -> None:
-        (self.link_port,) = free_ports(1)
+    def start_superlink(self, timeout: float = 60, restart: bool = False) -> None:
+        """Start the SuperLink on a free port, or (restart) on the port it had, where its SuperNodes call."""
+        if not restart:
+            (self.link_port,) = free_ports(1)
         link = self.start(
             "superlink",
             [
@@ -136,9 +138,10 @@ class Deployment:
         }
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        """Start process `name` (again, after it was killed: same home, its log appended to)."""
         home = self.root / name
-        home.mkdir(parents=True)
-        log = (self.root / f"{name}.log").open("wb")
+        home.mkdir(parents=True, exist_ok=True)
+        log = (self.root / f"{name}.log").open("ab")
         # Not the repository as working directory: deployed apps must not depend on it.
         self.procs[name] = subprocess.Popen(
             [str(BIN / args[0]), *args[1:]],
