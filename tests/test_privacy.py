@@ -218,6 +218,23 @@ def test_adaptive_clipping_moves_the_norm_towards_the_quantile_and_is_accounted_
         dp_of("--dp.noise_multiplier=1.0", "--dp.adaptive_clipping=true", "--fed.num_clients=4")
 
 
+def test_clients_that_clip_are_counted_unclipped_only_when_they_say_exactly_so():
+    # dp.clipping=client: the server's clipping is a no-op (the updates came clipped) and the adaptive count
+    # is the clients' word, 1 for within the norm; a NaN, a 7 or nothing counts as clipped.
+    dp = dp_of(
+        "--dp.clipping=client",
+        "--dp.noise_multiplier=1e-6",
+        "--dp.adaptive_clipping=true",
+        "--dp.count_noise=1e-4",
+        "--fed.num_clients=4",
+    )
+    updates = [torch.tensor([0.6, 0.8]) * s for s in (1.0, 0.5, 0.2, 1.0)]  # all within the norm 1
+    mean = dp.mean_of_updates(updates, 2, [1, 1.0, math.nan, 7])
+    assert torch.allclose(mean, sum(updates) / 4, atol=1e-5)
+    # two of four unclipped: C <- 1 x exp(-0.2 x (2/4 - 0.5)) = 1, against exp(-0.2 x (3/4 - 0.5)) for three
+    assert dp.clipping_norm == pytest.approx(1.0, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     "overrides,needle",
     [

@@ -1,13 +1,11 @@
 """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018), done by fedgpt around any strategy.
 
-    state = resumed_state(cfg, saved, LedgerFile(out_dir).read())  # a resume's; DPState() for a new run
-    dp = ClientDP(cfg, state, start_round=rnd, path=LedgerFile(out_dir))  # the noise, for the rounds left
+    dp = ClientDP.for_run(cfg, saved, rnd, resume, overwrite)  # None without DP; noise for the rounds left
     nodes = dp.sample(nodes)                     # each node trains with probability q = fed.fraction_train
     dp.charge()                                  # the round in the ledger, on disk, before anything is sent
-    total, unclipped = dp.clip(updates)          # each update clipped to C, summed
-    mean = dp.release(total, size, unclipped)    # + Gaussian noise, / q x clients
-    row = public_row(row)                        # what of a round's row may be published
-    rdp, pld = epsilons(dp.state.ledger, cfg.dp.delta)
+    mean = dp.mean_of_updates(updates, size)     # each clipped to C, summed, + Gaussian noise, / q x clients
+    mean = dp.mean_of_sum(total, size)           # SecAgg+: the clients clipped, the server sees only the sum
+    row = publish(row, dp.state.to_json(), cfg.dp.delta)  # the accountant's figures, and only what it covers
 
 Each round, every client is sampled independently with probability q (Poisson sampling); each update (the
 client's trained weights minus the global model it received) is clipped to L2 norm C, by the server on
@@ -177,9 +175,8 @@ class DPState:
     def from_json(cls, text: str | None) -> DPState:
         if not text:
             return cls()
-        d = json.loads(
-            text
-        )  # an older run's state may hold rounds_dropped too: those rounds are in its ledger
+        # an older run's state may hold rounds_dropped too: those rounds are in its ledger already
+        d = json.loads(text)
         return cls(Ledger(d["ledger"]), d["clipping_norm"], d["noise_multiplier"])
 
 
@@ -251,7 +248,9 @@ def gaussian(n: int, std: float) -> torch.Tensor:
 
 
 class ClientDP:
-    """The DP of one run: its sampler, its noise and clipping, its ledger.
+    """The DP of one run: its sampler, its noise and clipping, its ledger, what its rounds publish. The
+    server calls only this (for_run, describe, sample, charge, client_clipping_norm, mean_of_updates /
+    mean_of_sum / mean_of_nothing, state) and publish(): another mechanism is another class with these.
 
     start_round: the round the run goes on from (a resume's last.pt; default: as many as the ledger holds),
     so that rounds the ledger counts beyond it, redone now, are paid for twice. path: where charge() writes
@@ -290,9 +289,49 @@ class ClientDP:
         # are one Gaussian query of multiplier (z_update^-2 + count_std^-2)^-1/2 = z.
         self.update_noise = (z**-2 - self.count_std**-2) ** -0.5
 
+    @classmethod
+    def for_run(
+        cls,
+        cfg: Config,
+        saved: str | None,
+        start_round: int,
+        resume: bool,
+        overwrite: bool,
+        log=print,
+    ) -> ClientDP | None:
+        """The DP of a run about to start in cfg.train.out_dir (None without DP); reads, writes nothing.
+
+        A resume goes on with the ledger there, or last.pt's (`saved`), whichever counts more, by the rules of
+        resumed_state (checked with DP on or off); a new run is refused where the folder's ledger counts
+        releases, unless it overwrites the folder."""
+        ledger = LedgerFile(cfg.train.out_dir)
+        if resume:
+            state = resumed_state(cfg, saved, ledger.read())
+        else:
+            state = DPState()
+            old = None if overwrite else ledger.read()
+            if old is not None and old.ledger.rounds:
+                raise ValueError(
+                    f"train.out_dir={cfg.train.out_dir} holds the privacy ledger of a DP run "
+                    f"({old.ledger.rounds} round(s) released): --resume to go on with it, or --overwrite or "
+                    "a new train.out_dir for a new run (whose epsilon leaves that run's out: the README says "
+                    "when the two compose)"
+                )
+        return cls(cfg, state, log, start_round, ledger) if cfg.dp.enabled else None
+
+    def start_ledger(self) -> None:
+        """Write a new run's (empty) ledger, over any a folder's earlier run left."""
+        if self.path is not None:
+            self.path.write(self.state)
+
     @property
     def clipping_norm(self) -> float:
         return float(self.state.clipping_norm)
+
+    @property
+    def client_clipping_norm(self) -> float | None:
+        """The norm the clients clip their updates to (work.WorkOrder), with dp.clipping=client; else None."""
+        return self.clipping_norm if self.cfg.dp.clipping == "client" else None
 
     def describe(self) -> str:
         """The run's DP in one log line: its sampling, noise and clipping, and the epsilon it will have
@@ -333,6 +372,26 @@ class ClientDP:
             scaled = u * min(1.0, c / norm) if norm > 0 else u
             total = scaled.clone() if total is None else total.add_(scaled)
         return total, unclipped
+
+    def mean_of_updates(
+        self, updates: list[torch.Tensor], size: int, reported: list | None = None
+    ) -> torch.Tensor:
+        """The round's noised mean of the clients' updates (flat, `size` values each; finite: refused
+        before). With dp.clipping=client they came clipped, and `reported` holds each client's word on whether
+        its update was within the norm (1) or not (anything else); the server's clipping is then a no-op."""
+        total, unclipped = self.clip(updates)
+        if self.cfg.dp.clipping == "client":
+            unclipped = sum(v == 1 for v in reported or [])
+        return self.release(total, size, unclipped)
+
+    def mean_of_sum(self, total: torch.Tensor, size: int) -> torch.Tensor:
+        """The round's noised mean from SecAgg+'s sum of the clients' clipped updates, each with its 0/1
+        unclipped count appended (`size` + 1 values)."""
+        return self.release(total[:-1], size, float(total[-1]))
+
+    def mean_of_nothing(self, size: int) -> torch.Tensor:
+        """The noised mean of a round with no update to sum (none sampled, or SecAgg+ short or halted)."""
+        return self.release(None, size, 0)
 
     def release(self, total: torch.Tensor | None, size: int, unclipped: float) -> torch.Tensor:
         """The noised mean update of a round: (sum of clipped updates, or of none + noise) / expected cohort;
@@ -417,3 +476,12 @@ def public_row(row: RoundRow) -> RoundRow:
     return dataclasses.replace(
         row, **{f.name: None for f in dataclasses.fields(row) if f.name not in PUBLISHED}
     )
+
+
+def publish(row: RoundRow, saved: str, delta: float) -> RoundRow:
+    """A DP round's row as the run publishes it: both accountants' epsilon over the ledger of `saved` (a
+    DPState as the round left it) at `delta`, the clipping norm, and nothing the accountant does not cover."""
+    state = DPState.from_json(saved)
+    row.dp_epsilon, row.dp_epsilon_pld = epsilons(state.ledger, delta)
+    row.dp_clipping_norm = state.clipping_norm
+    return public_row(row)

@@ -96,27 +96,15 @@ class FederatedRun:
         }
         merge = self.evaluator.merged if cfg.lora.rank else None  # checkpoints hold a plain GPT
         self.recorder = RunRecorder(cfg, model.cfg, tok.meta(), self.run_info, log, merge=merge)
-        self.round, self.tokens, dp_state, moments = 0, 0, privacy.DPState(), None
-        ledger = privacy.LedgerFile(cfg.train.out_dir)
+        self.round, self.tokens, saved_dp, moments = 0, 0, None, None
         if resume:
             snap = self.recorder.read_last()
             self.round, self.global_state, self.tokens = snap.round, snap.state, snap.tokens
             load_strategy_state(self.strategy, snap.strategy)
-            # the ledger on disk, ahead of last.pt after a crash, is what counts
-            dp_state, moments = privacy.resumed_state(cfg, snap.privacy, ledger.read()), snap.moments
-        elif not overwrite and (old := ledger.read()) is not None and old.ledger.rounds:
-            raise ValueError(
-                f"train.out_dir={cfg.train.out_dir} holds the privacy ledger of a DP run "
-                f"({old.ledger.rounds} round(s) released): --resume to go on with it, or --overwrite or a "
-                "new train.out_dir for a new run (whose epsilon leaves that run's out: the README says when "
-                "the two compose)"
-            )
-        # noise for the rounds left; the ledger is charged, on disk, before each round's messages leave
-        self.dp = (
-            privacy.ClientDP(cfg, dp_state, log, start_round=self.round, path=ledger)
-            if cfg.dp.enabled
-            else None
-        )
+            saved_dp, moments = snap.privacy, snap.moments
+        # Sampling, clipping, noise, the ledger (on disk, ahead of last.pt after a crash) and what a round may
+        # publish, for the rounds left; None without DP. A resume that would break the ledger is refused here.
+        self.dp = privacy.ClientDP.for_run(cfg, saved_dp, self.round, resume, overwrite, log)
         self.base_privacy = privacy.base_privacy(cfg.train.init_from)  # a fedgpt checkpoint's DP, if any
         # fed.client_optimizer=average: the clients' mean first moments (fedgpt.fed.moments)
         self.moments = SharedMoments(moments) if cfg.fed.client_optimizer == "average" else None
@@ -153,8 +141,8 @@ class FederatedRun:
             self.recorder.continue_from(self.round)
         else:
             self.recorder.start_fresh()
-            if self.dp is not None:  # an empty ledger: a new run's, where --overwrite left an old one
-                self.dp.path.write(self.dp.state)
+            if self.dp is not None:
+                self.dp.start_ledger()
         atomic_write_bytes(out_dir / "partition.json", json.dumps(self.summary, indent=1).encode())
         self.log(format_summary(self.summary))
         if self.dp is not None:
@@ -184,7 +172,7 @@ class FederatedRun:
             first_step=(rnd - 1) * f.local_steps,
             schedule=self.schedule,
             keep_from_round=self.recorder.saved_round,
-            dp_clipping_norm=self.dp.clipping_norm if self.dp and self.cfg.dp.clipping == "client" else None,
+            dp_clipping_norm=self.dp.client_clipping_norm if self.dp else None,
             proximal_mu=float(getattr(self.strategy, "proximal_mu", 0.0)),
         )
 
@@ -201,13 +189,8 @@ class FederatedRun:
         scores = self.evaluator.evaluate(snap.state)
         row.val_loss, row.val_accuracy = scores["loss"], scores["accuracy"]
         row.eval_s, row.elapsed_s = round(time.time() - t_eval, 3), round(time.time() - self.t_start, 3)
-        if (
-            snap.privacy is not None
-        ):  # both accountants over the ledger as of this round; only what they cover
-            dp = privacy.DPState.from_json(snap.privacy)
-            row.dp_epsilon, row.dp_epsilon_pld = privacy.epsilons(dp.ledger, self.cfg.dp.delta)
-            row.dp_clipping_norm = dp.clipping_norm
-            row = privacy.public_row(row)
+        if snap.privacy is not None:  # the ledger as of this round, and only what it covers
+            row = privacy.publish(row, snap.privacy, self.cfg.dp.delta)
         self.recorder.record(snap, row)
         # Checkpointed: a resume starts here, and no client state older than this round's is needed again.
         ClientStateStore.prune_run(self.state_dir, self.run_info["run_id"], snap.round)
@@ -368,10 +351,8 @@ class FederatedRun:
         if self.dp is None:
             self.step(rnd, ok, up)
             return ok, bytes_received
-        total, unclipped = self.dp.clip(deltas)
-        if self.cfg.dp.clipping == "client":  # clipped before they were sent: the clients say which were not
-            unclipped = sum(int(r.content["metrics"]["dp-unclipped"]) == 1 for r in ok)
-        self.step_to_mean(rnd, self.dp.release(total, self.exchange.size, unclipped))
+        reported = [r.content["metrics"].get("dp-unclipped") for r in ok]  # dp.clipping=client
+        self.step_to_mean(rnd, self.dp.mean_of_updates(deltas, self.exchange.size, reported))
         return ok, bytes_received
 
     def secure_aggregate(self, grid: Grid, rnd: int, msgs: list[Message]) -> tuple[list[Message], int, int]:
@@ -392,8 +373,7 @@ class FederatedRun:
         replies = sorted(replies, key=lambda r: self.nodes.partition(r.metadata.src_node_id))
         mean = torch.from_numpy(mean).float()
         if self.dp is not None:  # uniform weights: the mean times the clients is their sum
-            total = mean * len(replies)
-            mean = self.dp.release(total[:-1], self.exchange.size, float(total[-1]))
+            mean = self.dp.mean_of_sum(mean * len(replies), self.exchange.size)
         self.step_to_mean(rnd, mean)
         return replies, sent, received
 
@@ -404,7 +384,7 @@ class FederatedRun:
         if self.dp is None:
             self.log(f"round {rnd}: {why}; the model stays")
         else:
-            self.step_to_mean(rnd, self.dp.release(None, self.exchange.size, 0))
+            self.step_to_mean(rnd, self.dp.mean_of_nothing(self.exchange.size))
 
     def step_to_mean(self, rnd: int, mean: torch.Tensor) -> None:
         """Let the strategy step on a round's mean update (flat), as if one client had sent global + mean."""
