@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from fedgpt.config import ModelConfig
@@ -88,7 +90,7 @@ def read_hf_config(path: Path, dropout: float = 0.0) -> tuple[ModelConfig, float
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a save_pretrained directory: model.safetensors or pytorch_model.bin, sharded or not."""
-    for name, read in (("model.safetensors", read_safetensors), ("pytorch_model.bin", _read_torch_bin)):
+    for name, read in (("model.safetensors", _read_safetensors), ("pytorch_model.bin", _read_torch_bin)):
         if (path / name).is_file():
             return read(path / name)
         index = path / f"{name}.index.json"
@@ -104,31 +106,8 @@ def _read_torch_bin(file: Path) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file (F32, F16, BF16 tensors) without the safetensors package."""
-    # Layout: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}},
-    # then the raw little-endian tensor bytes; data_offsets are relative to the end of the header.
-    data = bytearray(Path(file).read_bytes())  # writable, so torch.frombuffer can share it without a warning
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    header.pop("__metadata__", None)
-    out = {}
-    for name, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(
-                f"{file}: tensor {name} has dtype {info['dtype']}, expected one of "
-                f"{', '.join(_SAFETENSORS_DTYPES)}"
-            )
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        start, end = info["data_offsets"]
-        count = (end - start) // dtype.itemsize
-        if count == 0:
-            out[name] = torch.empty(info["shape"], dtype=dtype)
-        else:
-            out[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + start).view(
-                info["shape"]
-            )
-    return out
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}): download it again") from None
