@@ -12,7 +12,17 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Error, Message, MessageType, Metadata, RecordDict
+from flwr.app import (
+    DEFAULT_TTL,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    RecordDict,
+)
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_constants import (
@@ -114,7 +124,7 @@ def send(ctx: Context, configs: dict, signed: dict | None = None, rnd: int = 1, 
     if signed is not None:
         records[SIGNED] = ConfigRecord(signed)
     if update is not None:  # collect masked vectors: the node's train handler answers with this update
-        records["arrays"] = __import__("flwr.app", fromlist=["ArrayRecord"]).ArrayRecord()
+        records["arrays"] = ArrayRecord()
 
     def train(m, c):
         return Message(masked_reply(np.asarray(update, np.float32), 1, {"train-loss": 1.0}), reply_to=m)
@@ -170,8 +180,8 @@ def test_made_up_peers_unmask_a_node_without_a_roster_and_are_refused_with_one(t
     contexts = fleet(tmp_path, [7, 8])
     ctx, colluder = contexts[7], roster.load_identity(str(tmp_path / "node-8.key"))
     own, signed = setup(ctx, 10)
-    liar = roster.Identity(ec.generate_private_key(ec.SECP384R1()), b"")
-    liar = roster.Identity(liar.key, roster.fingerprint(liar.key.public_key()))
+    liar_key = ec.generate_private_key(ec.SECP384R1())  # the server's own: on no roster
+    liar = roster.Identity(liar_key, roster.fingerprint(liar_key.public_key()))
     entry = lambda nid, pk, who: [*pk, who.fingerprint, who.sign(roster.advertisement(1, 1, nid, *pk))]
     mine = [*own, signed["key"], signed["signature"]]
     for who, needle in [
@@ -187,8 +197,7 @@ def test_made_up_peers_unmask_a_node_without_a_roster_and_are_refused_with_one(t
         assert ctx.state.config_records[RECORD_KEY_STATE]["current_stage"] == Stage.SETUP
         assert not ctx.state.config_records[RECORD_KEY_STATE]["sk1_share_dict:K"]  # no share made
 
-    # ... and the roster is what refuses: the colluder's signatures are the roster's, so the check above is
-    # not the shape of the message. A real peer signed for another round does not verify either.
+    # A roster member's signature from another round (an advertisement replayed) does not verify either.
     peer_pk = made_up_peers(1)[100][:2]
     old = [*peer_pk, colluder.fingerprint, colluder.sign(roster.advertisement(1, 0, 8, *peer_pk))]
     refusal = send(ctx, {Key.STAGE: Stage.SHARE_KEYS, "7": own, "8": list(peer_pk)}, {"7": mine, "8": old})
