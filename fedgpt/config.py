@@ -94,7 +94,7 @@ class FedConfig:
     client_val_fraction: float = 0.1  # share of a client's data held out, when client evaluation is on
     fraction_train: float = 1.0  # share of clients sampled each round (under DP: Poisson, with this rate)
     client_eval_interval: int = 0  # rounds between client evaluations on their own val slices; 0: never
-    min_clients: int = 0  # clients that must be connected before round 1; 0: num_clients
+    min_clients: int = 0  # the fewest admitted, connected nodes that make a round (quorum); 0: num_clients
     uplink: str = "fp32"  # client to server: the update in fp32, fp16, int8, int4 or sparse (fed/wire.py)
     downlink: str = "fp32"  # server to client: the global weights in fp32 or fp16
     quant_block: int = 256  # int8 / int4 uplink: values per fp32 scale
@@ -103,7 +103,7 @@ class FedConfig:
     fragments: int = 1  # > 1: Streaming DiLoCo's fragments, one synced a round in turn (fed/wire.py)
     stragglers: float = 0.0  # share of each round's clients that run fewer local steps (1 to local_steps - 1)
     straggler_policy: str = "accept"  # "accept" their partial work (FedProx), or "drop" them (FedAvg)
-    node_timeout: float = 120.0  # seconds to wait for min_clients before failing
+    node_timeout: float = 120.0  # seconds a round waits for min_clients nodes, then the run stops (resumable)
     round_timeout: float = 3600.0  # seconds to wait for the replies of one round
 
 

@@ -28,6 +28,7 @@ OUTPUTS = (
     "loss.png",
     "partition.json",
     "dp_ledger.json",
+    "membership.jsonl",
     "client_state",
     "tensorboard",
 )

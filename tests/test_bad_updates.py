@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("serverapp_identity")
 def tiny_run(data_dir, out, *overrides: str, lines=None) -> FederatedRun:
     cfg = load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={out}", *overrides])
     run = FederatedRun(cfg, log=lines.append if lines is not None else print)
-    run.nodes.partition_of = {n: n - 1 for n in range(1, 9)}
+    run.nodes.admit({n: n - 1 for n in range(1, 9)})
     return run
 
 

@@ -133,7 +133,7 @@ def test_fedavg_is_token_weighted_mean(data_dir, tmp_path):
     failed = Message(
         Error(code=0, reason="Traceback ...\nRuntimeError: out of memory"), reply_to=train_instruction(14)
     )
-    run.nodes.partition_of = {11: 2, 12: 0, 13: 1, 14: 3}
+    run.nodes.admit({11: 2, 12: 0, 13: 1, 14: 3})
     received = sum(r.content["arrays"].count_bytes() for r in replies)
 
     ok, nbytes = run.aggregate(1, [replies[2], failed, replies[0], replies[1]], sent, run.exchange)
@@ -168,7 +168,7 @@ def test_diloco_stays_put_when_clients_change_nothing_over_an_fp16_downlink(
     # (and DiLoCo's momentum) must not move. Taking their weights for their work, it moved by the rounding.
     run = tiny_run(data_dir, tmp_path, "--fed.downlink=fp16", "--fed.strategy=diloco")
     before = {k: v.clone() for k, v in run.global_state.items()}
-    run.nodes.partition_of = {1: 0, 2: 1, 3: 2}
+    run.nodes.admit({1: 0, 2: 1, 3: 2})
     for rnd in (1, 2):
         run.strategy.configure_train(
             rnd, run.exchange.per_tensor(run.global_state), ConfigRecord(), Grid([1, 2, 3])

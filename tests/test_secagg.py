@@ -294,7 +294,7 @@ def test_the_weight_bound_counts_every_micro_batch(data_dir, tmp_path):
     overrides = ["--fed.weighting=trained", "--train.grad_accum_steps=2", "--secagg.enabled=true"]
     cfg = load_config(TINY, [*overrides, f"--data.data_dir={data_dir}", f"--train.out_dir={tmp_path}"])
     run = FederatedRun(cfg, log=lambda s: None)
-    run.nodes.train_tokens = {1: 10_000}
+    run.nodes.admit({1: 0}, {1: 10_000})
     trainer = Trainer(GPT(cfg.model), cfg.train, torch.device("cpu"), log=None)
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 10_000)
     trained = trainer.train_steps(

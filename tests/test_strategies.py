@@ -236,7 +236,8 @@ def test_sampled_partitions_do_not_depend_on_node_ids(data_dir, tmp_path):
     run = FederatedRun(cfg, log=lambda _: None)
     samples = []
     for ids in ([101 + 7 * i for i in range(10)], [9000 - 13 * i for i in range(10)]):
-        run.nodes.partition_of = {node: p for p, node in enumerate(ids)}
+        run.nodes.members.clear()
+        run.nodes.admit({node: p for p, node in enumerate(ids)})
         grid = Grid(list(reversed(ids)) if ids[0] > 1000 else ids)
         per_round = []
         for rnd in (1, 2, 3):

@@ -151,7 +151,9 @@ def trainer_message_s(a: argparse.Namespace, overrides: list[str], work: Path, c
     folder = work / "workers"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     worker = WorkerClient(folder, node_id=1, run_id=1, idle_timeout=120, watch_pid=os.getpid())
-    node = {"partition-id": 0, "num-partitions": a.supernodes}
+    # the node's own settings, as the deployment's SuperNodes have them (fedgpt.fed.node_policy)
+    node = {"partition-id": 0, "num-partitions": a.supernodes, "state-dir": str(work / "state")}
+    node["data-dir"] = str(Path(cfg.data.data_dir).resolve())
     seconds = []
     try:
         for rnd in range(1, calls + 2):

@@ -71,8 +71,16 @@ class Deployment:
     keys/supernode<i>, which must be registered (register_supernodes) before it starts.
     """
 
-    def __init__(self, root: Path, secure: Path | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        secure: Path | None = None,
+        env: dict[str, str] | None = None,
+        database: Path | None = None,
+    ):
         self.root, self.secure, self.extra_env = root, secure, env or {}  # env: added to every process's
+        # the SuperLink's state on disk (SQLite): a restarted SuperLink knows its SuperNodes, which go on
+        self.database = database
         self.marker = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
         self.link_port: int | None = None
@@ -102,6 +110,7 @@ class Deployment:
                 "flower-superlink",
                 *self.link_security(),
                 *("--host", "127.0.0.1", "--port", str(self.link_port)),
+                *(("--database", str(self.database)) if self.database else ()),
                 "--disable-runtime-dependency-installation",
             ],
         )

@@ -1,13 +1,12 @@
-"""Talking to the nodes through Flower's Grid: waiting for them, one request/reply exchange, and the
-pre-flight check that every node can serve its partition before round 1."""
+"""Talking to the nodes through Flower's Grid: waiting for them, one request/reply exchange, and the nodes in
+partition order (who they are and whether they are admitted is fedgpt.fed.membership's)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 
@@ -64,74 +63,6 @@ def error_reason(msg: Message) -> str:
     """The last line of a client's error (Flower sends the whole traceback)."""
     reason = (msg.error.reason or "").strip().splitlines()
     return reason[-1] if reason else f"error code {msg.error.code}"
-
-
-@dataclass
-class Nodes:
-    """What the pre-flight learned of the nodes: the partition each serves and its train tokens."""
-
-    partition_of: dict[int, int] = field(default_factory=dict)  # node id -> partition id
-    train_tokens: dict[int, int] = field(default_factory=dict)  # node id -> its train tokens
-    requiring_secagg: list[int] = field(default_factory=list)  # partitions whose nodes refuse plain training
-
-    def partition(self, node: int) -> int:
-        return self.partition_of.get(node, -1)
-
-
-def preflight(
-    grid: Grid,
-    needed: int,
-    num_partitions: int,
-    config: dict,
-    timeout: float,
-    log: Callable[[str], None] = print,
-) -> Nodes:
-    """Wait for the nodes, then ask each what it will serve (its partition, its data, its privacy floor).
-
-    Data or config problems on any node (another corpus, a wrong num-partitions, a partition served twice)
-    fail the run here, before round 1, with every problem in one RuntimeError. One query per node, sampled or
-    not (sampling draws from nodes ordered by partition, which makes it reproducible): start-up grows with the
-    node count by a ClientApp call each.
-    """
-    t0 = time.time()
-    nodes = wait_for_nodes(grid, needed, timeout, log)
-    msgs = [
-        Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=n, message_type=MessageType.QUERY)
-        for n in nodes
-    ]
-    said = lambda n, total: log(f"pre-flight: {n:,} of {total:,} nodes answered ({time.time() - t0:.0f} s)")
-    replies = exchange(grid, msgs, timeout, progress=said)
-    errors = [f"node {r.metadata.src_node_id}: {error_reason(r)}" for r in replies if r.has_error()]
-    if len(replies) < len(msgs):
-        errors.append(f"{len(msgs) - len(replies)} node(s) did not answer within {timeout:.0f} s")
-    answers = {r.metadata.src_node_id: dict(r.content["info"]) for r in replies if not r.has_error()}
-    for node, info in answers.items():
-        if info["num-partitions"] != num_partitions:
-            errors.append(
-                f"node {node} has num-partitions={info['num-partitions']} but "
-                f"fed.num_clients={num_partitions}"
-            )
-    ids = [info["partition-id"] for info in answers.values()]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        errors.append(
-            f"partition-id {dupes} served by more than one node: give each SuperNode its own partition-id"
-        )
-    if errors:
-        raise RuntimeError("pre-flight check failed: " + "; ".join(errors))
-    log(f"pre-flight: {len(answers)} nodes answered in {time.time() - t0:.1f} s")
-    own = sorted(
-        (int(i["partition-id"]), int(i["train-tokens"])) for i in answers.values() if i.get("own-data")
-    )
-    if own:  # nodes with data of their own: the partition summary is not theirs
-        log(
-            "nodes with their own data (partition: train tokens): " + ", ".join(f"{p}: {t:,}" for p, t in own)
-        )
-    return Nodes(
-        {node: int(info["partition-id"]) for node, info in answers.items()},
-        {node: int(info["train-tokens"]) for node, info in answers.items()},
-        sorted(int(i["partition-id"]) for i in answers.values() if i.get("requires-secagg")),
-    )
 
 
 class PartitionOrderedGrid:

@@ -36,7 +36,8 @@ from fedgpt.data import check_windows, load_dataset
 from fedgpt.fed import privacy
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.evaluation import CentralEvaluator, yield_cpu
-from fedgpt.fed.grid import Nodes, PartitionOrderedGrid, error_reason, exchange, preflight
+from fedgpt.fed.grid import PartitionOrderedGrid, error_reason, exchange
+from fedgpt.fed.membership import Membership
 from fedgpt.fed.moments import SharedMoments
 from fedgpt.fed.partition import client_partitions, format_summary, summarize
 from fedgpt.fed.recorder import RunRecorder, Snapshot
@@ -88,6 +89,7 @@ class FederatedRun:
         )
         # Under DP fedgpt samples the clients (privacy.ClientDP); the strategy takes every node it is given.
         self.strategy = make_strategy(cfg.fed, presampled=cfg.dp.enabled)
+        self.min_train_nodes = self.strategy.min_train_nodes  # at most the nodes connected, each round
         # Fixed for the whole run, resumes included: its id (client state files carry it) and the clients'
         # learning-rate schedule, over rounds x local steps as the run was started.
         self.run_info = {
@@ -109,7 +111,8 @@ class FederatedRun:
         # fed.client_optimizer=average: the clients' mean first moments (fedgpt.fed.moments)
         self.moments = SharedMoments(moments) if cfg.fed.client_optimizer == "average" else None
         self.schedule = Schedule.of(cfg.train, self.run_info["schedule_steps"])
-        self.nodes = Nodes()  # from the pre-flight: which partition each node serves, and its data
+        # the roster, kept through the run: which partition each node serves, its data, who is gone
+        self.nodes = Membership(cfg, self.run_facts, log)
         self.lora_error: float | None = None  # this round's LoRA aggregation error (fedgpt.lora)
         self.refused = 0  # this round's replies refused by aggregate (fedgpt.fed.wire)
         out_dir = Path(cfg.train.out_dir)
@@ -204,13 +207,12 @@ class FederatedRun:
         follow round by round.
         """
         fed = self.cfg.fed
-        need = fed.min_clients or fed.num_clients
-        self.nodes = preflight(grid, need, fed.num_clients, self.run_facts(), fed.node_timeout, self.log)
-        if self.nodes.requiring_secagg and not self.cfg.secagg.enabled:
-            raise RuntimeError(
-                f"the nodes of partitions {self.nodes.requiring_secagg} require SecAgg+ (their node config "
-                "require-secagg) and refuse plain train messages: run with secagg.enabled=true"
-            )
+        out_dir = Path(self.cfg.train.out_dir)
+        self.nodes.record = out_dir / "membership.jsonl"
+        self.nodes.start(grid)  # the nodes there before round 1; later ones are asked when they appear
+        if any(m.own_data for m in self.nodes.members.values()):  # partition.json: what the nodes hold
+            summary = {**self.summary, "nodes": self.nodes.reported()}
+            atomic_write_bytes(out_dir / "partition.json", json.dumps(summary, indent=1).encode())
         rows = []
         with ThreadPoolExecutor(1, thread_name_prefix="central-eval", initializer=yield_cpu) as evaluator:
             pending = (
@@ -236,7 +238,8 @@ class FederatedRun:
         # The strategy sees one fp32 array per tensor (its own state keeps them); the wire carries one array.
         arrays = self.exchange.per_tensor(self.global_state)
         sampled = self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.sampling_grid(grid, rnd))
-        nodes = [m.metadata.dst_node_id for m in sampled]
+        # in a simulation too large to ask every node before round 1, the sampled ones are asked now
+        nodes = self.nodes.admit_sampled(grid, [m.metadata.dst_node_id for m in sampled], rnd)
         seed = self.cfg.train.seed  # each node's local steps: fewer for a straggler, None for a dropped one
         steps = straggler_steps(fed.stragglers, fed.straggler_policy, fed.local_steps, seed, rnd, len(nodes))
         orders = {n: self.work_order(rnd, s) for n, s in zip(nodes, steps) if s is not None}
@@ -301,11 +304,14 @@ class FederatedRun:
         seed and the round, so that the same partitions train in every run of this config, a resumed one
         included, whatever ids its nodes have. Under DP: only the nodes privacy.ClientDP sampled, from the
         OS's entropy (the strategy takes them all)."""
-        ordered = PartitionOrderedGrid(grid, self.nodes.partition_of)
+        candidates = self.nodes.round_nodes(grid, rnd)  # admitted and connected (fedgpt.fed.membership)
+        ordered = PartitionOrderedGrid(grid, self.nodes.partition_of, only=candidates)
         if self.dp is not None:
             return PartitionOrderedGrid(
                 grid, self.nodes.partition_of, only=self.dp.sample(ordered.get_node_ids())
             )
+        # Flower's sampler waits for min_train_nodes to connect: never more than are there
+        self.strategy.min_train_nodes = min(self.min_train_nodes, len(candidates))
         random.seed(self.cfg.train.seed * 1_000_003 + rnd)
         return ordered
 
@@ -405,8 +411,9 @@ class FederatedRun:
         every, fed = self.cfg.fed.client_eval_interval, self.cfg.fed
         if not every or (rnd % every and rnd != fed.rounds):
             return None, None
+        admitted = PartitionOrderedGrid(grid, self.nodes.partition_of, only=self.nodes.connected())
         msgs = self.strategy.configure_evaluate(
-            rnd, self.exchange.per_tensor(self.global_state), ConfigRecord(self.run_facts()), grid
+            rnd, self.exchange.per_tensor(self.global_state), ConfigRecord(self.run_facts()), admitted
         )
         sent = self.exchange.downlink(self.global_state, secrets.randbits(62))
         for m in msgs:

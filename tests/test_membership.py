@@ -1,0 +1,141 @@
+"""Membership that changes during a run (fedgpt.fed.membership), on a real loopback deployment: a SuperLink
+and SuperNodes as separate processes, `flwr run .` as a user runs it. A node that dies stalls nothing and is
+marked gone; restarted, it is the same client again; a duplicate of a partition and a node of another split
+are refused and never trained; a SuperLink killed mid-run is restarted and the run resumed, each round
+once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from fedgpt.bench.loopback import BIN, Deployment
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT = 480  # seconds for one `flwr run`: a safety net, not a speed check
+
+
+def node_config(
+    i: int, data_dir: Path, state: Path, num_partitions: int = 3, partition: int | None = None
+) -> str:
+    p = i if partition is None else partition
+    return f"partition-id={p} num-partitions={num_partitions} data-dir='{data_dir}' state-dir='{state}'"
+
+
+@pytest.fixture(scope="module")
+def deployment(data_dir: Path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("membership")
+    dep = Deployment(root / "flwr", database=root / "superlink.db")  # as docs/deployment.md says to run it
+    dep.start_superlink()
+    for i in range(3):
+        dep.start_supernode(i, node_config(i, data_dir.resolve(), root / f"state{i}"))
+    try:
+        yield dep, root
+    finally:
+        left = dep.stop()
+        assert not left, f"processes left after teardown: {left}"
+
+
+def kill(dep: Deployment, name: str) -> None:
+    """SIGKILL a process and all it started in its session (as a machine that loses power)."""
+    proc = dep.procs[name]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def run_config(data_dir: Path, out: Path, rounds: int, *extra: str) -> str:
+    opts = (
+        f"fed.num_clients=3 fed.rounds={rounds} fed.local_steps=5 fed.min_clients=2 fed.node_timeout=90 "
+        f"train.out_dir={out} data.data_dir={data_dir} " + " ".join(extra)
+    )
+    return f"config='configs/tiny.yaml' client-threads=1 overrides='{opts}'"
+
+
+def start_run(dep: Deployment, config: str, resume: bool = False) -> subprocess.Popen:
+    """`flwr run . loopback --stream` in the background, its output in a file."""
+    home = dep.root / "cli"
+    dep.flwr(["--version"], timeout=60, cwd=REPO)  # writes the connection config once
+    log = (dep.root / f"flwr-run-{time.monotonic_ns()}.log").open("wb")
+    args = ["run", ".", "loopback", "--stream", "--run-config", config + (" resume=true" if resume else "")]
+    proc = subprocess.Popen(
+        [str(BIN / "flwr"), *args], cwd=REPO, env=dep.env(home), stdout=log, stderr=subprocess.STDOUT
+    )
+    proc.log_path = Path(log.name)
+    return proc
+
+
+def rows(out: Path) -> list[dict]:
+    path = out / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_round(out: Path, rnd: int, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r["round"] == rnd for r in rows(out)):
+        assert proc.poll() is None, f"the run ended before round {rnd}:\n{proc.log_path.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no round {rnd} after {timeout} s"
+        time.sleep(0.5)
+
+
+def finish(proc: subprocess.Popen, dep: Deployment) -> str:
+    proc.wait(timeout=RUN_TIMEOUT)
+    out = proc.log_path.read_text(errors="replace")
+    assert proc.returncode == 0, out[-4000:] + dep.logs()
+    return out
+
+
+def test_a_node_dies_comes_back_and_duplicates_and_strangers_are_refused(deployment, data_dir: Path):
+    dep, root = deployment
+    out = root / "out_membership"
+    run = start_run(dep, run_config(data_dir.resolve(), out, 8))
+    wait_for_round(out, 2, run)
+    kill(dep, "supernode2")
+    wait_for_round(out, 4, run)
+    # node 2 comes back with its own node config (a new Flower node id), beside a second node claiming
+    # partition 1 and a node of a 4-way split
+    dep.start_supernode(2, node_config(2, data_dir.resolve(), root / "state2"))
+    dep.start_supernode(3, node_config(3, data_dir.resolve(), root / "state3", partition=1))
+    dep.start_supernode(4, node_config(4, data_dir.resolve(), root / "state4", num_partitions=4, partition=3))
+    log = finish(run, dep)
+    got = rows(out)
+    assert [r["round"] for r in got] == list(range(9)), got
+    assert got[4]["round_s"] <= 120, got[4]  # the round after the death did not wait for the dead node
+    assert [r["clients_ok"] for r in got[6:]] == [3, 3, 3], [(r["round"], r["clients_ok"]) for r in got]
+    assert "is held by node" in log and "a duplicate" in log, log[-4000:]
+    assert "num-partitions=4 but the run has fed.num_clients=3" in log, log[-4000:]
+    events = [json.loads(line) for line in (out / "membership.jsonl").read_text().splitlines()]
+    kinds = [(e["event"], e["partition"]) for e in events if e["round"] > 0]
+    assert ("gone", 2) in kinds and ("back", 2) in kinds, events
+    assert ("refused", 1) in kinds and ("refused", 3) in kinds, events
+    # the refused nodes never trained: their state folders hold no client state
+    assert not list((root / "state3").rglob("round-*.pt")) and not list((root / "state4").rglob("round-*.pt"))
+    for name in ("supernode3", "supernode4"):  # stopped as an operator would: they leave the SuperLink's list
+        dep.procs[name].terminate()
+        dep.procs[name].wait(timeout=60)
+
+
+def test_a_killed_superlink_is_restarted_and_the_run_resumed_without_a_round_lost_or_twice(
+    deployment, data_dir: Path
+):
+    dep, root = deployment
+    reference = root / "out_uninterrupted"
+    finish(start_run(dep, run_config(data_dir.resolve(), reference, 6)), dep)
+    out = root / "out_resumed"
+    run = start_run(dep, run_config(data_dir.resolve(), out, 6))
+    wait_for_round(out, 3, run)
+    kill(dep, "superlink")  # the ServerApp with it
+    run.wait(timeout=60)
+    dep.start_superlink(restart=True)
+    log = finish(start_run(dep, run_config(data_dir.resolve(), out, 6), resume=True), dep)
+    got = rows(out)
+    assert [r["round"] for r in got] == list(range(7)), [r["round"] for r in got]
+    # deterministic here (every client every round, no dropout): the same weights, the same loss
+    assert got[-1]["val_loss"] == rows(reference)[-1]["val_loss"], (got[-1], rows(reference)[-1], log[-3000:])
