@@ -24,7 +24,7 @@ from fedgpt.data import Batches, load_dataset, load_node_tokens
 from fedgpt.fed import secagg
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.moments import MOMENTS
-from fedgpt.fed.node_policy import NodeError, NodePolicy
+from fedgpt.fed.node_policy import NodeError, NodePolicy, node_requires_secagg
 from fedgpt.fed.partition import ClientPartition, client_partitions
 from fedgpt.fed.wire import Exchange
 from fedgpt.fed.work import WorkOrder
@@ -154,7 +154,7 @@ def handshake(content: RecordDict, node: dict) -> RecordDict:
             "own-data": int(part.scheme == "own data"),
             "train-tokens": int(len(part.train)),
             "val-tokens": int(len(part.val)),
-            "requires-secagg": int(secagg.node_requires_secagg(node)),
+            "requires-secagg": int(node_requires_secagg(node)),
         }
     )
     return RecordDict({"info": reply})
@@ -189,7 +189,7 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
         update = update * min(1.0, clipping / length) if length > 0 else update
     # Under SecAgg+ (the run's, or the node's own floor whatever the run config says) the update travels
     # masked (secaggplus_mod), quantized by SecAgg+ itself, and no metric of this client leaves in the clear.
-    secure = cfg.secagg.enabled or secagg.node_requires_secagg(node)
+    secure = cfg.secagg.enabled or node_requires_secagg(node)
     if secure:
         arrays, residual = None, None
     else:

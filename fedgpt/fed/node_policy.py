@@ -21,8 +21,9 @@ The party a node guards against is the server. So:
 - **Errors sent to the server say what failed, never the node's data**: an exception whose text fedgpt wrote
   for the server (NodeError: a refusal, a mismatch of settings) goes as it is; any other reaches the server as
   its kind and the message's stage only, and its full text goes to the node's own log.
-- **Privacy floors are the node's**: require-secagg, secagg-min-clients and the SecAgg+ roster
-  (fedgpt.fed.secagg) are node settings; the run config never decides them.
+- **Privacy floors are the node's**: require-secagg, secagg-min-clients, and the identity key and roster that
+  make SecAgg+ hold against a server that lies (secagg_policy; what they do is fedgpt.fed.secagg's) are node
+  settings; the run config never decides them.
 
 A setting is read from the node config (`flower-supernode --node-config "key=value ..."`), else from the
 environment of the SuperNode as FEDGPT_NODE_<KEY> (a simulation's nodes get theirs that way from the process
@@ -42,6 +43,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedgpt.fed.roster import Identity, Roster, load_identity, load_roster
+
 if TYPE_CHECKING:
     from fedgpt.config import Config
 
@@ -57,6 +60,8 @@ PATH_SETTINGS = {
     "input-file": None,
     "state-dir": "fed.client_state_dir",
     "node-dir": None,
+    "secagg-identity-key": None,
+    "secagg-roster": None,
 }
 
 
@@ -77,6 +82,50 @@ def node_setting(node: Any, key: str, default: str | int | float | bool) -> str 
     if isinstance(default, bool):
         return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
     return type(default)(value)
+
+
+def node_requires_secagg(node: Any) -> bool:
+    return bool(node_setting(node, "require-secagg", False))
+
+
+class NodeRefusal(NodeError, PermissionError):
+    """A node's privacy floor refused a message (the reply carries only this error)."""
+
+
+@dataclass(frozen=True)
+class SecAggPolicy:
+    """What this node requires of SecAgg+, from its own settings only (node config, else FEDGPT_NODE_*)."""
+
+    require: bool  # require-secagg: refuse plain train and evaluate messages
+    min_clients: int  # secagg-min-clients: the smallest cohort it hides in
+    identity: Identity | None  # secagg-identity-key: its signing key ...
+    roster: Roster | None  # ... and secagg-roster: its peers' public keys; both or neither
+
+    @property
+    def signs(self) -> bool:
+        return self.roster is not None
+
+
+def secagg_policy(node: Any) -> SecAggPolicy:
+    """The node's SecAgg+ settings, read in one place. `secagg-identity-key` may hold `{partition-id}`,
+    replaced by the node's partition id: how one environment gives each simulated node its own key."""
+    key, roster = (
+        str(node_setting(node, "secagg-identity-key", "")),
+        str(node_setting(node, "secagg-roster", "")),
+    )
+    if bool(key) != bool(roster):
+        raise NodeRefusal(
+            "this node has one of secagg-identity-key and secagg-roster but not the other: give it both (its "
+            "own private key and its peers' public keys), or neither"
+        )
+    config = node.node_config if hasattr(node, "node_config") else node
+    key = key.replace("{partition-id}", str(config.get("partition-id", "")))
+    return SecAggPolicy(
+        require=node_requires_secagg(node),
+        min_clients=int(node_setting(node, "secagg-min-clients", 2)),
+        identity=load_identity(key) if key else None,
+        roster=load_roster(roster) if roster else None,
+    )
 
 
 def default_node_dir() -> Path:

@@ -27,8 +27,6 @@ quantization_range per value (the weights' rounding aside). Metrics (train loss,
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,79 +41,20 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
+from fedgpt.fed.node_policy import (  # the node's own settings, read in one place
+    NodeRefusal,
+    SecAggPolicy,
+    secagg_policy,
+)
 from fedgpt.fed.roster import (
     Identity,
     Roster,
     advertisement,
-    load_identity,
-    load_roster,
     share_list,
     survivors,
 )
 
 log = logging.getLogger("fedgpt.node")
-
-
-def node_setting(
-    node: Context | dict, key: str, default: str | int | float | bool
-) -> str | int | float | bool:
-    """A setting of this node (its Context, or its node config): its node config `key`, else the environment
-    of its SuperNode as FEDGPT_NODE_<KEY> (how a simulation sets it: Flower gives simulated nodes no config of
-    their own), else `default`. The run config never decides it."""
-    config = node.node_config if isinstance(node, Context) else node
-    if key in config:
-        value = config[key]
-    else:
-        value = os.environ.get("FEDGPT_NODE_" + key.upper().replace("-", "_"))
-        if value is None:
-            return default
-    if isinstance(default, bool):
-        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
-    return type(default)(value)
-
-
-def node_requires_secagg(node: Context | dict) -> bool:
-    return bool(node_setting(node, "require-secagg", False))
-
-
-class NodeRefusal(PermissionError):
-    """A node's privacy floor refused a message (the reply carries only this error)."""
-
-
-@dataclass(frozen=True)
-class SecAggPolicy:
-    """What this node requires of SecAgg+, from its own settings only (node config, else FEDGPT_NODE_*)."""
-
-    require: bool  # require-secagg: refuse plain train and evaluate messages
-    min_clients: int  # secagg-min-clients: the smallest cohort it hides in
-    identity: Identity | None  # secagg-identity-key: its signing key ...
-    roster: Roster | None  # ... and secagg-roster: its peers' public keys; both or neither
-
-    @property
-    def signs(self) -> bool:
-        return self.roster is not None
-
-
-def secagg_policy(node: Context | dict) -> SecAggPolicy:
-    """The node's SecAgg+ settings, read in one place. `secagg-identity-key` may hold `{partition-id}`,
-    replaced by the node's partition id: how one environment gives each simulated node its own key."""
-    key, roster = (
-        str(node_setting(node, "secagg-identity-key", "")),
-        str(node_setting(node, "secagg-roster", "")),
-    )
-    if bool(key) != bool(roster):
-        raise NodeRefusal(
-            "this node has one of secagg-identity-key and secagg-roster but not the other: give it both (its "
-            "own private key and its peers' public keys), or neither"
-        )
-    config = node.node_config if isinstance(node, Context) else node
-    key = key.replace("{partition-id}", str(config.get("partition-id", "")))
-    return SecAggPolicy(
-        require=node_requires_secagg(node),
-        min_clients=int(node_setting(node, "secagg-min-clients", 2)),
-        identity=load_identity(key) if key else None,
-        roster=load_roster(roster) if roster else None,
-    )
 
 
 def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
