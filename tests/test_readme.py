@@ -35,7 +35,12 @@ def test_readme_configs_exist():
 
 
 def test_entry_points_have_help():
-    for args in (["-m", "fedgpt.local_train"], ["-m", "fedgpt.sample"], ["simulate.py"]):
+    for args in (
+        ["-m", "fedgpt.local_train"],
+        ["-m", "fedgpt.sample"],
+        ["-m", "fedgpt.export"],
+        ["simulate.py"],
+    ):
         r = subprocess.run(
             [sys.executable, *args, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
         )
