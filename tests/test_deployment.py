@@ -190,6 +190,8 @@ def test_nodes_train_their_own_plays_under_secagg_with_warm_trainers(federation:
     # every node trained on all of its play (char tokens: one per character), and the server was told so
     sizes = ", ".join(f"{i}: {len(play):,}" for i, play in enumerate(fed.plays))
     assert f"nodes with their own data (partition: train tokens): {sizes}" in res.stdout, context
+    reported = json.loads((out / "partition.json").read_text())["nodes"]  # what the nodes hold, not the split
+    assert {int(p): n["train_tokens"] for p, n in reported.items()} == dict(enumerate(map(len, fed.plays)))
     for node in fed.nodes:  # each node's folder holds its own encoded play and nothing of the corpus
         assert [p.name.startswith("node-") for p in (node / "data").iterdir()] == [True], list(
             (node / "data").iterdir()

@@ -1,6 +1,7 @@
 """Membership that changes during a run (fedgpt.fed.membership), on a real loopback deployment: a SuperLink
-and SuperNodes as separate processes, `flwr run .` as a user runs it. A node that dies stalls nothing and is
-marked gone; restarted, it is the same client again; a duplicate of a partition and a node of another split
+and SuperNodes as separate processes, `flwr run .` as a user runs it (and the quorum's end on fedgpt's own
+server and clients in this process, tests/in_process_grid.py). A node that dies stalls nothing and is marked
+gone; restarted, it is the same client again; a duplicate of a partition and a node of another split
 are refused and never trained; a SuperLink killed mid-run is restarted and the run resumed, each round
 once."""
 
@@ -14,11 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, TINY
 
 from fedgpt.bench.loopback import BIN, Deployment
-
-pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT = 480  # seconds for one `flwr run`: a safety net, not a speed check
 
@@ -92,6 +91,7 @@ def finish(proc: subprocess.Popen, dep: Deployment) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_a_node_dies_comes_back_and_duplicates_and_strangers_are_refused(deployment, data_dir: Path):
     dep, root = deployment
     out = root / "out_membership"
@@ -122,6 +122,7 @@ def test_a_node_dies_comes_back_and_duplicates_and_strangers_are_refused(deploym
         dep.procs[name].wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_a_killed_superlink_is_restarted_and_the_run_resumed_without_a_round_lost_or_twice(
     deployment, data_dir: Path
 ):
@@ -139,3 +140,58 @@ def test_a_killed_superlink_is_restarted_and_the_run_resumed_without_a_round_los
     assert [r["round"] for r in got] == list(range(7)), [r["round"] for r in got]
     # deterministic here (every client every round, no dropout): the same weights, the same loss
     assert got[-1]["val_loss"] == rows(reference)[-1]["val_loss"], (got[-1], rows(reference)[-1], log[-3000:])
+
+
+class ShrinkingGrid:
+    """tests/in_process_grid.py's nodes, of which only the first `alive` stay listed after round `after`."""
+
+    def __init__(self, data_dir: Path, state: Path, after: int, alive: int):
+        from in_process_grid import InProcessGrid
+
+        self.grid, self.after, self.alive = InProcessGrid(3, data_dir, state_dir=state), after, alive
+        self.trained: list[int] = []  # the round of every train message sent
+
+    def get_node_ids(self) -> list[int]:
+        nodes = self.grid.get_node_ids()
+        return nodes[: self.alive] if self.trained and max(self.trained) >= self.after else nodes
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.trained += [
+            int(m.content["config"]["work.round"])
+            for m in messages
+            if "config" in m.content and "work.round" in m.content["config"]
+        ]
+        return self.grid.push_messages(messages)
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_below_the_quorum_a_run_waits_then_stops_after_its_last_checkpoint_and_resumes(data_dir, tmp_path):
+    from fedgpt.checkpoint import load_checkpoint
+    from fedgpt.config import load_config
+    from fedgpt.fed.server import FederatedRun
+
+    out, lines = tmp_path / "run", []
+    args = [f"--data.data_dir={data_dir}", f"--train.out_dir={out}", "--fed.rounds=4", "--fed.min_clients=2"]
+    cfg = load_config(TINY, [*args, "--fed.node_timeout=2"])
+    run = FederatedRun(cfg, log=lines.append)
+    run.open_folder()
+    grid = ShrinkingGrid(data_dir, tmp_path / "state", after=2, alive=1)  # 1 of 3 nodes left after round 2
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"round 3: 1 of the 2 nodes a round needs \(fed.min_clients\)"):
+        run.run(grid)
+    assert time.monotonic() - t0 < 60  # it waited fed.node_timeout, not forever
+    assert "round 3: waiting for nodes: 1 of 2 connected" in lines, lines
+    assert [r["round"] for r in rows(out)] == [0, 1, 2] and load_checkpoint(out / "last.pt")["round"] == 2
+    gone = [json.loads(line) for line in (out / "membership.jsonl").read_text().splitlines()]
+    assert sorted(e["partition"] for e in gone if e["event"] == "gone") == [1, 2]
+    # the nodes back, the run resumes from last.pt: rounds 3 and 4, each once
+    resumed = FederatedRun(load_config(TINY, args), resume=True, log=lines.append)
+    resumed.open_folder()
+    from in_process_grid import InProcessGrid
+
+    resumed.run(InProcessGrid(3, data_dir, state_dir=tmp_path / "state"))
+    assert [r["round"] for r in rows(out)] == [0, 1, 2, 3, 4]

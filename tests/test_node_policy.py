@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, node_config
+from flwr.app import ConfigRecord, RecordDict
 
 from fedgpt.config import load_config
 from fedgpt.fed.server import FederatedRun
@@ -171,3 +172,19 @@ def test_the_nodes_own_settings_are_checked(data_dir, tmp_path, setting, value, 
     run = tiny_run(data_dir, tmp_path)
     got, error = ask("query", lying(run), {**node_config(run), setting: value})
     assert got is None and __import__("re").search(needle, error), error
+
+
+def test_a_node_that_requires_secagg_sends_no_metric_in_the_clear_whatever_the_run_config_says(
+    data_dir, tmp_path
+):
+    # A server that sends the node a train message whose run config says secagg.enabled=false (as if the
+    # round were plain) gets the update only as SecAgg+'s mod would mask it, and no loss or tokens beside it.
+    from fedgpt.fed import client
+
+    run = tiny_run(data_dir, tmp_path)
+    assert not run.cfg.secagg.enabled
+    sent = run.exchange.downlink(run.global_state, base_id=1)
+    content = RecordDict({"arrays": sent, "config": ConfigRecord(lying(run, 1))})
+    reply = client.fit(content, {**node_config(run), "require-secagg": True})
+    assert "arrays" not in reply.array_records  # no update in the clear (the mod masks the FitRes it holds)
+    assert dict(reply["metrics"]) == {"num-examples": int(reply["metrics"]["num-examples"])}
