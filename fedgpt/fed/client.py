@@ -26,6 +26,7 @@ from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.moments import MOMENTS
 from fedgpt.fed.node_policy import NodeError, NodePolicy, node_requires_secagg
 from fedgpt.fed.partition import ClientPartition, client_partitions
+from fedgpt.fed.privacy import clip_update
 from fedgpt.fed.wire import Exchange
 from fedgpt.fed.work import WorkOrder
 from fedgpt.lora import add_lora
@@ -184,9 +185,11 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     trained = st.exchange.state(trainer.raw_model)
     update = up.difference(trained, received)
     length = float(update.norm())  # this round's update's L2 norm
-    clipping = order.dp_clipping_norm
-    if clipping is not None:  # dp.clipping=client: the server sends the norm, adaptive clipping moves it
-        update = update * min(1.0, clipping / length) if length > 0 else update
+    clipping = (
+        order.dp_clipping_norm
+    )  # dp.clipping=client: the server sends the norm, adaptive clipping moves it
+    if clipping is not None:
+        update, unclipped = clip_update(update, clipping)
     # Under SecAgg+ (the run's, or the node's own floor whatever the run config says) the update travels
     # masked (secaggplus_mod), quantized by SecAgg+ itself, and no metric of this client leaves in the clear.
     secure = cfg.secagg.enabled or node_requires_secagg(node)
@@ -210,7 +213,6 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
         # what a clipping norm is chosen from; under DP or SecAgg+ it would reveal in the clear what they hide
         **({} if cfg.dp.enabled or cfg.secagg.enabled else {"update-norm": length}),
     }
-    unclipped = float(clipping is not None and length <= clipping)  # adaptive clipping's count
     if arrays is None:
         if clipping is not None:  # summed under the mask with the others: the server sees only the count
             update = torch.cat([update, torch.tensor([unclipped])])
