@@ -124,7 +124,7 @@ def test_bench_deploy_times_rounds_of_a_real_deployment(data_dir, tmp_path):
     )
     # fedgpt's own share of a message: 11 rounds of one client through a real worker, which was then stopped
     assert r["trainer_message_s"] > 0
-    assert list((keep / "relay" / "run" / "client_state").rglob("round-11.pt"))
+    assert list((keep / "relay" / "state").rglob("round-11.pt"))  # in the node's own state-dir
     assert not list((keep / "relay" / "workers").glob("*.sock"))
     # each node's train message, split into Flower's phases from the SuperNodes' own logs: each run's message
     # phases fit inside the round the ServerApp timed on its own clock around them

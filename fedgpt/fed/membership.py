@@ -252,10 +252,9 @@ class Membership:
                 self.event(rnd, node, "back", p, f"partition {p} was node {holder}'s, which is gone")
             else:
                 self.members[node] = member
-                if rnd > 0 or self.record is not None:
-                    self.event(
-                        rnd, node, "admitted", p, f"{member.train_tokens:,} train tokens", quiet=rnd == 0
-                    )
+                # said in the log when a node joins late, not for each node before round 1 or first sampled
+                quiet = rnd == 0 or self.lazy
+                self.event(rnd, node, "admitted", p, f"{member.train_tokens:,} train tokens", quiet=quiet)
 
     def refuse(self, rnd: int, node: int, partition: int | None, reason: str) -> None:
         self.refused[node] = reason
