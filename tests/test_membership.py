@@ -29,8 +29,10 @@ def node_config(
     return f"partition-id={p} num-partitions={num_partitions} data-dir='{data_dir}' state-dir='{state}'"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def deployment(data_dir: Path, tmp_path_factory):
+    """A SuperLink (its state on disk) and 3 SuperNodes of their own for each test: the two tests, mostly
+    waiting on Flower's polls and heartbeats, can run side by side in two test processes."""
     root = tmp_path_factory.mktemp("membership")
     dep = Deployment(root / "flwr", database=root / "superlink.db")  # as docs/deployment.md says to run it
     dep.start_superlink()
