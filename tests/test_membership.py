@@ -41,7 +41,7 @@ def deployment(data_dir: Path, tmp_path_factory):
     try:
         yield dep, root
     finally:
-        left = dep.stop()
+        left = dep.stop(grace=5)  # what is still up then is killed, and must be gone
         assert not left, f"processes left after teardown: {left}"
 
 
@@ -119,9 +119,6 @@ def test_a_node_dies_comes_back_and_duplicates_and_strangers_are_refused(deploym
     assert ("refused", 1) in kinds and ("refused", 3) in kinds, events
     # the refused nodes never trained: their state folders hold no client state
     assert not list((root / "state3").rglob("round-*.pt")) and not list((root / "state4").rglob("round-*.pt"))
-    for name in ("supernode3", "supernode4"):  # stopped as an operator would: they leave the SuperLink's list
-        dep.procs[name].terminate()
-        dep.procs[name].wait(timeout=60)
 
 
 @pytest.mark.slow
@@ -129,8 +126,6 @@ def test_a_killed_superlink_is_restarted_and_the_run_resumed_without_a_round_los
     deployment, data_dir: Path
 ):
     dep, root = deployment
-    reference = root / "out_uninterrupted"
-    finish(start_run(dep, run_config(data_dir.resolve(), reference, 6)), dep)
     out = root / "out_resumed"
     run = start_run(dep, run_config(data_dir.resolve(), out, 6))
     wait_for_round(out, 3, run)
@@ -140,8 +135,32 @@ def test_a_killed_superlink_is_restarted_and_the_run_resumed_without_a_round_los
     log = finish(start_run(dep, run_config(data_dir.resolve(), out, 6), resume=True), dep)
     got = rows(out)
     assert [r["round"] for r in got] == list(range(7)), [r["round"] for r in got]
-    # deterministic here (every client every round, no dropout): the same weights, the same loss
-    assert got[-1]["val_loss"] == rows(reference)[-1]["val_loss"], (got[-1], rows(reference)[-1], log[-3000:])
+    # deterministic here (every client every round, no dropout): the same loss as an uninterrupted run of the
+    # same config on fedgpt's own server and clients in this process, one torch thread a client as deployed
+    assert got[-1]["val_loss"] == uninterrupted(data_dir, root / "out_uninterrupted", 6), log[-3000:]
+
+
+def uninterrupted(data_dir: Path, out: Path, rounds: int) -> float:
+    """The final val loss of run_config's run, uninterrupted, through tests/in_process_grid.py."""
+    import torch
+    from flwr.supercore.task_identity import TaskIdentity
+    from in_process_grid import InProcessGrid
+
+    from fedgpt.config import load_config
+    from fedgpt.fed.server import FederatedRun
+
+    opts = run_config(data_dir.resolve(), out, rounds).split("overrides='")[1].rstrip("'").split()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:  # the ids a ServerApp process has
+        for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+            mp.setattr(TaskIdentity, name, value)
+        run = FederatedRun(load_config(TINY, [f"--{o}" for o in opts]), client_threads=1, log=lambda s: None)
+        run.open_folder()
+        try:
+            run.run(InProcessGrid(3, data_dir, state_dir=out.parent / "state_uninterrupted"))
+        finally:
+            torch.set_num_threads(threads)
+    return rows(out)[-1]["val_loss"]
 
 
 class ShrinkingGrid:
