@@ -158,7 +158,7 @@ def ray_cluster(tmp_path_factory):
     as a user's --ray-address would: each run skips Ray's own start (5-20 s on 2 busy cores) but still gets
     its own job, workers and actors. One CPU: a simulation's clients take turns on one actor (each actor
     imports torch, ~3 s of a core, and tiny clients train in milliseconds), and the suite's two test processes
-    (pyproject's `-n 2`) each have a Ray of their own. Its processes carry a marker and are stopped when the
+    (pyproject's `-n 3`) each have a Ray of their own. Its processes carry a marker and are stopped when the
     session ends."""
     import socket
     import sys
