@@ -166,7 +166,8 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     st, partition_id = run_on_node(content, node)
     cfg, part, trainer = st.cfg, st.parts[partition_id], st.trainer
     order = WorkOrder.from_config(content["config"])
-    NodePolicy.round(order.round), NodePolicy.round(order.keep_from_round, "keep-from-round", least=-1)
+    NodePolicy.round(order.round)  # both name files of the node's state: checked before they touch any
+    NodePolicy.round(order.keep_from_round, "keep-from-round", least=-1)
     down, up = st.exchange.streaming(order.round)  # the whole model, or streaming fragments
     store = state_store(cfg, content["config"], node, partition_id)
     shared = content[MOMENTS].to_torch_state_dict() if MOMENTS in content else None
@@ -185,11 +186,10 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     trained = st.exchange.state(trainer.raw_model)
     update = up.difference(trained, received)
     length = float(update.norm())  # this round's update's L2 norm
-    clipping = (
-        order.dp_clipping_norm
-    )  # dp.clipping=client: the server sends the norm, adaptive clipping moves it
+    # dp.clipping=client: the server sends the norm, adaptive clipping moves it
+    clipping = order.dp_clipping_norm
     if clipping is not None:
-        update, unclipped = clip_update(update, clipping)
+        update, unclipped = clip_update(update, clipping, length)
     # Under SecAgg+ (the run's, or the node's own floor whatever the run config says) the update travels
     # masked (secaggplus_mod), quantized by SecAgg+ itself, and no metric of this client leaves in the clear.
     secure = cfg.secagg.enabled or node_requires_secagg(node)

@@ -18,13 +18,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedgpt.checkpoint import atomic_save
 from fedgpt.fed.node_policy import NodePolicy
 
+if TYPE_CHECKING:
+    from fedgpt.config import Config
+
 ROUND_FILE = re.compile(r"round-(\d+)\.pt")
+
+
+def run_state_dir(cfg: Config) -> Path:
+    """Where the clients of a run on this machine keep their state (a simulation's nodes, by their node
+    setting): fed.client_state_dir, or <train.out_dir>/client_state; absolute."""
+    return Path(cfg.fed.client_state_dir or Path(cfg.train.out_dir) / "client_state").resolve()
 
 
 class ClientStateStore:

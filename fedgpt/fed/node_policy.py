@@ -51,18 +51,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedgpt.node")
 
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# A node's path settings and the run config's fields each replaces (None: no run config field).
-PATH_SETTINGS = {
-    "data-dir": "data.data_dir",
-    "corpus-file": "data.input_file",
-    "vocab-file": "data.vocab_file",
-    "init-from": "train.init_from",
-    "input-file": None,
-    "state-dir": "fed.client_state_dir",
-    "node-dir": None,
-    "secagg-identity-key": None,
-    "secagg-roster": None,
-}
+# A node's settings that are paths: absolute, or refused (what each replaces of the run config: run_config).
+PATH_SETTINGS = (
+    "data-dir",
+    "corpus-file",
+    "vocab-file",
+    "init-from",
+    "input-file",
+    "state-dir",
+    "node-dir",
+    "secagg-identity-key",
+    "secagg-roster",
+)
 
 
 class NodeError(Exception):

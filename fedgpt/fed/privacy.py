@@ -241,11 +241,10 @@ def resumed_state(cfg: Config, saved: str | None, on_disk: DPState | None) -> DP
     return state
 
 
-def clip_update(update: torch.Tensor, norm: float) -> tuple[torch.Tensor, float]:
+def clip_update(update: torch.Tensor, norm: float, length: float) -> tuple[torch.Tensor, float]:
     """The client's half of dp.clipping=client: its update clipped to L2 norm `norm` (the one the server's
     work order names), and 1.0 if it was within it, else 0.0 (adaptive clipping's count, summed under
-    SecAgg+'s mask, or sent to a server that sees the update anyway)."""
-    length = float(update.norm())
+    SecAgg+'s mask, or sent to a server that sees the update anyway). `length`: the update's L2 norm."""
     return (update * min(1.0, norm / length) if length > 0 else update), float(length <= norm)
 
 

@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from fedgpt.config import Config
 from fedgpt.data import check_windows, load_dataset
 from fedgpt.fed import privacy
-from fedgpt.fed.client_state import ClientStateStore
+from fedgpt.fed.client_state import ClientStateStore, run_state_dir
 from fedgpt.fed.evaluation import CentralEvaluator, yield_cpu
 from fedgpt.fed.grid import PartitionOrderedGrid, error_reason, exchange
 from fedgpt.fed.membership import Membership
@@ -115,8 +115,7 @@ class FederatedRun:
         self.nodes = Membership(cfg, self.run_facts, log)
         self.lora_error: float | None = None  # this round's LoRA aggregation error (fedgpt.lora)
         self.refused = 0  # this round's replies refused by aggregate (fedgpt.fed.wire)
-        out_dir = Path(cfg.train.out_dir)
-        self.state_dir = str(Path(cfg.fed.client_state_dir or out_dir / "client_state").resolve())
+        self.state_dir = str(run_state_dir(cfg))  # what it prunes after each checkpoint, on this machine
 
     def initial_model(self):
         """The global model every run of this config starts from (seeded); with LoRA, the base with adapters.
@@ -155,13 +154,13 @@ class FederatedRun:
 
     def run_facts(self) -> dict:
         """What every client needs, whatever its work: the run config, the tokenizer it must use, its threads,
-        the run's id, where client state lives, and the embedding rows it chose (lora.embedding_rows)."""
+        the run's id, and the embedding rows it chose (lora.embedding_rows). Where a node keeps its state is
+        its own setting (fedgpt.fed.node_policy), never the message's."""
         return {
             "fedgpt-config": json.dumps(self.cfg.to_dict()),
             "tokenizer": json.dumps(self.ds.tokenizer.meta()),
             "client-threads": self.client_threads,
             "run-id": self.run_info["run_id"],
-            "client-state-dir": self.state_dir,
             "embedding-rows": self.rows,
         }
 

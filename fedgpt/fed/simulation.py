@@ -96,7 +96,9 @@ def node_environment(cfg: Config):
     operator runs the server and every node on this machine, so the nodes' paths are this run's corpus,
     vocabulary, base model and client-state folder. A FEDGPT_NODE_* variable already set is left as it is.
     Ray's workers start with this process's environment (or, in a cluster, fedgpt's settings: start_ray)."""
-    d, t, out = cfg.data, cfg.train, Path(cfg.train.out_dir)
+    from fedgpt.fed.client_state import run_state_dir  # torch: imported beside Ray's start, not before it
+
+    d, t = cfg.data, cfg.train
     absolute = lambda p: str(Path(p).expanduser().resolve()) if p else ""
     base = t.init_from if t.init_from == "scratch" else absolute(t.init_from.removeprefix("hf:"))
     settings = {
@@ -104,7 +106,7 @@ def node_environment(cfg: Config):
         "FEDGPT_NODE_CORPUS_FILE": absolute(d.input_file),
         "FEDGPT_NODE_VOCAB_FILE": absolute(d.vocab_file),
         "FEDGPT_NODE_INIT_FROM": ("hf:" + base) if t.init_from.startswith("hf:") else base,
-        "FEDGPT_NODE_STATE_DIR": absolute(cfg.fed.client_state_dir or out / "client_state"),
+        "FEDGPT_NODE_STATE_DIR": str(run_state_dir(cfg)),
     }
     added = {k: v for k, v in settings.items() if k not in os.environ}
     os.environ.update(added)
