@@ -128,6 +128,26 @@ def test_resume_after_a_kill_reproduces_an_uninterrupted_run(run_a: Path, tmp_pa
     assert losses_b == pytest.approx(losses_a, abs=1e-6)
 
 
+def test_a_stopped_and_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path: Path, data_dir: Path):
+    """With dropout the random state decides every step's masks, so a resume that did not restore it would
+    train on other masks: the stopped-and-resumed run must end on the uninterrupted run's weights, bit for bit.
+    (TINY's model has no dropout, so the killed-and-resumed test above cannot tell.)"""
+    from fedgpt.local_train import main
+
+    args = [*TINY, f"--data.data_dir={data_dir}", "--model.dropout=0.2", "--train.lr_decay_steps=20"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    main([*args, "--train.max_steps=20", f"--train.out_dir={a}"])
+    main([*args, "--train.max_steps=10", f"--train.out_dir={b}"])  # stops at step 10, as if killed there
+    torch.manual_seed(12345)  # whatever the random state is now, the resume must not depend on it
+    main([*args, "--train.max_steps=20", f"--train.out_dir={b}", "--resume"])
+
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert ca["step"] == cb["step"] == 20
+    for k in ca["model"]:
+        assert torch.equal(cb["model"][k], ca["model"][k]), k
+    assert val_losses(b) == val_losses(a)
+
+
 def test_torchrun_two_processes_equal_one_process(run_a: Path, tmp_path: Path, data_dir: Path):
     out = tmp_path / "ddp"
     cmd = [
