@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, backend_config, simulate, train_instruction
+from conftest import REPO, TINY, backend_config, fit_in_process, simulate, train_instruction
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from test_strategies import Grid
 
@@ -184,6 +184,17 @@ def test_diloco_stays_put_when_clients_change_nothing_over_an_fp16_downlink(
     moved = max(float((before[k] - run.global_state[k]).abs().max()) for k in before)
     rounding = max(float((received[k] - before[k]).abs().max()) for k in before)
     assert moved < 1e-3 * rounding, (moved, rounding)
+
+
+def test_a_clients_round_with_dropout_does_not_depend_on_the_process_random_state(data_dir, tmp_path):
+    """A client's dropout masks are seeded by its partition and the round (fedgpt.fed.client.round_batches),
+    so a resumed run's clients, in processes whose random state is anything, train as an uninterrupted run's
+    did. With dropout the masks decide the update."""
+    run = tiny_run(data_dir, tmp_path, "--model.dropout=0.2", "--fed.client_optimizer=reset")
+    torch.manual_seed(1)
+    first = fit_in_process(run, rnd=1)
+    torch.manual_seed(2)
+    assert torch.equal(fit_in_process(run, rnd=1), first)
 
 
 def test_round_is_evaluated_and_saved_as_it_ended(data_dir, tmp_path):
