@@ -58,6 +58,11 @@ def val_losses(out_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["val_loss"]) for r in read_jsonl(out_dir / "metrics.jsonl")]
 
 
+@pytest.fixture(autouse=True)
+def _slow_tests_share_one_ray():
+    """No test here starts Ray: the slow torchrun test does not need conftest's shared Ray cluster."""
+
+
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory, data_dir: Path) -> Path:
     """The reference: one uninterrupted single-process run."""
@@ -148,6 +153,7 @@ def test_a_stopped_and_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_
     assert val_losses(b) == val_losses(a)
 
 
+@pytest.mark.slow  # starts torchrun (README, Test)
 def test_torchrun_two_processes_equal_one_process(run_a: Path, tmp_path: Path, data_dir: Path):
     out = tmp_path / "ddp"
     cmd = [
