@@ -10,7 +10,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedgpt.fed.grid import error_reason, exchange, wait_for_nodes
+from fedgpt.fed.grid import error_reason, send_and_receive, wait_for_nodes
 from fedgpt.fed.run_config import config_from_run_config
 from fedgpt.fed.server import FederatedRun
 
@@ -35,7 +35,7 @@ class PlainTrainRun(FederatedRun):
                 if r.has_content()
                 else 0,
             }
-            for r in exchange(grid, msgs, self.cfg.fed.round_timeout)
+            for r in send_and_receive(grid, msgs, self.cfg.fed.round_timeout)
         ]
 
 

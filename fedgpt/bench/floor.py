@@ -34,7 +34,7 @@ def main(num_clients: int) -> dict:
     from fedgpt.bench import (
         floor,  # the app by module name: Ray actors import it (and torch), as with client_app
     )
-    from fedgpt.fed.grid import exchange, wait_for_nodes
+    from fedgpt.fed.grid import send_and_receive, wait_for_nodes
     from fedgpt.fed.simulation import ray_init_args, start_ray
 
     init_args = ray_init_args()
@@ -49,7 +49,9 @@ def main(num_clients: int) -> dict:
             for n in nodes
         ]
         handled.extend(
-            r.content["t"]["handled-at"] for r in exchange(grid, msgs, timeout=120) if not r.has_error()
+            r.content["t"]["handled-at"]
+            for r in send_and_receive(grid, msgs, timeout=120)
+            if not r.has_error()
         )
 
     run_simulation(

@@ -40,7 +40,7 @@ server = ServerApp()
 def deployment_floor(grid: Grid, context: Context) -> None:
     """`rounds` rounds of a float32 array of `params` values to each of `nodes` nodes, and one of as many
     back from each; the seconds of each round go to the file `out` as JSON."""
-    from fedgpt.fed.grid import exchange, wait_for_nodes
+    from fedgpt.fed.grid import send_and_receive, wait_for_nodes
     from fedgpt.files import atomic_write_bytes
 
     c = context.run_config
@@ -59,7 +59,7 @@ def deployment_floor(grid: Grid, context: Context) -> None:
             )
             for n in nodes
         ]
-        replies = exchange(grid, msgs, timeout=600)
+        replies = send_and_receive(grid, msgs, timeout=600)
         ok = [r for r in replies if not r.has_error() and "arrays" in r.content]
         ok = [r for r in ok if r.content["arrays"]["weights"].numpy().size == weights.size]
         if len(ok) != len(nodes):

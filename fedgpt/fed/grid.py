@@ -27,7 +27,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, log: Callable[[str],
     return nodes
 
 
-def exchange(
+def send_and_receive(
     grid: Grid,
     msgs: list[Message],
     timeout: float,

@@ -33,7 +33,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedgpt.config import Config
-from fedgpt.fed.grid import error_reason, exchange, wait_for_nodes
+from fedgpt.fed.grid import error_reason, send_and_receive, wait_for_nodes
 
 LAZY_ABOVE = 1000  # nodes; above it a node is asked what it holds when it is first sampled
 POLL_S = 1.0  # seconds between looks at the connected nodes while a round waits for its quorum
@@ -205,7 +205,7 @@ class Membership:
         said = lambda k, total: self.log(
             f"pre-flight: {k:,} of {total:,} nodes answered ({time.time() - t0:.0f} s)"
         )
-        replies = exchange(grid, msgs, self.timeout, progress=said)
+        replies = send_and_receive(grid, msgs, self.timeout, progress=said)
         # by the message each answers: Flower's own errors (a node unavailable) come from the SuperLink
         to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
         answered = set()

@@ -26,7 +26,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from fedgpt.config import Config
-from fedgpt.fed.grid import exchange
+from fedgpt.fed.grid import send_and_receive
 from fedgpt.fed.secagg import CONSISTENCY, SIGNED
 
 
@@ -182,7 +182,8 @@ class _CountingGrid:
     def send_and_receive(self, messages, *, timeout: float):
         messages = list(messages)
         self.sent += sum(_nbytes(m.content) for m in messages)
-        replies = exchange(self._grid, messages, timeout)  # fedgpt's poll, not the deployment grid's 3 s
+        # fedgpt's poll, not the deployment grid's 3 s
+        replies = send_and_receive(self._grid, messages, timeout)
         self.received += sum(_nbytes(r.content) for r in replies if not r.has_error())
         self.replies += replies
         return replies

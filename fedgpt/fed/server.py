@@ -36,13 +36,12 @@ from fedgpt.data import check_windows, load_dataset
 from fedgpt.fed import privacy
 from fedgpt.fed.client_state import ClientStateStore, run_state_dir
 from fedgpt.fed.evaluation import CentralEvaluator, yield_cpu
-from fedgpt.fed.grid import PartitionOrderedGrid, error_reason, exchange
+from fedgpt.fed.grid import PartitionOrderedGrid, error_reason, send_and_receive
 from fedgpt.fed.membership import Membership
 from fedgpt.fed.moments import SharedMoments
-from fedgpt.fed.partition import client_partitions, format_summary, summarize
+from fedgpt.fed.partition import client_partitions, format_summary, summarize_partitions
 from fedgpt.fed.recorder import RunRecorder, Snapshot
-from fedgpt.fed.rounds import RoundRow
-from fedgpt.fed.rounds import summarize as summarize_rounds
+from fedgpt.fed.rounds import RoundRow, summarize_rounds
 from fedgpt.fed.secagg_server import secure_round
 from fedgpt.fed.strategies import load_strategy_state, make_strategy, strategy_state
 from fedgpt.fed.wire import Exchange, check_metrics
@@ -76,7 +75,7 @@ class FederatedRun:
         parts = client_partitions(cfg, self.ds)
         check_windows(cfg.model.block_size, self.ds, parts.train_sizes.tolist())
         tok = self.ds.tokenizer
-        self.summary = summarize(parts, self.ds.train, tok.vocab_size)
+        self.summary = summarize_partitions(parts, self.ds.train, tok.vocab_size)
         model = self.initial_model()
         # LoRA's trained embedding rows (lora.embedding_rows), sent with the run facts: clients train these
         self.rows = json.dumps(embedding_rows(model))
@@ -261,7 +260,7 @@ class FederatedRun:
         else:
             bytes_sent = sum(m.content["arrays"].count_bytes() for m in msgs)
             bytes_sent += self.moments.attach(msgs) if self.moments else 0
-            replies = exchange(grid, msgs, fed.round_timeout)
+            replies = send_and_receive(grid, msgs, fed.round_timeout)
             taken = self.moments.take(replies) if self.moments else {}  # a strategy takes one ArrayRecord
             ok, bytes_received = self.aggregate(rnd, replies, sent, up)
             bytes_received += self.moments.average(ok, taken) if self.moments else 0
@@ -417,7 +416,7 @@ class FederatedRun:
         sent = self.exchange.downlink(self.global_state, secrets.randbits(62))
         for m in msgs:
             m.content["arrays"] = sent
-        agg = self.strategy.aggregate_evaluate(rnd, exchange(grid, list(msgs), fed.round_timeout))
+        agg = self.strategy.aggregate_evaluate(rnd, send_and_receive(grid, list(msgs), fed.round_timeout))
         if agg is None:
             return None, None
         return float(agg["val-loss"]), float(agg["val-accuracy"])
