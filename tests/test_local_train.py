@@ -134,9 +134,9 @@ def test_resume_after_a_kill_reproduces_an_uninterrupted_run(run_a: Path, tmp_pa
 
 
 def test_a_stopped_and_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path: Path, data_dir: Path):
-    """With dropout the random state decides every step's masks, so a resume that did not restore it would
-    train on other masks: the stopped-and-resumed run must end on the uninterrupted run's weights, bit for bit.
-    (TINY's model has no dropout, so the killed-and-resumed test above cannot tell.)"""
+    """With dropout the random state decides every step's masks, so a resume that did not restore it
+    would train on other masks: the stopped-and-resumed run must end on the uninterrupted run's weights, bit
+    for bit. (TINY's model has no dropout, so the killed-and-resumed test above cannot tell.)"""
     from fedgpt.local_train import main
 
     args = [*TINY, f"--data.data_dir={data_dir}", "--model.dropout=0.2", "--train.lr_decay_steps=20"]

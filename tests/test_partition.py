@@ -9,7 +9,7 @@ import pytest
 
 from fedgpt.config import DataConfig
 from fedgpt.data import Turn, load_dataset
-from fedgpt.fed.partition import SCHEMES, ClientPartition, format_summary, partition, summarize
+from fedgpt.fed.partition import SCHEMES, ClientPartition, format_summary, partition, summarize_partitions
 
 SYN_TRAIN = 120_000  # synthetic train tokens; the synthetic turns run on into a "val" part up to SYN_FULL
 SYN_FULL = 133_000
@@ -121,7 +121,8 @@ def test_skew_is_measurable(shakespeare):
     seeds 0-9, speaker 1.6e-3, contiguous 2.0e-3."""
     tokens, turns, vocab = shakespeare.train, shakespeare.turns, shakespeare.tokenizer.vocab_size
     js = {
-        s: summarize(partition(tokens, 8, s, turns=turns, seed=0), tokens, vocab)["mean_js"] for s in SCHEMES
+        s: summarize_partitions(partition(tokens, 8, s, turns=turns, seed=0), tokens, vocab)["mean_js"]
+        for s in SCHEMES
     }
     assert js["speaker"] >= 4 * js["iid"] and js["contiguous"] >= 4 * js["iid"], js
 
@@ -131,11 +132,11 @@ def test_dirichlet_skews_sizes_iid_does_not(shakespeare):
     (10)."""
     tokens, vocab = shakespeare.train, shakespeare.tokenizer.vocab_size
     cv = {
-        a: summarize(partition(tokens, 8, "dirichlet", seed=0, alpha=a), tokens, vocab)["size_cv"]
+        a: summarize_partitions(partition(tokens, 8, "dirichlet", seed=0, alpha=a), tokens, vocab)["size_cv"]
         for a in (0.1, 10)
     }
     iid = partition(tokens, 8, "iid", seed=0)
-    cv_iid = summarize(iid, tokens, vocab)["size_cv"]
+    cv_iid = summarize_partitions(iid, tokens, vocab)["size_cv"]
     assert cv[0.1] > 0.5 and cv[0.1] > 20 * cv_iid and cv[0.1] > 2 * cv[10], (cv, cv_iid)
     sizes = [len(p.train) + len(p.val) for p in iid]
     assert max(sizes) - min(sizes) <= 1024  # the default chunk at block_size=64
@@ -191,14 +192,14 @@ def test_errors(synthetic):
 def test_summary_and_table(synthetic):
     tokens, turns = synthetic
     parts = partition(tokens, 5, "speaker", turns=turns, seed=0)
-    s = summarize(parts, tokens, vocab_size=50)
+    s = summarize_partitions(parts, tokens, vocab_size=50)
     assert s["scheme"] == "speaker" and s["num_clients"] == 5
     assert s["tokens"] == [len(p.train) for p in parts] and s["val_tokens"] == [len(p.val) for p in parts]
     assert s["speakers"] == [len(p.speakers) for p in parts] and sum(s["speakers"]) == 40
     assert all(0 <= j <= 1 for j in s["js_divergence"]) and s["mean_js"] == pytest.approx(
         np.mean(s["js_divergence"])
     )
-    one = summarize(partition(tokens, 1, "contiguous"), tokens, vocab_size=50)
+    one = summarize_partitions(partition(tokens, 1, "contiguous"), tokens, vocab_size=50)
     assert one["js_divergence"] == [pytest.approx(0.0, abs=1e-12)]
     table = format_summary(s).splitlines()
     assert len(table) == 2 + 5 + 2 and re.match(r"\s+4\s+[\d,]+\s+[\d,]+\s+\d+\s+0\.\d{4}$", table[-3])

@@ -3,7 +3,7 @@ contiguous regions, or Dirichlet-sized shares.
 
     parts = client_partitions(cfg, ds)      # the split cfg.fed describes, as every process computes it
     x = parts[3].train                      # client 3's training tokens, read from the token file when asked
-    print(format_summary(summarize(parts, ds.train, ds.tokenizer.vocab_size)))
+    print(format_summary(summarize_partitions(parts, ds.train, ds.tokenizer.vocab_size)))
 
 Every scheme gives each client disjoint [start, end) spans of the train array. A client's tokens are its
 spans concatenated in corpus order; the last val_fraction of them is its validation split. Computing a
@@ -40,7 +40,7 @@ class ClientPartition:
     spans: np.ndarray  # (k, 2) int64 [start, end) spans of the train array, sorted, adjacent spans merged
     n_val: int  # the last n_val of its tokens are its validation split
     speakers: list[str]  # the speakers / roles it holds, largest first ("speaker", "role"); [] otherwise
-    scheme: str = ""  # the scheme that made it, for summarize()
+    scheme: str = ""  # the scheme that made it, for summarize_partitions()
     source: np.ndarray = field(default=None, repr=False)  # the train array the spans index
 
     @property
@@ -347,7 +347,7 @@ SUMMARY_JS_CLIENTS = (
 )
 
 
-def summarize(parts: Partitions, train_tokens: np.ndarray, vocab_size: int, seed: int = 0) -> dict:
+def summarize_partitions(parts: Partitions, train_tokens: np.ndarray, vocab_size: int, seed: int = 0) -> dict:
     """Per-client sizes, speaker counts and unigram skew: the JS divergence (bits) of each client's tokens
     (train and val) from the whole train array's, for every client up to SUMMARY_JS_CLIENTS and for a seeded
     sample of that many beyond (js_clients says which); also size_cv, the coefficient of variation of the

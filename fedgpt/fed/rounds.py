@@ -2,7 +2,7 @@
 the results table read back from it.
 
     rows = read_rounds("out/fed/rounds.jsonl")     # round 0 (the initial model) first
-    print(summarize(rows)["median_round_s"])
+    print(summarize_rounds(rows)["median_round_s"])
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def summarize(rows: list[RoundRow]) -> dict:
+def summarize_rounds(rows: list[RoundRow]) -> dict:
     """Final and best loss, start-up and the medians of a run's trained rounds (round 0 is left out)."""
     trained = [r for r in rows if r.round > 0]
     shares = [r.outside_training_share for r in trained if r.outside_training_share is not None]
