@@ -48,6 +48,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+TINY_GPT = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 16}  # the tests' model shape (STYLE.md)
+
+
+def tiny_gpt(vocab_size: int = 65, seed: int = 0, **fields):
+    """The tests' tiny GPT, its weights drawn from `seed`: TINY_GPT over `vocab_size` tokens (65: Tiny
+    Shakespeare's characters); `fields` set or change other ModelConfig fields (arch, dropout, bias, ...)."""
+    import torch
+
+    from fedgpt.config import ModelConfig
+    from fedgpt.model import GPT
+
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(**{**TINY_GPT, "vocab_size": vocab_size, **fields}))
+
+
 @pytest.fixture(scope="session")
 def shakespeare_file() -> Path:
     """Path of the Tiny Shakespeare corpus, as the download step would have written it."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_GPT, tiny_gpt
 
 from fedgpt.checkpoint import (
     FORMAT,
@@ -23,12 +24,8 @@ from fedgpt.config import Config, ModelConfig
 from fedgpt.model import GPT
 
 CHAR_META = {"kind": "char", "chars": "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"}
-MCFG = ModelConfig(vocab_size=len(CHAR_META["chars"]), block_size=16, n_layer=2, n_head=4, n_embd=32)
-
-
-def tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(MCFG)
+VOCAB = len(CHAR_META["chars"])
+MCFG = ModelConfig(**TINY_GPT, vocab_size=VOCAB)  # tiny_gpt(VOCAB)'s
 
 
 def save(path: Path, model: GPT, **kw) -> None:
@@ -51,7 +48,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def test_round_trip(tmp_path: Path):
-    model = tiny()
+    model = tiny_gpt(VOCAB)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     opt.step()
@@ -86,7 +83,7 @@ def test_round_trip(tmp_path: Path):
 
 
 def test_weights_are_stored_as_float32_cpu(tmp_path: Path):
-    model = tiny().to(torch.bfloat16)
+    model = tiny_gpt(VOCAB).to(torch.bfloat16)
     save(tmp_path / "bf16.pt", model)
     ckpt = load_checkpoint(tmp_path / "bf16.pt")
     assert {t.dtype for t in ckpt["model"].values()} == {torch.float32}
@@ -95,7 +92,7 @@ def test_weights_are_stored_as_float32_cpu(tmp_path: Path):
 
 def test_save_is_atomic(tmp_path: Path):
     path = tmp_path / "last.pt"
-    old, new = tiny(0), tiny(1)
+    old, new = tiny_gpt(VOCAB, seed=0), tiny_gpt(VOCAB, seed=1)
     save(path, old, step=1)
     save(path, new, step=2)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temp files may be left behind"
@@ -113,7 +110,7 @@ def test_save_is_atomic(tmp_path: Path):
 
 def test_truncated_file_is_a_clear_error(tmp_path: Path):
     path = tmp_path / "last.pt"
-    save(path, tiny())
+    save(path, tiny_gpt(VOCAB))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"unreadable \(truncated or not a torch file"):
@@ -125,7 +122,7 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path):
 
 def test_foreign_files_are_clear_errors(tmp_path: Path):
     plain = tmp_path / "state_dict.pt"
-    torch.save(tiny().state_dict(), plain)
+    torch.save(tiny_gpt(VOCAB).state_dict(), plain)
     with pytest.raises(ValueError, match="is not a fedgpt checkpoint.*hf:DIR"):
         load_checkpoint(plain)
     text = tmp_path / "notes.txt"
@@ -168,7 +165,7 @@ def test_clean_state_dict_strips_prefixes():
 
 
 def test_compiled_model_saves_plain_keys(tmp_path: Path):
-    model = tiny()
+    model = tiny_gpt(VOCAB)
     compiled = torch.compile(model)  # lazy: nothing is compiled until it runs, but state_dict has the prefix
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
     save_checkpoint(
@@ -184,7 +181,7 @@ def test_compiled_model_saves_plain_keys(tmp_path: Path):
 
 
 def test_check_compatible_names_the_differing_keys(tmp_path: Path):
-    save(tmp_path / "c.pt", tiny())
+    save(tmp_path / "c.pt", tiny_gpt(VOCAB))
     ckpt = load_checkpoint(tmp_path / "c.pt")
     check_compatible(ckpt, MCFG, "c.pt")
     check_compatible(ckpt, dataclasses.replace(MCFG, dropout=0.2), "c.pt")  # dropout may differ

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
+from conftest import tiny_gpt
 
-from fedgpt.config import Config, ModelConfig, TrainConfig
+from fedgpt.config import Config, TrainConfig
 from fedgpt.data import Batches
 from fedgpt.fed.client import restore
 from fedgpt.fed.client_state import ClientStateStore
@@ -16,10 +17,11 @@ from fedgpt.train import Schedule, Trainer
 
 
 def trainer(seed: int = 0) -> Trainer:
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65))
     return Trainer(
-        model, TrainConfig(batch_size=4, max_steps=100, warmup_steps=0), torch.device("cpu"), log=None
+        tiny_gpt(seed=seed),
+        TrainConfig(batch_size=4, max_steps=100, warmup_steps=0),
+        torch.device("cpu"),
+        log=None,
     )
 
 
@@ -123,8 +125,7 @@ def test_fedsgd_step_is_one_sgd_step_on_the_gradient_of_all_the_clients_windows(
     import itertools
 
     tokens = torch.randint(65, (300,), generator=torch.Generator().manual_seed(3)).numpy()
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65))
+    model = tiny_gpt()
     sgd = TrainConfig(optimizer="sgd", learning_rate=0.5, warmup_steps=0, decay_lr=False, grad_clip=0.0)
     t = Trainer(model, sgd, torch.device("cpu"), log=None)
     x, y = Batches(tokens, 16, 4, seed=0).all_windows()

@@ -11,10 +11,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_gpt
 
 from fedgpt import export as export_module
 from fedgpt.checkpoint import save_checkpoint
-from fedgpt.config import LoRAConfig, ModelConfig, TrainConfig
+from fedgpt.config import LoRAConfig, TrainConfig
 from fedgpt.data import Batches
 from fedgpt.export import main
 from fedgpt.generate import generate
@@ -49,11 +50,7 @@ def relative_gap(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 def trained(arch: str, tok, lora: LoRAConfig | None = None, bias: bool = False, steps: int = 5) -> GPT:
     """A tiny GPT trained a few steps on TEXT (with `lora`: then its adapters a few more), in eval mode."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch=arch, vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=4, n_embd=32, bias=bias
-    )
-    model = GPT(cfg)
+    model = tiny_gpt(tok.vocab_size, arch=arch, block_size=BLOCK, bias=bias)
     data = np.array(tok.encode(TEXT))
     tc = TrainConfig(batch_size=4, learning_rate=1e-2, warmup_steps=0, min_lr=1e-2, weight_decay=0.0)
     Trainer(model, tc, torch.device("cpu"), log=None).train_steps(Batches(data, BLOCK, 4, seed=0), steps)
@@ -193,8 +190,7 @@ def error_of(argv: list[str]) -> str:
 
 def test_the_folder_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     tok = tokenizer("char")
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=4, n_embd=32))
+    model = tiny_gpt(tok.vocab_size)
     ckpt = str(checkpoint(tmp_path / "c.pt", model, tok))
     out = tmp_path / "hf"
     out.mkdir()
@@ -239,11 +235,7 @@ def test_bad_input_gets_one_line_that_says_what_to_do(tmp_path):
         ["--checkpoint", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "file")]
     )
     tok = tokenizer("char")
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=4, n_embd=32, head_bias=True
-    )
-    model = GPT(cfg)
+    model = tiny_gpt(tok.vocab_size, head_bias=True)
     ckpt = checkpoint(tmp_path / "bias.pt", model, tok)
     assert "head bias" in error_of(["--checkpoint", str(ckpt), "--out", out])
     wrong = {k: v for k, v in model.state_dict().items() if k != "lm_head.bias"}

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
-from fedgpt.config import LoRAConfig, ModelConfig, TrainConfig, load_config
+from fedgpt.config import LoRAConfig, TrainConfig, load_config
 from fedgpt.data import Batches
 from fedgpt.lora import LoRALinear, adapter_state, add_lora, aggregation_error, merged_state
-from fedgpt.model import GPT
 from fedgpt.tokenizer import CharTokenizer
 from fedgpt.train import Trainer
 
-TEXT = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-&\n"  # 63 characters, within gpt()'s 65
-
-
-def gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65))
+TEXT = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-&\n"  # 63 characters: tiny_gpt() has 65
 
 
 def tokens(seed: int = 0):
@@ -26,7 +21,7 @@ def tokens(seed: int = 0):
 
 
 def test_adapters_start_as_the_base_model_and_only_they_train():
-    base, adapted = gpt(), gpt()
+    base, adapted = tiny_gpt(), tiny_gpt()
     add_lora(adapted, LoRAConfig(rank=4, alpha=8.0))
     x = tokens()
     torch.testing.assert_close(adapted(x)[0], base(x)[0], rtol=0, atol=0)  # B starts at zero
@@ -39,10 +34,10 @@ def test_adapters_start_as_the_base_model_and_only_they_train():
     assert sum(v.numel() for v in adapter_state(adapted).values()) == 2 * 4 * (
         (32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)
     )
-    only_attn = add_lora(gpt(), LoRAConfig(rank=2, targets="attn"))
+    only_attn = add_lora(tiny_gpt(), LoRAConfig(rank=2, targets="attn"))
     assert {k.split(".")[3] for k in adapter_state(only_attn)} == {"attn"}
     # the tied embedding and head: one adapter of r * (vocab + n_embd) values, listed once
-    with_embedding = add_lora(gpt(), LoRAConfig(rank=2, targets="attn,embedding"))
+    with_embedding = add_lora(tiny_gpt(), LoRAConfig(rank=2, targets="attn,embedding"))
     extra = {
         k: v.numel() for k, v in adapter_state(with_embedding).items() if k not in adapter_state(only_attn)
     }
@@ -52,7 +47,7 @@ def test_adapters_start_as_the_base_model_and_only_they_train():
 
 @pytest.mark.parametrize("targets", ["attn,mlp", "attn,mlp,embedding"])
 def test_training_moves_only_the_adapters_and_the_merged_gpt_computes_the_same(targets):
-    model = add_lora(gpt(), LoRAConfig(rank=4, alpha=8.0, targets=targets))
+    model = add_lora(tiny_gpt(), LoRAConfig(rank=4, alpha=8.0, targets=targets))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     trainer = Trainer(
         model, TrainConfig(batch_size=4, learning_rate=1e-2, warmup_steps=0), torch.device("cpu"), log=None
@@ -61,7 +56,7 @@ def test_training_moves_only_the_adapters_and_the_merged_gpt_computes_the_same(t
     trainer.train_steps(Batches(data, 16, 4, seed=0), 5)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())  # the base did not move
     assert any(v.abs().sum() > 0 for k, v in adapter_state(model).items() if k.endswith("lora_B"))
-    plain = gpt(seed=9)
+    plain = tiny_gpt(seed=9)
     plain.load_state_dict(merged_state(model))  # strict: exactly a plain GPT's keys
     model.eval()
     plain.eval()
@@ -85,10 +80,10 @@ def test_training_moves_only_the_adapters_and_the_merged_gpt_computes_the_same(t
 
 @pytest.mark.parametrize("targets", ["attn,mlp", "attn,mlp,embedding"])
 def test_the_head_bias_trains_and_merges_into_a_plain_gpt_with_a_head_bias(targets):
-    model = add_lora(gpt(), LoRAConfig(rank=4, alpha=8.0, targets=targets, head_bias=True))
+    model = add_lora(tiny_gpt(), LoRAConfig(rank=4, alpha=8.0, targets=targets, head_bias=True))
     assert adapter_state(model)["lm_head.lora_bias"].shape == (65,)  # one value a token, sent with the rest
     x = tokens()
-    torch.testing.assert_close(model(x)[0], gpt()(x)[0], rtol=0, atol=0)  # starts at zero: the base
+    torch.testing.assert_close(model(x)[0], tiny_gpt()(x)[0], rtol=0, atol=0)  # starts at zero: the base
     trainer = Trainer(
         model, TrainConfig(batch_size=4, learning_rate=1e-2, warmup_steps=0), torch.device("cpu"), log=None
     )
@@ -97,8 +92,8 @@ def test_the_head_bias_trains_and_merges_into_a_plain_gpt_with_a_head_bias(targe
     assert adapter_state(model)["lm_head.lora_bias"].abs().min() > 0  # every token's bias moved
     merged = merged_state(model)
     with pytest.raises(RuntimeError, match="lm_head.bias"):  # a GPT without a head bias cannot hold it
-        gpt().load_state_dict(merged)
-    plain = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65, head_bias=True))
+        tiny_gpt().load_state_dict(merged)
+    plain = tiny_gpt(head_bias=True)
     plain.load_state_dict(merged)  # strict
     model.eval()
     plain.eval()
@@ -107,7 +102,7 @@ def test_the_head_bias_trains_and_merges_into_a_plain_gpt_with_a_head_bias(targe
 
 
 def test_the_aggregation_error_is_the_gap_between_the_average_of_products_and_the_product_of_averages():
-    model = add_lora(gpt(), LoRAConfig(rank=2, targets="attn"), seed=3)
+    model = add_lora(tiny_gpt(), LoRAConfig(rank=2, targets="attn"), seed=3)
     names = [k for k in model.state_dict() if k.endswith((".lora_A", ".lora_B"))]
     g = torch.Generator().manual_seed(0)
     states = [{k: torch.randn(model.state_dict()[k].shape, generator=g) for k in names} for _ in range(3)]
@@ -121,7 +116,7 @@ def test_the_aggregation_error_is_the_gap_between_the_average_of_products_and_th
         gap, size = gap + float((product - apart).square().sum()), size + float(product.square().sum())
     assert aggregation_error(states, weights, model) == pytest.approx((gap / size) ** 0.5, rel=1e-6)
     # FFA-LoRA: A frozen, the same on every side (one seed), not sent: the error is 0
-    ffa = [add_lora(gpt(), LoRAConfig(rank=2, targets="attn", scheme="ffa"), seed=3) for _ in range(2)]
+    ffa = [add_lora(tiny_gpt(), LoRAConfig(rank=2, targets="attn", scheme="ffa"), seed=3) for _ in range(2)]
     assert all(not k.endswith("lora_A") for k in adapter_state(ffa[0]))
     a_names = [k for k in ffa[0].state_dict() if k.endswith("lora_A")]
     assert all(torch.equal(ffa[0].state_dict()[k], ffa[1].state_dict()[k]) for k in a_names)
@@ -137,10 +132,10 @@ def test_embedding_rows_train_as_the_same_rows_of_a_plain_gpt_and_the_rest_stays
     public.write_text("eeeee dddaaaa cc b")
     rows = sorted(tok.encode("e a"))[-3:]  # the ids of space, a, e
     model = add_lora(
-        gpt(), LoRAConfig(rank=2, targets="attn", embedding_rows=3, rows_from=str(public)), 0, tok
+        tiny_gpt(), LoRAConfig(rank=2, targets="attn", embedding_rows=3, rows_from=str(public)), 0, tok
     )
     x, y = tokens(), tokens(1)
-    torch.testing.assert_close(model(x)[0], gpt()(x)[0], rtol=0, atol=0)  # the rows start at zero
+    torch.testing.assert_close(model(x)[0], tiny_gpt()(x)[0], rtol=0, atol=0)  # the rows start at zero
     assert adapter_state(model)["transformer.wte.lora_rows"].shape == (3, 32)
     # Rows D set: the adapted model is a plain GPT whose tied matrix has W + D on those rows, edited by hand,
     # in its output and in its gradient (embedding and head both)
@@ -149,12 +144,12 @@ def test_embedding_rows_train_as_the_same_rows_of_a_plain_gpt_and_the_rest_stays
         model.transformer.wte.lora_rows.copy_(delta)
         for block in model.transformer.h:  # and the attention's adapters away from the identity
             block.attn.c_attn.lora_B.normal_(0, 0.1)
-    plain = gpt(seed=9)
+    plain = tiny_gpt(seed=9)
     plain.load_state_dict(merged_state(model))
-    edited = gpt()
+    edited = tiny_gpt()
     edited.load_state_dict(plain.state_dict())
     with torch.no_grad():
-        edited.transformer.wte.weight.copy_(gpt().transformer.wte.weight)
+        edited.transformer.wte.weight.copy_(tiny_gpt().transformer.wte.weight)
         edited.transformer.wte.weight[rows] += delta
     torch.testing.assert_close(edited.lm_head.weight, plain.lm_head.weight, rtol=0, atol=0)
     _, loss = model(x, y)
@@ -175,7 +170,7 @@ def test_embedding_rows_step_at_their_own_multiple_of_the_learning_rate(tmp_path
     public = tmp_path / "public.txt"
     public.write_text("the most frequent letters")
     cfg = LoRAConfig(rank=2, targets="attn", embedding_rows=4, rows_from=str(public), rows_lr_scale=0.25)
-    model = add_lora(gpt(), cfg, 0, CharTokenizer.from_text(TEXT))
+    model = add_lora(tiny_gpt(), cfg, 0, CharTokenizer.from_text(TEXT))
     lr = 1e-2
     trainer = Trainer(
         model,
@@ -214,7 +209,7 @@ def test_lora_needs_a_pretrained_model_and_a_known_target():
         load_config(None, ["--lora.bias_lr_scale=0"])
     cfg = load_config(None, [*lora, "--lora.rows_from=no/such.txt"])
     with pytest.raises(ValueError, match=r"lora.rows_from=no/such.txt: cannot read it .*give a public text"):
-        add_lora(gpt(), cfg.lora, 0, CharTokenizer.from_text("ab"))
+        add_lora(tiny_gpt(), cfg.lora, 0, CharTokenizer.from_text("ab"))
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
 from fedgpt.config import ModelConfig
 from fedgpt.generate import generate
@@ -18,12 +19,6 @@ from fedgpt.optim import FusedAdamW
 
 ARCHS = ["gpt2", "llama"]
 V = 50
-
-
-def tiny(arch: str, seed: int = 0, **kw) -> GPT:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(arch=arch, vocab_size=V, block_size=16, n_layer=2, n_head=4, n_embd=32, **kw)
-    return GPT(cfg).eval()
 
 
 def randint(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -40,7 +35,7 @@ def naive_greedy(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_causality(arch):
-    model = tiny(arch)
+    model = tiny_gpt(V, arch=arch).eval()
     idx = randint(2, 16)
     ref, _ = model(idx)
     for t in (0, 7, 15):
@@ -54,7 +49,7 @@ def test_causality(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kv_cache_matches_full_sequence(arch):
-    model = tiny(arch)
+    model = tiny_gpt(V, arch=arch).eval()
     idx = randint(2, 16)
     full, _ = model(idx)
 
@@ -75,7 +70,7 @@ def test_kv_cache_matches_full_sequence(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_greedy_matches_naive_loop(arch):
-    model = tiny(arch)
+    model = tiny_gpt(V, arch=arch).eval()
     prompt = randint(2, 4)
     # 4 + 20 > block_size: the cache fills and generate falls back to re-running the last 16 tokens
     out = generate(model, prompt, max_new_tokens=20, temperature=0)
@@ -84,7 +79,7 @@ def test_generate_greedy_matches_naive_loop(arch):
 
 
 def test_generate_top_k_1_and_tiny_top_p_are_greedy():
-    model = tiny("gpt2")
+    model = tiny_gpt(V, arch="gpt2").eval()
     prompt = randint(3, 5)
     greedy = generate(model, prompt, 8, temperature=0)
     g = torch.Generator().manual_seed(0)
@@ -96,7 +91,7 @@ def test_generate_top_k_1_and_tiny_top_p_are_greedy():
 
 
 def test_generate_stops_at_eot():
-    model = tiny("llama")
+    model = tiny_gpt(V, arch="llama").eval()
     prompt = randint(2, 3)
     greedy = generate(model, prompt, 12, temperature=0)
     new = greedy[:, 3:]
@@ -115,7 +110,7 @@ def test_generate_stops_at_eot():
 
 def test_generate_crops_long_prompt():
     """Prompts longer than block_size are cropped for conditioning; the output keeps the whole prompt."""
-    model = tiny("gpt2")
+    model = tiny_gpt(V, arch="gpt2").eval()
     prompt = randint(1, 20)
     out = generate(model, prompt, 3, temperature=0)
     assert out.shape == (1, 23) and torch.equal(out[:, :20], prompt)
@@ -125,12 +120,12 @@ def test_generate_crops_long_prompt():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_too_long_sequence_raises(arch):
     with pytest.raises(ValueError, match=r"sequence length 17 exceeds model.block_size=16"):
-        tiny(arch)(randint(1, 17))
+        tiny_gpt(V, arch=arch).eval()(randint(1, 17))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_weight_tying(arch):
-    model = tiny(arch)
+    model = tiny_gpt(V, arch=arch).eval()
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     assert sum(p is model.lm_head.weight for p in model.parameters()) == 1
@@ -140,13 +135,14 @@ def test_param_count_formula():
     C, L, bs = 32, 2, 16
     block = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
     gpt2 = V * C + bs * C + L * block + 2 * C
-    assert tiny("gpt2", bias=True).num_params(non_embedding=False) == gpt2
-    assert tiny("gpt2", bias=True).num_params() == gpt2 - bs * C
+    assert tiny_gpt(V, arch="gpt2", bias=True).num_params(non_embedding=False) == gpt2
+    assert tiny_gpt(V, arch="gpt2", bias=True).num_params() == gpt2 - bs * C
 
     H = swiglu_hidden(C)
     assert H == 128 and H % 64 == 0 and H >= 8 * C / 3
     llama = V * C + L * (C + 3 * C * C + C * C + C + C * 2 * H + H * C) + C
-    assert tiny("llama").num_params() == tiny("llama").num_params(non_embedding=False) == llama
+    llama_model = tiny_gpt(V, arch="llama")
+    assert llama_model.num_params() == llama_model.num_params(non_embedding=False) == llama
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -170,7 +166,7 @@ def test_init_std(arch):
 
 
 def test_configure_optimizers_groups():
-    model = tiny("llama", bias=True)
+    model = tiny_gpt(V, arch="llama", bias=True).eval()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
@@ -183,13 +179,13 @@ def test_configure_optimizers_groups():
 def test_fused_adamw_on_cpu_matches_plain():
     # bias=False: the attention key bias has a true gradient of zero (softmax ignores a shift shared
     # by all keys), and Adam blows its rounding noise up to full-size steps that differ between kernels.
-    model = tiny("gpt2")
+    model = tiny_gpt(V, arch="gpt2").eval()
     opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
     if not isinstance(opt, FusedAdamW):
         pytest.skip(
             "this torch has no fused AdamW on CPU; configure_optimizers uses the default implementation"
         )
-    ref_model = tiny("gpt2")
+    ref_model = tiny_gpt(V, arch="gpt2").eval()
     ref_model.load_state_dict(model.state_dict())
     groups = [
         {"params": [p for p in ref_model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
@@ -210,7 +206,7 @@ def test_fused_adamw_on_cpu_matches_plain():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_overfits_one_batch(arch):
-    model = tiny(arch).train()
+    model = tiny_gpt(V, arch=arch)  # in training mode, as built
     opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
     x, y = randint(4, 16), randint(4, 16, seed=2)
     losses = []
@@ -224,7 +220,7 @@ def test_overfits_one_batch(arch):
 
 
 def test_loss_ignores_minus_one_and_autocast():
-    model = tiny("llama")
+    model = tiny_gpt(V, arch="llama").eval()
     x, y = randint(2, 16), randint(2, 16, seed=2)
     masked = y.clone()
     masked[:, :8] = -1

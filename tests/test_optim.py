@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_gpt
 
-from fedgpt.config import ModelConfig
 from fedgpt.model import GPT
 from fedgpt.optim import FusedAdamW, fused_supported
 
@@ -18,11 +17,6 @@ V = 40
 pytestmark = pytest.mark.skipif(
     not fused_supported("cpu"), reason="this torch has no fused AdamW kernel on CPU"
 )
-
-
-def tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(ModelConfig(vocab_size=V, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=False)).train()
 
 
 def groups(model: GPT) -> list[dict]:
@@ -49,7 +43,7 @@ def assert_equal(a: GPT, b: GPT) -> None:
 
 
 def pair() -> tuple[GPT, FusedAdamW, GPT, torch.optim.AdamW]:
-    ours, theirs = tiny(), tiny()
+    ours, theirs = tiny_gpt(V, bias=False), tiny_gpt(V, bias=False)
     return (
         ours,
         FusedAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95)),
@@ -63,7 +57,7 @@ def test_steps_are_bitwise_torch_fused_adamw():
     train(ours, opt, 6)
     train(theirs, ref, 6)
     assert_equal(ours, theirs)
-    assert not torch.equal(next(ours.parameters()), next(tiny().parameters())), (
+    assert not torch.equal(next(ours.parameters()), next(tiny_gpt(V, bias=False).parameters())), (
         "training must have moved the weights"
     )
 
@@ -75,7 +69,7 @@ def test_state_dicts_load_either_way(direction):
     train(theirs, ref, 3)
     # Carry the state across into a fresh optimizer of the other kind; both must continue identically.
     src, dst_kind = (ref, "ours") if direction == "torch to ours" else (opt, "torch")
-    model = tiny()
+    model = tiny_gpt(V, bias=False)
     model.load_state_dict(theirs.state_dict())
     dst = (
         FusedAdamW(groups(model), lr=0.0, betas=(0.5, 0.5))
@@ -92,7 +86,7 @@ def test_state_dicts_load_either_way(direction):
 def test_load_refuses_other_groups():
     ours, opt, _, _ = pair()
     train(ours, opt, 1)
-    other = FusedAdamW([{"params": list(tiny().parameters())}], lr=1e-2, betas=(0.9, 0.95))
+    other = FusedAdamW([{"params": list(tiny_gpt(V, bias=False).parameters())}], lr=1e-2, betas=(0.9, 0.95))
     with pytest.raises(ValueError, match="other parameter groups"):
         other.load_state_dict(opt.state_dict())
 
@@ -174,7 +168,7 @@ def test_muon_is_torchs_muon_on_the_matrices_and_adamw_on_the_rest(tmp_path, mom
     # torch.optim.AdamW; a state dict round trip (a checkpoint, a client's state) goes on identically.
     from fedgpt.optim import MuonAdamW
 
-    ours, theirs = tiny(), tiny()
+    ours, theirs = tiny_gpt(V, bias=False), tiny_gpt(V, bias=False)
     opt = ours.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", muon=True, muon_momentum=momentum)
     assert isinstance(opt, MuonAdamW)
     matrices = [p for n, p in theirs.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")]
@@ -213,7 +207,7 @@ def test_muon_is_torchs_muon_on_the_matrices_and_adamw_on_the_rest(tmp_path, mom
         assert (x - y).abs().max() < 0.1 * (y - x0).abs().max(), name
     # A checkpoint of the optimizer mid-run: reloaded, it goes on exactly as the uninterrupted one.
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
-    copy = tiny()
+    copy = tiny_gpt(V, bias=False)
     copy.load_state_dict(ours.state_dict())
     again = copy.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", muon=True, muon_momentum=momentum)
     again.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
@@ -234,7 +228,7 @@ def test_first_moments_are_adams_exp_avg_by_name_and_load_alone(kind):
     # other first moments replaces exactly those and leaves the second moments and the step count.
     from fedgpt.optim import first_moments, load_first_moments
 
-    model = tiny()
+    model = tiny_gpt(V, bias=False)
     cls = FusedAdamW if kind == "fused" else torch.optim.AdamW
     opt = cls(groups(model), lr=1e-2, betas=(0.9, 0.95))
     xy = torch.randint(0, V, (4, 17), generator=torch.Generator().manual_seed(0))

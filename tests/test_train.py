@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_GPT, tiny_gpt
 
 from fedgpt.checkpoint import save_checkpoint
 from fedgpt.config import Config, ModelConfig, TrainConfig
@@ -26,11 +27,6 @@ from fedgpt.train import (
 
 V = 40
 CPU = torch.device("cpu")
-
-
-def tiny_model(seed: int = 0, dropout: float = 0.0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(ModelConfig(vocab_size=V, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=dropout))
 
 
 def train_cfg(**kw) -> TrainConfig:
@@ -100,7 +96,7 @@ def test_lr_constant_without_decay():
 
 
 def test_loss_falls_when_overfitting_one_batch():
-    trainer = Trainer(tiny_model(), train_cfg(), CPU, log=None)
+    trainer = Trainer(tiny_gpt(V), train_cfg(), CPU, log=None)
     x, y = batch()
     with torch.no_grad():
         before = trainer.model(x, y)[1].item()
@@ -116,8 +112,8 @@ def test_loss_falls_when_overfitting_one_batch():
 def test_gradient_accumulation_equals_a_bigger_batch():
     x, y = batch(b=8, seed=3)
     cfg = train_cfg(weight_decay=0.1)
-    a = Trainer(tiny_model(), cfg, CPU, log=None)
-    b = Trainer(tiny_model(), cfg, CPU, log=None)
+    a = Trainer(tiny_gpt(V), cfg, CPU, log=None)
+    b = Trainer(tiny_gpt(V), cfg, CPU, log=None)
     assert torch.equal(flat(a.raw_model), flat(b.raw_model))
     out_a = a.train_steps(repeat((x[:4], y[:4]), (x[4:], y[4:])), num_steps=1, grad_accum_steps=2)
     out_b = b.train_steps(repeat((x, y)), num_steps=1, grad_accum_steps=1)
@@ -129,15 +125,15 @@ def test_gradient_accumulation_equals_a_bigger_batch():
     assert out_a["grad_norm"] == pytest.approx(out_b["grad_norm"], rel=1e-5)
     assert out_a["tokens"] == out_b["tokens"] == x.numel()
     # one micro-batch alone is a different step, so the comparison above can fail
-    c = Trainer(tiny_model(), cfg, CPU, log=None)
+    c = Trainer(tiny_gpt(V), cfg, CPU, log=None)
     c.train_steps(repeat((x[:4], y[:4])), num_steps=1, grad_accum_steps=1)
     assert (flat(c.raw_model) - flat(b.raw_model)).abs().max() > 1e-3
 
 
 def test_add_proximal_grad_is_the_gradient_of_the_proximal_term():
     mu = 0.3
-    model = tiny_model()
-    ref = [p.detach().clone() for p in tiny_model(seed=5).parameters()]
+    model = tiny_gpt(V)
+    ref = [p.detach().clone() for p in tiny_gpt(V, seed=5).parameters()]
     params = list(model.parameters())
     x, y = batch()
     model(x, y)[1].backward()
@@ -159,20 +155,20 @@ def test_add_proximal_grad_is_the_gradient_of_the_proximal_term():
 
 def test_proximal_term_pulls_weights_toward_ref():
     x, y = batch(seed=7)
-    ref = [p.detach().clone() for p in tiny_model().parameters()]
+    ref = [p.detach().clone() for p in tiny_gpt(V).parameters()]
     dist = {}
     for mu in (0.0, 1.0):
-        trainer = Trainer(tiny_model(), train_cfg(grad_clip=0.0, weight_decay=0.0), CPU, log=None)
+        trainer = Trainer(tiny_gpt(V), train_cfg(grad_clip=0.0, weight_decay=0.0), CPU, log=None)
         trainer.train_steps(repeat((x, y)), num_steps=20, mu=mu, ref=ref if mu else None)
         dist[mu] = proximal_term(list(trainer.raw_model.parameters()), ref).item()
     assert dist[1.0] < 0.8 * dist[0.0], dist
     with pytest.raises(ValueError, match="ref"):
-        Trainer(tiny_model(), train_cfg(), CPU, log=None).train_steps(repeat((x, y)), num_steps=1, mu=0.1)
+        Trainer(tiny_gpt(V), train_cfg(), CPU, log=None).train_steps(repeat((x, y)), num_steps=1, mu=0.1)
 
 
 def test_trainer_logs_one_line_per_log_interval():
     lines = []
-    trainer = Trainer(tiny_model(), train_cfg(log_interval=2), CPU, log=lines.append)
+    trainer = Trainer(tiny_gpt(V), train_cfg(log_interval=2), CPU, log=lines.append)
     trainer.train_steps(repeat(batch()), num_steps=5)
     assert len(lines) == 2
     assert lines[0].startswith("step      2 | loss ") and "tok/s" in lines[0] and "mfu -" in lines[0]
@@ -184,7 +180,7 @@ def test_trainer_logs_one_line_per_log_interval():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_evaluate_mean_loss_and_ppl_and_restores_mode(training: bool):
-    model = tiny_model(dropout=0.5)
+    model = tiny_gpt(V, dropout=0.5)
     model.train(training)
     batches = [batch(seed=s) for s in range(3)]
     model.eval()
@@ -216,7 +212,7 @@ CHAR_META = {"kind": "char", "chars": "".join(chr(ord("a") + i) for i in range(2
 
 def tiny_config(**train) -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16)
+    cfg.model = ModelConfig(**TINY_GPT)
     cfg.train = dataclasses.replace(cfg.train, **train)
     return cfg
 
@@ -242,8 +238,7 @@ def test_build_model_rejects_hf_weights_with_a_char_tokenizer(tmp_path: Path):
 
 
 def test_build_model_from_a_checkpoint(tmp_path: Path):
-    torch.manual_seed(0)
-    src = GPT(ModelConfig(vocab_size=26, block_size=16, n_layer=2, n_head=4, n_embd=32))
+    src = tiny_gpt(26)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(
         path,
@@ -270,8 +265,7 @@ def test_build_model_from_a_checkpoint(tmp_path: Path):
 
 
 def test_build_model_refuses_a_checkpoint_of_another_architecture(tmp_path: Path):
-    torch.manual_seed(0)
-    src = GPT(ModelConfig(vocab_size=26, block_size=16, n_layer=2, n_head=4, n_embd=32))
+    src = tiny_gpt(26)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(
         path,
@@ -297,7 +291,7 @@ def test_build_model_refuses_a_checkpoint_of_another_architecture(tmp_path: Path
 
 
 def test_evaluate_accuracy_counts_right_next_tokens_and_skips_padding():
-    model = tiny_model()
+    model = tiny_gpt(V)
     x, y = batch(seed=0)
     model.eval()
     with torch.no_grad():
