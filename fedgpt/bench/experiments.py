@@ -3,7 +3,8 @@ by), its command line, running it as a user would, and reading back what it left
 
     cmd = command(e, a, overrides, out_dir, tc)     # python simulate.py ..., python -m fedgpt.local_train ...
     info = run(e, a, overrides, tc, app)            # in a subprocess, from the app directory
-    res = collect(e, runs_dir)                      # its curve, final and best loss, bytes; None if not run
+    save_record(runs_dir / e.name, records_dir / e.name)  # what the tables read of it, kept in git
+    res = collect(e, records_dir)                   # its curve, final and best loss, bytes; None if not run
 
 At equal tokens (the main table, the frontier, stragglers) every run trains on clients x rounds x local_steps
 x the batch: centralized runs take that many steps of the batch ("central"; "parallel": rounds x local_steps
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,8 +118,42 @@ def run(e: Experiment, a: argparse.Namespace, overrides: list[str], tc: TrainCon
     return info
 
 
+# What a record keeps of a finished run: what it was and how long it took, its config, its curve. No
+# checkpoints and no logs: a record is small enough to commit, and collect reads nothing else.
+RECORD_FILES = ("experiment.json", "run.json", "rounds.jsonl", "metrics.jsonl")
+
+
+def save_record(run_dir: Path, record_dir: Path, extra: dict[str, bytes] | None = None) -> None:
+    """Copy RECORD_FILES of the run in `run_dir` (and `extra`: name -> bytes) into `record_dir`, replacing an
+    earlier record whole: written into a temporary folder beside it and renamed into place, so a record is
+    never half of one run and half of another."""
+    if not (run_dir / "experiment.json").is_file():
+        raise ValueError(f"{run_dir} holds no finished run (experiment.json): run it before recording it")
+    record_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=record_dir.parent, prefix=f".{record_dir.name}.", suffix=".tmp"))
+    old = record_dir.with_name(f".{record_dir.name}.old")
+    try:
+        tmp.chmod(0o755)
+        for name in RECORD_FILES:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, tmp / name)
+        for name, data in (extra or {}).items():
+            (tmp / name).write_bytes(data)
+        shutil.rmtree(old, ignore_errors=True)
+        if record_dir.exists():
+            record_dir.rename(old)
+        tmp.rename(record_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not record_dir.exists():
+            old.rename(record_dir)  # the earlier record back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def collect(e: Experiment, runs_dir: Path) -> dict | None:
-    """A finished run's figures, or None if it has not been run."""
+    """A finished run's figures, from its run folder or its record under `runs_dir`, or None if there is
+    none."""
     d = runs_dir / e.name
     if not (d / "experiment.json").is_file():
         return None

@@ -16,6 +16,7 @@ at epsilon 8 and below (delta 1e-4 < 1 / clients; RDP and PLD).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from fedgpt.bench.common import commands, write_plays
@@ -107,12 +108,26 @@ def experiments(a: argparse.Namespace) -> list[Experiment]:
     ]
 
 
+DP_FILE = "dp.json"  # a record's copy of the DP state in its run's last checkpoint, which it does not keep
+
+
+def keep(run_dir: Path) -> dict[str, bytes]:
+    """What figures reads that a record must add: the DP state of the run's last checkpoint, if it has one."""
+    if not (run_dir / "last.pt").is_file():
+        return {}
+    return {DP_FILE: json.dumps(load_checkpoint(run_dir / "last.pt")["extra"].get("dp")).encode()}
+
+
 def figures(run_dir: Path) -> dict:
-    """The round-0 (public base) loss and accuracy, and a DP run's noise multiplier and last clipping norm."""
+    """The round-0 (public base) loss and accuracy, and a DP run's noise multiplier and last clipping norm,
+    from a run's folder or its record."""
     if not (run_dir / "rounds.jsonl").is_file():
         return {}
     rows = read_rounds(run_dir / "rounds.jsonl")
-    saved = load_checkpoint(run_dir / "last.pt")["extra"].get("dp")
+    if (run_dir / DP_FILE).is_file():
+        saved = json.loads((run_dir / DP_FILE).read_text())
+    else:
+        saved = load_checkpoint(run_dir / "last.pt")["extra"].get("dp")
     dp = DPState.from_json(saved) if saved else None
     return {
         "base_val_loss": rows[0].val_loss,

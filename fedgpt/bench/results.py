@@ -1,18 +1,20 @@
 """The results of docs/results.md, each table from its runs: every run the real entry point in a subprocess
-(`python -m fedgpt.local_train`, `python simulate.py`), writing to <runs-dir>/<name>.
+(`python -m fedgpt.local_train`, `python simulate.py`), writing to <runs-dir>/<name>, and what the table reads
+of it kept as a record in <records-dir>/<name> (results/records, committed), from which the table is rendered.
 
     python -m fedgpt.results                        # centralized against federated at equal tokens
     python -m fedgpt.results --frontier             # final loss against bytes sent, local steps 5 to 125
     python -m fedgpt.results --privacy              # DP fine-tuning from a public base
     python -m fedgpt.results --lowcomm              # AdamW and Muon, fragments, sparse: loss against bytes
     python -m fedgpt.results --lora                 # federated LoRA, inexact and exact, against full tuning
-    python -m fedgpt.results --only fedavg_iid      # rerun one; the table keeps the others' saved runs
-    python -m fedgpt.results --no-run               # rewrite a table from the runs on disk
+    python -m fedgpt.results --only fedavg_iid      # rerun one; the table keeps the others' records
+    python -m fedgpt.results --stragglers --no-run  # rewrite a table from its records, running nothing
 
 Each table lives in a module of its own (fedgpt.bench.equal_tokens, frontier, lowcomm, targets, privacy,
-finetune) with its experiments and how it renders them; fedgpt.bench.experiments runs and collects them. The
-table between the markers of the results document (and its plot) is rewritten; the rest of the document
-is left as it is.
+finetune) with its experiments and how it renders them; fedgpt.bench.experiments runs, records and collects
+them. The table between the markers of the results document (and its plot) is rewritten; the rest of the
+document is left as it is. --no-run refuses a table one of whose runs has no record, leaving the document as
+it is: a table rendered without a run would drop its row.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from fedgpt.bench import equal_tokens, finetune, frontier, lowcomm, privacy, targets
 from fedgpt.bench.common import app_dir
-from fedgpt.bench.experiments import Experiment, collect, run
+from fedgpt.bench.experiments import Experiment, collect, run, save_record
 from fedgpt.config import load_config
 from fedgpt.files import atomic_write_bytes
 
@@ -40,7 +42,8 @@ class Table:
     markers: tuple[str, str]  # where its block sits in the results document
     experiments: Callable[[argparse.Namespace], list[Experiment]]
     render: Callable[[list[dict], argparse.Namespace, Path], str]
-    figures: Callable[[Path], dict] | None = None  # what else it reads from a run's folder
+    figures: Callable[[Path], dict] | None = None  # what else it reads from a run's folder or record
+    keep: Callable[[Path], dict[str, bytes]] | None = None  # what figures reads that a record must add
     prepare: Callable[[argparse.Namespace, Path], None] | None = None  # what its runs need first
     config: str = CHAR_CONFIG  # its runs' config, unless --config says another
 
@@ -86,6 +89,7 @@ TABLES = {
         privacy.experiments,
         privacy.render,
         figures=privacy.figures,
+        keep=privacy.keep,
         prepare=privacy.prepare,
     ),
     "lora": Table(
@@ -103,7 +107,7 @@ TABLES = {
         "50%% and 90%% stragglers: dropped, or their work kept",
         _markers("stragglers"),
         lambda a: equal_tokens.stragglers(),
-        lambda res, a, doc: equal_tokens.table(res, a),
+        equal_tokens.stragglers_table,
     ),
 }
 START, END = TABLES["main"].markers
@@ -149,10 +153,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument(
         "--only", nargs="+", choices=names, metavar="NAME", help=f"run only these ({', '.join(names)})"
     )
-    p.add_argument(
-        "--no-run", action="store_true", help="run nothing: rewrite the table from the finished runs on disk"
-    )
+    p.add_argument("--no-run", action="store_true", help="run nothing: rewrite the table from its records")
     p.add_argument("--runs-dir", default="results/runs", help="where each run writes (default: %(default)s)")
+    p.add_argument(
+        "--records-dir",
+        help="where each run's record is kept and the tables are rendered from (default: records beside "
+        "--runs-dir, results/records)",
+    )
     p.add_argument("--app-dir", default=".", help="the fedgpt app directory (default: the current one)")
     p.add_argument(
         "--doc", default="docs/results.md", help="document whose table is rewritten (default: %(default)s)"
@@ -169,21 +176,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     kind = next((k for k in TABLES if k != "main" and getattr(a, k.replace("-", "_"))), "main")
     table, runs_dir = TABLES[kind], Path(a.runs_dir).resolve()
+    records = Path(a.records_dir).resolve() if a.records_dir else runs_dir.parent / "records"
     a.config = a.config or table.config
     cfg = load_config(a.config, overrides)  # a bad config or override fails here, before any run
     a.data_dir = cfg.data.data_dir
     app = app_dir(a.app_dir)
     exps = table.experiments(a)
-    if table.prepare and not a.no_run:
+    if a.no_run:
+        missing = [e.name for e in exps if not (records / e.name / "experiment.json").is_file()]
+        if missing:  # a table rendered without them would drop rows from the document
+            flag = "" if kind == "main" else f" --{kind}"
+            raise ValueError(
+                f"no records for {kind} ({', '.join(missing)} not in {records}): run "
+                f"`python -m fedgpt.results{flag}` to make them"
+            )
+    elif table.prepare:
         table.prepare(a, app)
     for e in exps:
         if not a.no_run and (a.only is None or e.name in a.only):
             run(e, a, overrides, cfg.train, app)
+            d = runs_dir / e.name
+            save_record(d, records / e.name, table.keep(d) if table.keep else None)
     res = []
     for e in exps:
-        r = collect(e, runs_dir)
+        r = collect(e, records)
         if r is not None:
-            res.append({**r, **(table.figures(runs_dir / e.name) if table.figures else {})})
+            res.append({**r, **(table.figures(records / e.name) if table.figures else {})})
     doc = Path(a.doc)
     block = table.render(res, a, doc)
     write_doc(doc, block, table.markers)
