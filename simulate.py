@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--ray-address", default=None, help='join an existing Ray cluster, e.g. "auto" or "10.0.0.5:6379"'
     )
+    p.add_argument("--verbose", action="store_true", help="Flower's own INFO lines too (a few a round)")
     return p.parse_known_args(argv)
 
 
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
     for section, values in parse_overrides(overrides).items():
         extra.setdefault(section, {}).update(values)
     cfg = load_config(args.config, extra)
-    resources = Resources(args.client_cpus, args.client_gpus, args.ray_address)
+    resources = Resources(args.client_cpus, args.client_gpus, args.ray_address, args.verbose)
     # client_app by module name: Ray actors import it, and its per-process cache lives on between rounds.
     summary = launch(
         cfg, "client_app:app", resources, resume=args.resume, overwrite=args.overwrite, t_start=T0

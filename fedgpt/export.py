@@ -1,6 +1,7 @@
 """Export a fedgpt checkpoint as a Hugging Face model folder that transformers loads as it is.
 
     python -m fedgpt.export --checkpoint out/best.pt --out hf/my-gpt [--overwrite]
+    python -m fedgpt.export --checkpoint out/fed/last.pt --client ROMEO --out hf/romeo   # a personal model
 
     model = AutoModelForCausalLM.from_pretrained("hf/my-gpt")    # GPT2LMHeadModel or LlamaForCausalLM
     tok = AutoTokenizer.from_pretrained("hf/my-gpt")             # fedgpt's token ids, char or GPT-2 BPE
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from fedgpt.checkpoint import load_checkpoint, model_config_of
 from fedgpt.config import LoRAConfig
 from fedgpt.download import DataUnavailableError
+from fedgpt.fed import personal
 from fedgpt.hf import hf_config, hf_state_dict
 from fedgpt.hf_tokenizer import tokenizer_files
 from fedgpt.lora import ADAPTER_LEAVES, add_lora, merged_state
@@ -33,12 +35,22 @@ from fedgpt.model import GPT
 from fedgpt.tokenizer import get_tokenizer
 
 
-def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write checkpoint's model and tokenizer as a Hugging Face folder at `out`; returns its path."""
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    client: str | None = None,
+    scheme: str | None = None,
+) -> Path:
+    """Write checkpoint's model and tokenizer as a Hugging Face folder at `out`; returns its path. With
+    `client` (an id, or the speaker or role it holds): that client's personal model (fedgpt.fed.personal)."""
     out = Path(out).absolute()  # "." too has a name and a parent to write beside
     check_destination(out, overwrite)
-    ckpt = load_checkpoint(checkpoint)
-    model = plain_model(ckpt, checkpoint)
+    if client is not None:
+        model, ckpt, _ = personal.from_checkpoint(checkpoint, client, scheme)
+    else:
+        ckpt = load_checkpoint(checkpoint)
+        model = plain_model(ckpt, checkpoint)
     tok = get_tokenizer(ckpt["tokenizer"])
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(
@@ -131,9 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", required=True, help="path of a fedgpt checkpoint, e.g. out/best.pt")
     p.add_argument("--out", required=True, help="folder to write the Hugging Face model into")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    p.add_argument(
+        "--client",
+        help="a personal model of a run with personal.scheme: a client id, or the speaker or role it holds",
+    )
+    p.add_argument("--scheme", help="with --client: finetune or adapter (default: the run's first)")
     a = p.parse_args(argv)
     try:
-        out = export(a.checkpoint, a.out, a.overwrite)
+        out = export(a.checkpoint, a.out, a.overwrite, a.client, a.scheme)
     except (ValueError, DataUnavailableError) as e:
         sys.exit(f"error: {e}")
     arch = json.loads((out / "config.json").read_text())["architectures"][0]

@@ -29,6 +29,7 @@ OUTPUTS = (
     "partition.json",
     "dp_ledger.json",
     "membership.jsonl",
+    "client_eval.jsonl",
     "client_state",
     "tensorboard",
 )

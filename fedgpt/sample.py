@@ -1,6 +1,7 @@
 """Generate text from any fedgpt checkpoint (local trainer or ServerApp).
 
     python -m fedgpt.sample --checkpoint out/best.pt --prompt "ROMEO:" --num-samples 2 --max-new-tokens 200
+    python -m fedgpt.sample --checkpoint out/fed/last.pt --client ROMEO --prompt "ROMEO:"   # a personal model
 
 A checkpoint carries its tokenizer, so char and BPE checkpoints need nothing else.
 """
@@ -14,6 +15,7 @@ import torch
 
 from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fedgpt.download import DataUnavailableError
+from fedgpt.fed import personal
 from fedgpt.generate import generate
 from fedgpt.tokenizer import get_tokenizer
 from fedgpt.train import resolve_device
@@ -29,15 +31,23 @@ def sample(
     top_p: float | None = None,
     seed: int = 1337,
     device: str = "auto",
+    client: str | None = None,
+    scheme: str | None = None,
 ) -> list[str]:
-    """Return `num_samples` continuations of `prompt` (the prompt included)."""
+    """Return `num_samples` continuations of `prompt` (the prompt included); from the personal model of
+    `client` (an id or a speaker/role name) of a simulation run with personal.scheme, if given."""
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
-    ckpt = load_checkpoint(checkpoint)
     dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt, dev, dropout=0.0).eval()
+    if client is not None:
+        model, ckpt, who = personal.from_checkpoint(checkpoint, client, scheme)
+        model = model.to(dev)
+        print(f"sampling from {who}", file=sys.stderr)
+    else:
+        ckpt = load_checkpoint(checkpoint)
+        model = model_from_checkpoint(ckpt, dev, dropout=0.0).eval()
     tok = get_tokenizer(ckpt["tokenizer"])
     ids = tok.encode(prompt) if prompt else [tok.eot_id if tok.eot_id is not None else tok.encode("\n")[0]]
     if len(ids) >= model.cfg.block_size:
@@ -71,6 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--client",
+        help="a personal model of a run with personal.scheme: a client id, or the speaker or role it holds",
+    )
+    p.add_argument("--scheme", help="with --client: finetune or adapter (default: the run's first)")
     a = p.parse_args(argv)
     try:
         texts = sample(
@@ -83,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             a.top_p,
             a.seed,
             a.device,
+            a.client,
+            a.scheme,
         )
     except (ValueError, DataUnavailableError) as e:
         sys.exit(f"error: {e}")

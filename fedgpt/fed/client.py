@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedgpt.config import Config, from_dict
 from fedgpt.data import Batches, load_dataset, load_node_tokens
-from fedgpt.fed import secagg
+from fedgpt.fed import personal, secagg
 from fedgpt.fed.client_state import ClientStateStore
 from fedgpt.fed.moments import MOMENTS
 from fedgpt.fed.node_policy import NodeError, NodePolicy, node_requires_secagg
@@ -33,7 +33,7 @@ from fedgpt.lora import add_lora
 from fedgpt.model import GPT
 from fedgpt.optim import first_moments, load_first_moments
 from fedgpt.tokenizer import Tokenizer, get_tokenizer
-from fedgpt.train import Trainer, build_model, evaluate, resolve_device
+from fedgpt.train import Trainer, build_model, resolve_device
 
 
 @dataclass
@@ -200,6 +200,9 @@ def fit(content: RecordDict, node: dict) -> RecordDict:
     if store is not None:
         keep(store, st, order.round, saved, residual, {"weights": trained, "synced": received})
         store.prune(keep_from_round=order.keep_from_round)
+    if "adapter" in personal.schemes(cfg):  # the client's own adapter: trained on what it received, kept
+        path = adapter_path(content["config"], node, partition_id)
+        personal.train_adapter(trainer.raw_model, received, cfg, part, partition_id, order.round, path)
     weight = {"data": len(part.train), "trained": m["tokens"], "uniform": 1}[cfg.fed.weighting]
     metrics = {
         "train-loss": m["loss"],
@@ -240,7 +243,7 @@ def round_batches(st: RunOnNode, part: ClientPartition, partition_id: int, rnd: 
 
 def saved_residual(saved: dict, st: RunOnNode, rnd: int) -> torch.Tensor | None:
     """What quantization cut from this client's last update (of this round's fragment), if fed back."""
-    if not st.cfg.error_feedback:
+    if not st.cfg.uses_error_feedback:
         return None
     if st.cfg.keeps_client_weights:  # one residual a fragment
         return (saved.get("residual") or {}).get(st.exchange.synced_fragment(rnd))
@@ -274,7 +277,7 @@ def state_store(cfg: Config, record: ConfigRecord, node: dict, partition_id: int
     """Where this client keeps its state between rounds (its optimizer state, its quantization error), or None
     if it keeps none: under the node's own state-dir (fedgpt.fed.node_policy), in the folder of the message's
     run id, checked to be a name and not a path."""
-    if not (cfg.keeps_client_state or cfg.error_feedback or cfg.keeps_client_weights):
+    if not (cfg.keeps_client_state or cfg.uses_error_feedback or cfg.keeps_client_weights):
         return None
     policy = NodePolicy.of(node)
     return ClientStateStore(policy.state_dir, policy.run_id(record["run-id"]), partition_id)
@@ -329,19 +332,28 @@ def own_weights(
     return {**ex.unflatten(saved["synced"]), **got}
 
 
+def adapter_path(record: ConfigRecord, node: dict, partition_id: int) -> Path:
+    """Where this client keeps its personal adapter: under the node's own state-dir, in the folder of the
+    message's run id (checked to be a name)."""
+    policy = NodePolicy.of(node)
+    return personal.adapter_file(policy.state_dir, policy.run_id(record["run-id"]), partition_id)
+
+
 def evaluate_partition(content: RecordDict, node: dict) -> RecordDict:
-    """Loss of the global weights on this client's own validation slice."""
+    """Loss and accuracy of the global weights on this client's own validation slice, and of each personal
+    model of the run's personal.scheme (fedgpt.fed.personal)."""
     st, partition_id = run_on_node(content, node)
-    cfg, part = st.cfg, st.parts[partition_id]
+    cfg, part, trainer = st.cfg, st.parts[partition_id], st.trainer
     load_global(st, content["arrays"], partition_id)
-    batches = Batches(
-        part.val, cfg.model.block_size, cfg.train.batch_size, st.trainer.device, seed=cfg.train.seed
-    )
-    res = evaluate(st.trainer.raw_model, batches, cfg.train.eval_iters, st.trainer.ctx)
-    metrics = MetricRecord(
-        {"val-loss": res["loss"], "val-accuracy": res["accuracy"], "num-examples": int(len(part.val))}
-    )
-    return RecordDict({"metrics": metrics})
+    res = personal.evaluate_on(trainer.raw_model, cfg, part, trainer.device, trainer.ctx)
+    metrics = {"val-loss": res["loss"], "val-accuracy": res["accuracy"], "num-examples": int(len(part.val))}
+    rnd = int(content["config"].get("server-round", 0))
+    for scheme in personal.schemes(cfg):
+        path = adapter_path(content["config"], node, partition_id) if scheme == "adapter" else None
+        model = personal.personal_model(trainer.raw_model, cfg, scheme, part, partition_id, rnd, path)
+        res = personal.evaluate_on(model, cfg, part, trainer.device, trainer.ctx)
+        metrics |= {f"{scheme}-val-loss": res["loss"], f"{scheme}-val-accuracy": res["accuracy"]}
+    return RecordDict({"metrics": MetricRecord(metrics)})
 
 
 def handle(kind: str, content: RecordDict, node: dict) -> RecordDict:

@@ -122,14 +122,16 @@ class RunRecorder:
             },
         )
         self.saved_round = snap.round
-        self.log(format_round(row))
+        self.log(format_round(row, self.cfg.fed.rounds))
 
 
-def format_round(row: RoundRow) -> str:
-    """One fixed-field log line per round; under DP only what it publishes (fedgpt.fed.privacy.PUBLISHED)."""
+def format_round(row: RoundRow, rounds: int) -> str:
+    """One fixed-field log line per round of `rounds`, with the time left at this round's pace; under DP only
+    what it publishes (fedgpt.fed.privacy.PUBLISHED)."""
+    head = f"round {row.round:3d}/{rounds}"
     if row.round == 0:
-        return f"round   0 | val {row.val_loss:.4f} | acc {row.val_accuracy:.3f}"
-    line = f"round {row.round:3d} | val {row.val_loss:.4f} | acc {row.val_accuracy:.3f}"
+        return f"{head} | val {row.val_loss:.4f} | acc {row.val_accuracy:.3f}"
+    line = f"{head} | val {row.val_loss:.4f} | acc {row.val_accuracy:.3f}"
     if row.clients_ok is not None:  # a round without DP
         train = f"{row.train_loss:.4f}" if row.train_loss is not None else "-"
         line += (
@@ -145,4 +147,15 @@ def format_round(row: RoundRow) -> str:
         line += f" | epsilon {row.dp_epsilon:.3f} (RDP), {pld} (PLD)"
     if row.clients_state_resumed or row.clients_state_stale:
         line += f" | state resumed {row.clients_state_resumed}, stale {row.clients_state_stale}"
+    for name, s in (row.client_eval or {}).items():
+        if isinstance(s, dict):  # each client once: mean (10th-90th percentile)
+            line += f" | {name} {s['loss']:.4f} ({s['loss_p10']:.3f}-{s['loss_p90']:.3f})"
+    if row.round_s is not None and row.round < rounds:
+        line += f" | left ~{_duration(row.round_s * (rounds - row.round))}"
     return line
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -25,6 +25,8 @@ class RoundRow:
     train_loss: float | None = None  # the clients' training losses this round, weighted by their tokens
     client_val_loss: float | None = None  # on the clients' own validation slices (fed.client_eval_interval)
     client_val_accuracy: float | None = None
+    # each client once: mean and spread of the global and each personal model's scores (fedgpt.fed.personal)
+    client_eval: dict | None = None
     lr: float | None = None  # the clients' learning rate at the end of the round
     # Under DP a row holds only what the accountant covers (fedgpt.fed.privacy.PUBLISHED): the rest is None.
     clients_ok: int = 0

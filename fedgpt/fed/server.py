@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 
 from fedgpt.config import Config
 from fedgpt.data import check_windows, load_dataset
-from fedgpt.fed import privacy
+from fedgpt.fed import personal, privacy
 from fedgpt.fed.client_state import ClientStateStore, run_state_dir
 from fedgpt.fed.evaluation import CentralEvaluator, yield_cpu
 from fedgpt.fed.grid import PartitionOrderedGrid, error_reason, send_and_receive
@@ -114,6 +114,7 @@ class FederatedRun:
         self.nodes = Membership(cfg, self.run_facts, log)
         self.lora_error: float | None = None  # this round's LoRA aggregation error (fedgpt.lora)
         self.refused = 0  # this round's replies refused by aggregate (fedgpt.fed.wire)
+        self.per_client: dict | None = None  # this round's client evaluation, each client once
         self.state_dir = str(run_state_dir(cfg))  # what it prunes after each checkpoint, on this machine
 
     def initial_model(self):
@@ -264,6 +265,7 @@ class FederatedRun:
             taken = self.moments.take(replies) if self.moments else {}  # a strategy takes one ArrayRecord
             ok, bytes_received = self.aggregate(rnd, replies, sent, up)
             bytes_received += self.moments.average(ok, taken) if self.moments else 0
+        self.per_client = None
         client_val, client_acc = self.client_evaluate(grid, rnd)
         self.round = rnd
         metrics = [r.content["metrics"] for r in ok]
@@ -279,6 +281,7 @@ class FederatedRun:
             tokens=self.tokens,
             client_val_loss=client_val,
             client_val_accuracy=client_acc,
+            client_eval=self.per_client,
             clients_ok=len(ok),
             clients_failed=len(msgs) - len(ok) - self.refused,
             clients_refused=self.refused,
@@ -416,7 +419,25 @@ class FederatedRun:
         sent = self.exchange.downlink(self.global_state, secrets.randbits(62))
         for m in msgs:
             m.content["arrays"] = sent
-        agg = self.strategy.aggregate_evaluate(rnd, send_and_receive(grid, list(msgs), fed.round_timeout))
+        replies = send_and_receive(grid, list(msgs), fed.round_timeout)
+        self.per_client = self.per_client_scores(rnd, replies)
+        agg = self.strategy.aggregate_evaluate(rnd, replies)
         if agg is None:
             return None, None
         return float(agg["val-loss"]), float(agg["val-accuracy"])
+
+    def per_client_scores(self, rnd: int, replies: list[Message]) -> dict | None:
+        """The clients' scores of this evaluation, each client once: mean and spread of the global model's
+        and each personal model's (fedgpt.fed.personal), and outside DP each client's in client_eval.jsonl."""
+        ok = [r for r in replies if r.has_content() and "metrics" in r.content]
+        if not ok:
+            return None
+        metrics = [dict(r.content["metrics"]) for r in ok]
+        if self.dp is None:
+            rows = [
+                {"round": rnd, "client": self.nodes.partition(r.metadata.src_node_id), **m}
+                for r, m in zip(ok, metrics)
+            ]
+            with open(Path(self.cfg.train.out_dir) / "client_eval.jsonl", "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in sorted(rows, key=lambda x: str(x["client"])))
+        return personal.per_client_summary(metrics, personal.schemes(self.cfg))

@@ -4,11 +4,13 @@
 
 It uses flwr.simulation.run_simulation (Flower marks it deprecated) because it runs in-process: fedgpt
 checks the config, data and partitions while Ray starts, before any round, and measures start-up from the
-launch.
+launch. Flower's own lines (its deprecation notice for run_simulation, a few INFO lines a round) are shown
+only with Resources(verbose=True) (simulate.py --verbose); fedgpt's round lines say what they said.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -36,6 +38,31 @@ class Resources:
     client_cpus: float = 1.0  # CPUs per client: concurrency = Ray's CPUs / this
     client_gpus: float | None = None  # GPU fraction per client; None: 1 where CUDA is available, else 0
     ray_address: str | None = None  # join this Ray cluster ("auto", "HOST:6379") instead of starting one
+    verbose: bool = False  # Flower's INFO lines and its run_simulation deprecation notice too
+
+
+class _Quiet(logging.Filter):
+    """Flower's logger without its INFO lines and its notice that run_simulation is deprecated (fedgpt uses it
+    to run in-process, see above; `flwr run` runs a simulation too, README "Deployment")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        notice = "run_simulation" in text or "deprecated feature" in text
+        return record.levelno > logging.INFO and not notice
+
+
+@contextlib.contextmanager
+def flower_lines(verbose: bool):
+    """Flower's log lines in this process: all of them if `verbose`, else only its warnings and errors."""
+    if verbose:
+        yield
+        return
+    quiet, flwr_log = _Quiet(), logging.getLogger("flwr")
+    flwr_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        flwr_log.removeFilter(quiet)
 
 
 def ray_init_args(address: str | None = None) -> dict:
@@ -144,7 +171,9 @@ def _launch(
         "client_resources": {"num_cpus": res.client_cpus, "num_gpus": prepared["gpus"]},
         "init_args": init_args,
     }
-    return {**simulate(prepared["run"], app, cfg.fed.num_clients, backend), "out_dir": cfg.train.out_dir}
+    with flower_lines(res.verbose):
+        summary = simulate(prepared["run"], app, cfg.fed.num_clients, backend)
+    return {**summary, "out_dir": cfg.train.out_dir}
 
 
 def check_data(cfg: Config) -> None:
