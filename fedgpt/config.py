@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from fedgpt.config_rules import validate
+from fedgpt.formats import FORMATS
 
 
 @dataclass
@@ -95,10 +96,10 @@ class FedConfig:
     fraction_train: float = 1.0  # share of clients sampled each round (under DP: Poisson, with this rate)
     client_eval_interval: int = 0  # rounds between client evaluations on their own val slices; 0: never
     min_clients: int = 0  # the fewest admitted, connected nodes that make a round (quorum); 0: num_clients
-    uplink: str = "fp32"  # client to server: the update in fp32, fp16, int8, int4 or sparse (fed/wire.py)
+    uplink: str = "fp32"  # client to server: the update in fp32, fp16, int8, int4, sparse or fp8 (formats.py)
     downlink: str = "fp32"  # server to client: the global weights in fp32 or fp16
-    quant_block: int = 256  # int8 / int4 uplink: values per fp32 scale
-    error_feedback: bool = True  # int8 / int4 / sparse: clients add what their last update lost to the next
+    quant_block: int = 256  # int8 / int4 / fp8 uplink: values per fp32 scale
+    error_feedback: bool = True  # quantized uplinks: clients add what their last update lost to the next
     sparse_fraction: float = 0.02  # sparse uplink: the share of an update's values sent (largest first)
     fragments: int = 1  # > 1: Streaming DiLoCo's fragments, one synced a round in turn (fed/wire.py)
     stragglers: float = 0.0  # share of each round's clients that run fewer local steps (1 to local_steps - 1)
@@ -175,9 +176,11 @@ class Config:
         return self.fed.fragments > 1
 
     @property
-    def error_feedback(self) -> bool:
-        """Whether clients carry their quantization error into their next update (quantized uplinks only)."""
-        return self.fed.error_feedback and self.fed.uplink in ("int8", "int4", "sparse")
+    def uses_error_feedback(self) -> bool:
+        """Whether clients carry their quantization error into their next update: fed.error_feedback, with an
+        uplink format that has it (fedgpt.formats.FORMATS)."""
+        fmt = FORMATS.get(self.fed.uplink)
+        return self.fed.error_feedback and fmt is not None and fmt.error_feedback
 
 
 # The sections, in order, and their dataclasses: Config's own fields.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from fedgpt.formats import FORMATS, formats_for
+
 if TYPE_CHECKING:
     from fedgpt.config import Config
 
@@ -37,7 +39,6 @@ WEIGHTINGS = ("data", "trained", "uniform")
 STRAGGLER_POLICIES = ("accept", "drop")
 DP_CLIPPING = ("server", "client")
 CLIENT_OPTIMIZER = ("auto", "keep", "reset", "average")
-UPLINKS, DOWNLINKS = ("fp32", "fp16", "int8", "int4", "sparse"), ("fp32", "fp16")
 LORA_TARGETS = ("attn", "mlp", "embedding")
 LORA_SCHEMES = ("fedavg", "ffa")
 
@@ -123,8 +124,8 @@ def _validate_fed(cfg: Config) -> list[str]:
         "average sends the clients' moments in the clear, and each client's own weights stay with fragments: "
         "use keep with DP, SecAgg+ or fed.fragments > 1",
     )
-    check.choice(f.uplink, UPLINKS, "fed.uplink")
-    check.choice(f.downlink, DOWNLINKS, "fed.downlink")
+    check.choice(f.uplink, formats_for("uplink"), "fed.uplink")
+    check.choice(f.downlink, formats_for("downlink"), "fed.downlink")
     check(f.quant_block >= 1, "fed.quant_block", "must be >= 1")
     check(0 < f.sparse_fraction <= 1, "fed.sparse_fraction", "must be in (0, 1]")
     check(0 < f.client_val_fraction < 1, "fed.client_val_fraction", "must be in (0, 1)")
@@ -240,7 +241,7 @@ def _validate_dp(cfg: Config) -> list[str]:
         "dropped stragglers leave the round short of its sampled clients; use accept",
     )
     check(
-        not (dp.clipping == "client" and f.uplink in ("int8", "int4", "sparse")),
+        not (dp.clipping == "client" and f.uplink in FORMATS and FORMATS[f.uplink].quantized),
         "dp.clipping",
         f"client clipping with fed.uplink={f.uplink} would quantize (and carry error into) the clipped "
         "update: use dp.clipping=server, or fed.uplink fp32 or fp16",
@@ -272,7 +273,7 @@ def _validate_secagg(cfg: Config) -> list[str]:
         f"use at most {2**32 // per_round - 1}",
     )
     check(
-        cfg.fed.uplink == "fp32",
+        cfg.fed.uplink not in FORMATS or FORMATS[cfg.fed.uplink].secagg,
         "secagg",
         f"fed.uplink {cfg.fed.uplink} is not used: SecAgg+ quantizes the update itself "
         "(secagg.quantization_range) and sends it masked; leave fed.uplink at fp32",

@@ -9,10 +9,12 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TINY, fit_in_process
+from conftest import REPO, TINY, fit_in_process
+from flwr.app import ArrayRecord
 
 from fedgpt.config import Config, ModelConfig, load_config
-from fedgpt.fed.wire import Exchange, decode, dequantize, encode, header, quantize
+from fedgpt.fed.wire import FORMAT_IDS, HEADER, Exchange, decode, encode, header
+from fedgpt.formats import FORMATS, dequantize, markdown_table, quantize
 from fedgpt.model import GPT
 
 
@@ -86,7 +88,7 @@ def test_quantize_is_round_to_nearest_on_a_per_block_absmax_grid(bits):
     assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8) and codes.numel() == (
         1000 if bits == 8 else 500
     )
-    back = dequantize(codes, scales, block, 1000)
+    back = dequantize(codes, scales, bits, block, 1000)
     for i in range(16):  # by hand: each block's step is its largest magnitude / levels
         seg = slice(64 * i, min(64 * i + 64, 1000))
         step = x[seg].abs().max() / levels
@@ -199,3 +201,149 @@ def test_records_from_another_model_are_refused(gpt, fmt):
     with pytest.raises(ValueError, match="the server sent .* values for a model of"):
         smaller.read_downlink(sent)
     assert decode(encode(torch.ones(5), "update", fmt, 4)).tolist() == [1.0] * 5
+
+
+# ---- the table of formats (fedgpt/formats.py), fp8, and error feedback for every quantized uplink
+
+
+def test_the_readme_table_of_wire_formats_is_the_code_table():
+    text = (REPO / "README.md").read_text()
+    start, end = "<!-- wire-formats:start -->\n", "\n<!-- wire-formats:end -->"
+    assert start in text and end in text, "README lacks the wire-formats markers"
+    assert text.split(start)[1].split(end)[0] == markdown_table(), (
+        "README's table of wire formats is stale: paste `python -m fedgpt.formats` into it"
+    )
+
+
+def test_fp8_rounds_each_value_to_e4m3_of_its_block_scale():
+    # By hand, one block of 8 scaled so that its largest, 1.0, is e4m3's largest, 448 (scale 1/448). e4m3 has
+    # 3 mantissa bits: in [2^e, 2^(e+1)) its values are 2^(e-3) apart. 0.5 -> 224 is one; 0.3 -> 134.4 lies in
+    # [128, 256), step 16: 128; -0.1 -> -44.8 in [32, 64), step 4: -44; 0.001 -> 0.448 in [0.25, 0.5), step
+    # 2^-5: 0.4375; 1e-6 -> 4.5e-4, under half of the smallest subnormal 2^-9: 0.
+    x = torch.tensor([1.0, 0.5, 0.3, -0.1, 0.001, 1e-6, 0.0, -1.0])
+    back = decode(encode(x, "update", "fp8", 8))
+    expected = torch.tensor([448, 224, 128, -44, 0.4375, 0, 0, -448]) / 448
+    torch.testing.assert_close(back, expected, rtol=1e-6, atol=0)
+
+
+def test_fp8_round_trip_error_bound_size_and_place_between_int8_and_int4(gpt):
+    # e4m3 rounds to nearest with 3 mantissa bits: a scaled value v in [2^e, 2^(e+1)) is off by at most half
+    # its step 2^(e-3), i.e. 2^-4 |v|; below the smallest normal 2^-6 the step is 2^-9, so at most 2^-10. In
+    # x's units (v = x / s, s = the block's largest / 448): |error| <= max(2^-4 |x|, 2^-10 s).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 20, generator=g) * torch.rand(1 << 20, generator=g) ** 4  # magnitudes over decades
+    back = decode(encode(x, "update", "fp8", 256))
+    s = x.view(-1, 256).abs().amax(dim=1).repeat_interleave(256) / 448
+    bound = torch.maximum(x.abs() / 16, s / 1024) * (1 + 1e-6)
+    assert bool(((back - x).abs() <= bound).all())
+    assert bool(((back - x).abs() > 0.9 * x.abs() / 16).any())  # and the bound is reached: it is e4m3's
+    # a random-normal tensor: fp8 errs more than int8's even grid and far less than int4's
+    x = torch.randn(1 << 20, generator=g)
+    err = {
+        f: float((decode(encode(x, "update", f, 256)) - x).norm() / x.norm()) for f in ("int8", "fp8", "int4")
+    }
+    assert err["int8"] < err["fp8"] < 0.04 < err["int4"]
+    # a byte a value and an fp32 scale per block, as int8, through the whole exchange
+    ex = exchange_of(gpt, uplink="fp8", quant_block=256)
+    base = {k: v.clone() for k, v in gpt.state_dict().items()}
+    sent = ex.downlink(base, base_id=5)
+    update = ex.difference(trained_from(base), base)
+    record, residual = ex.uplink(update, sent)
+    assert record["codes"].dtype == "uint8" and residual is not None  # e4m3 bytes; quantized: error feedback
+    n = ex.size
+    assert record.count_bytes() <= n + 4 * -(-n // 256) + 3 * 200
+    back = ex.difference(ex.apply(record, base, sent, "node 1"), base)
+    assert float((back - update).norm() / update.norm()) < 0.04
+
+
+@pytest.mark.parametrize(
+    "declared,sent",
+    [("fp8", "int8"), ("int8", "fp8"), ("int4", "fp8"), ("fp8", "int4"), ("fp16", "fp32"), ("fp8", "sparse")],
+)
+def test_a_record_is_decoded_as_its_header_declares_and_refused_when_its_arrays_are_another_format(
+    gpt, declared, sent
+):
+    x = torch.linspace(-1, 1, 1000)
+    record = encode(x, "update", sent, 64)
+    arrays = {k: torch.from_numpy(record[k].numpy().copy()) for k in record}
+    arrays[HEADER][1] = FORMAT_IDS.index(declared)
+    with pytest.raises(
+        ValueError,
+        match=f"node 3 sent a {declared} record whose arrays differ from the "
+        f"{declared} format its header declares",
+    ):
+        decode(ArrayRecord(arrays), "node 3")
+    # the server's apply refuses it the same way, before anything is decoded
+    ex = exchange_of(nn_of(1000), uplink=declared, quant_block=64)
+    lying = ArrayRecord(arrays | {HEADER: arrays[HEADER].clone()})
+    sent_down = ex.downlink({"weight": torch.zeros(1000, 1)}, base_id=0)
+    with pytest.raises(
+        ValueError, match=f"node 3 sent an update whose arrays differ from the {declared} format"
+    ):
+        ex.apply(lying, {"weight": torch.zeros(1000, 1)}, sent_down, "node 3")
+
+
+def nn_of(n: int) -> torch.nn.Module:
+    """A one-tensor model of n values: an exchange of exactly n values."""
+    return torch.nn.Linear(1, n, bias=False)
+
+
+# Every quantized uplink, by name: the table (fedgpt.formats.FORMATS) must give each error feedback. For each,
+# a constant update u, K rounds, and by hand: what one round without error feedback sends of u's small values
+# (q), and how far from K u the K rounds' sum may be with error feedback (one round's error at most).
+K, A = 100, 0.01
+EF_CASES = {
+    # in each block of 64, a 1.0 (the block's scale) and 63 values of A
+    "int8": dict(q=round(A * 127) / 127, bound=0.5 / 127),  # 1.27 steps of 1/127 round to 1; half a step
+    "int4": dict(q=0.0, bound=0.5 / 7),  # 0.07 steps of 1/7 round to 0; half a step
+    "fp8": dict(q=4.5 / 448, bound=A / 15),  # 4.48 rounds to 4.5 (step 0.5 in [4, 8)); r <= (A + r) / 16
+    # every value A, a quarter kept a round: all kept are equal, so they travel exactly; without error
+    # feedback the same quarter goes every round and the rest never; with it, each quarter in turn, a value
+    # waiting at most 3 rounds (a residual of at most 3 A)
+    "sparse": dict(q=0.0, bound=3 * A),
+}
+
+
+def test_every_quantized_format_has_an_error_feedback_case():
+    assert {name for name, f in FORMATS.items() if f.quantized} == set(EF_CASES)
+
+
+def sent_over_rounds(fmt: str, error_feedback: bool, u: torch.Tensor) -> torch.Tensor:
+    """The sum of what K rounds of the constant update u send (as the server decodes them), the client
+    carrying its residual from round to round as fedgpt.fed.client does."""
+    cfg = load_config(None, [f"--fed.uplink={fmt}", f"--fed.error_feedback={str(error_feedback).lower()}",
+                             "--fed.quant_block=64", "--fed.sparse_fraction=0.25"])  # fmt: skip
+    ex = Exchange.of(nn_of(u.numel()), cfg)  # error feedback as the config and the table say
+    sent = ex.downlink({"weight": torch.zeros(u.numel(), 1)}, base_id=1)
+    total, residual = torch.zeros_like(u), None
+    for _ in range(K):
+        record, residual = ex.uplink(u, sent, residual)
+        total += decode(record)
+    return total
+
+
+@pytest.mark.parametrize("fmt", list(EF_CASES))
+def test_error_feedback_keeps_the_accumulated_error_of_every_quantized_uplink_within_one_round(fmt):
+    n, case = 1024, EF_CASES[fmt]
+    u = torch.full((n,), A)
+    if fmt != "sparse":
+        u[::64] = 1.0
+    # without error feedback, the same error every round: K times it, by hand
+    without = sent_over_rounds(fmt, False, u)
+    if fmt == "sparse":  # the same quarter (ties: whichever) every round, the rest never
+        expected = torch.tensor([0.0] * (3 * n // 4) + [K * A] * (n // 4))
+        torch.testing.assert_close(without.sort().values, expected, rtol=1e-4, atol=0)
+    else:
+        small = u == A
+        torch.testing.assert_close(
+            without[small], torch.full_like(without[small], K * case["q"]), rtol=1e-4, atol=0
+        )
+    worst_without = float((without - K * u).abs().max())
+    assert worst_without > 5 * case["bound"]  # so the check below can fail
+    # with it, what went out over the K rounds is K u but for the last residual
+    with_ef = sent_over_rounds(fmt, True, u)
+    worst = float((with_ef - K * u).abs().max())
+    assert worst <= case["bound"] * (1 + 1e-4) + 1e-6, (
+        f"{fmt}: after {K} rounds the sent sum is {worst:.3g} from the true sum (one round's error: "
+        f"{case['bound']:.3g}; without error feedback: {worst_without:.3g}): is error feedback on for {fmt}?"
+    )

@@ -4,7 +4,7 @@
     down = ex.downlink(global_state, base_id)       # server -> client: the weights, fp32 or fp16
     received = ex.read_downlink(down)               # client: exactly what was sent (fp16-rounded, if so)
     update = ex.difference(trained, received)       # the client's update, flat, against what it received
-    up, residual = ex.uplink(update, down, residual)   # client -> server: the update, fp32 to int4
+    up, residual = ex.uplink(update, down, residual)   # client -> server: the update, in fed.uplink's format
     state = ex.apply(up, global_state, down)        # server: its exact global model + the update (or refused)
     down_ex, up_ex = ex.streaming(rnd)              # fed.fragments > 1: what of the model round rnd moves
 
@@ -26,13 +26,12 @@ format and block the run's, its arrays exactly those of that format, of the shap
 implies, and every value it decodes to finite; and a reply's metrics (check_metrics) finite numbers, its
 weight above 0. Anything else is a ValueError: the reply is refused before any update is clipped or averaged.
 
-Formats: fp32, fp16 (Flower's ArrayRecord rejects bf16), int8 / int4 with one fp32 scale per block of
-fed.quant_block values (symmetric, round to nearest, zero exact), or sparse: the fed.sparse_fraction of an
-update's values largest in magnitude, 2 bits each, and their positions (SparseLoCo's top-k). All tensors
-travel as one flat array, split again by the receiver's own model: Flower moves every array of a message as
-its own object, each hop pushing or pulling it with a request of its own (docs/deployment.md has what that
-cost). Strategies still see one fp32 array per tensor (Exchange.per_tensor), and their state keeps those
-names.
+Formats (fedgpt/formats.py, one table: fp32, fp16, int8, int4, sparse, fp8): a record is decoded as the
+format its header declares, and refused if its arrays are not exactly that format's (decode, check_layout).
+All tensors travel as one flat array, split again by the receiver's own model: Flower moves every array of a
+message as its own object, each hop pushing or pulling it with a request of its own (docs/deployment.md has
+what that cost). Strategies still see one fp32 array per tensor (Exchange.per_tensor), and their state keeps
+those names.
 """
 
 from __future__ import annotations
@@ -45,16 +44,15 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
-from torch.nn import functional as F
 
 from fedgpt.config import Config
+from fedgpt.formats import CHUNK, CODES, COUNTS, FLAT, FORMATS, OFFSETS, SCALES, kept_values  # noqa: F401
 from fedgpt.lora import adapter_state
 
-FORMATS = ("fp32", "fp16", "int8", "int4", "sparse")
+# CODES, FLAT, SCALES: a record's array names, imported from here by the tests that tamper with them
 KINDS = ("weights", "update")
-HEADER, FLAT, CODES, SCALES = "header", "flat", "codes", "scales"  # the arrays of a record
-OFFSETS, COUNTS = "offsets", "counts"  # a sparse record's positions: uint16 within chunks of CHUNK values
-CHUNK = 1 << 16
+HEADER = "header"  # a record's first array: kind, format, block, values, base (int64)
+FORMAT_IDS = tuple(FORMATS)  # a header names its format by its place in the table
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -80,102 +78,32 @@ def fragment_of(name: str, fragments: int) -> int:
     return int(m.group(1)) % fragments if m else 0
 
 
-def quantize(x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest quantization of a flat fp32 vector, one fp32 scale per block of `block`.
-
-    Returns (codes, scales): int8 codes in [-127, 127] for 8 bits; for 4 bits, codes in [-7, 7] packed two
-    to a byte (uint8, low nibble first, each stored + 8).
-    """
-    levels = 2 ** (bits - 1) - 1  # 127 or 7: as many steps on both sides of an exact zero
-    blocks = F.pad(x, (0, (-x.numel()) % block)).view(-1, block)  # (nb, block)
-    scales = blocks.abs().amax(dim=1) / levels  # (nb,)
-    q = torch.round(blocks / torch.where(scales > 0, scales, 1.0)[:, None]).clamp_(-levels, levels)
-    q = q.to(torch.int8).view(-1)[: x.numel()]
-    if bits == 8:
-        return q, scales
-    nibbles = F.pad((q + 8).to(torch.uint8), (0, q.numel() % 2))  # (2k,) values 1..15
-    return nibbles[0::2] | (nibbles[1::2] << 4), scales
-
-
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int, n: int) -> torch.Tensor:
-    """The fp32 vector of n values that quantize() encoded (4 bits when the codes are uint8)."""
-    if codes.dtype == torch.uint8:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=1).view(-1).to(torch.int8) - 8
-    q = F.pad(codes[:n].float(), (0, (-n) % block)).view(-1, block)
-    return (q * scales[:, None]).view(-1)[:n]
-
-
-def sparsify(x: torch.Tensor, fraction: float, block: int) -> dict[str, torch.Tensor]:
-    """The `fraction` of x's values largest in magnitude, at 2 bits each (SparseLoCo's top-k): their positions
-    as uint16 offsets within chunks of CHUNK values and a count per chunk, and their values on a grid of 4
-    levels, +-1/3 and +-1 of one fp32 scale per block of `block` kept values (no zero: the kept are the
-    largest), packed four to a byte."""
-    k = max(1, min(x.numel(), round(fraction * x.numel())))
-    idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
-    values = x[idx]
-    blocks = F.pad(values, (0, (-k) % block)).view(-1, block)  # (nb, block)
-    scales = blocks.abs().amax(dim=1)  # (nb,)
-    level = torch.round((blocks / torch.where(scales > 0, scales, 1.0)[:, None] * 3 + 3) / 2).clamp_(0, 3)
-    codes = F.pad(level.to(torch.uint8).view(-1)[:k], (0, (-k) % 4)).view(
-        -1, 4
-    )  # codes 0..3: -1, -1/3, 1/3, 1
-    packed = codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
-    counts = torch.bincount(idx // CHUNK, minlength=-(-x.numel() // CHUNK)).to(torch.int32)
-    return {
-        OFFSETS: (idx % CHUNK).to(torch.int32).to(torch.uint16),
-        COUNTS: counts,
-        CODES: packed,
-        SCALES: scales,
-    }
-
-
-def densify(arrays: dict[str, torch.Tensor], block: int, n: int) -> torch.Tensor:
-    """The fp32 vector of n values a sparsify() record holds: zero but for its kept values."""
-    counts = arrays[COUNTS].long()
-    chunk_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    idx = chunk_of * CHUNK + arrays[OFFSETS].to(torch.int32).long()
-    packed = arrays[CODES]
-    codes = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).view(-1)[: len(idx)].float()
-    scales = arrays[SCALES].repeat_interleave(block)[: len(idx)]
-    out = torch.zeros(n)
-    out[idx] = (codes * 2 - 3) / 3 * scales
-    return out
-
-
 def encode(
     flat: torch.Tensor, kind: str, fmt: str, block: int, base: int = 0, fraction: float = 0.02
 ) -> ArrayRecord:
     """A flat fp32 vector as a self-describing record: `kind` (weights or update) in `fmt`, based on the
     downlink with id `base` (an update) or carrying that id (weights); "sparse" keeps `fraction` of it."""
-    header = torch.tensor(
-        [KINDS.index(kind), FORMATS.index(fmt), block, flat.numel(), base], dtype=torch.int64
-    )
-    if fmt in ("fp32", "fp16"):
-        return ArrayRecord({HEADER: header, FLAT: flat.half() if fmt == "fp16" else flat.float()})
-    if fmt == "sparse":
-        return ArrayRecord({HEADER: header, **sparsify(flat, fraction, block)})
-    codes, scales = quantize(flat, 8 if fmt == "int8" else 4, block)
-    return ArrayRecord({HEADER: header, CODES: codes, SCALES: scales})
+    n = flat.numel()
+    header = torch.tensor([KINDS.index(kind), FORMAT_IDS.index(fmt), block, n, base], dtype=torch.int64)
+    return ArrayRecord({HEADER: header, **FORMATS[fmt].encode(flat, block, kept_values(n, fraction))})
 
 
-def layout(h: Header, sparse_kept: int = 0) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{array: (dtype, shape)} of a record of encode() with header h; a sparse one keeping `sparse_kept`
-    values."""
-    n, blocks = h.values, lambda k: -(-k // h.block)
-    out = {HEADER: ("int64", (5,))}
-    if h.fmt in ("fp32", "fp16"):
-        return {**out, FLAT: ("float32" if h.fmt == "fp32" else "float16", (n,))}
-    if h.fmt == "sparse":
-        k = sparse_kept
-        return {
-            **out,
-            OFFSETS: ("uint16", (k,)),
-            COUNTS: ("int32", (-(-n // CHUNK),)),
-            CODES: ("uint8", (-(-k // 4),)),
-            SCALES: ("float32", (blocks(k),)),
-        }
-    codes = ("int8", (n,)) if h.fmt == "int8" else ("uint8", (-(-n // 2),))
-    return {**out, CODES: codes, SCALES: ("float32", (blocks(n),))}
+def layout(h: Header, kept: int = 0) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{array: (dtype, shape)} of a record of encode() with header h; a sparse one keeping `kept` values."""
+    return {HEADER: ("int64", (5,)), **FORMATS[h.fmt].layout(h.values, h.block, kept)}
+
+
+def check_layout(record: ArrayRecord, h: Header, kept: int, who: str, what: str) -> None:
+    """ValueError unless the record's arrays are exactly those of the format its header declares: a payload
+    of another format (an int8 one under an fp8 header, say) is never read as this one."""
+    want = layout(h, kept)
+    got = {k: (str(record[k].dtype), tuple(record[k].shape)) for k in record}
+    if got != want:
+        wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        raise ValueError(
+            f"{who} sent {what} whose arrays differ from the {h.fmt} format its header declares: "
+            + "; ".join(f"{k}: {got.get(k, 'missing')}, not {want.get(k, 'none')}" for k in wrong)
+        )
 
 
 # Metrics of a train reply (fedgpt.fed.client.fit) the server sums or averages, each a finite number;
@@ -205,23 +133,29 @@ class Header:
 def header(record: ArrayRecord, who: str = "the sender") -> Header:
     if HEADER not in record:
         raise ValueError(f"{who} sent a record without a header: every node must run the same fedgpt")
-    kind, fmt, block, values, base = (int(v) for v in record[HEADER].numpy())
-    if not (0 <= kind < len(KINDS) and 0 <= fmt < len(FORMATS)):
-        raise ValueError(f"{who} sent a record of unknown kind or format ({kind}, {fmt})")
-    return Header(KINDS[kind], FORMATS[fmt], block, values, base)
-
-
-def decode(record: ArrayRecord) -> torch.Tensor:
-    """The flat fp32 vector a record of encode() holds."""
-    h = header(record)
-    if FLAT in record:
-        return torch.from_numpy(record[FLAT].numpy()).float()
-    if h.fmt == "sparse":
-        return densify(
-            {k: torch.from_numpy(record[k].numpy()) for k in record if k != HEADER}, h.block, h.values
+    if record[HEADER].dtype != "int64" or tuple(record[HEADER].shape) != (5,):
+        raise ValueError(
+            f"{who} sent a header that is not 5 int64 values: every node must run the same fedgpt"
         )
-    codes, scales = torch.from_numpy(record[CODES].numpy()), torch.from_numpy(record[SCALES].numpy())
-    return dequantize(codes, scales, h.block, h.values)
+    kind, fmt, block, values, base = (int(v) for v in record[HEADER].numpy())
+    if not (0 <= kind < len(KINDS) and 0 <= fmt < len(FORMAT_IDS)):
+        raise ValueError(f"{who} sent a record of unknown kind or format ({kind}, {fmt})")
+    if block < 1 or values < 0:
+        raise ValueError(
+            f"{who} sent a record of {values} values in blocks of {block}: not a record of encode()"
+        )
+    return Header(KINDS[kind], FORMAT_IDS[fmt], block, values, base)
+
+
+def decode(record: ArrayRecord, who: str = "the sender", kept: int | None = None) -> torch.Tensor:
+    """The flat fp32 vector a record of encode() holds, decoded as the format its header declares; a sparse
+    record keeps `kept` values (None: as many as it holds). ValueError for arrays of another format."""
+    h = header(record, who)
+    if kept is None:
+        kept = int(record[OFFSETS].shape[0]) if h.fmt == "sparse" and OFFSETS in record else 0
+    check_layout(record, h, kept, who, f"a {h.fmt} record")
+    arrays = {k: torch.from_numpy(record[k].numpy()) for k in record if k != HEADER}
+    return FORMATS[h.fmt].decode(arrays, h.block, h.values)
 
 
 @dataclass(frozen=True)
@@ -235,7 +169,7 @@ class Exchange:
     downlink_format: str = "fp32"
     uplink_format: str = "fp32"
     block: int = 256
-    error_feedback: bool = False
+    error_feedback: bool = False  # the client carries what quantization cut into its next update
     sparse_fraction: float = 0.02  # "sparse" uplinks: the share of an update's values that travel
     fragments: int = 1  # > 1: streaming fragments, one synced a round (streaming())
 
@@ -255,7 +189,7 @@ class Exchange:
             f.downlink,
             f.uplink,
             f.quant_block,
-            cfg.error_feedback,
+            cfg.uses_error_feedback,
             f.sparse_fraction,
             f.fragments,
         )
@@ -316,7 +250,7 @@ class Exchange:
     def read_downlink(self, record: ArrayRecord, who: str = "the server") -> dict[str, torch.Tensor]:
         """The weights a downlink holds, as the client trains from them (fp32, rounded as sent)."""
         self._check(record, "weights", who)
-        return self.unflatten(decode(record))
+        return self.unflatten(decode(record, who))
 
     def uplink(
         self, update: torch.Tensor, received: ArrayRecord, residual: torch.Tensor | None = None
@@ -327,7 +261,7 @@ class Exchange:
             update = update + residual
         fmt, base = self.uplink_format, header(received).base
         record = encode(update, "update", fmt, self.block, base, self.sparse_fraction)
-        return record, (update - decode(record)) if self.error_feedback else None
+        return record, (update - decode(record, "this client")) if self.error_feedback else None
 
     def apply(
         self, record: ArrayRecord, global_state: dict[str, torch.Tensor], sent: ArrayRecord, who: str
@@ -342,15 +276,8 @@ class Exchange:
                 f"{who} sent a {h.fmt} update in blocks of {h.block}, where the run's uplink is "
                 f"{self.uplink_format} in blocks of {self.block}"
             )
-        kept = max(1, min(h.values, round(self.sparse_fraction * h.values))) if h.fmt == "sparse" else 0
-        want = layout(h, kept)
-        got = {k: (str(record[k].dtype), tuple(record[k].shape)) for k in record}
-        if got != want:
-            wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-            raise ValueError(
-                f"{who} sent an update whose arrays differ from the run's {h.fmt} uplink: "
-                + "; ".join(f"{k}: {got.get(k, 'missing')}, not {want.get(k, 'none')}" for k in wrong)
-            )
+        kept = kept_values(h.values, self.sparse_fraction) if h.fmt == "sparse" else 0
+        check_layout(record, h, kept, who, "an update")
         if h.fmt == "sparse":
             counts = record[COUNTS].numpy()
             if counts.min() < 0 or int(counts.sum()) != kept:
@@ -362,7 +289,7 @@ class Exchange:
                 >= h.values
             ):
                 raise ValueError(f"{who} sent a sparse update with positions past its {h.values:,} values")
-        update = decode(record)
+        update = decode(record, who, kept)
         if not bool(torch.isfinite(update).all()):
             bad = int((~torch.isfinite(update)).sum())
             raise ValueError(f"{who} sent an update with {bad:,} values that are NaN or inf")
