@@ -3,6 +3,8 @@ state that survives a checkpoint round trip."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import train_instruction
@@ -292,3 +294,38 @@ def test_robust_strategies_take_the_median_and_the_trimmed_mean(name):
         expected = ordered[2] if name == "fedmedian" else ordered[1:4].mean(dim=0)
         torch.testing.assert_close(got[k], expected, rtol=0, atol=1e-5)
         assert got[k].abs().max() < 50  # the outlier moved nothing
+
+
+def test_streaming_fragments_move_one_fragment_a_message_between_server_and_client(data_dir, tmp_path):
+    # fed.fragments=2 through fedgpt's server loop and client code in this process (tests/in_process_grid.py):
+    # round 1 brings the whole model down, every later message the fragment the round before synced, and
+    # every reply this round's fragment. Fragments by hand: transformer block 1 is fragment 1, everything else
+    # fragment 0 (lm_head is tied to the token embedding and travels once). The weights against a run without
+    # fragments: tests/test_fed_optimization.py, on Ray.
+    from conftest import TINY
+    from in_process_grid import InProcessGrid
+
+    from fedgpt.config import load_config
+    from fedgpt.fed.server import FederatedRun
+    from fedgpt.fed.wire import FLAT
+
+    overrides = ["--fed.num_clients=1", "--fed.strategy=fedavg", "--fed.rounds=3", "--fed.fragments=2"]
+    cfg = load_config(TINY, [f"--data.data_dir={data_dir}", f"--train.out_dir={tmp_path}", *overrides])
+    run = FederatedRun(cfg, log=lambda *_: None)
+    run.open_folder()
+    sizes = [0, 0]
+    for k, v in run.global_state.items():
+        if k != "lm_head.weight":
+            sizes[1 if k.startswith("transformer.h.1.") else 0] += v.numel()
+    assert min(sizes) > 0.2 * sum(sizes)  # two real fragments, or the test proves little
+    up = []
+
+    def watch(kind, node, reply):
+        if kind == "train":
+            up.append(reply.content["arrays"][FLAT].numpy().size)
+
+    grid = InProcessGrid(1, data_dir, tamper=watch, state_dir=Path(run.state_dir))
+    run.run(grid)
+    down = [m.content["arrays"][FLAT].numpy().size for m in grid.sent if m.metadata.message_type == "train"]
+    assert down == [sum(sizes), sizes[0], sizes[1]]
+    assert up == [sizes[0], sizes[1], sizes[0]]
