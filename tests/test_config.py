@@ -35,7 +35,7 @@ def test_every_yaml_loads_and_its_keys_are_dataclass_fields(path: Path):
 def test_defaults_without_a_file():
     cfg = load_config()
     assert cfg == Config()
-    assert set(cfg.to_dict()) == {"model", "data", "train", "fed", "lora", "dp", "secagg"}
+    assert set(cfg.to_dict()) == {"model", "data", "train", "fed", "lora", "dp", "secagg", "personal"}
 
 
 def test_overrides_parse_ints_floats_bools_strings():
@@ -217,3 +217,40 @@ def test_an_orthogonal_outer_step_needs_an_outer_sgd_strategy():
     load_config(tiny, ["--fed.outer_orthogonal=true", "--fed.strategy=fedavgm"])  # fine
     with pytest.raises(ValueError, match="fed.outer_orthogonal: orthogonalizes the outer SGD step"):
         load_config(tiny, ["--fed.outer_orthogonal=true", "--fed.strategy=fedadam"])
+
+
+def test_wire_format_settings_follow_the_format_table():
+    # by hand, from the README's table: what may travel which way, what SecAgg+ and DP's client clipping take,
+    # and which uplinks carry their quantization error into the next update
+    tiny = REPO / "configs" / "tiny.yaml"
+    carries = {"fp32": False, "fp16": False, "int8": True, "int4": True, "sparse": True, "fp8": True}
+    for uplink, expected in carries.items():
+        assert load_config(tiny, [f"--fed.uplink={uplink}"]).uses_error_feedback is expected, uplink
+        cfg = load_config(tiny, [f"--fed.uplink={uplink}", "--fed.error_feedback=false"])
+        assert cfg.uses_error_feedback is False and cfg.fed.error_feedback is False
+    with pytest.raises(
+        ValueError, match="fed.uplink: 'bf16' is not one of fp32, fp16, int8, int4, sparse, fp8"
+    ):
+        load_config(tiny, ["--fed.uplink=bf16"])
+    with pytest.raises(ValueError, match="fed.downlink: 'fp8' is not one of fp32, fp16$"):
+        load_config(tiny, ["--fed.downlink=fp8"])
+    secagg = ["--secagg.enabled=true", "--fed.num_clients=4"]
+    load_config(tiny, [*secagg, "--fed.uplink=fp32"])  # fine
+    for uplink in ("fp16", "fp8", "sparse"):
+        with pytest.raises(ValueError, match=f"secagg: fed.uplink {uplink} is not used: SecAgg\\+ quantizes"):
+            load_config(tiny, [*secagg, f"--fed.uplink={uplink}"])
+    dp = ["--dp.noise_multiplier=1.0", "--fed.weighting=uniform", "--dp.clipping=client"]
+    load_config(tiny, [*dp, "--fed.uplink=fp16"])  # fine: fp16 is not quantized
+    for uplink in ("int8", "int4", "fp8", "sparse"):
+        with pytest.raises(ValueError, match=f"dp.clipping: client clipping with fed.uplink={uplink} would"):
+            load_config(tiny, [*dp, f"--fed.uplink={uplink}"])
+
+
+def test_validation_lives_with_the_config_and_the_choices_import_nothing_back():
+    # config_rules.py is the choices by name (imported by the model, data, partitions and strategies without
+    # the config); the checks are fedgpt.config's own: no module imports the other back.
+    import ast
+
+    rules = ast.parse((REPO / "fedgpt" / "config_rules.py").read_text())
+    imported = [n.module for n in ast.walk(rules) if isinstance(n, ast.ImportFrom)]
+    assert imported == ["__future__"], f"fedgpt/config_rules.py imports {imported}"
