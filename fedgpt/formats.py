@@ -269,11 +269,11 @@ def markdown_table(block: int = 256, fraction: float = 0.02) -> str:
     return "\n".join(rows)
 
 
-def _check_table() -> None:
+def check_table(formats: dict[str, Format]) -> None:
     """ImportError unless every format's directions are known, error feedback goes only with a quantized
     format, and its codec's arrays are exactly the layout it declares (and decode to n values)."""
     x = torch.linspace(-1, 1, 37)
-    for f in FORMATS.values():
+    for f in formats.values():
         problem = None
         got = {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in f.encode(x, 8, 5).items()}
         if not f.directions or set(f.directions) - set(DIRECTIONS):
@@ -288,7 +288,7 @@ def _check_table() -> None:
             raise ImportError(f"wire format {f.name} in fedgpt.formats.FORMATS {problem}")
 
 
-_check_table()
+check_table(FORMATS)
 
 if __name__ == "__main__":
     print(markdown_table())

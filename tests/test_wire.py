@@ -347,3 +347,17 @@ def test_error_feedback_keeps_the_accumulated_error_of_every_quantized_uplink_wi
         f"{fmt}: after {K} rounds the sent sum is {worst:.3g} from the true sum (one round's error: "
         f"{case['bound']:.3g}; without error feedback: {worst_without:.3g}): is error feedback on for {fmt}?"
     )
+
+
+def test_the_format_table_is_checked_at_import():
+    # a format whose codec sends other arrays than it declares, or that feeds back error it never makes
+    from fedgpt.formats import check_table, scaled_layout
+
+    fp8 = FORMATS["fp8"]
+    check_table({"fp8": fp8})  # fine
+    with pytest.raises(ImportError, match="wire format fp8 .* encodes .*'uint8'.* not its layout .*'int8'"):
+        check_table({"fp8": dataclasses.replace(fp8, layout=scaled_layout("int8", 1))})
+    with pytest.raises(ImportError, match="wire format fp16 .* has error feedback but is not quantized"):
+        check_table({"fp16": dataclasses.replace(FORMATS["fp16"], error_feedback=True)})
+    with pytest.raises(ImportError, match="wire format fp32 .* directions \\('sideways',\\)"):
+        check_table({"fp32": dataclasses.replace(FORMATS["fp32"], directions=("sideways",))})

@@ -26,8 +26,9 @@ format and block the run's, its arrays exactly those of that format, of the shap
 implies, and every value it decodes to finite; and a reply's metrics (check_metrics) finite numbers, its
 weight above 0. Anything else is a ValueError: the reply is refused before any update is clipped or averaged.
 
-Formats (fedgpt/formats.py, one table: fp32, fp16, int8, int4, sparse, fp8): a record is decoded as the
-format its header declares, and refused if its arrays are not exactly that format's (decode, check_layout).
+Formats are fedgpt/formats.py's table (FORMATS: each one's codec, layout and rules): a record is decoded as
+the format its header declares, and refused if its arrays are not exactly that format's (decode,
+check_layout).
 All tensors travel as one flat array, split again by the receiver's own model: Flower moves every array of a
 message as its own object, each hop pushing or pulling it with a request of its own (docs/deployment.md has
 what that cost). Strategies still see one fp32 array per tensor (Exchange.per_tensor), and their state keeps
