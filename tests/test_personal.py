@@ -161,3 +161,41 @@ def test_a_client_by_name(runs):
 def test_bad_personal_settings_say_which_key(overrides, key):
     with pytest.raises(ValueError, match=key):
         load_config(TINY, ["--fed.client_eval_interval=1", *overrides])
+
+
+def test_export_client_writes_the_personal_model_transformers_scores_as_the_run_did(runs, tmp_path):
+    """The adapter model of client 2, exported: transformers' loss on the client's held-out windows is the
+    run's figure for it."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    transformers = pytest.importorskip("transformers")
+    from fedgpt.export import main as export_main
+
+    tmp, _, _ = runs
+    out = tmp / "personal"
+    export_main(
+        [
+            "--checkpoint",
+            str(out / "last.pt"),
+            "--client",
+            "2",
+            "--scheme",
+            "adapter",
+            "--out",
+            str(tmp_path / "hf"),
+        ]
+    )
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    cfg = load_config(TINY)
+    part = personal_partition(out, 2)
+    batches = Batches(part.val, cfg.model.block_size, cfg.train.batch_size, "cpu", seed=cfg.train.seed)
+    import torch
+
+    losses = []
+    with torch.no_grad():
+        for _ in range(cfg.train.eval_iters):
+            x, y = next(batches)
+            logits = theirs(x).logits
+            losses.append(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())))
+    assert sum(losses) / len(losses) == pytest.approx(per_client(out)[3][2]["adapter-val-loss"], rel=1e-5)

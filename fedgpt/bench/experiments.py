@@ -120,7 +120,14 @@ def run(e: Experiment, a: argparse.Namespace, overrides: list[str], tc: TrainCon
 
 # What a record keeps of a finished run: what it was and how long it took, its config, its curve. No
 # checkpoints and no logs: a record is small enough to commit, and collect reads nothing else.
-RECORD_FILES = ("experiment.json", "run.json", "rounds.jsonl", "metrics.jsonl")
+RECORD_FILES = (
+    "experiment.json",
+    "run.json",
+    "rounds.jsonl",
+    "metrics.jsonl",
+    "client_eval.jsonl",  # each client's scores, when the run scored its clients (personal models)
+    "partition.json",  # who each client is (the speakers or roles it holds)
+)
 
 
 def save_record(run_dir: Path, record_dir: Path, extra: dict[str, bytes] | None = None) -> None:

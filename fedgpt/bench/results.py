@@ -7,6 +7,7 @@ of it kept as a record in <records-dir>/<name> (results/records, committed), fro
     python -m fedgpt.results --privacy              # DP fine-tuning from a public base
     python -m fedgpt.results --lowcomm              # AdamW and Muon, fragments, sparse: loss against bytes
     python -m fedgpt.results --lora                 # federated LoRA, inexact and exact, against full tuning
+    python -m fedgpt.results --personal             # personal models per client against the global model
     python -m fedgpt.results --only fedavg_iid      # rerun one; the table keeps the others' records
     python -m fedgpt.results --stragglers --no-run  # rewrite a table from its records, running nothing
 
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedgpt.bench import equal_tokens, finetune, frontier, lowcomm, privacy, targets
+from fedgpt.bench import equal_tokens, finetune, frontier, lowcomm, personal, privacy, targets
 from fedgpt.bench.common import app_dir
 from fedgpt.bench.experiments import Experiment, collect, run, save_record
 from fedgpt.config import load_config
@@ -101,6 +102,14 @@ TABLES = {
         figures=finetune.figures,
         prepare=finetune.prepare,
         config=finetune.CONFIG,
+    ),
+    "personal": Table(
+        "personal",
+        "personal models (local adaptation, an adapter of each client's own) against the global model",
+        _markers("personal"),
+        lambda a: personal.experiments(),
+        personal.render,
+        figures=personal.figures,
     ),
     "stragglers": Table(
         "stragglers",

@@ -1,0 +1,151 @@
+"""Personal models against the global model, each client scored on its own held-out text.
+
+    python -m fedgpt.results --personal
+
+Each run trains one global model (FedAvg) and scores, at its last round, every client's global model and its
+two personal models (fedgpt.fed.personal: local adaptation, "finetune", and an adapter of its own, "adapter")
+on the last tenth of the client's text. The splits: the role split (every role of Tiny Shakespeare's train
+split with at least 1,000 tokens, one client each, 10% a round), the speaker split and IID (8 clients, all
+every round). Two seeds each: the seed draws the initial model, the batches and the sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from fedgpt.bench.common import commands
+from fedgpt.bench.experiments import Experiment
+from fedgpt.fed.rounds import read_rounds
+
+MODELS = (("global", "global model"), ("finetune", "local adaptation"), ("adapter", "own adapter"))
+PERSONAL = [
+    "--personal.scheme=finetune,adapter",
+    "--personal.steps=20",
+    "--personal.learning_rate=1e-3",
+    "--train.eval_iters=20",
+]
+ROLE = [
+    "--fed.partition=role",
+    "--fed.small_roles=drop",
+    "--fed.min_role_tokens=1000",
+    "--fed.num_clients=143",
+]
+SPLITS = (  # name, label, args, rounds (the clients are scored at the last)
+    ("role", "role split, 143 clients", [*ROLE, "--fed.fraction_train=0.1"], 10),
+    ("speaker", "speaker split, 8 clients", ["--fed.partition=speaker", "--fed.num_clients=8"], 10),
+    ("iid", "IID, 8 clients", ["--fed.partition=iid", "--fed.num_clients=8"], 10),
+)
+SEEDS = (1337, 2)
+
+
+def experiments() -> list[Experiment]:
+    return [
+        Experiment(
+            f"personal_{split}" + ("" if seed == SEEDS[0] else f"_seed{seed}"),
+            label,
+            [
+                *args,
+                f"--fed.rounds={rounds}",
+                "--fed.local_steps=25",
+                f"--fed.client_eval_interval={rounds}",
+                *PERSONAL,
+                f"--train.seed={seed}",
+            ],
+            kind="own",
+            group=split,
+            method=str(seed),
+        )
+        for split, label, args, rounds in SPLITS
+        for seed in SEEDS
+    ]
+
+
+def figures(run_dir: Path) -> dict:
+    """The last round's per-client scores (rounds.jsonl's client_eval), and from client_eval.jsonl each
+    client's, for the ten clients with the most held-out text."""
+    rows = read_rounds(run_dir / "rounds.jsonl")
+    last = next((r for r in reversed(rows) if r.client_eval), None)
+    out: dict = {"client_eval": last.client_eval if last else None, "largest": None}
+    path = run_dir / "client_eval.jsonl"
+    if last is not None and path.is_file():
+        mine = [json.loads(x) for x in path.read_text().splitlines()]
+        mine = [m for m in mine if m["round"] == last.round]
+        mine.sort(key=lambda m: (-m["num-examples"], m["client"]))
+        part = run_dir / "partition.json"
+        names = json.loads(part.read_text()).get("speakers") if part.is_file() else None
+        keys = ("client", "num-examples", "val-loss", "finetune-val-loss", "adapter-val-loss")
+        out["largest"] = [
+            {**{k: m[k] for k in keys}, "name": ", ".join(names[m["client"]][:1]) if names else ""}
+            for m in mine[:10]
+        ]
+    return out
+
+
+def table(res: list[dict]) -> str:
+    lines = [
+        "| split | seed | model | mean val loss | vs global | std | 10th-90th pct | mean accuracy "
+        "| MB per client |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in res:
+        ev = r.get("client_eval") or {}
+        base = ev.get("global")
+        for key, name in MODELS:
+            s = ev.get(key)
+            if s is None:
+                continue
+            delta = "-" if key == "global" else f"{s['loss'] - base['loss']:+.4f}"
+            lines.append(
+                f"| {r['label']} | {r['method']} | {name} | {s['loss']:.4f} | {delta} | "
+                f"{s['loss_std']:.3f} | {s['loss_p10']:.3f}-{s['loss_p90']:.3f} | {s['accuracy']:.3f} | "
+                f"{r['mb_per_client']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def seeds_summary(res: list[dict]) -> str:
+    """Per split, each personal model's gain over the global model on each seed, and their mean."""
+    lines = ["| split | model | gain, seed by seed | mean gain |", "| --- | --- | --- | ---: |"]
+    for split, label, _, _ in SPLITS:
+        runs = [r for r in res if r["group"] == split and r.get("client_eval")]
+        for key, name in MODELS[1:]:
+            gains = [r["client_eval"]["global"]["loss"] - r["client_eval"][key]["loss"] for r in runs]
+            if gains:
+                each = ", ".join(f"{g:.4f}" for g in gains)
+                lines.append(f"| {label} | {name} | {each} | {statistics.fmean(gains):.4f} |")
+    return "\n".join(lines)
+
+
+def largest(res: list[dict]) -> str:
+    """The role split's ten clients with the most held-out text (first seed): their own losses."""
+    r = next((r for r in res if r["group"] == "role" and r.get("largest")), None)
+    if r is None:
+        return ""
+    lines = [
+        "| client | role | held-out tokens | global | local adaptation | own adapter |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for m in r["largest"]:
+        lines.append(
+            f"| {m['client']} | {m['name']} | {m['num-examples']} | {m['val-loss']:.4f} | "
+            f"{m['finetune-val-loss']:.4f} | "
+            f"{m['adapter-val-loss']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def render(res: list[dict], a, doc) -> str:
+    parts = [
+        table(res),
+        "",
+        "Gain over the global model (mean per-client val loss, global minus personal):",
+        "",
+    ]
+    parts += [seeds_summary(res), ""]
+    big = largest(res)
+    if big:
+        parts += ["The role split's ten clients with the most held-out text (seed 1337):", "", big, ""]
+    parts += ["Commands:", "", *commands(res)]
+    return "\n".join(parts)
