@@ -27,7 +27,6 @@ from safetensors.torch import save_file
 from fedgpt.checkpoint import load_checkpoint, model_config_of
 from fedgpt.config import LoRAConfig
 from fedgpt.download import DataUnavailableError
-from fedgpt.fed import personal
 from fedgpt.hf import hf_config, hf_state_dict
 from fedgpt.hf_tokenizer import tokenizer_files
 from fedgpt.lora import ADAPTER_LEAVES, add_lora, merged_state
@@ -46,7 +45,9 @@ def export(
     `client` (an id, or the speaker or role it holds): that client's personal model (fedgpt.fed.personal)."""
     out = Path(out).absolute()  # "." too has a name and a parent to write beside
     check_destination(out, overwrite)
-    if client is not None:
+    if client is not None:  # a federated run's client: the federation's code, loaded only for it
+        from fedgpt.fed import personal
+
         model, ckpt, _ = personal.from_checkpoint(checkpoint, client, scheme)
     else:
         ckpt = load_checkpoint(checkpoint)

@@ -15,7 +15,6 @@ import torch
 
 from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fedgpt.download import DataUnavailableError
-from fedgpt.fed import personal
 from fedgpt.generate import generate
 from fedgpt.tokenizer import get_tokenizer
 from fedgpt.train import resolve_device
@@ -41,7 +40,9 @@ def sample(
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
     dev = resolve_device(device)
-    if client is not None:
+    if client is not None:  # a federated run's client: the federation's code, loaded only for it
+        from fedgpt.fed import personal
+
         model, ckpt, who = personal.from_checkpoint(checkpoint, client, scheme)
         model = model.to(dev)
         print(f"sampling from {who}", file=sys.stderr)
