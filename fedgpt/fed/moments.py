@@ -13,7 +13,7 @@ keeps the rest of its state (AdamW's second moment and step count) as fed.client
     moments.mean                         # name -> fp32 tensor, checkpointed with the run
 
 The moments travel in the clear beside the update, so fedgpt refuses this mode with DP and SecAgg+
-(fedgpt.config_rules): they would reveal what the noise and the masks hide.
+(fedgpt.config): they would reveal what the noise and the masks hide.
 """
 
 from __future__ import annotations
