@@ -32,7 +32,9 @@ def pytest_configure(config):
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
-    config.addinivalue_line("markers", "slow: takes more than ~20 s (Ray simulation, deployment, torchrun)")
+    config.addinivalue_line(
+        "markers", "slow: starts Ray, torchrun or Flower processes, or takes more than ~20 s (README, Test)"
+    )
     if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():
         os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
 
