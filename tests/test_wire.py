@@ -9,10 +9,10 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import REPO, TINY, fit_in_process
+from conftest import REPO, TINY, fit_in_process, tiny_gpt
 from flwr.app import ArrayRecord
 
-from fedgpt.config import Config, ModelConfig, load_config
+from fedgpt.config import Config, load_config
 from fedgpt.fed.wire import FORMAT_IDS, HEADER, Exchange, decode, encode, header
 from fedgpt.formats import FORMATS, dequantize, markdown_table, quantize
 from fedgpt.model import GPT
@@ -20,8 +20,7 @@ from fedgpt.model import GPT
 
 @pytest.fixture
 def gpt() -> GPT:
-    torch.manual_seed(0)
-    return GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65))
+    return tiny_gpt()
 
 
 def exchange_of(model: GPT, **fed) -> Exchange:
