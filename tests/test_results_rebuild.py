@@ -1,0 +1,115 @@
+"""docs/results.md rebuilds from the committed records (results/records): every table whose runs all have a
+record, rendered again by `python -m fedgpt.results --TABLE --no-run` into a copy of the document, gives the
+committed document and plots byte for byte; a record changed or missing shows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from fedgpt.bench.results import TABLES, main
+
+RECORDS = REPO / "results" / "records"
+DOC = REPO / "docs" / "results.md"
+PLOTS = REPO / "docs" / "results"
+
+
+def names(kind: str) -> list[str]:
+    import argparse
+
+    a = argparse.Namespace(runs_dir=str(REPO / "results" / "runs"), data_dir=str(REPO / "data"))
+    return [e.name for e in TABLES[kind].experiments(a)]
+
+
+RECORDED = [k for k in TABLES if all((RECORDS / n / "experiment.json").is_file() for n in names(k))]
+
+
+def flag(kind: str) -> list[str]:
+    return [] if kind == "main" else [f"--{kind}"]
+
+
+def rebuild(kind: str, tmp_path: Path, records: Path, monkeypatch) -> Path:
+    """A copy of the document and its plots under tmp_path, with `kind`'s table rendered from `records`."""
+    doc = tmp_path / "docs" / "results.md"
+    shutil.copytree(PLOTS, doc.parent / "results")
+    shutil.copyfile(DOC, doc)
+    monkeypatch.chdir(REPO)  # the tables' configs and the app directory, as a user runs it
+    runs = tmp_path / "runs"
+    main([*flag(kind), "--no-run", "--doc", str(doc), "--runs-dir", str(runs), "--records-dir", str(records)])
+    return doc
+
+
+def test_some_table_has_records():
+    # the test below checks every table with records: with none it would check nothing
+    assert "stragglers" in RECORDED, f"no records for the stragglers table in {RECORDS}"
+
+
+@pytest.mark.parametrize("kind", RECORDED)
+def test_table_rebuilds_byte_for_byte_from_its_records(kind, tmp_path, monkeypatch):
+    doc = rebuild(kind, tmp_path, RECORDS, monkeypatch)
+    command = " ".join(["python -m fedgpt.results", *flag(kind), "--no-run"])
+    assert doc.read_bytes() == DOC.read_bytes(), (
+        f"`{command}` changes docs/results.md: commit what it writes, or the records it was rendered from"
+    )
+    for plot in sorted((doc.parent / "results").iterdir()):
+        assert plot.read_bytes() == (PLOTS / plot.name).read_bytes(), f"{plot.name} does not rebuild"
+
+
+def test_a_changed_number_in_a_record_changes_the_document(tmp_path, monkeypatch):
+    records = tmp_path / "records"
+    for name in names("stragglers"):
+        shutil.copytree(RECORDS / name, records / name)
+    rounds = records / "straggle0_fedavg" / "rounds.jsonl"
+    lines = rounds.read_text().splitlines()
+    last = json.loads(lines[-1])
+    last["val_loss"] += 0.001  # the table's first row, and every row's difference from it
+    rounds.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    doc = rebuild("stragglers", tmp_path, records, monkeypatch)
+    text = doc.read_text()
+    assert text != DOC.read_text()
+    assert f"| FedAvg, no stragglers | {last['val_loss']:.4f} |" in text
+
+
+def test_missing_records_stop_no_run_and_leave_the_document(tmp_path, monkeypatch):
+    records = tmp_path / "records"
+    kept = names("stragglers")[1:]  # every run's record but the first's
+    for name in kept:
+        shutil.copytree(RECORDS / name, records / name)
+    doc = tmp_path / "docs" / "results.md"
+    with pytest.raises(ValueError) as e:
+        rebuild("stragglers", tmp_path, records, monkeypatch)
+    message = str(e.value)
+    assert message.startswith("no records for stragglers") and "\n" not in message
+    assert "python -m fedgpt.results --stragglers" in message and "straggle0_fedavg" in message
+    assert doc.read_bytes() == DOC.read_bytes()
+    assert not (tmp_path / "runs").exists()  # nor its JSON
+
+    shutil.rmtree(records)  # no record at all: the same, and no table written over the figures
+    with pytest.raises(ValueError, match="no records for stragglers"):
+        rebuild("stragglers", tmp_path / "again", records, monkeypatch)
+    assert (tmp_path / "again" / "docs" / "results.md").read_bytes() == DOC.read_bytes()
+
+
+def test_a_record_keeps_what_the_tables_read_and_replaces_the_last_whole(tmp_path):
+    from fedgpt.bench.experiments import save_record
+
+    run, record = tmp_path / "runs" / "r", tmp_path / "records" / "r"
+    run.mkdir(parents=True)
+    for name in ("experiment.json", "run.json", "rounds.jsonl", "last.pt", "best.pt", "run.log"):
+        (run / name).write_text(name)
+    save_record(run, record, {"dp.json": b"{}"})
+    kept = sorted(p.name for p in record.iterdir())
+    assert kept == ["dp.json", "experiment.json", "rounds.jsonl", "run.json"]
+    assert (record / "rounds.jsonl").read_text() == "rounds.jsonl"
+
+    (run / "rounds.jsonl").write_text("again")
+    with pytest.raises(OSError):  # a write that fails half-way: the earlier record stays as it was
+        save_record(run, record, {"no/such/folder": b""})
+    assert (record / "rounds.jsonl").read_text() == "rounds.jsonl" and (record / "dp.json").is_file()
+    save_record(run, record)  # a new record replaces the old one whole: no dp.json left from it
+    assert (record / "rounds.jsonl").read_text() == "again" and not (record / "dp.json").exists()
+    assert [p.name for p in record.parent.iterdir()] == ["r"]  # no temporary folder left behind
