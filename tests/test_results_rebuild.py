@@ -113,3 +113,23 @@ def test_a_record_keeps_what_the_tables_read_and_replaces_the_last_whole(tmp_pat
     save_record(run, record)  # a new record replaces the old one whole: no dp.json left from it
     assert (record / "rounds.jsonl").read_text() == "again" and not (record / "dp.json").exists()
     assert [p.name for p in record.parent.iterdir()] == ["r"]  # no temporary folder left behind
+
+
+def test_a_dp_record_gives_the_privacy_table_the_figures_its_run_gave(tmp_path):
+    import torch
+
+    from fedgpt.bench import privacy
+    from fedgpt.bench.experiments import save_record
+    from fedgpt.checkpoint import FORMAT, VERSION
+    from fedgpt.fed.privacy import DPState, Ledger
+
+    run = tmp_path / "runs" / "dp"
+    shutil.copytree(RECORDS / "straggle0_fedavg", run)  # any run's rounds
+    state = DPState(Ledger([[0.2, 0.935, 25]]), clipping_norm=1.25, noise_multiplier=0.935)
+    torch.save({"format": FORMAT, "version": VERSION, "extra": {"dp": state.to_json()}}, run / "last.pt")
+    record = tmp_path / "records" / "dp"
+    save_record(run, record, privacy.keep(run))
+    assert not (record / "last.pt").exists()
+    got = privacy.figures(record)
+    assert got == privacy.figures(run)
+    assert (got["noise_multiplier"], got["clipping_norm"]) == (0.935, 1.25)

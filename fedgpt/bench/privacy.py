@@ -16,7 +16,6 @@ at epsilon 8 and below (delta 1e-4 < 1 / clients; RDP and PLD).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from fedgpt.bench.common import commands, write_plays
@@ -111,11 +110,19 @@ def experiments(a: argparse.Namespace) -> list[Experiment]:
 DP_FILE = "dp.json"  # a record's copy of the DP state in its run's last checkpoint, which it does not keep
 
 
+def _dp_state(run_dir: Path) -> str | None:
+    """The DP state (DPState.to_json) of a run's last checkpoint, or of a record's copy of it."""
+    if (run_dir / DP_FILE).is_file():
+        return (run_dir / DP_FILE).read_text()
+    if (run_dir / "last.pt").is_file():
+        return load_checkpoint(run_dir / "last.pt")["extra"].get("dp")
+    return None  # a record of a run without DP
+
+
 def keep(run_dir: Path) -> dict[str, bytes]:
     """What figures reads that a record must add: the DP state of the run's last checkpoint, if it has one."""
-    if not (run_dir / "last.pt").is_file():
-        return {}
-    return {DP_FILE: json.dumps(load_checkpoint(run_dir / "last.pt")["extra"].get("dp")).encode()}
+    saved = _dp_state(run_dir)
+    return {DP_FILE: saved.encode()} if saved else {}
 
 
 def figures(run_dir: Path) -> dict:
@@ -124,10 +131,7 @@ def figures(run_dir: Path) -> dict:
     if not (run_dir / "rounds.jsonl").is_file():
         return {}
     rows = read_rounds(run_dir / "rounds.jsonl")
-    if (run_dir / DP_FILE).is_file():
-        saved = json.loads((run_dir / DP_FILE).read_text())
-    else:
-        saved = load_checkpoint(run_dir / "last.pt")["extra"].get("dp")
+    saved = _dp_state(run_dir)
     dp = DPState.from_json(saved) if saved else None
     return {
         "base_val_loss": rows[0].val_loss,
