@@ -7,10 +7,15 @@ two personal models (fedgpt.fed.personal: local adaptation, "finetune", and an a
 on the last tenth of the client's text. The splits: the role split (every role of Tiny Shakespeare's train
 split with at least 1,000 tokens, one client each, 10% a round), the speaker split and IID (8 clients, all
 every round). Two seeds each: the seed draws the initial model, the batches and the sampling.
+
+Against them, for the role split's ten largest roles, a model trained centrally on that role's text alone
+(python -m fedgpt.local_train, its text's last tenth held out: the client's held-out text), its best val loss
+over the run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -38,10 +43,59 @@ SPLITS = (  # name, label, args, rounds (the clients are scored at the last)
     ("iid", "IID, 8 clients", ["--fed.partition=iid", "--fed.num_clients=8"], 10),
 )
 SEEDS = (1337, 2)
+CENTRAL_ROLES = 10  # the role split's largest roles, each trained on alone
+CENTRAL = ["--train.max_steps=500", "--train.warmup_steps=20", "--train.lr_decay_steps=0"]
+CENTRAL += ["--train.eval_interval=25", "--train.eval_iters=20", "--data.val_fraction=0.1"]
 
 
-def experiments() -> list[Experiment]:
+def role_dir(a: argparse.Namespace, k: int) -> Path:
+    return Path(a.runs_dir).resolve() / "roles" / f"role-{k}"
+
+
+def central_roles(a: argparse.Namespace) -> list[Experiment]:
+    """The k-th largest role of the role split trained on alone (its text written by prepare)."""
+    vocab = Path(a.data_dir).resolve() / "tinyshakespeare" / "input.txt"
     return [
+        Experiment(
+            f"personal_central_role{k}",
+            f"the role's text alone ({k + 1}. largest role)",
+            [
+                f"--data.input_file={role_dir(a, k) / 'input.txt'}",
+                f"--data.vocab_file={vocab}",
+                f"--data.data_dir={role_dir(a, k)}",
+                *CENTRAL,
+            ],
+            kind="own-central",
+            group="central",
+            method=str(k),
+        )
+        for k in range(CENTRAL_ROLES)
+    ]
+
+
+def prepare(a: argparse.Namespace, app: Path) -> None:
+    """Each of the role split's largest roles as a text file of its own (train text, then held-out text:
+    the client's order), and which client it is (role.json)."""
+    from fedgpt.config import load_config
+    from fedgpt.data import load_dataset
+    from fedgpt.fed.partition import client_partitions
+
+    cfg = load_config(a.config, [*ROLE, f"--data.data_dir={a.data_dir}", "--fed.client_eval_interval=1"])
+    ds = load_dataset(cfg.data)
+    parts = client_partitions(cfg, ds)
+    largest = sorted(range(len(parts)), key=lambda i: (-parts[i].size, i))[:CENTRAL_ROLES]
+    for k, i in enumerate(largest):
+        folder = role_dir(a, k)
+        folder.mkdir(parents=True, exist_ok=True)
+        text = ds.tokenizer.decode(parts[i].tokens.tolist())
+        (folder / "input.txt").write_text(text, encoding="utf-8")
+        info = {"client": i, "role": parts[i].speakers[0], "tokens": parts[i].size}
+        info["val_tokens"] = parts[i].n_val
+        (folder / "role.json").write_text(json.dumps(info))
+
+
+def experiments(a: argparse.Namespace) -> list[Experiment]:
+    return central_roles(a) + [
         Experiment(
             f"personal_{split}" + ("" if seed == SEEDS[0] else f"_seed{seed}"),
             label,
@@ -62,9 +116,21 @@ def experiments() -> list[Experiment]:
     ]
 
 
+def keep(run_dir: Path) -> dict[str, bytes]:
+    """What a record adds for figures: which role a central run trained on (role.json beside its text)."""
+    run = json.loads((run_dir / "run.json").read_text())
+    text = Path(run["config"]["data"]["input_file"])
+    role = text.parent / "role.json"
+    return {"role.json": role.read_bytes()} if role.is_file() and text.parent.name.startswith("role-") else {}
+
+
 def figures(run_dir: Path) -> dict:
     """The last round's per-client scores (rounds.jsonl's client_eval), and from client_eval.jsonl each
-    client's, for the ten clients with the most held-out text."""
+    client's, for the ten clients with the most held-out text; a central run's role (role.json)."""
+    if (run_dir / "role.json").is_file():
+        return {"role": json.loads((run_dir / "role.json").read_text())}
+    if not (run_dir / "rounds.jsonl").is_file():
+        return {}
     rows = read_rounds(run_dir / "rounds.jsonl")
     last = next((r for r in reversed(rows) if r.client_eval), None)
     out: dict = {"client_eval": last.client_eval if last else None, "largest": None}
@@ -90,6 +156,8 @@ def table(res: list[dict]) -> str:
         "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in res:
+        if r.get("role"):  # a central run: in largest()
+            continue
         ev = r.get("client_eval") or {}
         base = ev.get("global")
         for key, name in MODELS:
@@ -119,19 +187,24 @@ def seeds_summary(res: list[dict]) -> str:
 
 
 def largest(res: list[dict]) -> str:
-    """The role split's ten clients with the most held-out text (first seed): their own losses."""
+    """The role split's ten clients with the most held-out text (first seed): their own losses, and the
+    best val loss of a model trained on the role's text alone where one was."""
     r = next((r for r in res if r["group"] == "role" and r.get("largest")), None)
     if r is None:
         return ""
+    alone = {c["role"]["client"]: c["best_val_loss"] for c in res if c.get("role")}
     lines = [
-        "| client | role | held-out tokens | global | local adaptation | own adapter |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        "| client | role | held-out tokens | global | local adaptation | own adapter "
+        "| the role's text alone |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for m in r["largest"]:
+        central = alone.get(m["client"])
         lines.append(
             f"| {m['client']} | {m['name']} | {m['num-examples']} | {m['val-loss']:.4f} | "
-            f"{m['finetune-val-loss']:.4f} | "
-            f"{m['adapter-val-loss']:.4f} |"
+            f"{m['finetune-val-loss']:.4f} | {m['adapter-val-loss']:.4f} | "
+            + ("-" if central is None else f"{central:.4f}")
+            + " |"
         )
     return "\n".join(lines)
 

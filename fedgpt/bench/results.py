@@ -107,9 +107,11 @@ TABLES = {
         "personal",
         "personal models (local adaptation, an adapter of each client's own) against the global model",
         _markers("personal"),
-        lambda a: personal.experiments(),
+        personal.experiments,
         personal.render,
         figures=personal.figures,
+        prepare=personal.prepare,
+        keep=personal.keep,
     ),
     "stragglers": Table(
         "stragglers",
