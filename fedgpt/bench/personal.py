@@ -138,6 +138,13 @@ def figures(run_dir: Path) -> dict:
     if last is not None and path.is_file():
         mine = [json.loads(x) for x in path.read_text().splitlines()]
         mine = [m for m in mine if m["round"] == last.round]
+        out["improved"] = {
+            name: sum(m[f"{name}-val-loss"] < m["val-loss"] for m in mine) for name in ("finetune", "adapter")
+        }
+        # a client never sampled has no adapter: its personal model is the global one, to the bit
+        trained = [m for m in mine if m["adapter-val-loss"] != m["val-loss"]]
+        gains = [m["val-loss"] - m["adapter-val-loss"] for m in trained]
+        out["adapter_trained"] = {"clients": len(trained), "gain": statistics.fmean(gains) if gains else None}
         mine.sort(key=lambda m: (-m["num-examples"], m["client"]))
         part = run_dir / "partition.json"
         names = json.loads(part.read_text()).get("speakers") if part.is_file() else None
@@ -174,15 +181,27 @@ def table(res: list[dict]) -> str:
 
 
 def seeds_summary(res: list[dict]) -> str:
-    """Per split, each personal model's gain over the global model on each seed, and their mean."""
-    lines = ["| split | model | gain, seed by seed | mean gain |", "| --- | --- | --- | ---: |"]
+    """Per split, each personal model's gain over the global model on each seed, and their mean; how many
+    clients it improved; for the adapter, the gain over the clients that trained one (sampled at all)."""
+    lines = [
+        "| split | model | gain, seed by seed | mean gain | clients improved "
+        "| adapter's gain where it trained |",
+        "| --- | --- | --- | ---: | --- | --- |",
+    ]
     for split, label, _, _ in SPLITS:
         runs = [r for r in res if r["group"] == split and r.get("client_eval")]
         for key, name in MODELS[1:]:
             gains = [r["client_eval"]["global"]["loss"] - r["client_eval"][key]["loss"] for r in runs]
-            if gains:
-                each = ", ".join(f"{g:.4f}" for g in gains)
-                lines.append(f"| {label} | {name} | {each} | {statistics.fmean(gains):.4f} |")
+            if not gains:
+                continue
+            each = ", ".join(f"{g:.4f}" for g in gains)
+            better = ", ".join(f"{r['improved'][key]} of {r['client_eval']['clients']}" for r in runs)
+            where = "-"
+            if key == "adapter":
+                t = [r["adapter_trained"] for r in runs]
+                where = ", ".join(f"{x['gain']:.4f} ({x['clients']} clients)" for x in t if x["gain"])
+            mean = statistics.fmean(gains)
+            lines.append(f"| {label} | {name} | {each} | {mean:.4f} | {better} | {where} |")
     return "\n".join(lines)
 
 
