@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         missing = [e.name for e in exps if not (records / e.name / "experiment.json").is_file()]
         if missing:  # a table rendered without them would drop rows from the document
             flag = "" if kind == "main" else f" --{kind}"
+            which = "" if len(missing) == len(exps) else f" ({', '.join(missing)})"
             raise ValueError(
-                f"no records for {kind} ({', '.join(missing)} not in {records}): run "
-                f"`python -m fedgpt.results{flag}` to make them"
+                f"no records for {kind}{which} in {records}: "
+                f"run `python -m fedgpt.results{flag}` to make them"
             )
     elif table.prepare:
         table.prepare(a, app)
