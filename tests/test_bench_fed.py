@@ -169,6 +169,12 @@ def test_results_compare_runs_at_equal_tokens(data_dir, tmp_path):
     for r in results:
         assert f"| {r['label']} | {r['final_val_loss']:.4f} |" in text
     assert (doc.parent / "results" / "val_vs_tokens.png").stat().st_size > 0
+    # each run left a record beside the runs (not in the repository's results/records), without checkpoints
+    record = tmp_path / "records" / "fedavg_iid_b1"
+    kept = {p.name for p in record.iterdir()}
+    assert {"experiment.json", "rounds.jsonl", "run.json"} <= kept
+    assert not kept & {"last.pt", "best.pt", "run.log"}
+    assert (tmp_path / "records" / "centralized" / "metrics.jsonl").is_file()
 
     res = run_module("fedgpt.results", *common, "--frontier", "--only", "frontier_fedavg_h5")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
