@@ -25,7 +25,7 @@ def save(plt, fig, ax, path: Path) -> None:
         fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1)
     )  # beside the axes: inside, it hides curves
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": None}))
     plt.close(fig)
 
 
