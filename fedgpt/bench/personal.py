@@ -117,11 +117,44 @@ def experiments(a: argparse.Namespace) -> list[Experiment]:
 
 
 def keep(run_dir: Path) -> dict[str, bytes]:
-    """What a record adds for figures: which role a central run trained on (role.json beside its text)."""
+    """What a record adds for figures: which role a central run trained on (role.json beside its text); for
+    a federated run, the control of other_text_control (control.json)."""
     run = json.loads((run_dir / "run.json").read_text())
     text = Path(run["config"]["data"]["input_file"])
     role = text.parent / "role.json"
-    return {"role.json": role.read_bytes()} if role.is_file() and text.parent.name.startswith("role-") else {}
+    if role.is_file() and text.parent.name.startswith("role-"):
+        return {"role.json": role.read_bytes()}
+    if (run_dir / "last.pt").is_file() and (run_dir / "client_eval.jsonl").is_file():
+        return {"control.json": json.dumps(other_text_control(run_dir), indent=1).encode()}
+    return {}
+
+
+def other_text_control(run_dir: Path) -> dict:
+    """What local adaptation gives without the client's own text: each client c adapts, as in the run (the
+    same steps, learning rate and round), on the training text of client (c + n/2) mod n instead, and is
+    scored on its own held-out text. Its gain over the global model is what more steps alone give; local
+    adaptation's gain beyond it is the client's own text's."""
+    import contextlib
+    import copy
+
+    from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
+    from fedgpt.config import from_dict
+    from fedgpt.data import load_dataset
+    from fedgpt.fed import personal
+    from fedgpt.fed.partition import client_partitions
+
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    cfg = from_dict(ckpt["config"])
+    parts = client_partitions(cfg, load_dataset(cfg.data))
+    model = model_from_checkpoint(ckpt, "cpu", dropout=cfg.model.dropout)
+    n, rnd, losses = len(parts), int(ckpt["round"]), []
+    for c in range(n):
+        other = (c + n // 2) % n
+        adapted = copy.deepcopy(model)
+        personal.adapt(adapted, cfg, parts[other], other, rnd)
+        res = personal.evaluate_on(adapted, cfg, parts[c], "cpu", contextlib.nullcontext())
+        losses.append(res["loss"])
+    return {"clients": n, "loss": statistics.fmean(losses), "round": rnd}
 
 
 def figures(run_dir: Path) -> dict:
@@ -129,11 +162,13 @@ def figures(run_dir: Path) -> dict:
     client's, for the ten clients with the most held-out text; a central run's role (role.json)."""
     if (run_dir / "role.json").is_file():
         return {"role": json.loads((run_dir / "role.json").read_text())}
+    control = run_dir / "control.json"
     if not (run_dir / "rounds.jsonl").is_file():
         return {}
     rows = read_rounds(run_dir / "rounds.jsonl")
     last = next((r for r in reversed(rows) if r.client_eval), None)
     out: dict = {"client_eval": last.client_eval if last else None, "largest": None}
+    out["control"] = json.loads(control.read_text()) if control.is_file() else None
     path = run_dir / "client_eval.jsonl"
     if last is not None and path.is_file():
         mine = [json.loads(x) for x in path.read_text().splitlines()]
@@ -202,6 +237,12 @@ def seeds_summary(res: list[dict]) -> str:
                 where = ", ".join(f"{x['gain']:.4f} ({x['clients']} clients)" for x in t if x["gain"])
             mean = statistics.fmean(gains)
             lines.append(f"| {label} | {name} | {each} | {mean:.4f} | {better} | {where} |")
+            controls = [r["control"] for r in runs if r.get("control")]
+            if key == "finetune" and len(controls) == len(runs):  # other_text_control
+                gains = [r["client_eval"]["global"]["loss"] - r["control"]["loss"] for r in runs]
+                each = ", ".join(f"{g:.4f}" for g in gains)
+                name = "local adaptation on another client's text (control)"
+                lines.append(f"| {label} | {name} | {each} | {statistics.fmean(gains):.4f} | - | - |")
     return "\n".join(lines)
 
 
