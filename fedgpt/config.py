@@ -173,6 +173,7 @@ class PersonalConfig:
     rank: int = 4  # adapter: its LoRA rank
     alpha: float = 8.0  # adapter: its output is scaled by alpha / rank
     targets: str = "attn,mlp"  # adapter: the projections it adapts (as lora.targets)
+    check: float = 0.0  # finetune: share of its train text held back; the adaptation is kept if better there
 
 
 @dataclass
@@ -471,6 +472,7 @@ def _validate_personal(cfg: Config) -> list[str]:
     check(len(set(names)) == len(names), "personal.scheme", f"names a scheme twice ({p.scheme!r})")
     if names:
         check(p.steps >= 1, "personal.steps", "must be >= 1")
+        check(0.0 <= p.check < 0.5, "personal.check", "must be in [0, 0.5) (0: no check)")
         check(p.learning_rate > 0, "personal.learning_rate", "must be > 0")
         check(p.rank >= 1, "personal.rank", "must be >= 1")
         check(p.alpha > 0, "personal.alpha", "must be > 0")

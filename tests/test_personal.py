@@ -199,3 +199,31 @@ def test_export_client_writes_the_personal_model_transformers_scores_as_the_run_
             logits = theirs(x).logits
             losses.append(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())))
     assert sum(losses) / len(losses) == pytest.approx(per_client(out)[3][2]["adapter-val-loss"], rel=1e-5)
+
+
+def test_a_checked_adaptation_that_hurts_on_the_clients_own_text_keeps_the_global_model(runs, data_dir):
+    """personal.check: an adaptation that ruins the model (learning rate 3) is caught on the held-back tenth
+    of the client's training text, and the client keeps the global model; one that helps is kept."""
+    import dataclasses
+
+    from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
+    from fedgpt.config import from_dict
+
+    tmp, _, _ = runs
+    out = tmp / "personal"
+    ckpt = load_checkpoint(out / "last.pt")
+    cfg = from_dict(ckpt["config"])
+    model = model_from_checkpoint(ckpt, "cpu")
+    part = personal_partition(out, 0)
+    ctx = contextlib.nullcontext()
+    base = personal.evaluate_on(model, cfg, part, "cpu", ctx)["loss"]
+    for lr, check in ((3.0, 0.0), (3.0, 0.1), (3e-3, 0.1)):
+        p = dataclasses.replace(cfg.personal, learning_rate=lr, check=check, steps=10)
+        mine = personal.personal_model(model, dataclasses.replace(cfg, personal=p), "finetune", part, 0, 3)
+        loss = personal.evaluate_on(mine, cfg, part, "cpu", ctx)["loss"]
+        if lr == 3.0 and check == 0.0:
+            assert loss > base + 0.5  # unchecked, the ruinous adaptation is what the client gets
+        elif lr == 3.0:
+            assert loss == base  # caught: the global model, to the bit
+        else:
+            assert loss < base  # a useful one is kept

@@ -16,6 +16,7 @@ over the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -129,13 +130,21 @@ def keep(run_dir: Path) -> dict[str, bytes]:
     return {}
 
 
+CHECK = 0.1  # personal.check of the checked local adaptation scored after the run
+
+
 def other_text_control(run_dir: Path) -> dict:
-    """What local adaptation gives without the client's own text: each client c adapts, as in the run (the
-    same steps, learning rate and round), on the training text of client (c + n/2) mod n instead, and is
-    scored on its own held-out text. Its gain over the global model is what more steps alone give; local
-    adaptation's gain beyond it is the client's own text's."""
-    import contextlib
+    """Scored after the run on its last global model (last.pt), by the clients' own code
+    (fedgpt.fed.personal), each client on its own held-out text as in the run:
+
+    - "other_text": each client c adapts as in the run (the same steps, learning rate and round) on the
+      training text of client (c + n/2) mod n instead: what more steps alone give; local adaptation's gain
+      beyond it is the client's own text's;
+    - "checked": local adaptation with personal.check=CHECK (the adaptation kept only where it lowers the
+      loss on the last tenth of the client's own training text): what the run would have reported with it.
+    """
     import copy
+    import dataclasses
 
     from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
     from fedgpt.config import from_dict
@@ -145,16 +154,27 @@ def other_text_control(run_dir: Path) -> dict:
 
     ckpt = load_checkpoint(run_dir / "last.pt")
     cfg = from_dict(ckpt["config"])
+    checked_cfg = dataclasses.replace(cfg, personal=dataclasses.replace(cfg.personal, check=CHECK))
     parts = client_partitions(cfg, load_dataset(cfg.data))
     model = model_from_checkpoint(ckpt, "cpu", dropout=cfg.model.dropout)
-    n, rnd, losses = len(parts), int(ckpt["round"]), []
+    n, rnd, ctx = len(parts), int(ckpt["round"]), contextlib.nullcontext()
+    other, checked, kept, base = [], [], 0, []
     for c in range(n):
-        other = (c + n // 2) % n
+        o = (c + n // 2) % n
         adapted = copy.deepcopy(model)
-        personal.adapt(adapted, cfg, parts[other], other, rnd)
-        res = personal.evaluate_on(adapted, cfg, parts[c], "cpu", contextlib.nullcontext())
-        losses.append(res["loss"])
-    return {"clients": n, "loss": statistics.fmean(losses), "round": rnd}
+        personal.adapt(adapted, cfg, parts[o].train, o, rnd)
+        other.append(personal.evaluate_on(adapted, cfg, parts[c], "cpu", ctx)["loss"])
+        mine = personal.personal_model(model, checked_cfg, "finetune", parts[c], c, rnd)
+        checked.append(personal.evaluate_on(mine, cfg, parts[c], "cpu", ctx)["loss"])
+        base.append(personal.evaluate_on(model, cfg, parts[c], "cpu", ctx)["loss"])
+        kept += checked[-1] != base[-1]
+    return {
+        "clients": n,
+        "round": rnd,
+        "global": statistics.fmean(base),
+        "other_text": statistics.fmean(other),
+        "checked": {"loss": statistics.fmean(checked), "adapted": kept, "check": CHECK},
+    }
 
 
 def figures(run_dir: Path) -> dict:
@@ -238,11 +258,16 @@ def seeds_summary(res: list[dict]) -> str:
             mean = statistics.fmean(gains)
             lines.append(f"| {label} | {name} | {each} | {mean:.4f} | {better} | {where} |")
             controls = [r["control"] for r in runs if r.get("control")]
-            if key == "finetune" and len(controls) == len(runs):  # other_text_control
-                gains = [r["client_eval"]["global"]["loss"] - r["control"]["loss"] for r in runs]
-                each = ", ".join(f"{g:.4f}" for g in gains)
-                name = "local adaptation on another client's text (control)"
-                lines.append(f"| {label} | {name} | {each} | {statistics.fmean(gains):.4f} | - | - |")
+            if key == "finetune" and len(controls) == len(runs):  # other_text_control, after the run
+                for name, loss, kept in (
+                    ("local adaptation, checked (after the run)", lambda c: c["checked"]["loss"], True),
+                    ("local adaptation on another client's text (control)", lambda c: c["other_text"], False),
+                ):
+                    gains = [c["global"] - loss(c) for c in controls]
+                    each = ", ".join(f"{g:.4f}" for g in gains)
+                    used = ", ".join(f"adapted {c['checked']['adapted']} of {c['clients']}" for c in controls)
+                    mean = statistics.fmean(gains)
+                    lines.append(f"| {label} | {name} | {each} | {mean:.4f} | {used if kept else '-'} | - |")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ and accuracy on its validation slice; the server reports their mean and spread o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import statistics
@@ -76,8 +77,8 @@ def with_adapter(
     return personal
 
 
-def adapt(model: GPT, cfg: Config, part: ClientPartition, partition_id: int, rnd: int) -> dict:
-    """personal.steps steps of `model` (in place: what requires grad) on the client's own training windows,
+def adapt(model: GPT, cfg: Config, tokens, partition_id: int, rnd: int) -> dict:
+    """personal.steps steps of `model` (in place: what requires grad) on the client's own training `tokens`,
     at personal.learning_rate after a short warm-up; batches and dropout from a seed of (run, client, round),
     so that a run and `python -m fedgpt.sample --client` make the same personal model. Returns the trainer's
     metrics."""
@@ -96,7 +97,7 @@ def adapt(model: GPT, cfg: Config, part: ClientPartition, partition_id: int, rnd
     seed = _seed(cfg, partition_id) + 31 * rnd
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        batches = Batches(part.train, cfg.model.block_size, cfg.train.batch_size, device, seed=seed)
+        batches = Batches(tokens, cfg.model.block_size, cfg.train.batch_size, device, seed=seed)
         return trainer.train_steps(batches, p.steps, Schedule.of(tc), at_step=0)
 
 
@@ -107,7 +108,7 @@ def train_adapter(
     `weights` it received (in a copy of `model`, which is left as it is), personal.steps steps, saved
     atomically."""
     personal = with_adapter(model, cfg, partition_id, path, weights)
-    adapt(personal, cfg, part, partition_id, rnd)
+    adapt(personal, cfg, part.train, partition_id, rnd)
     state = {k: v.detach().cpu() for k, v in adapter_state(personal).items()}
     atomic_save({"round": rnd, "adapter": state}, path)
 
@@ -122,10 +123,21 @@ def personal_model(
     path: Path | None = None,
 ) -> GPT:
     """Client `partition_id`'s personal model of `scheme` on the global `model` (left as it is): fine-tuned
-    from it (finetune, made as the run made it in round `rnd`'s evaluation), or with its adapter (adapter)."""
+    from it (finetune, made as the run made it in round `rnd`'s evaluation), or with its adapter (adapter).
+
+    With personal.check > 0, finetune holds that share of the client's training text back, adapts on the
+    rest, and keeps the adapted model only if its loss on the held-back text is below the global model's:
+    a client whose own text does not help (an IID client, say) keeps the global model."""
     if scheme == "finetune":
         personal = copy.deepcopy(model)
-        adapt(personal, cfg, part, partition_id, rnd)
+        check = round(len(part.train) * cfg.personal.check)
+        tokens, held = (part.train[:-check], part.train[-check:]) if check else (part.train, None)
+        adapt(personal, cfg, tokens, partition_id, rnd)
+        if held is not None:
+            device, ctx = next(model.parameters()).device, contextlib.nullcontext()
+            before, after = (evaluate_tokens(m, cfg, held, device, ctx)["loss"] for m in (model, personal))
+            if after >= before:
+                return copy.deepcopy(model)
         return personal
     if scheme == "adapter":
         return with_adapter(model, cfg, partition_id, path)
@@ -145,7 +157,11 @@ def plain(model: GPT) -> GPT:
 def evaluate_on(model: GPT, cfg: Config, part: ClientPartition, device, ctx) -> dict:
     """Loss and next-token accuracy of `model` on the client's validation slice (the same windows for every
     model of the client)."""
-    batches = Batches(part.val, cfg.model.block_size, cfg.train.batch_size, device, seed=cfg.train.seed)
+    return evaluate_tokens(model, cfg, part.val, device, ctx)
+
+
+def evaluate_tokens(model: GPT, cfg: Config, tokens, device, ctx) -> dict:
+    batches = Batches(tokens, cfg.model.block_size, cfg.train.batch_size, device, seed=cfg.train.seed)
     return evaluate(model, batches, cfg.train.eval_iters, ctx)
 
 
