@@ -126,8 +126,21 @@ def keep(run_dir: Path) -> dict[str, bytes]:
     if role.is_file() and text.parent.name.startswith("role-"):
         return {"role.json": role.read_bytes()}
     if (run_dir / "last.pt").is_file() and (run_dir / "client_eval.jsonl").is_file():
-        return {"control.json": json.dumps(other_text_control(run_dir), indent=1).encode()}
+        return {
+            "control.json": json.dumps(other_text_control(run_dir), indent=1).encode(),
+            "names.json": json.dumps(client_names(run["config"])).encode(),
+        }
     return {}
+
+
+def client_names(config: dict) -> list[str]:
+    """The first speaker or role each client of a run holds ("" for a split without them)."""
+    from fedgpt.config import from_dict
+    from fedgpt.data import load_dataset
+    from fedgpt.fed.partition import client_partitions
+
+    parts = client_partitions(from_dict(config), load_dataset(from_dict(config).data))
+    return [(parts[i].speakers or [""])[0] for i in range(len(parts))]
 
 
 CHECK = 0.1  # personal.check of the checked local adaptation scored after the run
@@ -201,12 +214,11 @@ def figures(run_dir: Path) -> dict:
         gains = [m["val-loss"] - m["adapter-val-loss"] for m in trained]
         out["adapter_trained"] = {"clients": len(trained), "gain": statistics.fmean(gains) if gains else None}
         mine.sort(key=lambda m: (-m["num-examples"], m["client"]))
-        part = run_dir / "partition.json"
-        names = json.loads(part.read_text()).get("speakers") if part.is_file() else None
+        part = run_dir / "names.json"
+        names = json.loads(part.read_text()) if part.is_file() else None
         keys = ("client", "num-examples", "val-loss", "finetune-val-loss", "adapter-val-loss")
         out["largest"] = [
-            {**{k: m[k] for k in keys}, "name": ", ".join(names[m["client"]][:1]) if names else ""}
-            for m in mine[:10]
+            {**{k: m[k] for k in keys}, "name": names[m["client"]] if names else ""} for m in mine[:10]
         ]
     return out
 
