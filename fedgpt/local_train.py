@@ -192,6 +192,10 @@ class LocalRun:
             tr.train_steps(self.batches, n, grad_accum_steps=tc.grad_accum_steps // self.procs.world)
             self.evaluate_and_save(time.perf_counter() - t0)
         if self.procs.ddp:
+            # DDP's reducer holds the process group: let it go first, so that the group is not torn down
+            # under it at exit (a rank once aborted there, after its run was written, on a loaded machine)
+            tr.model = tr.raw_model
+            dist.barrier()
             dist.destroy_process_group()
         if self.writer:
             self.writer.close()
