@@ -29,7 +29,7 @@ from fedgpt.config import LoRAConfig
 from fedgpt.download import DataUnavailableError
 from fedgpt.hf import hf_config, hf_state_dict
 from fedgpt.hf_tokenizer import tokenizer_files
-from fedgpt.lora import ADAPTER_LEAVES, add_lora, merged_state
+from fedgpt.lora import ADAPTER_LEAVES, add_lora, merged_model
 from fedgpt.model import GPT
 from fedgpt.tokenizer import get_tokenizer
 
@@ -132,11 +132,7 @@ def plain_model(ckpt: dict, path: str | Path) -> GPT:
             f"{unexpected[:3]}, wrong shape {wrong[:3]}): export a checkpoint written by fedgpt"
         )
     model.load_state_dict(state)
-    if adapters:
-        plain = GPT(cfg)
-        plain.load_state_dict(merged_state(model))
-        model = plain
-    return model.eval()
+    return (merged_model(model) if adapters else model).eval()
 
 
 def main(argv: list[str] | None = None) -> None:

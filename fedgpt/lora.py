@@ -15,6 +15,7 @@ already takes.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -227,6 +228,13 @@ def aggregation_error(states: list[dict], weights: list[float], model: nn.Module
         gap += float((product - apart).square().sum())
         size += float(product.square().sum())
     return (gap / size) ** 0.5 if size > 0 else 0.0
+
+
+def merged_model(model: GPT) -> GPT:
+    """A plain GPT of its own that computes what `model` with its adapters computes (merged_state loaded)."""
+    plain = GPT(copy.deepcopy(model.cfg))
+    plain.load_state_dict(merged_state(model))
+    return plain
 
 
 def merged_state(model: GPT) -> dict[str, torch.Tensor]:

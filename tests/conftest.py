@@ -247,15 +247,19 @@ def probe_dir(tmp_path: Path, monkeypatch) -> Path:
     return d
 
 
-@pytest.fixture
-def serverapp_identity(monkeypatch):
-    """The run and node a ServerApp process has (Messages take their ids from it), for tests that build the
-    server's messages outside a ServerApp."""
+def as_serverapp(mp: pytest.MonkeyPatch) -> None:
+    """Give this process the run and node a ServerApp process has (Messages take their ids from it), for tests
+    that build the server's messages outside a ServerApp; undone with `mp`."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        mp.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture
+def serverapp_identity(monkeypatch):
+    """as_serverapp for one test."""
+    as_serverapp(monkeypatch)
 
 
 def node_config(run, partition: int = 0, num_partitions: int = 3) -> dict:

@@ -143,7 +143,7 @@ def test_a_killed_superlink_is_restarted_and_the_run_resumed_without_a_round_los
 def uninterrupted(data_dir: Path, out: Path, rounds: int) -> float:
     """The final val loss of run_config's run, uninterrupted, through tests/in_process_grid.py."""
     import torch
-    from flwr.supercore.task_identity import TaskIdentity
+    from conftest import as_serverapp
     from in_process_grid import InProcessGrid
 
     from fedgpt.config import load_config
@@ -151,9 +151,8 @@ def uninterrupted(data_dir: Path, out: Path, rounds: int) -> float:
 
     opts = run_config(data_dir.resolve(), out, rounds).split("overrides='")[1].rstrip("'").split()
     threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:  # the ids a ServerApp process has
-        for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-            mp.setattr(TaskIdentity, name, value)
+    with pytest.MonkeyPatch.context() as mp:
+        as_serverapp(mp)
         run = FederatedRun(load_config(TINY, [f"--{o}" for o in opts]), client_threads=1, log=lambda s: None)
         run.open_folder()
         try:

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, as_serverapp
 from in_process_grid import InProcessGrid
 
 from fedgpt.config import load_config
@@ -55,12 +55,9 @@ def per_client(out: Path) -> dict[int, dict[int, dict]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    from flwr.supercore.task_identity import TaskIdentity
-
     tmp = tmp_path_factory.mktemp("personal")
-    with pytest.MonkeyPatch.context() as mp:  # a ServerApp process's ids (conftest's serverapp_identity)
-        for key in ("_run_id", "_node_id", "_task_id"):
-            mp.setattr(TaskIdentity, key, 0 if key == "_node_id" else 1)
+    with pytest.MonkeyPatch.context() as mp:
+        as_serverapp(mp)
         plain = federate(data_dir, tmp / "plain")
         both = federate(
             data_dir,

@@ -126,27 +126,29 @@ def keep(run_dir: Path) -> dict[str, bytes]:
     if role.is_file() and text.parent.name.startswith("role-"):
         return {"role.json": role.read_bytes()}
     if (run_dir / "last.pt").is_file() and (run_dir / "client_eval.jsonl").is_file():
+        parts = run_partitions(run["config"])
+        names = [(parts[i].speakers or [""])[0] for i in range(len(parts))]  # a client's first speaker/role
         return {
-            "control.json": json.dumps(other_text_control(run_dir), indent=1).encode(),
-            "names.json": json.dumps(client_names(run["config"])).encode(),
+            "control.json": json.dumps(other_text_control(run_dir, parts), indent=1).encode(),
+            "names.json": json.dumps(names).encode(),
         }
     return {}
 
 
-def client_names(config: dict) -> list[str]:
-    """The first speaker or role each client of a run holds ("" for a split without them)."""
+def run_partitions(config: dict):
+    """The clients' partitions of a run, from its config (run.json's)."""
     from fedgpt.config import from_dict
     from fedgpt.data import load_dataset
     from fedgpt.fed.partition import client_partitions
 
-    parts = client_partitions(from_dict(config), load_dataset(from_dict(config).data))
-    return [(parts[i].speakers or [""])[0] for i in range(len(parts))]
+    cfg = from_dict(config)
+    return client_partitions(cfg, load_dataset(cfg.data))
 
 
 CHECK = 0.1  # personal.check of the checked local adaptation scored after the run
 
 
-def other_text_control(run_dir: Path) -> dict:
+def other_text_control(run_dir: Path, parts) -> dict:
     """Scored after the run on its last global model (last.pt), by the clients' own code
     (fedgpt.fed.personal), each client on its own held-out text as in the run:
 
@@ -155,20 +157,19 @@ def other_text_control(run_dir: Path) -> dict:
       beyond it is the client's own text's;
     - "checked": local adaptation with personal.check=CHECK (the adaptation kept only where it lowers the
       loss on the last tenth of the client's own training text): what the run would have reported with it.
+
+    `parts`: the run's partitions (run_partitions).
     """
     import copy
     import dataclasses
 
     from fedgpt.checkpoint import load_checkpoint, model_from_checkpoint
     from fedgpt.config import from_dict
-    from fedgpt.data import load_dataset
     from fedgpt.fed import personal
-    from fedgpt.fed.partition import client_partitions
 
     ckpt = load_checkpoint(run_dir / "last.pt")
     cfg = from_dict(ckpt["config"])
     checked_cfg = dataclasses.replace(cfg, personal=dataclasses.replace(cfg.personal, check=CHECK))
-    parts = client_partitions(cfg, load_dataset(cfg.data))
     model = model_from_checkpoint(ckpt, "cpu", dropout=cfg.model.dropout)
     n, rnd, ctx = len(parts), int(ckpt["round"]), contextlib.nullcontext()
     other, checked, kept, base = [], [], 0, []

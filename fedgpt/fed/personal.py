@@ -14,7 +14,7 @@ the same run without it. A client's evaluation reply carries the global model's 
 and accuracy on its validation slice; the server reports their mean and spread over clients
 (per_client_summary) and, outside DP, each client's figures (client_eval.jsonl).
 
-    model = personal_model(global_model, cfg, "adapter", part, adapter_file)   # sample / export --client
+    model, ckpt, who = from_checkpoint("out/fed/last.pt", "ROMEO", "adapter")   # sample / export --client
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from fedgpt.checkpoint import atomic_save
 from fedgpt.config import Config, LoRAConfig
 from fedgpt.data import Batches
 from fedgpt.fed.partition import ClientPartition
-from fedgpt.lora import adapter_state, add_lora, merged_state
+from fedgpt.lora import adapter_state, add_lora, merged_model
 from fedgpt.model import GPT
 from fedgpt.train import Schedule, Trainer, evaluate
 
@@ -79,9 +79,9 @@ def with_adapter(
 
 def adapt(model: GPT, cfg: Config, tokens, partition_id: int, rnd: int) -> dict:
     """personal.steps steps of `model` (in place: what requires grad) on the client's own training `tokens`,
-    at personal.learning_rate after a short warm-up; batches and dropout from a seed of (run, client, round),
-    so that a run and `python -m fedgpt.sample --client` make the same personal model. Returns the trainer's
-    metrics."""
+    at a constant personal.learning_rate with fresh AdamW moments; batches and dropout from a seed of (run,
+    client, round), so that a run and `python -m fedgpt.sample --client` make the same personal model.
+    Returns the trainer's metrics."""
     p = cfg.personal
     tc = replace(
         cfg.train,
@@ -146,12 +146,7 @@ def personal_model(
 
 def plain(model: GPT) -> GPT:
     """A personal model as a plain GPT (its adapter merged): what sample and export take."""
-    if not any("lora_" in k for k in model.state_dict()):
-        return model
-    cfg = copy.deepcopy(model.cfg)
-    out = GPT(cfg)
-    out.load_state_dict(merged_state(model))
-    return out
+    return merged_model(model) if any("lora_" in k for k in model.state_dict()) else model
 
 
 def evaluate_on(model: GPT, cfg: Config, part: ClientPartition, device, ctx) -> dict:
@@ -248,8 +243,9 @@ def from_checkpoint(checkpoint: str | Path, client: str, scheme: str | None = No
     model = model_from_checkpoint(ckpt, "cpu", dropout=cfg.model.dropout)
     adapter = None
     if scheme == "adapter":
-        last = path.with_name("last.pt")
-        run_id = load_checkpoint(last)["extra"]["run"]["run_id"] if last.is_file() else ""
+        last = path.with_name("last.pt")  # the run's id is in last.pt's extra (best.pt keeps none)
+        run = ckpt if path.name == "last.pt" else load_checkpoint(last) if last.is_file() else None
+        run_id = run["extra"]["run"]["run_id"] if run is not None else ""
         adapter = adapter_file(run_state_dir(cfg), run_id, pid) if run_id else None
         if adapter is None or not adapter.is_file():
             raise ValueError(

@@ -114,7 +114,6 @@ class FederatedRun:
         self.nodes = Membership(cfg, self.run_facts, log)
         self.lora_error: float | None = None  # this round's LoRA aggregation error (fedgpt.lora)
         self.refused = 0  # this round's replies refused by aggregate (fedgpt.fed.wire)
-        self.per_client: dict | None = None  # this round's client evaluation, each client once
         self.state_dir = str(run_state_dir(cfg))  # what it prunes after each checkpoint, on this machine
 
     def initial_model(self):
@@ -265,8 +264,7 @@ class FederatedRun:
             taken = self.moments.take(replies) if self.moments else {}  # a strategy takes one ArrayRecord
             ok, bytes_received = self.aggregate(rnd, replies, sent, up)
             bytes_received += self.moments.average(ok, taken) if self.moments else 0
-        self.per_client = None
-        client_val, client_acc = self.client_evaluate(grid, rnd)
+        client_val, client_acc, per_client = self.client_evaluate(grid, rnd)
         self.round = rnd
         metrics = [r.content["metrics"] for r in ok]
         if self.dp is None:  # under DP the tokens trained would count the cohort: checkpoints leave them out
@@ -281,7 +279,7 @@ class FederatedRun:
             tokens=self.tokens,
             client_val_loss=client_val,
             client_val_accuracy=client_acc,
-            client_eval=self.per_client,
+            client_eval=per_client,
             clients_ok=len(ok),
             clients_failed=len(msgs) - len(ok) - self.refused,
             clients_refused=self.refused,
@@ -406,12 +404,13 @@ class FederatedRun:
         if agg is not None:
             self.global_state = {**self.global_state, **(up or self.exchange).from_per_tensor(agg)}
 
-    def client_evaluate(self, grid: Grid, rnd: int) -> tuple[float | None, float | None]:
+    def client_evaluate(self, grid: Grid, rnd: int) -> tuple[float | None, float | None, dict | None]:
         """The global model's loss and accuracy on the clients' own validation slices, every
-        fed.client_eval_interval rounds (and the last); (None, None) in other rounds."""
+        fed.client_eval_interval rounds (and the last), and each client's scores summarized
+        (per_client_scores); (None, None, None) in other rounds."""
         every, fed = self.cfg.fed.client_eval_interval, self.cfg.fed
         if not every or (rnd % every and rnd != fed.rounds):
-            return None, None
+            return None, None, None
         admitted = PartitionOrderedGrid(grid, self.nodes.partition_of, only=self.nodes.connected())
         msgs = self.strategy.configure_evaluate(
             rnd, self.exchange.per_tensor(self.global_state), ConfigRecord(self.run_facts()), admitted
@@ -420,11 +419,11 @@ class FederatedRun:
         for m in msgs:
             m.content["arrays"] = sent
         replies = send_and_receive(grid, list(msgs), fed.round_timeout)
-        self.per_client = self.per_client_scores(rnd, replies)
+        per_client = self.per_client_scores(rnd, replies)
         agg = self.strategy.aggregate_evaluate(rnd, replies)
         if agg is None:
-            return None, None
-        return float(agg["val-loss"]), float(agg["val-accuracy"])
+            return None, None, per_client
+        return float(agg["val-loss"]), float(agg["val-accuracy"]), per_client
 
     def per_client_scores(self, rnd: int, replies: list[Message]) -> dict | None:
         """The clients' scores of this evaluation, each client once: mean and spread of the global model's
@@ -439,5 +438,5 @@ class FederatedRun:
                 for r, m in zip(ok, metrics)
             ]
             with open(Path(self.cfg.train.out_dir) / "client_eval.jsonl", "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in sorted(rows, key=lambda x: str(x["client"])))
+                f.writelines(json.dumps(row) + "\n" for row in sorted(rows, key=lambda x: x["client"]))
         return personal.per_client_summary(metrics, personal.schemes(self.cfg))

@@ -46,9 +46,7 @@ class _Quiet(logging.Filter):
     to run in-process, see above; `flwr run` runs a simulation too, README "Deployment")."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        notice = "run_simulation" in text or "deprecated feature" in text
-        return record.levelno > logging.INFO and not notice
+        return record.levelno > logging.INFO and "run_simulation" not in record.getMessage()
 
 
 @contextlib.contextmanager
