@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fedgpt.bench import federation, gpu, scale, step
+from fedgpt.bench.common import commit
 from fedgpt.files import atomic_write_bytes
 
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **figures,
         }
         table = federation.markdown(args.bench, res)
+    res["commit"] = commit(getattr(args, "app_dir", "."))
     out = Path(args.out or f"results/bench-{args.bench}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
     print(table)

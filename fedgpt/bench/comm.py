@@ -3,8 +3,9 @@
     python -m fedgpt.bench comm --config configs/shakespeare_char_cpu.yaml
 
 Every row is the same federation (the config's, at --num-clients x --rounds x --local-steps) with another
-fed.uplink / fed.downlink: fp32 weights both ways; fp16; the update quantized to int8 or int4, with and
-without error feedback, under fp16 downlinks; the update under SecAgg+ (all four of its stages counted).
+fed.uplink / fed.downlink: fp32 weights both ways; fp16; the update quantized to int8 or int4 (with and
+without error feedback), fp8 or sparse, under fp16 downlinks; the update under SecAgg+ (all four of its
+stages counted).
 Beside them, the relative error of quantizing one real update (25 local steps from the initial model) at
 several block sizes: what the scales buy.
 """
@@ -34,14 +35,21 @@ ROWS = (
         "int4 update up, no error feedback; fp16 down",
         ["--fed.uplink=int4", "--fed.downlink=fp16", "--fed.error_feedback=false"],
     ),
+    ("fp8_ef", "fp8 update up, error feedback; fp16 down", ["--fed.uplink=fp8", "--fed.downlink=fp16"]),
+    (
+        "sparse_ef",
+        "sparse update up (2% kept), error feedback; fp16 down",
+        ["--fed.uplink=sparse", "--fed.downlink=fp16"],
+    ),
     ("secagg", "SecAgg+: masked update up (fp32 down)", ["--secagg.enabled=true"]),
 )
+QUANTIZED = ("int8", "fp8", "int4")  # the block-scaled formats, whose round-trip error is measured by block
 BLOCKS = (32, 64, 128, 256, 512, 1024)
 
 
 def quantization_error(cfg: Config, steps: int = 25) -> dict[str, dict[int, float]]:
     """‖update - dequantized‖ / ‖update‖ of one client's update (steps local steps from the initial model),
-    for int8 and int4 at every block size of BLOCKS."""
+    for each format of QUANTIZED at every block size of BLOCKS."""
     import torch
 
     from fedgpt.data import Batches, load_dataset
@@ -63,7 +71,7 @@ def quantization_error(cfg: Config, steps: int = 25) -> dict[str, dict[int, floa
             b: float((update - decode(encode(update, "update", fmt, b))).norm() / update.norm())
             for b in BLOCKS
         }
-        for fmt in ("int8", "int4")
+        for fmt in QUANTIZED
     }
 
 

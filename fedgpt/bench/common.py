@@ -41,6 +41,22 @@ def app_dir(path: str | Path = ".") -> Path:
     return root
 
 
+def commit(path: str | Path = ".") -> str | None:
+    """The git commit of the checkout at `path` ("-dirty" when its tracked files differ from it), or None
+    outside a git checkout: what a benchmark's figures were measured at."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def run_logged(cmd: list[str], log: Path, cwd: Path, timeout: float | None = None) -> tuple[float, float]:
     """Run `cmd` in `cwd` with Flower kept quiet, its output into `log`; (Unix start time, wall seconds).
 
