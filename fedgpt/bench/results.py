@@ -10,12 +10,14 @@ of it kept as a record in <records-dir>/<name> (results/records, committed), fro
     python -m fedgpt.results --personal             # personal models per client against the global model
     python -m fedgpt.results --only fedavg_iid      # rerun one; the table keeps the others' records
     python -m fedgpt.results --stragglers --no-run  # rewrite a table from its records, running nothing
+    python -m fedgpt.results --benchmarks --no-run  # docs/benchmarks.md from its benchmarks' records
 
 Each table lives in a module of its own (fedgpt.bench.equal_tokens, frontier, lowcomm, targets, privacy,
 finetune) with its experiments and how it renders them; fedgpt.bench.experiments runs, records and collects
-them. The table between the markers of the results document (and its plot) is rewritten; the rest of the
-document is left as it is. --no-run refuses a table one of whose runs has no record, leaving the document as
-it is: a table rendered without a run would drop its row.
+them; the benchmarks' figures (docs/benchmarks.md, and the communication table here) are
+fedgpt.bench.benchdoc's. The table between the markers of the results document (and its plot) is rewritten;
+the rest of the document is left as it is. --no-run refuses a table one of whose runs has no record, leaving
+the document as it is: a table rendered without a run would drop its row.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedgpt.bench import equal_tokens, finetune, frontier, lowcomm, personal, privacy, targets
+from fedgpt.bench import benchdoc, equal_tokens, finetune, frontier, lowcomm, personal, privacy, targets
 from fedgpt.bench.common import app_dir
 from fedgpt.bench.experiments import Experiment, collect, run, save_record
 from fedgpt.config import load_config
@@ -158,12 +160,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     for name, table in TABLES.items():
         if name != "main":
             which.add_argument(f"--{name}", action="store_true", help=table.help)
+    which.add_argument(
+        "--benchmarks",
+        action="store_true",
+        help="docs/benchmarks.md and the communication table: speed, overhead, bytes (fedgpt.bench)",
+    )
     names = [
         e.name for t in TABLES.values() for e in t.experiments(argparse.Namespace(runs_dir=".", data_dir="."))
-    ]
+    ] + [b.name for b in benchdoc.BENCHES]
     p.add_argument(
         "--only", nargs="+", choices=names, metavar="NAME", help=f"run only these ({', '.join(names)})"
     )
+    p.add_argument("--nanogpt", help="--benchmarks: a karpathy/nanoGPT checkout to time beside fedgpt's step")
     p.add_argument("--no-run", action="store_true", help="run nothing: rewrite the table from its records")
     p.add_argument("--runs-dir", default="results/runs", help="where each run writes (default: %(default)s)")
     p.add_argument(
@@ -185,9 +193,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "--num-clients, --rounds and --local-steps must be >= 1 "
             f"(got {a.num_clients}, {a.rounds}, {a.local_steps})"
         )
-    kind = next((k for k in TABLES if k != "main" and getattr(a, k.replace("-", "_"))), "main")
-    table, runs_dir = TABLES[kind], Path(a.runs_dir).resolve()
+    runs_dir = Path(a.runs_dir).resolve()
     records = Path(a.records_dir).resolve() if a.records_dir else runs_dir.parent / "records"
+    if a.benchmarks:
+        if overrides:
+            raise ValueError(
+                f"--benchmarks runs each benchmark as docs/benchmarks.md says: drop {' '.join(overrides)}"
+            )
+        benchdoc.main(a, records, app_dir(a.app_dir), write_doc)
+        return []
+    kind = next((k for k in TABLES if k != "main" and getattr(a, k.replace("-", "_"))), "main")
+    table = TABLES[kind]
     a.config = a.config or table.config
     cfg = load_config(a.config, overrides)  # a bad config or override fails here, before any run
     a.data_dir = cfg.data.data_dir

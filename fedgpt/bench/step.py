@@ -344,6 +344,7 @@ def machine(ours: FedgptRunner) -> dict[str, Any]:
         "device_name": name,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
     }
 
