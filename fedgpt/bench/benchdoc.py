@@ -215,6 +215,8 @@ def run(b: Bench, records: Path, app: Path, nanogpt: str | None) -> None:
     """`python -m fedgpt.bench ...` in a subprocess from the app directory, its JSON written (whole, by the
     benchmark) as the record."""
     out = records / "bench" / f"{b.name}.json"
+    if out.is_relative_to(app):  # the command the record keeps reads as a user's
+        out = out.relative_to(app)
     cmd = [sys.executable, *b.command(nanogpt)[1:], "--out", str(out)]
     print(f"[{b.name}] {' '.join(b.command(nanogpt))}", flush=True)
     if subprocess.run(cmd, cwd=app, env={**os.environ, **QUIET}).returncode != 0:
