@@ -133,3 +133,68 @@ def test_a_dp_record_gives_the_privacy_table_the_figures_its_run_gave(tmp_path):
     got = privacy.figures(record)
     assert got == privacy.figures(run)
     assert (got["noise_multiplier"], got["clipping_norm"]) == (0.935, 1.25)
+
+
+# ---- docs/benchmarks.md, and the communication table of docs/results.md: the benchmarks' JSON as records
+
+BENCH_DOCS = ("benchmarks.md", "results.md")
+
+
+def rebuild_benchmarks(tmp_path: Path, records: Path, monkeypatch) -> Path:
+    """Copies of both documents under tmp_path/docs, their benchmark blocks rendered from `records`."""
+    docs = tmp_path / "docs"
+    docs.mkdir(parents=True)
+    for name in BENCH_DOCS:
+        shutil.copyfile(REPO / "docs" / name, docs / name)
+    monkeypatch.chdir(REPO)
+    runs, doc = tmp_path / "runs", docs / "results.md"
+    args = ["--doc", str(doc), "--runs-dir", str(runs), "--records-dir", str(records)]
+    main(["--benchmarks", "--no-run", *args])
+    return docs
+
+
+def test_benchmarks_rebuild_byte_for_byte_from_their_records(tmp_path, monkeypatch):
+    docs = rebuild_benchmarks(tmp_path, RECORDS, monkeypatch)
+    for name in BENCH_DOCS:
+        assert (docs / name).read_bytes() == (REPO / "docs" / name).read_bytes(), (
+            f"`python -m fedgpt.results --benchmarks --no-run` changes docs/{name}: commit what it writes, "
+            "or the records it was rendered from"
+        )
+
+
+def test_a_changed_benchmark_figure_changes_its_line(tmp_path, monkeypatch):
+    records = tmp_path / "records"
+    shutil.copytree(RECORDS / "bench", records / "bench")
+    fed2 = records / "bench" / "fed-2.json"
+    r = json.loads(fed2.read_text())
+    r["simulation"]["startup_s"] = 123.45
+    fed2.write_text(json.dumps(r))
+    comm = records / "bench" / "comm.json"
+    c = json.loads(comm.read_text())
+    int4 = c["rows"]["int4_ef"]
+    int4["final_val_loss"] = 9.8765
+    comm.write_text(json.dumps(c))
+
+    docs = rebuild_benchmarks(tmp_path, records, monkeypatch)
+    first = json.loads((RECORDS / "bench" / "fed-1.json").read_text())["simulation"]["startup_s"]
+    row = f"| simulation start-up, launch to first client step | {first:.2f} s, 123.45 s | 8 s |"
+    assert row in (docs / "benchmarks.md").read_text().splitlines()
+    assert f"| {int4['label']} |" in (docs / "results.md").read_text()
+    line = next(
+        x for x in (docs / "results.md").read_text().splitlines() if x.startswith(f"| {int4['label']} |")
+    )
+    assert line.split(" | ")[4] == "9.8765"  # its final val loss, the fifth column
+    assert (docs / "benchmarks.md").read_bytes() != (REPO / "docs" / "benchmarks.md").read_bytes()
+
+
+def test_a_missing_benchmark_record_stops_no_run_and_leaves_both_documents(tmp_path, monkeypatch):
+    records = tmp_path / "records"
+    shutil.copytree(RECORDS / "bench", records / "bench")
+    (records / "bench" / "deploy-2.json").unlink()
+    with pytest.raises(ValueError) as e:
+        rebuild_benchmarks(tmp_path, records, monkeypatch)
+    message = str(e.value)
+    assert message.startswith("no records for benchmarks (deploy-2)") and "\n" not in message
+    assert "python -m fedgpt.results --benchmarks" in message
+    for name in BENCH_DOCS:
+        assert (tmp_path / "docs" / name).read_bytes() == (REPO / "docs" / name).read_bytes()
