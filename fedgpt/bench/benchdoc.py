@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedgpt.bench import comm
-from fedgpt.bench.common import QUIET
+from fedgpt.bench.common import markers, run_logged, write_doc
 
 CONFIG = "configs/shakespeare_char_cpu.yaml"
 
@@ -84,7 +82,7 @@ def render_train(records: list[dict]) -> str:
             cells[2], cells[4] = f"{theirs['ms_per_step']:.1f}", f"{theirs['tokens_per_s']:,.0f}"
             cells[5] = f"{r['speedup_repeat_median']:.2f}x"
         lines.append("| " + " | ".join(cells) + " |")
-    commands = [f"python -m fedgpt.bench {' '.join(b.argv)} --nanogpt ../nanoGPT" for b in TRAIN]
+    commands = [" ".join(b.command("../nanoGPT")) for b in TRAIN]
     return "\n".join(["```bash", *commands, "```", "", *lines, "", _measured(records)])
 
 
@@ -154,9 +152,9 @@ def render_federation(fed: list[dict], comm_: dict, deploy: list[dict]) -> str:
     lines = ["| figure | measured | target |", "| --- | --- | --- |"]
     lines += [f"| {figure} | {measured} | {target} |" for figure, measured, target in rows]
     commands = [
-        f"python -m fedgpt.bench {' '.join(FED[0].argv)}      # {len(FED)} runs",
-        f"python -m fedgpt.bench {' '.join(COMM.argv)}",
-        f"python -m fedgpt.bench {' '.join(DEPLOY[0].argv)}   # {len(DEPLOY)} runs",
+        f"{' '.join(FED[0].command())}      # {len(FED)} runs",
+        " ".join(COMM.command()),
+        f"{' '.join(DEPLOY[0].command())}   # {len(DEPLOY)} runs",
     ]
     return "\n".join(["```bash", *commands, "```", "", *lines, "", _measured([*fed, comm_, *deploy])])
 
@@ -186,9 +184,7 @@ def render_comm(r: dict) -> str:
     ]
     for fmt, errs in r["quantization_error"].items():
         lines.append(f"| {fmt} | " + " | ".join(f"{errs[str(b)]:.4f}" for b in blocks) + " |")
-    return "\n".join(
-        ["```bash", f"python -m fedgpt.bench {' '.join(COMM.argv)}", "```", "", *lines, "", _measured([r])]
-    )
+    return "\n".join(["```bash", " ".join(COMM.command()), "```", "", *lines, "", _measured([r])])
 
 
 @dataclass(frozen=True)
@@ -211,19 +207,22 @@ SECTIONS = (
 )
 
 
-def run(b: Bench, records: Path, app: Path, nanogpt: str | None) -> None:
-    """`python -m fedgpt.bench ...` in a subprocess from the app directory, its JSON written (whole, by the
-    benchmark) as the record."""
+def run(b: Bench, records: Path, runs_dir: Path, app: Path, nanogpt: str | None) -> None:
+    """`python -m fedgpt.bench ...` in a subprocess from the app directory, its output into
+    <runs-dir>/bench/<name>.log and its JSON written (whole, by the benchmark) as the record."""
     out = records / "bench" / f"{b.name}.json"
     if out.is_relative_to(app):  # the command the record keeps reads as a user's
         out = out.relative_to(app)
-    cmd = [sys.executable, *b.command(nanogpt)[1:], "--out", str(out)]
     print(f"[{b.name}] {' '.join(b.command(nanogpt))}", flush=True)
-    if subprocess.run(cmd, cwd=app, env={**os.environ, **QUIET}).returncode != 0:
-        raise RuntimeError(f"{' '.join(b.command(nanogpt))} failed (its output is above)")
+    _, wall = run_logged(
+        [sys.executable, *b.command(nanogpt)[1:], "--out", str(out)],
+        runs_dir / "bench" / f"{b.name}.log",
+        app,
+    )
+    print(f"[{b.name}] done in {wall:.0f} s", flush=True)
 
 
-def main(a: argparse.Namespace, records: Path, app: Path, write_doc: Callable) -> None:
+def main(a: argparse.Namespace, records: Path, runs_dir: Path, app: Path) -> None:
     """Run every benchmark (unless a.no_run) into its record, then rewrite each section from the records."""
     missing = [b.name for b in BENCHES if not (records / "bench" / f"{b.name}.json").is_file()]
     if a.no_run and missing:
@@ -234,11 +233,11 @@ def main(a: argparse.Namespace, records: Path, app: Path, write_doc: Callable) -
     if not a.no_run:
         for b in BENCHES:
             if a.only is None or b.name in a.only:
-                run(b, records, app, a.nanogpt)
+                run(b, records, runs_dir, app, a.nanogpt)
+    got = {b.name: json.loads((records / "bench" / f"{b.name}.json").read_text()) for b in BENCHES}
     docs = Path(a.doc).parent
     for s in SECTIONS:
-        rs = [json.loads((records / "bench" / f"{b.name}.json").read_text()) for b in s.benches]
-        block = s.render(rs)
-        write_doc(docs / s.doc, block, (f"<!-- {s.marker}:start -->", f"<!-- {s.marker}:end -->"))
+        block = s.render([got[b.name] for b in s.benches])
+        write_doc(docs / s.doc, block, markers(s.marker))
         print(block)
     print(f"wrote {', '.join(sorted({str(docs / s.doc) for s in SECTIONS}))}")

@@ -1,6 +1,6 @@
 """What the benchmarks share: the app directory they run fedgpt's entry points from, a logged subprocess, a
-simulation's rows, the model's size on the wire, the plays the fine-tuning tables train on, and the command
-lines under the results tables."""
+simulation's rows, the model's size on the wire, the plays the fine-tuning tables train on, the command
+lines under the results tables, and the marked blocks of the documents they rewrite."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedgpt.fed.rounds import RoundRow, read_rounds
+from fedgpt.files import atomic_write_bytes
 
 # Flower kept offline and quiet: no telemetry, no update check, no `uv sync` of the app's dependencies at run
 # time.
@@ -54,7 +55,25 @@ def commit(path: str | Path = ".") -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The comments around a rendered block of a document: <!-- name:start --> and <!-- name:end -->."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_doc(doc: Path, block: str, marks: tuple[str, str] = markers("results")) -> None:
+    """Replace the block between the markers of `doc` (a new document gets just a title and the block)."""
+    start, end = marks
+    text = doc.read_text() if doc.is_file() else f"# Results\n\n{start}\n{end}\n"
+    if start not in text or end not in text:
+        raise ValueError(f"{doc} lacks the {start} / {end} markers: add them where the table belongs")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    atomic_write_bytes(doc, f"{head}{start}\n{block}\n{end}{tail}".encode())
 
 
 def run_logged(cmd: list[str], log: Path, cwd: Path, timeout: float | None = None) -> tuple[float, float]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedgpt.bench import benchdoc, equal_tokens, finetune, frontier, lowcomm, personal, privacy, targets
-from fedgpt.bench.common import app_dir
+from fedgpt.bench.common import app_dir, markers, write_doc
 from fedgpt.bench.experiments import Experiment, collect, run, save_record
 from fedgpt.config import load_config
 from fedgpt.files import atomic_write_bytes
@@ -51,36 +51,32 @@ class Table:
     config: str = CHAR_CONFIG  # its runs' config, unless --config says another
 
 
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-
-
 TABLES = {
     "main": Table(
         "main",
         "centralized against federated at equal tokens",
-        _markers("results"),
+        markers("results"),
         lambda a: equal_tokens.experiments(),
         equal_tokens.render,
     ),
     "frontier": Table(
         "frontier",
         "final loss against bytes sent, local steps 5 to 125",
-        _markers("frontier"),
+        markers("frontier"),
         lambda a: frontier.experiments(),
         frontier.render,
     ),
     "lowcomm": Table(
         "lowcomm",
         "federated against synchronous at batch 1: AdamW and Muon, fragments, sparse uplinks",
-        _markers("lowcomm"),
+        markers("lowcomm"),
         lambda a: lowcomm.experiments(),
         lowcomm.render,
     ),
     "rounds-to-target": Table(
         "target",
         "rounds to a target accuracy (FedSGD, FedAvg, DiLoCo; role split and IID)",
-        _markers("target"),
+        markers("target"),
         lambda a: targets.experiments(),
         targets.render,
         figures=targets.figures,
@@ -88,7 +84,7 @@ TABLES = {
     "privacy": Table(
         "privacy",
         "DP fine-tuning from a public base, against no DP",
-        _markers("privacy"),
+        markers("privacy"),
         privacy.experiments,
         privacy.render,
         figures=privacy.figures,
@@ -98,7 +94,7 @@ TABLES = {
     "lora": Table(
         "lora",
         "federated LoRA, inexact and exact (FFA), against full fine-tuning from a BPE base",
-        _markers("lora"),
+        markers("lora"),
         finetune.experiments,
         finetune.render,
         figures=finetune.figures,
@@ -108,7 +104,7 @@ TABLES = {
     "personal": Table(
         "personal",
         "personal models (local adaptation, an adapter of each client's own) against the global model",
-        _markers("personal"),
+        markers("personal"),
         personal.experiments,
         personal.render,
         figures=personal.figures,
@@ -118,23 +114,12 @@ TABLES = {
     "stragglers": Table(
         "stragglers",
         "50%% and 90%% stragglers: dropped, or their work kept",
-        _markers("stragglers"),
+        markers("stragglers"),
         lambda a: equal_tokens.stragglers(),
         equal_tokens.stragglers_table,
     ),
 }
 START, END = TABLES["main"].markers
-
-
-def write_doc(doc: Path, block: str, markers: tuple[str, str] = (START, END)) -> None:
-    """Replace the block between the markers of `doc` (a new document gets just a title and the block)."""
-    start, end = markers
-    text = doc.read_text() if doc.is_file() else f"# Results\n\n{start}\n{end}\n"
-    if start not in text or end not in text:
-        raise ValueError(f"{doc} lacks the {start} / {end} markers: add them where the table belongs")
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    atomic_write_bytes(doc, f"{head}{start}\n{block}\n{end}{tail}".encode())
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -200,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise ValueError(
                 f"--benchmarks runs each benchmark as docs/benchmarks.md says: drop {' '.join(overrides)}"
             )
-        benchdoc.main(a, records, app_dir(a.app_dir), write_doc)
+        benchdoc.main(a, records, runs_dir, app_dir(a.app_dir))
         return []
     kind = next((k for k in TABLES if k != "main" and getattr(a, k.replace("-", "_"))), "main")
     table = TABLES[kind]
