@@ -218,11 +218,21 @@ def test_bench_scale_samples_a_fraction_and_measures_the_session(data_dir, tmp_p
         "1",
         "--local-steps",
         "1",
+        *("--corpus-copies", "2", "--keep", str(tmp_path / "work")),
     )
     by = r["by_clients"]
     assert [(x["clients"], x["sampled_per_round"]) for x in by] == [(12, 6)]
     # the simulation, Ray's daemons and an actor that imports torch: more than one process's worth
     assert all(x["peak_memory_mb"] > 500 and 0 < x["startup_s"] < x["wall_s"] for x in by)
+    # 12 nodes are all asked before round 1 (the log's pre-flight line), within the start-up
+    assert all(0 < x["preflight_s"] < x["startup_s"] for x in by), by
+    # the runs trained on the corpus twice over, one copy after the other
+    corpus = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    assert (tmp_path / "work" / "corpus-x2.txt").read_text(encoding="utf-8") == corpus * 2
+    run = json.loads((tmp_path / "work" / "clients12" / "run.json").read_text())
+    assert run["config"]["data"]["input_file"] == str(tmp_path / "work" / "corpus-x2.txt")
+    split = json.loads((tmp_path / "work" / "clients12" / "partition.json").read_text())
+    assert abs(sum(split["tokens"]) - 0.9 * 2 * len(corpus)) <= 2  # the clients hold its train 90%
 
 
 @pytest.mark.slow

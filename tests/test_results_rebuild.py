@@ -174,6 +174,11 @@ def test_a_changed_benchmark_figure_changes_its_line(tmp_path, monkeypatch):
     int4 = c["rows"]["int4_ef"]
     int4["final_val_loss"] = 9.8765
     comm.write_text(json.dumps(c))
+    many = records / "bench" / "scale-many.json"
+    m = json.loads(many.read_text())
+    most = m["by_clients"][-1]
+    most["peak_memory_mb"] = 12345
+    many.write_text(json.dumps(m))
 
     docs = rebuild_benchmarks(tmp_path, records, monkeypatch)
     first = json.loads((RECORDS / "bench" / "fed-1.json").read_text())["simulation"]["startup_s"]
@@ -184,6 +189,13 @@ def test_a_changed_benchmark_figure_changes_its_line(tmp_path, monkeypatch):
         x for x in (docs / "results.md").read_text().splitlines() if x.startswith(f"| {int4['label']} |")
     )
     assert line.split(" | ")[4] == "9.8765"  # its final val loss, the fifth column
+    def scale_row(row: dict) -> str:  # a scale table's line of `row`'s client count and sample
+        start = f"| {row['clients']:,} | {row['sampled_per_round']:,} |"
+        return next(x for x in (docs / "results.md").read_text().splitlines() if x.startswith(start))
+
+    assert scale_row(most).endswith(" | 12,345 |")  # its peak memory, the last column
+    fewest = json.loads((RECORDS / "bench" / "scale-many.json").read_text())["by_clients"][0]
+    assert scale_row(fewest).endswith(f" | {fewest['peak_memory_mb']:,} |")  # the other row's own
     assert (docs / "benchmarks.md").read_bytes() != (REPO / "docs" / "benchmarks.md").read_bytes()
 
 

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md (and the communication table of docs/results.md) from their runs: each
+"""docs/benchmarks.md (and the communication and scale tables of docs/results.md) from their runs: each
 `python -m fedgpt.bench ...` a section quotes writes its JSON as a record, results/records/bench/<name>.json
 (committed), and the section's block is rendered from those records.
 
@@ -44,7 +44,13 @@ TRAIN = (_train(2), _train(1))
 FED = (Bench("fed-1", ("fed",)), Bench("fed-2", ("fed",)))
 DEPLOY = (Bench("deploy-1", ("deploy",)), Bench("deploy-2", ("deploy",)))
 COMM = Bench("comm", ("comm", "--config", CONFIG))
-BENCHES = (*TRAIN, *FED, COMM, *DEPLOY)  # the order they run in
+SCALE = Bench("scale", ("scale",))  # the role split: 100, 300 and 1,000 clients, 10% a round
+MANY = Bench(  # 1,000 and 100,000 IID clients of the tiny model on a 20 MB corpus, 0.1% a round
+    "scale-many",
+    ("scale", "--config", "configs/tiny.yaml", "--partition", "iid", "--clients", "1000", "100000")
+    + ("--fraction", "0.001", "--corpus-copies", "18"),
+)
+BENCHES = (*TRAIN, *FED, COMM, *DEPLOY, SCALE, MANY)  # the order they run in
 
 
 def _join(values: list, fmt: str) -> str:
@@ -187,6 +193,24 @@ def render_comm(r: dict) -> str:
     return "\n".join(["```bash", " ".join(COMM.command()), "```", "", *lines, "", _measured([r])])
 
 
+def render_scale(r: dict, bench: Bench) -> str:
+    """A scale benchmark's table: start-up (and the pre-flight in it), round seconds and peak memory by
+    client count."""
+    lines = [
+        "| clients | sampled per round | start-up (s) | of it, asking every node (s) | median round (s) "
+        "| peak memory (MiB) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in r["by_clients"]:
+        asked = "-" if row["preflight_s"] is None else f"{row['preflight_s']:.1f}"
+        lines.append(
+            f"| {row['clients']:,} | {row['sampled_per_round']:,} | {row['startup_s']:.1f} | {asked} | "
+            f"{row['median_round_s']:.2f} | {row['peak_memory_mb']:,} |"
+        )
+    command = " ".join(bench.command())
+    return "\n".join(["```bash", command, "```", "", *lines, "", _measured([r])])
+
+
 @dataclass(frozen=True)
 class Section:
     doc: str  # the document it sits in, beside --doc
@@ -204,6 +228,8 @@ SECTIONS = (
         lambda rs: render_federation(rs[: len(FED)], rs[len(FED)], rs[len(FED) + 1 :]),
     ),
     Section("results.md", "comm", (COMM,), lambda rs: render_comm(rs[0])),
+    Section("results.md", "scale", (SCALE,), lambda rs: render_scale(rs[0], SCALE)),
+    Section("results.md", "scale-many", (MANY,), lambda rs: render_scale(rs[0], MANY)),
 )
 
 

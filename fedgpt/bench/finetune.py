@@ -83,6 +83,9 @@ ROWS = (  # name, label, flags
         "LoRA rank 8 and the head bias at 10x, lr 1e-2, seed 2",
         [*BIAS, "--lora.bias_lr_scale=10", *LR, "--train.seed=2"],
     ),
+    # Muon on both sides (on the blocks' matrices, the adapters' A and B among them)
+    ("lora_full_muon", "full fine-tuning, Muon", ["--train.optimizer=muon"]),
+    ("lora_r16_lr_muon", "LoRA rank 16, lr 1e-2, Muon", ["--lora.rank=16", *LR, "--train.optimizer=muon"]),
 )
 
 

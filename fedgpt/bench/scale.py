@@ -2,6 +2,8 @@
 
     python -m fedgpt.bench scale                                   # role split: 100, 300, 1000 clients
     python -m fedgpt.bench scale --clients 1000 --rounds 3 --fraction 0.1
+    python -m fedgpt.bench scale --config configs/tiny.yaml --partition iid --clients 1000 100000 \
+        --fraction 0.001 --corpus-copies 18                        # a 20 MB corpus: Tiny Shakespeare 18 times
 
 Each count runs `python simulate.py` in a session of its own, with fed.fraction_train of the clients
 sampled per round; the memory figure is the peak, sampled every half second, of the resident memory summed
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from fedgpt.bench.common import QUIET, app_dir
+from fedgpt.config import load_config
+from fedgpt.download import download_shakespeare
 from fedgpt.fed.relay import proc_stat
 from fedgpt.fed.rounds import median, read_rounds
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+PREFLIGHT = re.compile(r"pre-flight: \d+ nodes admitted in ([\d.]+) s")  # every node asked before round 1
 
 
 def session_rss(sid: int) -> int:
@@ -65,9 +71,22 @@ def run_sampled(cmd: list[str], log: Path, cwd: Path, timeout: float) -> tuple[f
     return t0, time.time() - t0, peak
 
 
+def copies_of_corpus(a: argparse.Namespace, overrides: list[str], work: Path) -> list[str]:
+    """The overrides that point the runs at a.corpus_copies copies of the config's corpus, one after the
+    other, written into `work` (and its encoded splits kept there)."""
+    cfg = load_config(a.config, overrides)
+    source = Path(cfg.data.input_file) if cfg.data.input_file else download_shakespeare(cfg.data.data_dir)
+    big = work / f"corpus-x{a.corpus_copies}.txt"
+    big.write_text(source.read_text(encoding="utf-8") * a.corpus_copies, encoding="utf-8")
+    print(f"corpus: {source} {a.corpus_copies} times, {big.stat().st_size / 1e6:.1f} MB", flush=True)
+    return [*overrides, f"--data.input_file={big}", f"--data.data_dir={work / 'data'}"]
+
+
 def bench_scale(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
     """Start-up, median round and peak memory of a simulation at each client count of a.clients."""
     app = app_dir(a.app_dir)
+    if a.corpus_copies > 1:
+        overrides = copies_of_corpus(a, overrides, work)
     rows = []
     for n in a.clients:
         out = work / f"clients{n}"
@@ -86,10 +105,12 @@ def bench_scale(a: argparse.Namespace, overrides: list[str], work: Path) -> dict
         ]
         t0, wall, peak = run_sampled(cmd, work / f"clients{n}.log", app, a.timeout)
         rounds = [r for r in read_rounds(out / "rounds.jsonl") if r.round > 0]
+        asked = PREFLIGHT.search((work / f"clients{n}.log").read_text(errors="replace"))
         row = {
             "clients": n,
             "sampled_per_round": rounds[0].clients_ok + rounds[0].clients_failed,
             "startup_s": round(rounds[0].first_step_at - t0, 2),
+            "preflight_s": float(asked.group(1)) if asked else None,  # None: nodes asked as first sampled
             "median_round_s": median([r.round_s for r in rounds]),
             "round_s_by_round": [r.round_s for r in rounds],
             "peak_memory_mb": round(peak / 2**20),
@@ -104,6 +125,7 @@ def bench_scale(a: argparse.Namespace, overrides: list[str], work: Path) -> dict
         rows.append(row)
     return {
         "partition": a.partition,
+        "corpus_copies": a.corpus_copies,
         "fraction_train": a.fraction,
         "rounds": a.rounds,
         "local_steps": a.local_steps,
@@ -141,6 +163,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fraction", type=float, default=0.1, help="fed.fraction_train (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="rounds (default: %(default)s)")
     p.add_argument("--local-steps", type=int, default=5, help="local steps per round (default: %(default)s)")
+    p.add_argument(
+        "--corpus-copies",
+        type=int,
+        default=1,
+        help="run on this many copies of the config's corpus, one after the other (default: %(default)s)",
+    )
     p.add_argument(
         "--timeout", type=float, default=3600, help="seconds for one count's run (default: %(default)s)"
     )
