@@ -189,6 +189,7 @@ def test_a_changed_benchmark_figure_changes_its_line(tmp_path, monkeypatch):
         x for x in (docs / "results.md").read_text().splitlines() if x.startswith(f"| {int4['label']} |")
     )
     assert line.split(" | ")[4] == "9.8765"  # its final val loss, the fifth column
+
     def scale_row(row: dict) -> str:  # a scale table's line of `row`'s client count and sample
         start = f"| {row['clients']:,} | {row['sampled_per_round']:,} |"
         return next(x for x in (docs / "results.md").read_text().splitlines() if x.startswith(start))
