@@ -84,6 +84,10 @@ def copies_of_corpus(a: argparse.Namespace, overrides: list[str], work: Path) ->
 
 def bench_scale(a: argparse.Namespace, overrides: list[str], work: Path) -> dict[str, Any]:
     """Start-up, median round and peak memory of a simulation at each client count of a.clients."""
+    if a.corpus_copies < 1:
+        raise ValueError(
+            f"--corpus-copies={a.corpus_copies} must be >= 1 (1 runs on the config's corpus as it is)"
+        )
     app = app_dir(a.app_dir)
     if a.corpus_copies > 1:
         overrides = copies_of_corpus(a, overrides, work)
