@@ -1,6 +1,6 @@
-"""docs/benchmarks.md (and the communication and scale tables of docs/results.md) from their runs: each
-`python -m fedgpt.bench ...` a section quotes writes its JSON as a record, results/records/bench/<name>.json
-(committed), and the section's block is rendered from those records.
+"""docs/benchmarks.md (and the communication, scale and secure-aggregation tables of docs/results.md) from
+their runs: each `python -m fedgpt.bench ...` a section quotes writes its JSON as a record,
+results/records/bench/<name>.json (committed), and the section's block is rendered from those records.
 
     python -m fedgpt.results --benchmarks --nanogpt ../nanoGPT   # run every benchmark, one at a time
     python -m fedgpt.results --benchmarks --no-run               # rewrite the blocks from the records
@@ -50,7 +50,18 @@ MANY = Bench(  # 1,000 and 100,000 IID clients of the tiny model on a 20 MB corp
     ("scale", "--config", "configs/tiny.yaml", "--partition", "iid", "--clients", "1000", "100000")
     + ("--fraction", "0.001", "--corpus-copies", "18"),
 )
-BENCHES = (*TRAIN, *FED, COMM, *DEPLOY, SCALE, MANY)  # the order they run in
+# What SecAgg+ costs: plain FedAvg against SecAgg+ in simulation (each record both, one after the other; two
+# records) and in deployment (3 SuperNodes, the fewest Flower's SecAgg+ takes with its default threshold).
+SECAGG_SIM = tuple(
+    Bench(f"secagg-sim-{i}", ("comm", "--config", CONFIG, "--rows", "secagg", "--rounds", "4"))
+    for i in (1, 2)
+)
+_DEPLOY3 = ("deploy", "--supernodes", "3", "--rounds", "4")
+SECAGG_DEPLOY = (
+    Bench("secagg-deploy-plain", _DEPLOY3),
+    Bench("secagg-deploy-on", (*_DEPLOY3, "--secagg.enabled=true")),
+)
+BENCHES = (*TRAIN, *FED, COMM, *DEPLOY, SCALE, MANY, *SECAGG_SIM, *SECAGG_DEPLOY)  # the order they run in
 
 
 def _join(values: list, fmt: str) -> str:
@@ -211,6 +222,33 @@ def render_scale(r: dict, bench: Bench) -> str:
     return "\n".join(["```bash", command, "```", "", *lines, "", _measured([r])])
 
 
+def render_secagg(sim: list[dict], deploy: list[dict]) -> str:
+    """Plain FedAvg against SecAgg+: median round, bytes up and the final val loss, in simulation (a value
+    per record) and in deployment (its floor measured after each run)."""
+    lines = [
+        "| run | where | median round (s) | up per client and round (MB) | final val loss |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for name, label in (("fp32", "plain FedAvg"), ("secagg", "SecAgg+")):
+        by = [r["rows"][name] for r in sim]
+        median_s = _join([b["median_round_s"] for b in by], "{:.2f}")
+        losses = _join([b["final_val_loss"] for b in by], "{:.7f}")
+        lines.append(
+            f"| {label} | simulation, {by[0]['rounds']} rounds | {median_s} | "
+            f"{by[0]['uplink_bytes_per_client'] / 1e6:.3f} | {losses} |"
+        )
+    for r, label in zip(deploy, ("plain FedAvg", "SecAgg+"), strict=True):
+        run = r["runs"]["run"]
+        where = f"deployment, {len(run['round_s_by_round'])} rounds, {r['supernodes']} SuperNodes"
+        lines.append(
+            f"| {label} | {where} (floor {r['floor_median_round_s']:.2f} s) | "
+            f"{run['median_round_s']:.2f} | - | {run['final_val_loss']:.7f} |"
+        )
+    commands = [" ".join(b.command()) for b in (SECAGG_SIM[0], *SECAGG_DEPLOY)]
+    commands[0] += f"   # {len(SECAGG_SIM)} runs"
+    return "\n".join(["```bash", *commands, "```", "", *lines, "", _measured([*sim, *deploy])])
+
+
 @dataclass(frozen=True)
 class Section:
     doc: str  # the document it sits in, beside --doc
@@ -230,6 +268,12 @@ SECTIONS = (
     Section("results.md", "comm", (COMM,), lambda rs: render_comm(rs[0])),
     Section("results.md", "scale", (SCALE,), lambda rs: render_scale(rs[0], SCALE)),
     Section("results.md", "scale-many", (MANY,), lambda rs: render_scale(rs[0], MANY)),
+    Section(
+        "results.md",
+        "secagg",
+        (*SECAGG_SIM, *SECAGG_DEPLOY),
+        lambda rs: render_secagg(rs[: len(SECAGG_SIM)], rs[len(SECAGG_SIM) :]),
+    ),
 )
 
 

@@ -14,10 +14,10 @@ of it kept as a record in <records-dir>/<name> (results/records, committed), fro
 
 Each table lives in a module of its own (fedgpt.bench.equal_tokens, frontier, lowcomm, targets, privacy,
 finetune) with its experiments and how it renders them; fedgpt.bench.experiments runs, records and collects
-them; the benchmarks' figures (docs/benchmarks.md, and the communication and scale tables here) are
-fedgpt.bench.benchdoc's. The table between the markers of the results document (and its plot) is rewritten;
-the rest of the document is left as it is. --no-run refuses a table one of whose runs has no record, leaving
-the document as it is: a table rendered without a run would drop its row.
+them; the benchmarks' figures (docs/benchmarks.md, and the communication, scale and secure-aggregation tables
+here) are fedgpt.bench.benchdoc's. The table between the markers of the results document (and its plot) is
+rewritten; the rest of the document is left as it is. --no-run refuses a table one of whose runs has no
+record, leaving the document as it is: a table rendered without a run would drop its row.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     which.add_argument(
         "--benchmarks",
         action="store_true",
-        help="docs/benchmarks.md and the communication and scale tables: speed, overhead, bytes, "
+        help="docs/benchmarks.md and the communication, scale and SecAgg+ tables: speed, overhead, bytes, "
         "clients (fedgpt.bench)",
     )
     names = [
