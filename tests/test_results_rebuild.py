@@ -135,7 +135,7 @@ def test_a_dp_record_gives_the_privacy_table_the_figures_its_run_gave(tmp_path):
     assert (got["noise_multiplier"], got["clipping_norm"]) == (0.935, 1.25)
 
 
-# ---- docs/benchmarks.md, and the communication table of docs/results.md: the benchmarks' JSON as records
+# ---- docs/benchmarks.md, and the benchmark tables of docs/results.md: the benchmarks' JSON as records
 
 BENCH_DOCS = ("benchmarks.md", "results.md")
 
@@ -179,6 +179,12 @@ def test_a_changed_benchmark_figure_changes_its_line(tmp_path, monkeypatch):
     most = m["by_clients"][-1]
     most["peak_memory_mb"] = 12345
     many.write_text(json.dumps(m))
+    sim2, on = records / "bench" / "secagg-sim-2.json", records / "bench" / "secagg-deploy-on.json"
+    s2, d = json.loads(sim2.read_text()), json.loads(on.read_text())
+    s2["rows"]["secagg"]["final_val_loss"] = 7.654321
+    d["runs"]["run"]["median_round_s"] = 99.99
+    sim2.write_text(json.dumps(s2))
+    on.write_text(json.dumps(d))
 
     docs = rebuild_benchmarks(tmp_path, records, monkeypatch)
     first = json.loads((RECORDS / "bench" / "fed-1.json").read_text())["simulation"]["startup_s"]
@@ -198,6 +204,14 @@ def test_a_changed_benchmark_figure_changes_its_line(tmp_path, monkeypatch):
     fewest = json.loads((RECORDS / "bench" / "scale-many.json").read_text())["by_clients"][0]
     assert scale_row(fewest).endswith(f" | {fewest['peak_memory_mb']:,} |")  # the other row's own
     assert (docs / "benchmarks.md").read_bytes() != (REPO / "docs" / "benchmarks.md").read_bytes()
+
+    secagg = [x for x in (docs / "results.md").read_text().splitlines() if x.startswith("| SecAgg+ |")]
+    sim1 = json.loads((RECORDS / "bench" / "secagg-sim-1.json").read_text())["rows"]["secagg"]
+    assert secagg[0].endswith(f" | {sim1['final_val_loss']:.7f}, 7.6543210 |")  # run 1's own, then run 2's
+    assert secagg[1].split(" | ")[2] == "99.99"  # the deployment's median round
+    plain = json.loads((RECORDS / "bench" / "secagg-deploy-plain.json").read_text())["runs"]["run"]
+    plain_line = [x for x in (docs / "results.md").read_text().splitlines() if "| plain FedAvg | deploy" in x]
+    assert plain_line[0].split(" | ")[2] == f"{plain['median_round_s']:.2f}"
 
 
 def test_a_missing_benchmark_record_stops_no_run_and_leaves_both_documents(tmp_path, monkeypatch):
