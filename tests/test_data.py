@@ -3,6 +3,7 @@ mocked."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from fedgpt import data, download
+from fedgpt.bench.common import write_plays
 from fedgpt.config import DataConfig
 from fedgpt.data import Batches, load_dataset
 from fedgpt.download import download_shakespeare
@@ -260,6 +262,20 @@ def test_download_rejects_a_present_file_with_wrong_content(tmp_path, offline):
     target.write_text("not Shakespeare\n")
     with pytest.raises(ValueError, match=r"exists but its sha256 is .*delete it"):
         download_shakespeare(tmp_path)
+
+
+def test_the_results_plays_refuse_a_corpus_that_is_not_tiny_shakespeare(tmp_path, offline):
+    target = tmp_path / "tinyshakespeare" / "input.txt"
+    target.parent.mkdir()
+    target.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")  # a corpus cut short
+    with pytest.raises(ValueError, match=r"exists but its sha256 is .*delete it"):
+        write_plays(
+            argparse.Namespace(data_dir=str(tmp_path)),
+            Path(__file__).parents[1],
+            tmp_path / "plays",
+            {"a": "1"},
+        )
+    assert not (tmp_path / "plays").exists()
 
 
 def test_download_offline_says_where_to_put_the_file(tmp_path, offline):

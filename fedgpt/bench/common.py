@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedgpt.download import download_shakespeare
 from fedgpt.fed.rounds import RoundRow, read_rounds
 from fedgpt.files import atomic_write_bytes
 
@@ -134,16 +135,13 @@ def wire_params(cfg) -> int:
 
 
 def write_plays(a: argparse.Namespace, app: Path, folder: Path, groups: dict[str, str]) -> None:
-    """The corpus's plays grouped as text files <folder>/<group>.txt (python -m fedgpt.fed.plays, `groups`:
-    name -> plays in corpus order, "1,5,9"); the corpus downloaded first if missing, nothing done if every
-    group's file is there."""
+    """Tiny Shakespeare's plays grouped as text files <folder>/<group>.txt (python -m fedgpt.fed.plays,
+    `groups`: name -> plays in corpus order, "1,5,9"); the corpus downloaded first if missing and refused if
+    it is another text (the plays' numbers are Tiny Shakespeare's); nothing done if every group's file is
+    there."""
     if all((folder / f"{name}.txt").is_file() for name in groups):
         return
-    corpus = Path(a.data_dir).resolve() / "tinyshakespeare" / "input.txt"
-    if not corpus.is_file():
-        from fedgpt.download import download_shakespeare
-
-        download_shakespeare(Path(a.data_dir))
+    corpus = download_shakespeare(Path(a.data_dir))
     cmd = [sys.executable, "-m", "fedgpt.fed.plays", str(corpus), str(folder)]
     for name, plays in groups.items():
         cmd += ["--group", f"{name}={plays}"]
