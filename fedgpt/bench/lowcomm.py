@@ -19,11 +19,11 @@ from fedgpt.bench.plots import axes, loss_against_bytes, save, with_figure
 STREAMING = ["--fed.fragments=4", "--fed.uplink=int4"]  # each block its own fragment, synced every 4 rounds
 # The largest 2% of each update, 2 bits each, error feedback; as SparseLoCo, the clients' error feedback in
 # place of outer momentum: the server takes the mean as it is (FedAvg). DiLoCo's momentum on top of sparse
-# updates stalled at 2.48 from round 37 to 52 of 120 (docs/results.md).
+# updates stalled in a first run (no record kept; docs/results.md says why).
 SPARSE = ["--strategy", "fedavg", "--fed.uplink=sparse"]
 SEED2 = "--train.seed=2"  # a second seed for the claims smaller than 0.05
 # Muon's momentum at batch 1: 0.99 averages about 100 windows' gradients, 0.95 about 20 (synchronous Muon
-# averages 8 windows a step, so about 160 at 0.95). Much worse on two seeds (docs/results.md): a remedy tried.
+# averages 8 windows a step, so about 160 at 0.95). A remedy tried: much worse on two seeds, when first run.
 M99 = "--train.muon_momentum=0.99"
 
 
