@@ -4,6 +4,7 @@ of it kept as a record in <records-dir>/<name> (results/records, committed), fro
 
     python -m fedgpt.results                        # centralized against federated at equal tokens
     python -m fedgpt.results --frontier             # final loss against bytes sent, local steps 5 to 125
+    python -m fedgpt.results --sweep                # the sweep behind the main table's settings
     python -m fedgpt.results --privacy              # DP fine-tuning from a public base
     python -m fedgpt.results --lowcomm              # AdamW and Muon, fragments, sparse: loss against bytes
     python -m fedgpt.results --lora                 # federated LoRA, inexact and exact, against full tuning
@@ -12,12 +13,12 @@ of it kept as a record in <records-dir>/<name> (results/records, committed), fro
     python -m fedgpt.results --stragglers --no-run  # rewrite a table from its records, running nothing
     python -m fedgpt.results --benchmarks --no-run  # docs/benchmarks.md from its benchmarks' records
 
-Each table lives in a module of its own (fedgpt.bench.equal_tokens, frontier, lowcomm, targets, privacy,
-finetune) with its experiments and how it renders them; fedgpt.bench.experiments runs, records and collects
-them; the benchmarks' figures (docs/benchmarks.md, and the communication, scale and secure-aggregation tables
-here) are fedgpt.bench.benchdoc's. The table between the markers of the results document (and its plot) is
-rewritten; the rest of the document is left as it is. --no-run refuses a table one of whose runs has no
-record, leaving the document as it is: a table rendered without a run would drop its row.
+Each table lives in a module of its own (fedgpt.bench.equal_tokens, frontier, sweep, lowcomm, targets,
+privacy, finetune, personal) with its experiments and how it renders them; fedgpt.bench.experiments runs,
+records and collects them; the benchmarks' figures (docs/benchmarks.md, and the communication, scale and
+secure-aggregation tables here) are fedgpt.bench.benchdoc's. The table between the markers of the results
+document (and its plot) is rewritten; the rest of the document is left as it is. --no-run refuses a table one
+of whose runs has no record, leaving the document as it is: a table rendered without a run would drop its row.
 """
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedgpt.bench import benchdoc, equal_tokens, finetune, frontier, lowcomm, personal, privacy, targets
+from fedgpt.bench import (
+    benchdoc,
+    equal_tokens,
+    finetune,
+    frontier,
+    lowcomm,
+    personal,
+    privacy,
+    sweep,
+    targets,
+)
 from fedgpt.bench.common import app_dir, markers, write_doc
 from fedgpt.bench.experiments import Experiment, collect, run, save_record
 from fedgpt.config import load_config
@@ -65,6 +76,13 @@ TABLES = {
         markers("frontier"),
         lambda a: frontier.experiments(),
         frontier.render,
+    ),
+    "sweep": Table(
+        "sweep",
+        "the sweep behind the main table's settings: batch, local steps, outer step, client lr",
+        markers("sweep"),
+        lambda a: sweep.experiments(),
+        sweep.render,
     ),
     "lowcomm": Table(
         "lowcomm",
