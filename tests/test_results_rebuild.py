@@ -59,6 +59,30 @@ def test_table_rebuilds_byte_for_byte_from_its_records(kind, tmp_path, monkeypat
         assert plot.read_bytes() == (PLOTS / plot.name).read_bytes(), f"{plot.name} does not rebuild"
 
 
+@pytest.mark.parametrize("kind", list(TABLES))
+def test_every_record_holds_the_run_its_table_would_make_today(kind, monkeypatch):
+    # `python -m fedgpt.results --TABLE --only NAME` reruns what the record says was run: the command the
+    # table builds now, from the app directory, is the one its record kept
+    from fedgpt.bench.experiments import command
+    from fedgpt.bench.results import parse_args
+    from fedgpt.config import load_config
+
+    monkeypatch.chdir(REPO)
+    a, _ = parse_args(flag(kind))
+    a.config = a.config or TABLES[kind].config
+    cfg = load_config(a.config, [])
+    a.data_dir = cfg.data.data_dir
+    checked = 0
+    for e in TABLES[kind].experiments(a):
+        record = RECORDS / e.name / "experiment.json"
+        if record.is_file():
+            cmd = command(e, a, [], Path(a.runs_dir).resolve() / e.name, cfg.train)
+            now = " ".join(["python", *cmd[1:]]).replace(f"{REPO}/", "")
+            assert now == json.loads(record.read_text())["command"], f"{e.name}: rerun it into its record"
+            checked += 1
+    assert checked or kind not in RECORDED
+
+
 def test_a_changed_number_in_a_record_changes_the_document(tmp_path, monkeypatch):
     records = tmp_path / "records"
     for name in names("stragglers"):
