@@ -5,7 +5,8 @@ equal tokens (8 IID clients, 1.536M tokens), sorted by final val loss.
     python -m fedgpt.results --sweep
 
 Eight of its rows are runs of the main table or the frontier (the same names, so the same commands and
-records); the other nine are its own.
+records); the other nine are its own. `--sweep` reruns all seventeen, the shared ones into their tables'
+records too; `--sweep --only sweep_...` reruns its own.
 """
 
 from __future__ import annotations
