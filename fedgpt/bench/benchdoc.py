@@ -51,7 +51,7 @@ MANY = Bench(  # 1,000 and 100,000 IID clients of the tiny model on a 20 MB corp
     + ("--fraction", "0.001", "--corpus-copies", "18"),
 )
 # What SecAgg+ costs: plain FedAvg against SecAgg+ in simulation (each record both, one after the other; two
-# records) and in deployment (3 SuperNodes, the fewest Flower's SecAgg+ takes with its default threshold).
+# records) and in deployment (3 SuperNodes: secagg.shares, each node's secrets shared among all three).
 SECAGG_SIM = tuple(
     Bench(f"secagg-sim-{i}", ("comm", "--config", CONFIG, "--rows", "secagg", "--rounds", "4"))
     for i in (1, 2)
