@@ -235,17 +235,16 @@ def test_bench_scale_samples_a_fraction_and_measures_the_session(data_dir, tmp_p
     assert abs(sum(split["tokens"]) - 0.9 * 2 * len(corpus)) <= 2  # the clients hold its train 90%
 
 
-@pytest.mark.parametrize("copies", ["0"])
-def test_bench_scale_refuses_fewer_than_one_copy_of_the_corpus(tmp_path, copies):
+def test_bench_scale_refuses_fewer_than_one_copy_of_the_corpus(tmp_path):
     keep = tmp_path / "work"
     res = run_module(
         "fedgpt.bench",
         "scale",
-        *("--config", "configs/tiny.yaml", "--clients", "4", "--corpus-copies", copies),
+        *("--config", "configs/tiny.yaml", "--clients", "4", "--corpus-copies", "0"),
         *("--keep", str(keep), "--out", str(tmp_path / "scale.json")),
     )
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
-        f"error: --corpus-copies={copies} must be >= 1 (1 runs on the config's corpus as it is)"
+        "error: --corpus-copies=0 must be >= 1 (1 runs on the config's corpus as it is)"
     ]
     assert not (tmp_path / "scale.json").exists() and list(keep.iterdir()) == []  # nothing run or written
 

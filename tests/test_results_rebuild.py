@@ -63,7 +63,7 @@ def test_table_rebuilds_byte_for_byte_from_its_records(kind, tmp_path, monkeypat
 def test_every_record_holds_the_run_its_table_would_make_today(kind, monkeypatch):
     # `python -m fedgpt.results --TABLE --only NAME` reruns what the record says was run: the command the
     # table builds now, from the app directory, is the one its record kept
-    from fedgpt.bench.experiments import command
+    from fedgpt.bench.experiments import as_shown, command
     from fedgpt.bench.results import parse_args
     from fedgpt.config import load_config
 
@@ -76,8 +76,7 @@ def test_every_record_holds_the_run_its_table_would_make_today(kind, monkeypatch
     for e in TABLES[kind].experiments(a):
         record = RECORDS / e.name / "experiment.json"
         if record.is_file():
-            cmd = command(e, a, [], Path(a.runs_dir).resolve() / e.name, cfg.train)
-            now = " ".join(["python", *cmd[1:]]).replace(f"{REPO}/", "")
+            now = as_shown(command(e, a, [], Path(a.runs_dir).resolve() / e.name, cfg.train), REPO)
             assert now == json.loads(record.read_text())["command"], f"{e.name}: rerun it into its record"
             checked += 1
     assert checked or kind not in RECORDED

@@ -101,6 +101,11 @@ def command(
     ]
 
 
+def as_shown(cmd: list[str], app: Path) -> str:
+    """A command line as its record keeps it: `python`, and paths inside the app directory relative to it."""
+    return " ".join(["python", *cmd[1:]]).replace(str(app) + "/", "")
+
+
 def run(e: Experiment, a: argparse.Namespace, overrides: list[str], tc: TrainConfig, app: Path) -> dict:
     """Run `e` in a subprocess from the app directory, into <runs-dir>/<name>; what it was and how long it
     took (experiment.json there)."""
@@ -110,7 +115,7 @@ def run(e: Experiment, a: argparse.Namespace, overrides: list[str], tc: TrainCon
     _, wall = run_logged(cmd + ["--overwrite"], out_dir / "run.log", app)
     info = {
         "name": e.name,
-        "command": " ".join(["python", *cmd[1:]]).replace(str(app) + "/", ""),
+        "command": as_shown(cmd, app),
         "wall_s": round(wall, 1),
     }
     atomic_write_bytes(out_dir / "experiment.json", json.dumps(info, indent=1).encode())
