@@ -64,6 +64,22 @@ def app_copy(tmp_path: Path, name: str, serverapp: str | None = None, clientapp:
     return app
 
 
+def test_the_app_bundle_holds_the_code_and_configs_and_no_run_records():
+    # what `flwr run .` uploads and every SuperNode fetches and unpacks, built by the function it calls; the
+    # committed records (results/records) would be most of it and count against Flower's 10 MB
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    records = [p.relative_to(REPO).as_posix() for p in (REPO / "results" / "records").rglob("*.json*")]
+    assert records, "no committed records: this test would prove nothing"
+    names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO))).namelist())
+    assert not {n for n in names if n.startswith("results/")}, sorted(names)[:20]
+    needed = {"server_app.py", "client_app.py", "fedgpt/fed/server.py", "configs/tiny.yaml"}
+    assert needed <= names, needed - names
+
+
 def workers_of(dep: Deployment) -> list[int]:
     """The pids of the deployment's warm trainers (fedgpt.fed.worker)."""
     return marked_pids(dep.marker, b"fedgpt.fed.worker")
