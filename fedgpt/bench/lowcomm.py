@@ -48,6 +48,7 @@ def experiments() -> list[Experiment]:
         ("centralized_parallel_b1_muon", every, MUON, "Muon", sync),
         ("diloco_iid_b1", "DiLoCo, IID, fp32", ["--iid", *DILOCO], "AdamW", small),
         ("muloco_iid_b1", "MuLoCo, IID, fp32", ["--iid", *DILOCO, *MUON], "Muon", small),
+        ("muloco_iid_b1_seed2", "MuLoCo, IID, fp32, seed 2", ["--iid", *DILOCO, *MUON, SEED2], "Muon", small),
         (
             "streaming_iid_b1",
             "DiLoCo, IID, 4 fragments, int4",
@@ -64,7 +65,6 @@ def experiments() -> list[Experiment]:
             "Muon",
             small,
         ),
-        ("muloco_iid_b1_seed2", "MuLoCo, IID, fp32, seed 2", ["--iid", *DILOCO, *MUON, SEED2], "Muon", small),
         # The same tokens in 300 rounds of 10 local steps (2.5 times the syncs and the bytes): DiLoCo's best
         # local steps on the frontier at batch 4 (5 was unstable under its outer momentum).
         ("muloco_iid_b1_h10", "MuLoCo, IID, fp32, 300 x 10", ["--iid", *DILOCO, *MUON], "Muon", h10),
