@@ -72,8 +72,7 @@ def test_the_app_bundle_holds_the_code_and_configs_and_no_run_records():
 
     from flwr.cli.build import build_fab_from_disk
 
-    records = [p.relative_to(REPO).as_posix() for p in (REPO / "results" / "records").rglob("*.json*")]
-    assert records, "no committed records: this test would prove nothing"
+    assert any((REPO / "results" / "records").rglob("*.json*")), "no records: this proves nothing"
     names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO))).namelist())
     assert not {n for n in names if n.startswith("results/")}, sorted(names)[:20]
     needed = {"server_app.py", "client_app.py", "fedgpt/fed/server.py", "configs/tiny.yaml"}
