@@ -62,8 +62,7 @@ def run_config(data_dir: Path, out: Path, rounds: int, *extra: str) -> str:
 
 def start_run(dep: Deployment, config: str, resume: bool = False) -> subprocess.Popen:
     """`flwr run . loopback --stream` in the background, its output in a file."""
-    home = dep.root / "cli"
-    dep.flwr(["--version"], timeout=60, cwd=REPO)  # writes the connection config once
+    home = dep.cli_home()
     log = (dep.root / f"flwr-run-{time.monotonic_ns()}.log").open("wb")
     args = ["run", ".", "loopback", "--stream", "--run-config", config + (" resume=true" if resume else "")]
     proc = subprocess.Popen(

@@ -187,9 +187,8 @@ class Deployment:
                 node_config += " " + node_configs[i]
             self.start_supernode(i, node_config)
 
-    def flwr(self, args: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
-        """Run the `flwr` CLI in `cwd` (the app directory, for `flwr run .`) against this deployment's
-        SuperLink (connection name "loopback")."""
+    def cli_home(self) -> Path:
+        """The `flwr` CLI's FLWR_HOME, its config.toml naming this deployment's SuperLink "loopback"."""
         home = self.root / "cli"
         if not home.is_dir():
             home.mkdir(parents=True)
@@ -201,10 +200,15 @@ class Deployment:
             (home / "config.toml").write_text(
                 f'[superlink.loopback]\naddress = "127.0.0.1:{self.link_port}"\n{security}\n'
             )
+        return home
+
+    def flwr(self, args: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+        """Run the `flwr` CLI in `cwd` (the app directory, for `flwr run .`) against this deployment's
+        SuperLink (connection name "loopback")."""
         return subprocess.run(
             [str(BIN / "flwr"), *args],
             cwd=cwd,
-            env=self.env(home),
+            env=self.env(self.cli_home()),
             capture_output=True,
             text=True,
             timeout=timeout,
