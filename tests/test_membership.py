@@ -29,12 +29,10 @@ def node_config(
     return f"partition-id={p} num-partitions={num_partitions} data-dir='{data_dir}' state-dir='{state}'"
 
 
-@pytest.fixture
-def deployment(data_dir: Path, tmp_path_factory):
-    """A SuperLink (its state on disk) and 3 SuperNodes of their own for each test: the two tests, mostly
-    waiting on Flower's polls and heartbeats, can run side by side in two test processes."""
-    root = tmp_path_factory.mktemp("membership")
-    dep = Deployment(root / "flwr", database=root / "superlink.db")  # as docs/deployment.md says to run it
+def three_nodes(data_dir: Path, root: Path, database: Path | None):
+    """A SuperLink (its state in `database`, or in memory) and 3 SuperNodes of their own for one test: the
+    tests, mostly waiting on Flower's polls and heartbeats, can run side by side in two test processes."""
+    dep = Deployment(root / "flwr", database=database)
     dep.start_superlink()
     for i in range(3):
         dep.start_supernode(i, node_config(i, data_dir.resolve(), root / f"state{i}"))
@@ -43,6 +41,19 @@ def deployment(data_dir: Path, tmp_path_factory):
     finally:
         left = dep.stop(grace=5)  # what is still up then is killed, and must be gone
         assert not left, f"processes left after teardown: {left}"
+
+
+@pytest.fixture
+def deployment(data_dir: Path, tmp_path_factory):
+    """The SuperLink's state in memory: Flower's default, and a third of the CPU of the SQLite one below."""
+    yield from three_nodes(data_dir, tmp_path_factory.mktemp("membership"), database=None)
+
+
+@pytest.fixture
+def deployment_on_disk(data_dir: Path, tmp_path_factory):
+    """The SuperLink's state on disk, as docs/deployment.md says to run one that may be restarted."""
+    root = tmp_path_factory.mktemp("membership")
+    yield from three_nodes(data_dir, root, database=root / "superlink.db")
 
 
 def kill(dep: Deployment, name: str) -> None:
@@ -122,21 +133,21 @@ def test_a_node_dies_comes_back_and_duplicates_and_strangers_are_refused(deploym
 
 @pytest.mark.slow
 def test_a_killed_superlink_is_restarted_and_the_run_resumed_without_a_round_lost_or_twice(
-    deployment, data_dir: Path
+    deployment_on_disk, data_dir: Path
 ):
-    dep, root = deployment
+    dep, root = deployment_on_disk
     out = root / "out_resumed"
-    run = start_run(dep, run_config(data_dir.resolve(), out, 4))
+    run = start_run(dep, run_config(data_dir.resolve(), out, 3))
     wait_for_round(out, 2, run)
-    kill(dep, "superlink")  # the ServerApp with it
+    kill(dep, "superlink")  # the ServerApp with it, in round 3
     run.wait(timeout=60)
     dep.start_superlink(restart=True)
-    log = finish(start_run(dep, run_config(data_dir.resolve(), out, 4), resume=True), dep)
+    log = finish(start_run(dep, run_config(data_dir.resolve(), out, 3), resume=True), dep)
     got = rows(out)
-    assert [r["round"] for r in got] == list(range(5)), [r["round"] for r in got]
+    assert [r["round"] for r in got] == list(range(4)), [r["round"] for r in got]
     # deterministic here (every client every round, no dropout): the same loss as an uninterrupted run of the
     # same config on fedgpt's own server and clients in this process, one torch thread a client as deployed
-    assert got[-1]["val_loss"] == uninterrupted(data_dir, root / "out_uninterrupted", 4), log[-3000:]
+    assert got[-1]["val_loss"] == uninterrupted(data_dir, root / "out_uninterrupted", 3), log[-3000:]
 
 
 def uninterrupted(data_dir: Path, out: Path, rounds: int) -> float:
