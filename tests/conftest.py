@@ -119,6 +119,19 @@ def run_concurrently(
     return out
 
 
+def copy_run_folder(src: Path, dst: Path) -> None:
+    """Copy a run folder while the run goes on, as a kill at that moment would leave it. A recorder thread may
+    rename a temp file into place meanwhile (the copy then fails on the vanished file): copy again, a moment
+    later, which is as good a moment for a kill."""
+    for _ in range(20):
+        try:
+            shutil.copytree(src, dst)
+            return
+        except (shutil.Error, FileNotFoundError):
+            shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+
+
 def train_instruction(node: int):
     """A TRAIN message to `node` as the SuperLink stamps it, for replies that reach a strategy as from `node`
     (outside a ServerApp, Message() has no run to take ids from)."""

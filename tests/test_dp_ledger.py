@@ -11,12 +11,11 @@ run hold none of the cohort's figures. Epsilons are checked against dp-accountin
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, copy_run_folder
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import MessageType
@@ -101,19 +100,6 @@ def test_a_resume_cannot_turn_dp_on_over_rounds_run_in_the_clear(data_dir, tmp_p
         FederatedRun(config(data_dir, dp, *DP, "--dp.target_epsilon=8", "--fed.rounds=1"))
 
 
-def snapshot(src: Path, dst: Path) -> None:
-    """Copy the run folder as a kill now would leave it. The previous round's recorder thread may be renaming
-    a temp file into place meanwhile (a vanished file fails the copy): then copy again, a moment later, which
-    is still a moment after the send and before the crash."""
-    for _ in range(20):
-        try:
-            shutil.copytree(src, dst)
-            return
-        except (shutil.Error, FileNotFoundError):
-            shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-
-
 class KillingGrid(InProcessGrid):
     """A grid that, as each train message batch leaves, copies the run folder as a kill at that instant would
     leave it, notes which global models have left the server so far, and raises after push `crash_at`."""
@@ -131,7 +117,7 @@ class KillingGrid(InProcessGrid):
             if not any(torch.equal(model, m) for m in self.models):
                 self.models.append(model)
             folder = self.out.parent / f"kill-{len(self.kills)}"
-            snapshot(self.out, folder)
+            copy_run_folder(self.out, folder)
             self.kills.append((folder, rnd, len(self.models) - 1))  # the initial model is no release
         ids = super().push_messages(messages)
         if self.crash_at is not None and len(self.kills) == self.crash_at:

@@ -5,12 +5,11 @@ and counted, and FedAvg weights clients by their data."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, simulate
+from conftest import TINY, copy_run_folder, simulate
 from flwr.app import ArrayRecord
 
 from fedgpt import local_train
@@ -32,7 +31,7 @@ class KeepsRound2(FederatedRun):
         row = super().finish_round(snap, row)
         if row.round == 2:
             out = Path(self.cfg.train.out_dir)
-            shutil.copytree(out, out.with_name(out.name + "-at2"))
+            copy_run_folder(out, out.with_name(out.name + "-at2"))
         return row
 
 
