@@ -45,7 +45,7 @@ def three_nodes(data_dir: Path, root: Path, database: Path | None):
 
 @pytest.fixture
 def deployment(data_dir: Path, tmp_path_factory):
-    """The SuperLink's state in memory: Flower's default, and a third of the CPU of the SQLite one below."""
+    """The SuperLink's state in memory, Flower's default (in the node-death test 9 CPU-s; on SQLite 28)."""
     yield from three_nodes(data_dir, tmp_path_factory.mktemp("membership"), database=None)
 
 
