@@ -88,12 +88,19 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def wait_for_round(out: Path, rnd: int, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> None:
+def wait_until(
+    done, what: str, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT, poll: float = 0.5
+) -> None:
+    """Wait for `done()` while the run `proc` goes on; `what` names it in the failure."""
     deadline = time.monotonic() + timeout
-    while not any(r["round"] == rnd for r in rows(out)):
-        assert proc.poll() is None, f"the run ended before round {rnd}:\n{proc.log_path.read_text()[-4000:]}"
-        assert time.monotonic() < deadline, f"no round {rnd} after {timeout} s"
-        time.sleep(0.5)
+    while not done():
+        assert proc.poll() is None, f"the run ended before {what}:\n{proc.log_path.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(poll)
+
+
+def wait_for_round(out: Path, rnd: int, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> None:
+    wait_until(lambda: any(r["round"] == rnd for r in rows(out)), f"round {rnd}", proc, timeout)
 
 
 def pulled(dep: Deployment, node: int, kind: str) -> int:
@@ -147,10 +154,8 @@ def test_a_killed_superlink_is_restarted_and_the_run_resumed_without_a_round_los
     # Killed in round 3 once every node has pulled its round-3 message. A message still queued in the SQLite
     # state is handed out after the restart, for a run that is gone, and Flower 1.42's SuperNode then missed
     # the next run's pre-flight query for over 90 s (seen once in a CI run): fedgpt went on without the node.
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while min(pulled(dep, i, "train") for i in range(3)) < 3:
-        assert run.poll() is None and time.monotonic() < deadline, dep.logs()
-        time.sleep(0.1)
+    in_round_3 = lambda: min(pulled(dep, i, "train") for i in range(3)) >= 3
+    wait_until(in_round_3, "every node's round-3 message", run, poll=0.1)
     kill(dep, "superlink")  # the ServerApp with it
     run.wait(timeout=60)
     assert max(r["round"] for r in rows(out)) == 2  # round 3 did not end
